@@ -7,6 +7,13 @@ fields and particles use ``SimConfig.dtype`` (float32 by default, float64 for ex
 import jax
 
 jax.config.update("jax_enable_x64", True)
+# jax 0.10.2's Shardy partitioner fails to compile the gradient of our per-shard painting on some
+# device grids (4x1, 2x4: "expected ... GlobalToLocalShape"); GSPMD compiles it and gives results
+# equal to the single-device path (tests/test_distributed.py). Where the flag is gone, keep going.
+try:
+    jax.config.update("jax_use_shardy_partitioner", False)
+except (AttributeError, KeyError):  # pragma: no cover - newer jax without the option
+    pass
 
 from .config import SimConfig  # noqa: E402
 from .cosmology import Cosmology, growth_table, linear_power  # noqa: E402

@@ -60,7 +60,11 @@ def evolve(cosmo: Cosmology, cfg: SimConfig, delta_lin: Array,
 def check_halo(cfg: SimConfig, max_displacement: float) -> None:
     """Raise ``HaloOverflowError`` if particles moved beyond what the halo supports."""
     allowed = cfg.grid.halo - 1  # CIC reaches one cell beyond the particle's own
-    if cfg.grid.sharded and not max_displacement <= allowed:
+    if not cfg.grid.sharded:
+        return
+    if not math.isfinite(max_displacement):
+        raise HaloOverflowError(f"particle displacements are not finite ({max_displacement})")
+    if max_displacement > allowed:
         raise HaloOverflowError(
             f"particles moved up to {float(max_displacement):.2f} mesh cells along x/y, but the "
             f"halo of {cfg.grid.halo} cells allows at most {allowed}: the density would be wrong. "

@@ -13,7 +13,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from simulators import DeviceGrid, SimConfig, white_noise  # noqa: E402
+from simulators import DeviceGrid, HaloOverflowError, SimConfig, simulate, white_noise  # noqa: E402
 from simulators.grid import pad_shard, unpad_shard  # noqa: E402
 from tests.sim_cases import BASE, COSMO, loss_fn  # noqa: E402
 
@@ -57,6 +57,12 @@ def main():
         grid = DeviceGrid.parse(text, halo=4)
         run(SimConfig(**BASE, grid=grid), f"{text}_", results)
         halo_dot_test(grid, results, f"{text}_")
+    # a halo too small for the displacements must raise, not give a silently wrong density
+    try:
+        simulate(COSMO, SimConfig(**BASE, grid=DeviceGrid((2, 2), halo=2)), seed=7)
+        results["halo_overflow_message"] = np.array("no error")
+    except HaloOverflowError as err:
+        results["halo_overflow_message"] = np.array(str(err))
     np.savez(out_path, **results)
 
 

@@ -46,3 +46,8 @@ def test_halo_exchange_adjoint(results, layout):
     lhs, rhs = results[f"{layout}_halo_dot"]
     assert abs(lhs - rhs) <= 1e-12 * abs(lhs)  # exact adjoint up to float64 summation order
     assert float(results[f"{layout}_halo_transpose_err"]) < 1e-12
+
+
+def test_small_halo_raises(results):
+    # halo 2 allows 1 cell; these particles move ~2.4 cells
+    assert "mesh cells along x/y, but the halo of 2" in str(results["halo_overflow_message"])

@@ -14,10 +14,12 @@ which keeps the memory access local.
 from __future__ import annotations
 
 import itertools
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 
+from . import native
 from .grid import DeviceGrid, pad_shard, unpad_shard
 
 Array = jax.Array
@@ -64,13 +66,68 @@ def _corners(shape, disp, mesh_factor: int, offset: int, wrap: bool):
 
 
 def _paint_local(shape, disp, mesh_factor, offset, wrap, weight):
+    if native.available(disp.dtype):
+        values = jnp.full(disp.shape[:3] + (1,), weight, disp.dtype)
+        return _paint_native(tuple(shape), disp, values, mesh_factor, offset, wrap)[..., 0]
+    return _paint_xla(shape, disp, mesh_factor, offset, wrap, weight)
+
+
+def _read_local(field, disp, mesh_factor, offset, wrap):
+    if native.available(disp.dtype):
+        return _read_native(field, disp, mesh_factor, offset, wrap)
+    return _read_xla(field, disp, mesh_factor, offset, wrap)
+
+
+# ---- compiled CPU kernels with their gradients --------------------------------------------
+# paint: mesh = P(disp) values      read: out = R(disp) field      (P = Rᵀ for fixed disp)
+# ∂/∂values of <ct, P values> = R ct;  ∂/∂disp via ``read_grad`` (derivative of the weights).
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4, 5))
+def _paint_native(shape, disp, values, mesh_factor, offset, wrap):
+    return native.paint(shape, disp, values, mesh_factor, offset, wrap)
+
+
+def _paint_native_fwd(shape, disp, values, mesh_factor, offset, wrap):
+    return _paint_native(shape, disp, values, mesh_factor, offset, wrap), (disp, values)
+
+
+def _paint_native_bwd(shape, mesh_factor, offset, wrap, res, ct):
+    disp, values = res
+    return (native.read_grad(ct, disp, values, mesh_factor, offset, wrap),
+            native.read(ct, disp, mesh_factor, offset, wrap))
+
+
+_paint_native.defvjp(_paint_native_fwd, _paint_native_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _read_native(field, disp, mesh_factor, offset, wrap):
+    return native.read(field, disp, mesh_factor, offset, wrap)
+
+
+def _read_native_fwd(field, disp, mesh_factor, offset, wrap):
+    return _read_native(field, disp, mesh_factor, offset, wrap), (field, disp)
+
+
+def _read_native_bwd(mesh_factor, offset, wrap, res, ct):
+    field, disp = res
+    return (native.paint(field.shape[:3], disp, ct, mesh_factor, offset, wrap),
+            native.read_grad(field, disp, ct, mesh_factor, offset, wrap))
+
+
+_read_native.defvjp(_read_native_fwd, _read_native_bwd)
+
+
+# ---- pure-JAX path (GPU, or no compiler) --------------------------------------------------
+
+def _paint_xla(shape, disp, mesh_factor, offset, wrap, weight):
     mesh = jnp.zeros(shape[0] * shape[1] * shape[2], disp.dtype)
     for idx, w in _corners(shape, disp, mesh_factor, offset, wrap):
         mesh = mesh.at[idx].add(w * weight)
     return mesh.reshape(shape)
 
 
-def _read_local(field, disp, mesh_factor, offset, wrap):
+def _read_xla(field, disp, mesh_factor, offset, wrap):
     shape = field.shape[:3]
     rows = field.reshape(shape[0] * shape[1] * shape[2], -1)
     out = 0

@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 
 from simulators import DeviceGrid, HaloOverflowError, SimConfig, simulate, white_noise  # noqa: E402
 from simulators.grid import pad_shard, unpad_shard  # noqa: E402
-from tests.sim_cases import BASE, COSMO, loss_fn  # noqa: E402
+from sim_cases import BASE, COSMO, loss_fn  # noqa: E402
 
 def run(cfg, prefix, results):
     noise = white_noise(cfg, 7)

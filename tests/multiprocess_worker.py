@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 from simulators import DeviceGrid, SimConfig  # noqa: E402
-from tests.sim_cases import BASE, COSMO, loss_fn  # noqa: E402
+from sim_cases import BASE, COSMO, loss_fn  # noqa: E402
 from simulators import white_noise  # noqa: E402
 
 

@@ -27,6 +27,26 @@ import sys
 import time
 
 
+def _reset_peak_rss():
+    """Reset the kernel's resident-set high-water mark (Linux: write 5 to clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb():
+    """VmHWM of this process in MiB (peak RSS since the last reset), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+
+
 def parse():
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, required=True)
@@ -88,6 +108,9 @@ def main():
     t0 = time.perf_counter()
     compiled = fn.lower(*fargs).compile()
     compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    xla_temp_mb = getattr(mem, "temp_size_in_bytes", 0) / 2**20 if mem is not None else None
+    _reset_peak_rss()  # so that run_peak_rss_mb excludes compilation
     t0 = time.perf_counter()
     jax.block_until_ready(compiled(*fargs))
     first = time.perf_counter() - t0
@@ -100,6 +123,7 @@ def main():
         "code": "lensbench", "n": n, "what": args.what, "median_s": statistics.median(times),
         "all_s": times, "compile_s": compile_s, "first_call_s": first,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "run_peak_rss_mb": _peak_rss_mb(), "xla_temp_mb": xla_temp_mb,
         "steps": args.steps, "gradient": args.gradient, "devices": args.devices,
         "pdims": args.pdims, "mesh": list(cfg.mesh_shape),
         "tcmalloc": "tcmalloc" in os.environ.get("LD_PRELOAD", ""),

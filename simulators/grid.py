@@ -205,7 +205,7 @@ class DeviceGrid:
         return tuple(out)
 
     # ---- per-shard particle/mesh operations ---------------------------------------------
-    def shard_map(self, f, n_in: int, in_ndims: Sequence[int], out_ndim: int):
+    def shard_map(self, f, in_ndims: Sequence[int], out_ndim: int):
         """Map ``f`` over shards; every argument and the result are split as pencils."""
         return jax.shard_map(
             f,

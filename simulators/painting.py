@@ -160,7 +160,7 @@ def cic_paint(grid: DeviceGrid, mesh_shape, disp: Array, mesh_factor: int = 1,
         painted = _paint_local(local, d, mesh_factor, h, False, weight)
         return unpad_shard(grid, painted)
 
-    return grid.shard_map(shard, 1, (4,), 3)(disp)
+    return grid.shard_map(shard, (4,), 3)(disp)
 
 
 def cic_read(grid: DeviceGrid, field: Array, disp: Array, mesh_factor: int = 1) -> Array:
@@ -179,5 +179,5 @@ def cic_read(grid: DeviceGrid, field: Array, disp: Array, mesh_factor: int = 1) 
     def shard(f, d):
         return _read_local(pad_shard(grid, f), d, mesh_factor, h, False)
 
-    return grid.shard_map(shard, 2, (4, 4), 4)(field, disp)
+    return grid.shard_map(shard, (4, 4), 4)(field, disp)
 

@@ -35,18 +35,16 @@ def halo_dot_test(grid, results, prefix):
     rng = np.random.default_rng(0)
     shape = (16, 16, 8)
     x = grid.put(rng.normal(size=shape))
-    lx, ly = shape[0] // grid.pdims[0], shape[1] // grid.pdims[1]
     h = grid.halo
     padded_shape = (shape[0] + 2 * h * grid.pdims[0], shape[1] + 2 * h * grid.pdims[1], shape[2])
     y = grid.put(rng.normal(size=padded_shape))
-    fill = jax.jit(grid.shard_map(lambda a: pad_shard(grid, a), 1, (3,), 3))
-    reduce = jax.jit(grid.shard_map(lambda a: unpad_shard(grid, a), 1, (3,), 3))
+    fill = jax.jit(grid.shard_map(lambda a: pad_shard(grid, a), (3,), 3))
+    reduce = jax.jit(grid.shard_map(lambda a: unpad_shard(grid, a), (3,), 3))
     lhs = float(jnp.vdot(y, fill(x)))
     rhs = float(jnp.vdot(reduce(y), x))
     (transposed,) = jax.linear_transpose(fill, x)(y)
     results[prefix + "halo_dot"] = np.array([lhs, rhs])
     results[prefix + "halo_transpose_err"] = np.asarray(jnp.max(jnp.abs(transposed - reduce(y))))
-    del lx, ly
 
 
 def main():
@@ -63,6 +61,14 @@ def main():
         results["halo_overflow_message"] = np.array("no error")
     except HaloOverflowError as err:
         results["halo_overflow_message"] = np.array(str(err))
+    # bad layouts name the mismatch and the valid choices
+    for name, kwargs in [("indivisible", dict(mesh_shape=(18, 16, 32), grid=DeviceGrid((4, 1), halo=2))),
+                         ("too_few_planes", dict(mesh_shape=(4, 16, 32), grid=DeviceGrid((8, 1), halo=2)))]:
+        try:
+            SimConfig(box_size=64.0, **kwargs)
+            results[f"layout_error_{name}"] = np.array("no error")
+        except ValueError as err:
+            results[f"layout_error_{name}"] = np.array(str(err))
     np.savez(out_path, **results)
 
 

@@ -181,6 +181,7 @@ def bad_files(tmp_path):
     (["simulate", *TINY, "--dtype", "float16"], 1, "dtype"),
     (["simulate", *TINY, "--a-init", "0"], 1, "a_init"),
     (["simulate", *TINY, "--pdims", "two"], 2, "device grid must look like 2x2"),
+    (["simulate", *TINY, "--seed", str(2**64)], 2, "--seed"),
     (["simulate", *TINY, "--ic", "{d}/missing.npy"], 1, "does not exist"),
     (["simulate", *TINY, "--ic", "{d}/garbage.npy"], 1, "is not a .npy file"),
     (["simulate", *TINY, "--ic", "{d}/wrong_shape.npy"], 1, "linear field has shape (4, 4, 4)"),

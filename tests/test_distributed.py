@@ -51,3 +51,11 @@ def test_halo_exchange_adjoint(results, layout):
 def test_small_halo_raises(results):
     # halo 2 allows 1 cell; these particles move ~2.4 cells
     assert "mesh cells along x/y, but the halo of 2" in str(results["halo_overflow_message"])
+
+
+def test_bad_layouts_are_explained(results):
+    msg = str(results["layout_error_indivisible"])
+    assert "not divisible by the device grid 4x1 along x (18 % 4 != 0)" in msg
+    assert "valid device counts along x: [1, 2, 3, 6]" in msg
+    msg = str(results["layout_error_too_few_planes"])
+    assert "has 4 planes along x but the device grid puts 8 devices there" in msg

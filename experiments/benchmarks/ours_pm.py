@@ -56,7 +56,7 @@ def parse():
     p.add_argument("--gradient", choices=["checkpoint", "adjoint"], default="adjoint")
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--pdims", default="1x1")
-    p.add_argument("--nz", type=int, default=None, help="mesh cells along z (default N)")
+    p.add_argument("--mesh", default=None, help="mesh as NXxNYxNZ (default N³); box 4 Mpc/h per cell")
     return p.parse_args()
 
 
@@ -71,9 +71,9 @@ def main():
                             pm_force, white_noise)
 
     n = args.n
-    nz = args.nz or n
+    mesh = tuple(int(v) for v in args.mesh.split("x")) if args.mesh else (n, n, n)
     grid = DeviceGrid.parse(args.pdims, halo=8)
-    cfg = SimConfig(mesh_shape=(n, n, nz), box_size=(256.0, 256.0, 256.0 * nz / n), a_init=0.1,
+    cfg = SimConfig(mesh_shape=mesh, box_size=tuple(256.0 * m / n for m in mesh), a_init=0.1,
                     a_final=1.0, n_steps=args.steps, lpt_order=2, gradient=args.gradient,
                     dtype="float32", grid=grid)
     fid = Cosmology.fiducial()

@@ -139,7 +139,7 @@ ffi::Error Paint(ffi::Buffer<DT> disp, ffi::Buffer<DT> values, ffi::ResultBuffer
   T* out = mesh->typed_data();
   const int threads = n_threads(n);
   std::vector<std::vector<T>> priv(threads > 1 ? threads - 1 : 0);
-  parallel_for(n, threads, [&](int t, int64_t b, int64_t e) {
+  parallel_for(n, threads, [&, g](int t, int64_t b, int64_t e) {  // g by value: kept in registers
     T* m = out;
     if (t > 0) {
       priv[t - 1].assign(cells, T(0));
@@ -175,7 +175,7 @@ ffi::Error Read(ffi::Buffer<DT> field, ffi::Buffer<DT> disp, ffi::ResultBuffer<D
   const T* f = field.typed_data();
   const T* d = disp.typed_data();
   T* o = out->typed_data();
-  parallel_for(n, n_threads(n), [&](int, int64_t b, int64_t e) {
+  parallel_for(n, n_threads(n), [&, g](int, int64_t b, int64_t e) {
     Stencil<T> s;
     Lagrangian q(g, b);
     for (int64_t p = b; p < e; ++p, q.next(g)) {
@@ -215,7 +215,7 @@ ffi::Error ReadGrad(ffi::Buffer<DT> field, ffi::Buffer<DT> disp, ffi::Buffer<DT>
   const T* d = disp.typed_data();
   const T* w = ct.typed_data();
   T* o = out->typed_data();
-  parallel_for(n, n_threads(n), [&](int, int64_t b, int64_t e) {
+  parallel_for(n, n_threads(n), [&, g](int, int64_t b, int64_t e) {
     Stencil<T> s;
     Lagrangian q(g, b);
     for (int64_t p = b; p < e; ++p, q.next(g)) {

@@ -1,0 +1,27 @@
+# lensbench: `make demo` runs the main job, `make test` runs the tests. Both create .venv on first
+# use and install the pinned dependencies (constraints.txt) with the package itself in editable mode.
+
+PYTHON ?= python3
+VENV := .venv
+# Reinstall only when the dependency declarations change (or the venv is new).
+STAMP := $(VENV)/.lensbench-installed
+
+.PHONY: venv demo test clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "lensbench needs Python >= 3.11 (set PYTHON=python3.11)" >&2; exit 1; }
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -c constraints.txt -e '.[test]'
+	touch $@
+
+demo: venv
+	$(VENV)/bin/lensbench demo
+
+test: venv
+	$(VENV)/bin/python -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,322 @@
+"""The ``lensbench`` command line: run a PM simulation, measure its power spectrum, run the demo.
+
+    lensbench simulate --mesh 64 --box 256 --steps 10 --seed 0 --out run.h5
+    lensbench pk run.h5 --out pk.png
+    lensbench demo --out-dir out
+
+Device count and JAX imports. ``--pdims 2x2`` needs four devices; on a CPU-only machine JAX makes
+several host devices only if told so before its backends start (``XLA_FLAGS=
+--xla_force_host_platform_device_count=N``, or the equivalent ``jax_num_cpu_devices`` option). This
+module therefore never imports JAX (or ``simulators``, which imports JAX) at import time: every
+command imports them inside its function body, which runs only after the argument parser has read
+``--pdims``. ``simulate`` then sets ``jax_num_cpu_devices`` before anything touches a backend. This
+avoids peeking at ``sys.argv`` (which would duplicate the parser and miss in-process invocations
+such as ``typer.testing.CliRunner``). A device count the user chose through ``XLA_FLAGS`` or
+``JAX_NUM_CPU_DEVICES`` is left alone; on GPU machines the option has no effect and the GPUs are
+used.
+
+Errors. Bad input (invalid cosmology or configuration, an unreadable file, a usage error) ends with
+a single ``lensbench: error: ...`` line on stderr and a non-zero exit (2 for usage errors, 1 for
+everything else, 130 on Ctrl-C), never a traceback. Set ``LENSBENCH_DEBUG=1`` to get the traceback
+of a ValueError/OSError instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from typer.core import TyperGroup
+
+try:  # typer >= 0.20 ships its own copy of click
+    from typer._click import exceptions as _click_exceptions
+except ImportError:  # pragma: no cover - older typer built on the click package
+    from click import exceptions as _click_exceptions
+
+# The embedded default configuration of `lensbench demo` (and the defaults of `simulate`).
+DEMO = dict(mesh="64", box="256", steps=10, seed=0, a_init=0.1, a_final=1.0, lpt_order=2,
+            mesh_factor=1, pdims="1x1", halo=8, dtype="float32")
+COSMOLOGY_OPTIONS = ("Omega_c", "Omega_b", "h", "n_s", "sigma8", "w0", "wa")
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def _fail(message: str, code: int, prefix: str = "lensbench") -> None:
+    print(f"{prefix}: error: {_one_line(message)}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+class _OneLineErrors(TyperGroup):
+    """Run commands in non-standalone mode and turn every expected failure into one stderr line."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _click_exceptions.NoArgsIsHelpError as e:  # `lensbench simulate` with no options
+            print(e.format_message(), file=sys.stderr)
+            sys.exit(e.exit_code)
+        except _click_exceptions.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            _fail(e.format_message() + hint, e.exit_code,
+                  prefix=ctx.command_path if ctx is not None else "lensbench")
+        except (typer.Abort, KeyboardInterrupt):
+            _fail("interrupted", 130)
+        except (ValueError, OSError) as e:  # invalid parameters, unreadable or missing files
+            if os.environ.get("LENSBENCH_DEBUG"):
+                raise
+            _fail(str(e) or type(e).__name__, 1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(
+    cls=_OneLineErrors,
+    name="lensbench",
+    help="Differentiable particle-mesh simulations: run one, measure its power spectrum, run the demo.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+# ---- argument parsing -------------------------------------------------------------------------
+
+def _triple(text: str, what: str, cast):
+    """'64' -> 64, '64x64x256' -> (64, 64, 256)."""
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        if len(parts) not in (1, 3):
+            raise ValueError
+        values = tuple(cast(p) for p in parts)
+    except ValueError:
+        raise typer.BadParameter(f"{what} must be one number or three like 64x64x256, got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
+def _pdims(text: str) -> tuple[int, int]:
+    try:
+        px, py = (int(t) for t in text.lower().split("x"))
+    except ValueError:
+        raise typer.BadParameter(f"device grid must look like 2x2, got {text!r}") from None
+    if px < 1 or py < 1:
+        raise typer.BadParameter(f"device grid needs positive counts, got {text!r}")
+    return px, py
+
+
+def _request_cpu_devices(n: int) -> None:
+    """Ask JAX for ``n`` host devices; must run before any JAX backend starts (see module docstring)."""
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") \
+            or "JAX_NUM_CPU_DEVICES" in os.environ:
+        return  # the user chose a device count
+    import jax
+
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:
+        # Backends already started in this process (JAX was used before the command ran): keep
+        # what exists; DeviceGrid explains if that is too few devices.
+        pass
+
+
+# ---- the work ---------------------------------------------------------------------------------
+
+def run_simulation(out: Path, *, mesh: str, box: str, steps: int, seed: int, a_init: float,
+                   a_final: float, lpt_order: int, mesh_factor: int, pdims: str, halo: int,
+                   dtype: str, ic: Optional[Path] = None, cosmology: Optional[dict] = None,
+                   progress: bool = True) -> Path:
+    """Simulate and write a run file; returns its path. Raises ValueError/OSError on bad input."""
+    mesh_shape = _triple(mesh, "--mesh", int)
+    box_size = _triple(box, "--box", float)
+    px, py = _pdims(pdims)
+    if px * py > 1:
+        # jax 0.10's GSPMD partitioner (which simulators selects) logs a deprecation warning for
+        # every compiled sharded function; keep XLA's C++ log to errors unless the user chose.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        _request_cpu_devices(px * py)
+
+    import numpy as np
+
+    from simulators import Cosmology, DeviceGrid, HaloOverflowError, SimConfig, simulate
+
+    from .io import load_linear, write_run
+    from .progress import StepProgress, step_callback
+
+    fiducial = Cosmology.fiducial()
+    params = {k: getattr(fiducial, k) for k in COSMOLOGY_OPTIONS}
+    params.update({k: v for k, v in (cosmology or {}).items() if v is not None})
+    cosmo = Cosmology(**params)
+    cfg = SimConfig(mesh_shape=mesh_shape, box_size=box_size, mesh_factor=mesh_factor,
+                    a_init=a_init, a_final=a_final, n_steps=steps, lpt_order=lpt_order,
+                    dtype=dtype, grid=DeviceGrid((px, py), halo=halo))
+    linear = None
+    if ic is not None:
+        # simulate() checks this too, but checking here fails before any output or compilation
+        linear = load_linear(ic)
+        if linear.shape != cfg.particle_shape:
+            raise ValueError(f"--ic: linear field has shape {linear.shape}, expected the particle grid "
+                             f"{cfg.particle_shape} (mesh / mesh-factor)")
+        if not np.all(np.isfinite(linear)):
+            raise ValueError(f"--ic: linear field in {ic} contains NaN or inf values")
+
+    n_steps = len(cfg.step_scale_factors) - 1
+    source = f"linear field from {ic}" if ic is not None else f"seed {seed}"
+    print(f"simulating {'x'.join(map(str, cfg.mesh_shape))} mesh, "
+          f"{'x'.join(f'{b:g}' for b in cfg.box_size)} Mpc/h box, {cfg.n_particles} particles, "
+          f"{n_steps} steps from a={cfg.a_init:g} to {cfg.a_final:g}, {source}, "
+          f"device grid {px}x{py} (first run compiles)", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    with StepProgress(n_steps, desc="PM steps", enabled=progress):
+        try:
+            result = simulate(cosmo, cfg, seed=seed, linear=linear, progress=step_callback)
+        except HaloOverflowError as e:  # say it in command-line terms
+            message, n = re.subn(r"DeviceGrid\(halo=(\d+)\)", r"--halo \1", str(e))
+            raise HaloOverflowError(message if n else f"{e} (raise --halo)") from None
+    elapsed = time.perf_counter() - start
+    path = write_run(out, result, cosmo, seed=None if ic is not None else seed,
+                     ic_file=None if ic is None else str(ic))
+    print(f"wrote {path} ({elapsed:.1f} s)")
+    return path
+
+
+def run_power_spectrum(run: Path, out: Path, n_bins: Optional[int] = None, rows: int = 8) -> Path:
+    """Measure P(k) of a run file's density, plot it against linear theory, save a PNG."""
+    from .io import read_run
+
+    data = read_run(run)
+
+    import jax.numpy as jnp
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from simulators import growth_table, linear_power, power_spectrum
+
+    cosmo = data.cosmology()
+    box = data.box_size
+    a_final = float(data.config["a_final"])
+    delta = jnp.asarray(data.density, dtype=jnp.float64) - 1.0
+    k, pk, n_modes = (np.asarray(x) for x in power_spectrum(delta, box, n_bins=n_bins))
+    keep = n_modes > 0
+    k, pk = k[keep], pk[keep]
+    growth2 = float(growth_table(cosmo).D1_at(a_final)) ** 2
+    p_lin = np.asarray(linear_power(cosmo, k)) * growth2
+    # The same realisation's linear field, grown linearly: separates sample variance (shared with
+    # the PM density at low k) from nonlinear evolution and mesh effects.
+    k_l, pk_l, n_l = (np.asarray(x) for x in power_spectrum(
+        jnp.asarray(data.linear, dtype=jnp.float64), box, n_bins=n_bins))
+    k_l, pk_l = k_l[n_l > 0], pk_l[n_l > 0] * growth2
+    k_fine = np.geomspace(k.min() * 0.8, k.max() * 1.25, 256)
+    p_lin_fine = np.asarray(linear_power(cosmo, k_fine)) * growth2
+    k_nyq = np.pi * min(n / b for n, b in zip(data.density.shape, box))
+
+    cfg = data.config
+    mesh = "x".join(map(str, cfg["mesh_shape"]))
+    boxtxt = "x".join(f"{b:g}" for b in box)
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), constrained_layout=True)
+    ax.loglog(k_fine, p_lin_fine, "k--", lw=1.2, label=f"linear theory $P_{{lin}}(k)\\,D^2(a={a_final:g})$")
+    ax.loglog(k_l, pk_l, "-", lw=1, color="0.55", label="this run's linear field $\\times\\,D^2$")
+    ax.loglog(k, pk, "o-", ms=3.5, lw=1.2, color="C0", label=f"PM density, {cfg['n_steps']} steps")
+    ax.axvline(k_nyq, color="0.6", ls=":", lw=1, label="mesh Nyquist")
+    if int(cfg.get("mesh_factor", 1)) > 1:  # the particle lattice is coarser than the mesh
+        ax.axvline(k_nyq / int(cfg["mesh_factor"]), color="0.6", ls="-.", lw=1,
+                   label="particle-grid Nyquist")
+    ax.set_xlabel(r"$k$ [$h\,\mathrm{Mpc}^{-1}$]")
+    ax.set_ylabel(r"$P(k)$ [$h^{-3}\,\mathrm{Mpc}^{3}$]")
+    ax.set_title(f"lensbench: {mesh} mesh, {boxtxt} Mpc/h box, "
+                 f"$\\Omega_c$={cosmo.Omega_c:.3g}, $\\sigma_8$={cosmo.sigma8:.3g}", fontsize=10)
+    ax.legend(fontsize=9)
+    ax.grid(True, which="both", alpha=0.25)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+    print(f"{'k [h/Mpc]':>10} {'P(k) [(Mpc/h)^3]':>17} {'P_lin [(Mpc/h)^3]':>18} {'P/P_lin':>8}")
+    for i in np.unique(np.linspace(0, len(k) - 1, min(rows, len(k))).round().astype(int)):
+        print(f"{k[i]:10.4f} {pk[i]:17.5g} {p_lin[i]:18.5g} {pk[i] / p_lin[i]:8.3f}")
+    print(f"wrote {out}")
+    return out
+
+
+# ---- commands ---------------------------------------------------------------------------------
+
+def _cosmo_option(name: str, help_text: str):
+    return typer.Option(f"--{name}", help=help_text, show_default=False,
+                        rich_help_panel="Cosmology (defaults: Cosmology.fiducial())")
+
+
+@app.command()
+def simulate(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output HDF5 run file.", dir_okay=False)],
+    mesh: Annotated[str, typer.Option(help="Force mesh cells: N or NXxNYxNZ.")] = DEMO["mesh"],
+    box: Annotated[str, typer.Option(help="Box size in Mpc/h: L or LXxLYxLZ.")] = DEMO["box"],
+    steps: Annotated[int, typer.Option(help="Number of PM time steps (uniform in a).")] = DEMO["steps"],
+    seed: Annotated[int, typer.Option(help="White-noise seed (ignored with --ic).",
+                                      min=0, max=2**63 - 1)] = DEMO["seed"],
+    omega_c: Annotated[Optional[float], _cosmo_option("omega-c", "Cold dark matter density.")] = None,
+    omega_b: Annotated[Optional[float], _cosmo_option("omega-b", "Baryon density.")] = None,
+    h: Annotated[Optional[float], _cosmo_option("h", "Hubble parameter H0/100.")] = None,
+    n_s: Annotated[Optional[float], _cosmo_option("n-s", "Scalar spectral index.")] = None,
+    sigma8: Annotated[Optional[float], _cosmo_option("sigma8", "Amplitude sigma_8 at z=0.")] = None,
+    w0: Annotated[Optional[float], _cosmo_option("w0", "Dark-energy w0.")] = None,
+    wa: Annotated[Optional[float], _cosmo_option("wa", "Dark-energy wa.")] = None,
+    a_init: Annotated[float, typer.Option(help="Initial scale factor (LPT).")] = DEMO["a_init"],
+    a_final: Annotated[float, typer.Option(help="Final scale factor (<= 1).")] = DEMO["a_final"],
+    lpt_order: Annotated[int, typer.Option(help="LPT order of the initial conditions (1 or 2).")] = DEMO["lpt_order"],
+    mesh_factor: Annotated[int, typer.Option(help="Force-mesh cells per particle spacing.")] = DEMO["mesh_factor"],
+    ic: Annotated[Optional[Path], typer.Option(
+        help="Linear overdensity at z=0 on the particle grid (.npy, or a run file's 'linear').",
+        dir_okay=False)] = None,
+    pdims: Annotated[str, typer.Option(
+        help="Device grid PXxPY; on CPU that many host devices are created.")] = DEMO["pdims"],
+    halo: Annotated[int, typer.Option(help="Halo width in mesh cells for sharded painting.")] = DEMO["halo"],
+    dtype: Annotated[str, typer.Option(help="Field and particle dtype: float32 or float64.")] = DEMO["dtype"],
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+):
+    """Run a PM simulation and write density, positions and the linear field to an HDF5 file."""
+    cosmology = dict(Omega_c=omega_c, Omega_b=omega_b, h=h, n_s=n_s, sigma8=sigma8, w0=w0, wa=wa)
+    run_simulation(out, mesh=mesh, box=box, steps=steps, seed=seed, a_init=a_init, a_final=a_final,
+                   lpt_order=lpt_order, mesh_factor=mesh_factor, pdims=pdims, halo=halo, dtype=dtype,
+                   ic=ic, cosmology=cosmology, progress=progress)
+
+
+@app.command()
+def pk(
+    run: Annotated[Path, typer.Argument(help="Run file written by 'lensbench simulate'.",
+                                        exists=True, dir_okay=False, readable=True)],
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Output PNG [default: RUN_pk.png next to RUN].", dir_okay=False)] = None,
+    n_bins: Annotated[Optional[int], typer.Option(
+        help="Number of linear k bins [default: mesh/2].", min=1)] = None,
+):
+    """Measure the power spectrum of a run's density and plot it against linear theory."""
+    out = out if out is not None else run.with_name(run.stem + "_pk.png")
+    run_power_spectrum(run, out, n_bins=n_bins)
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option(help="Directory for run.h5 and pk.png.", file_okay=False)] = Path("out"),
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+):
+    """The main job: a 64^3-mesh, 256 Mpc/h, 10-step fiducial run (seed 0), then its P(k) plot."""
+    start = time.perf_counter()
+    run_path = run_simulation(out_dir / "run.h5", progress=progress, **DEMO)
+    png = run_power_spectrum(run_path, out_dir / "pk.png")
+    print(f"demo done in {time.perf_counter() - start:.0f} s: simulation {run_path}, "
+          f"power spectrum {png}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

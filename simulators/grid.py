@@ -54,7 +54,8 @@ class DeviceGrid:
         object.__setattr__(self, "halo", int(self.halo))
         if self.backend not in ("auto", "jax", "cudecomp"):
             raise ValueError(f"backend must be 'auto', 'jax' or 'cudecomp', got {self.backend!r}")
-        n_avail = jax.device_count()
+        # only a sharded grid needs to look at the devices (which starts JAX's backend)
+        n_avail = jax.device_count() if self.n_devices > 1 else 1
         if self.n_devices > n_avail:
             raise ValueError(
                 f"device grid {pdims[0]}x{pdims[1]} needs {self.n_devices} devices but only "

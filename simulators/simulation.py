@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -71,6 +72,28 @@ def check_halo(cfg: SimConfig, max_displacement: float) -> None:
             f"Use DeviceGrid(halo={math.ceil(float(max_displacement)) + 2}) or fewer devices.")
 
 
+def estimated_bytes(cfg: SimConfig) -> int:
+    """Rough working-set estimate of a forward run, bytes: ~20 particle vectors (state, force,
+    double-buffering, host copies) and ~10 mesh fields (density, spectrum, 3 force components)."""
+    itemsize = np.dtype(cfg.dtype).itemsize
+    return int(itemsize * (20 * 3 * cfg.n_particles + 10 * np.prod(cfg.mesh_shape)))
+
+
+def check_memory(cfg: SimConfig) -> None:
+    """Raise a ValueError, instead of swapping for hours, if a CPU run cannot fit in RAM."""
+    if jax.default_backend() != "cpu":
+        return
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    need = estimated_bytes(cfg)
+    if need > total:
+        raise ValueError(
+            f"mesh {cfg.mesh_shape} with {cfg.n_particles} particles needs about {need / 2**30:.0f} GiB "
+            f"but this machine has {total / 2**30:.0f} GiB of memory; use a smaller mesh or more devices")
+
+
 def lagrangian_positions(cfg: SimConfig) -> np.ndarray:
     """Lagrangian grid positions q, shape (npx, npy, npz, 3), Mpc/h."""
     axes = [np.arange(n) * (length / n) for n, length in zip(cfg.particle_shape, cfg.box_size)]
@@ -110,6 +133,7 @@ def simulate(cosmo: Cosmology, cfg: SimConfig, *, seed: int = 0, linear=None,
       ValueError on a wrong-shaped or non-finite ``linear``; HaloOverflowError if the sharded
       halo was too small for the particle displacements.
     """
+    check_memory(cfg)
     if linear is None:
         delta = linear_field(cosmo, cfg, white_noise(cfg, seed))
     else:

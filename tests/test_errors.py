@@ -55,3 +55,11 @@ def test_user_linear_field_checked():
     bad[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         simulate(Cosmology.fiducial(), cfg, linear=bad)
+
+
+def test_mesh_too_large_for_memory():
+    from simulators.simulation import check_memory
+
+    with pytest.raises(ValueError, match=r"needs about \d+ GiB but this machine has"):
+        check_memory(SimConfig(mesh_shape=4096, box_size=1000.0))
+    check_memory(SimConfig(mesh_shape=64, box_size=256.0))  # fits

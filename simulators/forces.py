@@ -27,12 +27,13 @@ def fourier_kernels(grid: DeviceGrid, shape, box_size, dtype):
         and the one-device and sharded paths would disagree).
       inv_k2: 1/k² with the k = 0 mode set to 0 (removes the mean).
     """
-    k = grid.wavevectors(shape, box_size, dtype=jnp.float64)
-    kgrad = grid.wavevectors(shape, box_size, dtype=jnp.float64, zero_nyquist=True)
+    # built from 1-D wavevectors in the field's dtype, so XLA fuses the 3-D kernels into the
+    # loops that consume them instead of materialising (and converting) full f64 grids
+    k = grid.wavevectors(shape, box_size, dtype=dtype)
+    kgrad = grid.wavevectors(shape, box_size, dtype=dtype, zero_nyquist=True)
     k2 = k[0] ** 2 + k[1] ** 2 + k[2] ** 2
-    inv_k2 = jnp.where(k2 > 0, 1.0 / jnp.where(k2 > 0, k2, 1.0), 0.0)
-    cast = lambda a: a.astype(dtype)  # noqa: E731
-    return tuple(map(cast, k)), tuple(map(cast, kgrad)), cast(inv_k2)
+    inv_k2 = jnp.where(k2 > 0, 1 / jnp.where(k2 > 0, k2, 1), 0)
+    return k, kgrad, inv_k2
 
 
 def cic_window(grid: DeviceGrid, shape, box_size, dtype) -> Array:
@@ -57,7 +58,7 @@ def finite_difference_k(grid: DeviceGrid, shape, box_size, dtype):
     for ki, n, length in zip(k, shape, box_size):
         d = length / n
         out.append(((8 * jnp.sin(ki * d) - jnp.sin(2 * ki * d)) / (6 * d)).astype(dtype))
-    return tuple(out)
+    return tuple(out)  # 1-D, broadcastable
 
 
 def gradient_of_inverse_laplacian(grid: DeviceGrid, shape, box_size, field_k: Array,
@@ -71,9 +72,8 @@ def gradient_of_inverse_laplacian(grid: DeviceGrid, shape, box_size, field_k: Ar
     _, kgrad, inv_k2 = fourier_kernels(grid, shape, box_size, dtype)
     if finite_difference:
         kgrad = finite_difference_k(grid, shape, box_size, dtype)
-    base = field_k * (inv_k2 * extra)
-    # ∇∇⁻² f  ->  (i k)(-1/k²) f_k = -i k f_k / k²
-    return grid.ifft_many([-1j * kg * base for kg in kgrad], shape)
+    # ∇∇⁻² f  ->  (i k)(-1/k²) f_k = -i k f_k / k²  (one fused loop per component)
+    return grid.ifft_many([field_k * (-1j * (kg * inv_k2 * extra)) for kg in kgrad], shape)
 
 
 def pm_force(cfg: SimConfig, disp: Array) -> Array:

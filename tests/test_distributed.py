@@ -59,3 +59,9 @@ def test_bad_layouts_are_explained(results):
     assert "valid device counts along x: [1, 2, 3, 6]" in msg
     msg = str(results["layout_error_too_few_planes"])
     assert "has 4 planes along x but the device grid puts 8 devices there" in msg
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sharded_paint_conserves_mass(results, layout):
+    rho = results[f"{layout}_rho"]
+    assert abs(rho.mean() - 1.0) < 1e-12  # float64: each particle deposits exactly its mass

@@ -104,13 +104,15 @@ def lagrangian_positions(cfg: SimConfig) -> np.ndarray:
 class SimResult:
     """A finished simulation (host-side convenience; use ``evolve`` inside differentiable code).
 
-    positions: (npx, npy, npz, 3) Mpc/h, wrapped into the box.  velocities: momenta
-    p = a³E dx/da (Mpc/h, H0 = 1).  density: 1 + δ on the mesh.  linear: δ_L at z = 0.
-    snapshots: {a: (positions, momenta)}.
+    positions: (npx, npy, npz, 3) Mpc/h, wrapped into the box.  velocities: peculiar velocities
+    a dx/dt in km/s.  momenta: the integrator's p = a³E dx/da (Mpc/h, H0 = 1), so that
+    velocities = 100 km/s × p / a.  density: 1 + δ on the mesh.  linear: δ_L at z = 0.
+    snapshots: {a: (positions, velocities, density)} at ``cfg.snapshots``.
     """
 
     cfg: SimConfig
     positions: np.ndarray
+    velocities: np.ndarray
     momenta: np.ndarray
     density: np.ndarray
     linear: np.ndarray
@@ -149,11 +151,15 @@ def simulate(cosmo: Cosmology, cfg: SimConfig, *, seed: int = 0, linear=None,
     q = lagrangian_positions(cfg)
     box = np.asarray(cfg.box_size)
     to_pos = lambda d: np.mod(q + np.asarray(d, np.float64), box)  # noqa: E731
-    snaps = {a: (to_pos(out.snapshots["disp"][i]), np.asarray(out.snapshots["mom"][i]))
+    # v = a dx/dt = a² H dx/da = H0 p / a, and H0 × (1 Mpc/h) = 100 km/s
+    to_vel = lambda p, a: 100.0 * np.asarray(p) / a  # noqa: E731
+    snaps = {a: (to_pos(out.snapshots["disp"][i]), to_vel(out.snapshots["mom"][i], a),
+                 np.asarray(_density_jit(cfg, out.snapshots["disp"][i])))
              for i, a in enumerate(cfg.snapshots)}
     return SimResult(
         cfg=cfg,
         positions=to_pos(out.final.disp),
+        velocities=to_vel(out.final.mom, cfg.a_final),
         momenta=np.asarray(out.final.mom),
         density=np.asarray(_density_jit(cfg, out.final.disp)),
         linear=np.asarray(delta),

@@ -6,9 +6,11 @@ On one device the mesh is periodic; sharded, each shard paints into its pencil p
 the halos are summed onto their owners (``grid.unpad_shard``), or filled from the neighbours before
 reading (``grid.pad_shard``).
 
-Speed on CPU: eight chained scatter-adds (one per cell corner) beat one flattened scatter, and
-reading gathers whole rows of an interleaved (cells, C) field; particles stay in Lagrangian order,
-which keeps the memory access local.
+Two implementations of the per-shard work, equal to round-off: compiled C++ kernels on CPU
+(``native``; XLA's CPU scatter/gather is several times slower) with hand-written gradients, and
+pure JAX elsewhere (GPU, or no compiler): eight chained scatter-adds (one per cell corner, faster
+than one flattened scatter) and gathers of whole rows of an interleaved (cells, C) field. Both keep
+particles in Lagrangian order, which keeps the memory access local.
 """
 
 from __future__ import annotations

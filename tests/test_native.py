@@ -8,7 +8,9 @@ import pytest
 from simulators import native
 from simulators import painting
 
-pytestmark = pytest.mark.skipif(not native.available(jnp.float64), reason="compiled kernels unavailable (no C++ compiler, or LENSBENCH_NATIVE=0)")
+pytestmark = pytest.mark.skipif(
+    not native.available(jnp.float64),
+    reason="compiled kernels unavailable (no C++ compiler, or LENSBENCH_NATIVE=0)")
 
 
 @pytest.mark.parametrize("offset, wrap, mesh_factor", [(0, True, 1), (0, True, 2), (3, False, 1)])

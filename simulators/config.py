@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -137,6 +136,3 @@ class SimConfig:
 
         return replace(self, **changes)
 
-
-def parse_shape(values: Sequence[int] | int) -> tuple[int, int, int]:
-    return _triple(values, "shape", int)

@@ -14,7 +14,7 @@ plain path with no sharding machinery at all.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property, partial
+from functools import cached_property
 from typing import Sequence
 
 import jax

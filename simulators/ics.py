@@ -8,7 +8,6 @@ p = a³E dx/da = a²E (f₁D₁Ψ₁ + f₂D₂Ψ₂).
 
 from __future__ import annotations
 
-from functools import partial
 
 import jax
 import jax.numpy as jnp

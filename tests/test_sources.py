@@ -8,7 +8,6 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
-import re
 
 import jax.numpy as jnp
 import numpy as np

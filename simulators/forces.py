@@ -87,21 +87,22 @@ def pm_force(cfg: SimConfig, disp: Array) -> Array:
     """
     grid = cfg.grid
     dtype = disp.dtype
-    disp_cells = disp / jnp.asarray(cfg.cell_size, dtype)
-    mass = float(cfg.mesh_factor) ** 3  # mean density 1 on the mesh
-    rho = cic_paint(grid, cfg.mesh_shape, disp_cells, cfg.mesh_factor, mass)
-    rho_k = grid.fft(rho)
+    rho_k = grid.fft(paint_density(cfg, disp))
     extra = 1.0
     if cfg.deconvolve:  # undo the smoothing of painting and of reading
         extra = 1.0 / cic_window(grid, cfg.mesh_shape, cfg.box_size, dtype) ** 2
     comps = gradient_of_inverse_laplacian(grid, cfg.mesh_shape, cfg.box_size, rho_k, extra,
                                           finite_difference=True)
     field = jnp.stack([-c for c in comps], axis=-1)
-    return cic_read(grid, field, disp_cells, cfg.mesh_factor)
+    return cic_read(grid, field, _in_cells(cfg, disp), cfg.mesh_factor)
 
 
 def paint_density(cfg: SimConfig, disp: Array) -> Array:
     """Density 1 + δ on the force mesh (mean 1), shape ``cfg.mesh_shape``, from displacements in Mpc/h."""
-    disp_cells = disp / jnp.asarray(cfg.cell_size, disp.dtype)
-    return cic_paint(cfg.grid, cfg.mesh_shape, disp_cells, cfg.mesh_factor,
-                     float(cfg.mesh_factor) ** 3)
+    mass = float(cfg.mesh_factor) ** 3  # mesh cells per particle: mean density 1
+    return cic_paint(cfg.grid, cfg.mesh_shape, _in_cells(cfg, disp), cfg.mesh_factor, mass)
+
+
+def _in_cells(cfg: SimConfig, disp: Array) -> Array:
+    """Displacements from Mpc/h to force-mesh cells (cells may differ per axis)."""
+    return disp / jnp.asarray(cfg.cell_size, disp.dtype)

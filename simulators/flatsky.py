@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .cosmology import Cosmology, background, growth_table, linear_power
+from .halofit import nonlinear_power
 from .sources import RedshiftBins, lensing_efficiency
 
 Array = jax.Array
@@ -48,14 +49,17 @@ def _n_bins_from_pairs(n_pairs: int) -> int:
 # Limber
 
 
-def limber_cl(cosmo: Cosmology, bins: RedshiftBins, ell, n_chi: int = 256) -> Array:
+def limber_cl(cosmo: Cosmology, bins: RedshiftBins, ell, n_chi: int = 256,
+              nonlinear: bool = True, power_filter=None) -> Array:
     """Tomographic convergence power spectra in the Limber approximation (flat sky, Born).
 
       C_ij(ell) = int_0^chi_max dchi q_i(chi) q_j(chi) / chi^2 P((ell + 1/2) / chi, a(chi)),
 
-    q_i from ``sources.lensing_efficiency``. P is the LINEAR matter power, P_lin(k, z=0) D1(a)^2:
-    no halofit or other nonlinear correction yet (that comes later), so C_ell is underestimated at
-    ell >~ 200 where nonlinear clustering dominates.
+    q_i from ``sources.lensing_efficiency``. P is the halofit (Takahashi et al. 2012) nonlinear
+    matter power ``halofit.nonlinear_power`` by default, or with nonlinear=False the linear power
+    P_lin(k, z=0) D1(a)^2, which underestimates C_ell at ell >~ 200 where nonlinear clustering
+    dominates (for the LSST-Y10 bins at ell = 1000, by a factor ~2.6 in the highest-z bin and ~14
+    in the lowest).
 
     The chi grid is fixed in size: n_chi points, uniform in chi over (0, chi(z_max)] with
     z_max = bins.z[-1] (the kernels vanish beyond), integrated with the trapezoid rule plus the
@@ -67,10 +71,15 @@ def limber_cl(cosmo: Cosmology, bins: RedshiftBins, ell, n_chi: int = 256) -> Ar
       bins: RedshiftBins (may be traced).
       ell: (n_ell,) multipoles, > 0.
       n_chi: number of chi nodes (static), >= 16.
+      nonlinear: use halofit (default) or linear power (static).
+      power_filter: optional k -> factor (h/Mpc in, any shape) multiplying P(k), e.g. the mesh
+        smoothing of simulated maps (``lensing.mesh_power_window``).
     Returns: (n_pairs, n_ell) float64 C_ell (steradians), pairs as in ``pair_indices``.
     """
     if not (isinstance(n_chi, (int, np.integer)) and n_chi >= 16):
         raise ValueError(f"n_chi must be an integer >= 16, got {n_chi}")
+    if not isinstance(nonlinear, (bool, np.bool_)):
+        raise ValueError(f"nonlinear must be a bool (static under jit), got {nonlinear!r}")
     ell = jnp.atleast_1d(jnp.asarray(ell, jnp.float64))
     if ell.ndim != 1:
         raise ValueError(f"ell must be 1-D, got shape {ell.shape}")
@@ -86,8 +95,12 @@ def limber_cl(cosmo: Cosmology, bins: RedshiftBins, ell, n_chi: int = 256) -> Ar
     a = bg.a_of_chi(chi)
     q = lensing_efficiency(cosmo, bins, chi, bg=bg)  # (n_bins, n_chi)
     k = (ell[:, None] + 0.5) / chi[None, :]  # (n_ell, n_chi) h/Mpc
-    d1 = growth_table(cosmo).D1_at(a)
-    pk = linear_power(cosmo, k) * (d1**2)[None, :]
+    if nonlinear:
+        pk = nonlinear_power(cosmo, k, a[None, :])  # halofit parameters once per chi node
+    else:
+        pk = linear_power(cosmo, k) * (growth_table(cosmo).D1_at(a) ** 2)[None, :]
+    if power_filter is not None:
+        pk = pk * power_filter(k)
     i, j = pair_indices(q.shape[0])
     kern = q[i] * q[j] * (weights / chi**2)[None, :]  # (n_pairs, n_chi)
     return kern @ pk.T
@@ -274,6 +287,20 @@ def gaussian_maps(key, cl_fn_or_table, field_deg: float, npix: int, n_bins: int)
     Raises ValueError for bad geometry, a table not covering the modes, a wrong number of spectra,
     or (when concrete) a C(ell) matrix that is not positive definite.
     """
+    white = jax.random.normal(key, (n_bins, npix, npix), jnp.float64)
+    return gaussian_maps_from_white(white, cl_fn_or_table, field_deg, npix)
+
+
+def gaussian_maps_from_white(white, cl_fn_or_table, field_deg: float, npix: int) -> Array:
+    """``gaussian_maps`` driven by a given white-noise field (the latent of field-level inference).
+
+    Args: white: (n_bins, npix, npix) unit white noise; the rest as in ``gaussian_maps``.
+    Returns: (n_bins, npix, npix) float64 maps, linear in ``white`` and differentiable in the C_ell.
+    """
+    white = jnp.asarray(white, jnp.float64)
+    if white.ndim != 3 or white.shape[1:] != (npix, npix):
+        raise ValueError(f"white noise must have shape (n_bins, {npix}, {npix}), got {white.shape}")
+    n_bins = white.shape[0]
     i, j = pair_indices(n_bins)
     ell_grid = mode_ell(field_deg, npix)
     model = _model_on_modes(cl_fn_or_table, ell_grid, n_pairs_expected=len(i))  # (n_pairs, N, N)
@@ -288,7 +315,6 @@ def gaussian_maps(key, cl_fn_or_table, field_deg: float, npix: int, n_bins: int)
         bad = np.argwhere(~np.all(np.isfinite(np.asarray(chol)), axis=(-2, -1)))[0]
         raise ValueError(f"C(ell) matrix is not positive definite at ell = {ell_grid[tuple(bad)]:.4g}")
     a_pix = pixel_area_sr(field_deg, npix)
-    white = jax.random.normal(key, (n_bins, npix, npix), jnp.float64)
     wk = jnp.fft.fft2(white)
     kk = jnp.einsum("xyab,bxy->axy", chol, wk) / math.sqrt(a_pix)
     return jnp.real(jnp.fft.ifft2(kk))

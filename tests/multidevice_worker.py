@@ -16,6 +16,19 @@ import numpy as np  # noqa: E402
 from simulators import DeviceGrid, HaloOverflowError, SimConfig, simulate, white_noise  # noqa: E402
 from simulators.grid import pad_shard, unpad_shard  # noqa: E402
 from sim_cases import BASE, COSMO, loss_fn  # noqa: E402
+import lightcone_cases as lcc  # noqa: E402
+
+LIGHTCONE_LAYOUTS = ("2x2", "4x1")
+
+
+def run_lightcone(cfg, prefix, results):
+    """Flat-sky PM κ maps (randomized replicas) and their gradients w.r.t. (Omega_c, noise)."""
+    noise = white_noise(cfg, 3)
+    (value, kappa), (g_oc, g_noise) = lcc.map_loss(cfg, lcc.lightcone(randomize=True, seed=1))(
+        lcc.COSMO.Omega_c, noise)
+    results[prefix + "lc_kappa"] = np.asarray(kappa)
+    results[prefix + "lc_grad_oc"] = np.asarray(g_oc)
+    results[prefix + "lc_grad_noise"] = np.asarray(g_noise)
 
 def run(cfg, prefix, results):
     noise = white_noise(cfg, 7)
@@ -51,10 +64,13 @@ def main():
     out_path, layouts = sys.argv[2], sys.argv[3:]
     results = {}
     run(SimConfig(**BASE), "single_", results)
+    run_lightcone(SimConfig(**lcc.BASE, dtype="float64"), "single_", results)
     for text in layouts:
         grid = DeviceGrid.parse(text, halo=4)
         run(SimConfig(**BASE, grid=grid), f"{text}_", results)
         halo_dot_test(grid, results, f"{text}_")
+        if text in LIGHTCONE_LAYOUTS:
+            run_lightcone(SimConfig(**lcc.BASE, dtype="float64", grid=grid), f"{text}_", results)
     # a halo too small for the displacements must raise, not give a silently wrong density
     try:
         simulate(COSMO, SimConfig(**BASE, grid=DeviceGrid((2, 2), halo=2)), seed=7)

@@ -1,0 +1,254 @@
+"""Born convergence maps from 3-D simulations (PM N-body or LPT only), and the map-model interface.
+
+Every map model turns (cosmology, latent white noise) into noise-free tomographic κ maps of shape
+(n_bins, *sky.shape), purely and differentiably:
+
+  - ``PMLensing``: LPT initial conditions + FastPM steps, lightcone painted during the run;
+  - ``LPTLensing``: the same lightcone painted from LPT displacements, with no N-body steps;
+  - ``flatsky.GaussianLensing``: Gaussian random field with the Limber C_ℓ (flat sky).
+
+The latent of the 3-D models is the white-noise field on the particle grid, shape
+``cfg.particle_shape``, sharded as the simulation is. Shape noise is added separately
+(``add_shape_noise``) so maps come out both with and without noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import SimConfig
+from .cosmology import Cosmology, background, growth_table
+from .forces import pm_force
+from .ics import linear_field, lpt_displacements, lpt_state, white_noise
+from .forces import paint_density
+from .lightcone import BornLightcone, BornParams, FlatSky, HealpixSky, Lightcone, samples_per_step
+from .nbody import ParticleState, integrate, step_factors
+from .sources import RedshiftBins, lensing_efficiency
+
+Array = jax.Array
+
+N_CHI_TABLE = 1024  # nodes of the q_i(χ) table: spacing ~6 Mpc/h to z = 9, q is smooth on that scale
+
+
+def born_params(cosmo: Cosmology, cfg: SimConfig, bins: RedshiftBins, chi_max: float,
+                n_chi: int = N_CHI_TABLE) -> BornParams:
+    """Step radii and the q_i(χ) table for the lightcone painter (jit/grad-safe).
+
+    The table spans [χ(a_final), min(χ(a_init), chi_max)]: nothing is painted beyond it, and
+    the projection stops there.
+    """
+    bg = background(cosmo)
+    chi_steps = bg.comoving_distance(jnp.asarray(cfg.step_scale_factors))
+    lo = chi_steps[-1]
+    hi = jnp.minimum(chi_steps[0], chi_max)
+    chi = jnp.linspace(lo, hi, n_chi)
+    q = lensing_efficiency(cosmo, bins, chi, bg=bg)
+    return BornParams(chi_steps=chi_steps, chi_lo=lo, chi_step=(hi - lo) / (n_chi - 1), q=q)
+
+
+def _finish(obs: Array, n_bins: int, sky) -> Array:
+    return obs.T.astype(jnp.float64).reshape((n_bins,) + sky.shape)
+
+
+def pm_kappa(cosmo: Cosmology, cfg: SimConfig, lightcone: Lightcone, bins: RedshiftBins,
+             noise: Array, progress: Callable[[Array], None] | None = None) -> tuple[Array, Array]:
+    """Born κ maps from a PM run whose lightcone is painted step by step.
+
+    Args:
+      noise: (npx, npy, npz) unit white noise on the particle grid (``ics.white_noise``).
+    Returns:
+      (kappa (n_bins, *sky.shape) float64, max particle displacement in cells along the sharded axes).
+    Differentiable in ``cosmo`` and ``noise``; memory independent of the number of steps with
+    ``cfg.gradient == "adjoint"``.
+    """
+    growth = growth_table(cosmo)
+    a_steps = cfg.step_scale_factors
+    delta = linear_field(cosmo, cfg, noise)
+    disp, mom = lpt_state(cosmo, growth, cfg, delta, a_steps[0])
+    state = ParticleState(disp, mom, pm_force(cfg, disp))
+    factors = step_factors(cosmo, growth, a_steps)
+    params = born_params(cosmo, cfg, bins, lightcone.chi_max)
+    painter = BornLightcone(cfg, lightcone, bins.n_bins, samples_per_step(cfg, lightcone))
+    _, obs, max_disp = integrate(cfg, state, factors, painter, params, progress)
+    return _finish(obs, bins.n_bins, lightcone.sky), max_disp
+
+
+def lpt_kappa(cosmo: Cosmology, cfg: SimConfig, lightcone: Lightcone, bins: RedshiftBins,
+              noise: Array) -> Array:
+    """Born κ maps of an LPT-only lightcone: particles at D₁Ψ₁ + D₂Ψ₂, no N-body steps.
+
+    The step boundaries of ``cfg`` set the time sampling of the displacements between which each
+    particle's crossing is interpolated (any ``cfg.n_steps`` works; LPT costs no force solves).
+    Returns (n_bins, *sky.shape) float64. Differentiable in ``cosmo`` and ``noise``.
+    """
+    growth = growth_table(cosmo)
+    a = jnp.asarray(cfg.step_scale_factors)
+    psi1, psi2 = lpt_displacements(cfg, linear_field(cosmo, cfg, noise))
+    d1 = growth.D1_at(a).astype(psi1.dtype)
+    d2 = growth.D2_at(a).astype(psi1.dtype)
+    params = born_params(cosmo, cfg, bins, lightcone.chi_max)
+    painter = BornLightcone(cfg, lightcone, bins.n_bins, samples_per_step(cfg, lightcone))
+
+    def delta_at(i):
+        disp = d1[i] * psi1 if psi2 is None else d1[i] * psi1 + d2[i] * psi2
+        return paint_density(cfg, disp) - 1
+
+    @jax.checkpoint
+    def step(obs, i):
+        return obs + painter.project(params, i, delta_at(i), delta_at(i + 1)), None
+
+    obs0 = jnp.zeros((lightcone.sky.n_pix, bins.n_bins), psi1.dtype)
+    obs, _ = jax.lax.scan(step, obs0, jnp.arange(a.shape[0] - 1))
+    return _finish(obs, bins.n_bins, lightcone.sky)
+
+
+# ------------------------------------------------------------------------------------------------
+# Map models
+
+
+@dataclass(frozen=True, eq=False)  # compared by identity: jit-static, and bins hold numpy arrays
+class PMLensing:
+    """Tomographic Born κ maps from a particle-mesh simulation with a lightcone (hashable, static).
+
+    Attributes: cfg: the PM setup (box, mesh, steps, device grid); lightcone: observer, sky, depth;
+    bins: the source sample (a pytree of arrays; held here as a static part of the model).
+    """
+
+    cfg: SimConfig
+    lightcone: Lightcone
+    bins: RedshiftBins
+
+    def __post_init__(self):
+        self.lightcone.check_box(self.cfg)
+
+    @property
+    def sky(self):
+        return self.lightcone.sky
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return self.cfg.particle_shape
+
+    def latent(self, seed: int | Array) -> Array:
+        """Unit white noise of the initial conditions, the same on any device grid."""
+        return white_noise(self.cfg, seed)
+
+    def kappa(self, cosmo: Cosmology, latent: Array) -> Array:
+        """(n_bins, *sky.shape) noise-free κ; differentiable in ``cosmo`` and ``latent``."""
+        return pm_kappa(cosmo, self.cfg, self.lightcone, self.bins, latent)[0]
+
+
+@dataclass(frozen=True, eq=False)
+class LPTLensing(PMLensing):
+    """The ``PMLensing`` lightcone painted from LPT displacements (no N-body steps)."""
+
+    def kappa(self, cosmo: Cosmology, latent: Array) -> Array:
+        return lpt_kappa(cosmo, self.cfg, self.lightcone, self.bins, latent)
+
+
+@dataclass(frozen=True, eq=False)
+class GaussianLensing:
+    """Flat-sky Gaussian random κ maps with the Limber C_ℓ (halofit) of the cosmology, with the
+    right cross-bin correlations. latent: (n_bins, npix, npix) unit white noise."""
+
+    sky: FlatSky
+    bins: RedshiftBins
+
+    def __post_init__(self):
+        if not isinstance(self.sky, FlatSky):
+            raise ValueError("the Gaussian map model is flat-sky only: use a FlatSky")
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.bins.n_bins,) + self.sky.shape
+
+    def latent(self, seed: int | Array) -> Array:
+        key = jax.random.key(seed) if np.ndim(seed) == 0 and not isinstance(seed, jax.Array) else seed
+        return jax.random.normal(key, self.latent_shape, jnp.float64)
+
+    def kappa(self, cosmo: Cosmology, latent: Array) -> Array:
+        from . import flatsky
+
+        cl = lambda ell: flatsky.limber_cl(cosmo, self.bins, ell)  # noqa: E731
+        return flatsky.gaussian_maps_from_white(latent, cl, self.sky.field_deg, self.sky.npix)
+
+
+MapModel = Union[PMLensing, LPTLensing, GaussianLensing]
+
+
+def mesh_power_window(cell_size, n_phi: int = 32):
+    """k ↦ power suppression of the simulated maps' density: CIC painting and trilinear reading
+    each multiply δ by Π_i sinc²(k_i Δ_i / 2), so P gets Π_i sinc⁸(k_i Δ_i / 2). Limber modes are
+    transverse to the line of sight (the box z axis for a flat sky), so the factor is averaged over
+    the azimuth of k in the x-y plane (n_phi points). cell_size: (3,) or (2,) Mpc/h (x, y used).
+    Returns a function of k (h/Mpc, any shape) for ``flatsky.limber_cl(power_filter=...)``.
+    """
+    dx, dy = (float(c) for c in np.asarray(cell_size)[:2])
+    phi = (np.arange(n_phi) + 0.5) * (np.pi / 2) / n_phi  # one quadrant: the factor is even in kx, ky
+    cx, cy = jnp.asarray(np.cos(phi) * dx / 2), jnp.asarray(np.sin(phi) * dy / 2)
+
+    def window(k):
+        k = jnp.asarray(k)[..., None]
+        return jnp.mean((jnp.sinc(k * cx / np.pi) * jnp.sinc(k * cy / np.pi)) ** 8, axis=-1)
+
+    return window
+
+
+def noise_sigma(bins: RedshiftBins, sky) -> np.ndarray:
+    """(n_bins,) per-pixel shape-noise rms σ_e / sqrt(n_gal,i A_pix), with A_pix in arcmin²."""
+    a_pix_arcmin2 = sky.pixel_area * (180 * 60 / np.pi) ** 2
+    return np.asarray(bins.sigma_e) / np.sqrt(np.asarray(bins.n_gal) * a_pix_arcmin2)
+
+
+def add_shape_noise(key: Array, kappa: Array, sigma: Array) -> Array:
+    """κ plus independent Gaussian pixel noise of rms ``sigma`` (n_bins,) per bin."""
+    sigma = jnp.asarray(sigma, kappa.dtype)
+    shape = (kappa.shape[0],) + (1,) * (kappa.ndim - 1)
+    return kappa + jax.random.normal(key, kappa.shape, kappa.dtype) * sigma.reshape(shape)
+
+
+@dataclass(frozen=True)
+class Maps:
+    """Noise-free and noisy κ maps of one realisation (host numpy).
+
+    kappa, kappa_noisy: (n_bins, *sky.shape) float64.  sigma_n: (n_bins,) per-pixel noise rms.
+    """
+
+    kappa: np.ndarray
+    kappa_noisy: np.ndarray
+    sigma_n: np.ndarray
+
+
+def simulate_maps(model: MapModel, cosmo: Cosmology, seed: int) -> Maps:
+    """One realisation: latent field from ``seed``, shape noise from an independent key of ``seed``.
+
+    Raises HaloOverflowError when a sharded PM run moved particles beyond the halo, ValueError when
+    the maps are not finite.
+    """
+    from .simulation import check_halo, check_memory
+
+    latent = model.latent(seed)
+    if isinstance(model, PMLensing) and not isinstance(model, LPTLensing):
+        check_memory(model.cfg)
+        kappa, max_disp = _pm_kappa_jit(cosmo, model.cfg, model.lightcone, model.bins, latent)
+        check_halo(model.cfg, float(max_disp))
+    else:
+        kappa = jax.jit(model.kappa)(cosmo, latent)
+    kappa = np.asarray(kappa, np.float64)
+    if not np.all(np.isfinite(kappa)):
+        raise ValueError("the simulated convergence maps contain NaN or inf")
+    sigma = noise_sigma(model.bins, model.sky)
+    noise_key = jax.random.fold_in(jax.random.key(seed), 1)
+    noisy = np.asarray(add_shape_noise(noise_key, jnp.asarray(kappa), sigma))
+    return Maps(kappa, noisy, sigma)
+
+
+_pm_kappa_jit = jax.jit(pm_kappa, static_argnums=(1, 2, 5))
+
+__all__ = ["mesh_power_window", "GaussianLensing", "Maps", "MapModel", "simulate_maps", "FlatSky", "HealpixSky", "Lightcone", "LPTLensing", "PMLensing", "add_shape_noise",
+           "born_params", "lpt_kappa", "noise_sigma", "pm_kappa"]

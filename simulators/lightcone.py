@@ -1,0 +1,357 @@
+"""Past lightcone of a PM simulation, projected into Born convergence maps while the run goes.
+
+Geometry. The observer sits at ``Lightcone.observer`` (Mpc/h, box coordinates). The box is tiled
+periodically ("replicas") out to the depth ``chi_max``; each replica may get its own random shift
+and cube-symmetry rotation, which breaks the periodic repetition of structures along the line of
+sight. The sky is a square flat patch (gnomonic coordinates θ = (x/z, y/z) around the +z axis) or
+the HEALPix sphere (RING ordering).
+
+Born projection. During the step a₀ → a₁ the lightcone radius shrinks from χ₀ = χ(a₀) to
+χ₁ = χ(a₁). The shell [χ₁, χ₀] is cut into ``samples_per_step`` slices; at the centre χ_s of each,
+every pixel's ray reads the CIC density contrast δ of the mesh (trilinear interpolation) at the
+point χ_s n̂_pix, linearly interpolated in time between the densities painted at a₀ and a₁:
+
+    κ_i(n̂) = Σ_steps Σ_s q_i(χ_s) Δχ [(1 - t_s) δ(χ_s n̂, a₀) + t_s δ(χ_s n̂, a₁)],  t_s = (χ₀ - χ_s)/(χ₀ - χ₁).
+
+Reading the mesh rather than projecting particles keeps the particle discreteness out of the maps
+(the CIC mesh of a near-uniform lattice is smooth) at the price of the mesh's own smoothing, which
+the theory can include (``flatsky`` mesh-window correction). Samples are slices ≲ one cell thick.
+
+Memory: the observation is the (n_pix, n_bins) maps only; each slice is a scan iteration over the
+pixels. Sharded, every device reads the samples that fall in its own pencil (halo-padded mesh) and
+the per-device maps are summed.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import SimConfig
+from .forces import paint_density
+from .grid import pad_shard
+
+Array = jax.Array
+
+
+@dataclass(frozen=True)
+class FlatSky:
+    """A square field_deg × field_deg patch around the +z axis, npix × npix pixels.
+
+    Pixel (i, j) covers gnomonic coordinates θx = x/z in [-F/2 + i Δ, -F/2 + (i+1) Δ), θy likewise
+    with j, Δ = F / npix in radians. Maps have shape (npix, npix).
+    """
+
+    field_deg: float
+    npix: int
+
+    def __post_init__(self):
+        if not (math.isfinite(self.field_deg) and 0 < self.field_deg < 90):
+            raise ValueError(f"field_deg must be in (0, 90) degrees, got {self.field_deg}")
+        if int(self.npix) != self.npix or self.npix < 2:
+            raise ValueError(f"npix must be an integer >= 2, got {self.npix}")
+        object.__setattr__(self, "field_deg", float(self.field_deg))
+        object.__setattr__(self, "npix", int(self.npix))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.npix, self.npix)
+
+    @property
+    def n_pix(self) -> int:
+        return self.npix * self.npix
+
+    @property
+    def pixel_side(self) -> float:
+        """Pixel side in radians (gnomonic)."""
+        return math.radians(self.field_deg) / self.npix
+
+    @property
+    def pixel_area(self) -> float:
+        """Pixel area in steradians (gnomonic; equal to the solid angle at the field centre)."""
+        return self.pixel_side**2
+
+    def directions(self) -> np.ndarray:
+        """(n_pix, 3) unit vectors of the pixel centres (float64, pixel-major)."""
+        t = (np.arange(self.npix) + 0.5 - 0.5 * self.npix) * self.pixel_side
+        tx, ty = np.meshgrid(t, t, indexing="ij")
+        v = np.stack([tx, ty, np.ones_like(tx)], -1).reshape(-1, 3)
+        return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class HealpixSky:
+    """The HEALPix sphere at ``nside`` (RING ordering), maps of shape (12 nside²,).
+
+    """
+
+    nside: int
+
+    def __post_init__(self):
+        n = int(self.nside) if int(self.nside) == self.nside else -1
+        if n < 1 or n & (n - 1):
+            raise ValueError(f"nside must be a power of 2, got {self.nside}")
+        object.__setattr__(self, "nside", n)
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (12 * self.nside**2,)
+
+    @property
+    def n_pix(self) -> int:
+        return 12 * self.nside**2
+
+    @property
+    def pixel_area(self) -> float:
+        return 4 * math.pi / self.n_pix
+
+    def directions(self) -> np.ndarray:
+        """(n_pix, 3) unit vectors of the pixel centres, RING order (float64, from healpy)."""
+        import healpy
+
+        return np.stack(healpy.pix2vec(self.nside, np.arange(self.n_pix)), -1)
+
+
+Sky = Union[FlatSky, HealpixSky]
+
+
+@dataclass(frozen=True)
+class Lightcone:
+    """Where the observer is, what it sees, and how deep.
+
+    Attributes:
+      sky: ``FlatSky`` or ``HealpixSky``.
+      chi_max: depth in Mpc/h up to which replicas are tiled; beyond it nothing is painted (make it
+        at least the distance of the farthest source; ``lensing`` checks this for the cosmology).
+      observer: position in box coordinates (Mpc/h); default: for a flat sky the centre of the
+        box's z = 0 face, for HEALPix the box centre.
+      randomize: give every replica a random periodic shift and a random cube-symmetry rotation
+        (axis permutations among equal box sides and mirror flips), drawn from ``seed``.
+      seed: seed of those random transforms (numpy; static).
+    """
+
+    sky: Sky
+    chi_max: float
+    observer: tuple[float, float, float] | None = None
+    randomize: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.sky, (FlatSky, HealpixSky)):
+            raise ValueError(f"sky must be FlatSky or HealpixSky, got {type(self.sky).__name__}")
+        if not (math.isfinite(self.chi_max) and self.chi_max > 0):
+            raise ValueError(f"chi_max must be > 0 Mpc/h, got {self.chi_max}")
+        object.__setattr__(self, "chi_max", float(self.chi_max))
+        if self.observer is not None:
+            obs = tuple(float(v) for v in self.observer)
+            if len(obs) != 3 or not all(map(math.isfinite, obs)):
+                raise ValueError(f"observer must be three finite coordinates (Mpc/h), got {self.observer}")
+            object.__setattr__(self, "observer", obs)
+
+    def observer_position(self, box_size) -> np.ndarray:
+        if self.observer is not None:
+            return np.asarray(self.observer, np.float64)
+        box = np.asarray(box_size, np.float64)
+        if isinstance(self.sky, FlatSky):
+            return np.array([box[0] / 2, box[1] / 2, 0.0])
+        return box / 2
+
+    def replica_transforms(self, box_size):
+        """Random transforms of the box copies n ∈ Z³ within ``chi_max`` of the observer.
+
+        Returns (n_lo (3,) int, dims (3,) int, inv_perm (M, 3) int, signs (M, 3), shifts (M, 3)
+        Mpc/h) over the dense block of copies n_lo ≤ n < n_lo + dims, flattened in C order. A copy
+        maps box coordinates x to y = mirror(perm(mod(x + shift, L))) + n L; mirror flips the axes
+        with sign -1 (y → L - y), and perm only swaps axes of equal length.
+        """
+        box = np.asarray(box_size, np.float64)
+        obs = self.observer_position(box)
+        n_lo = np.floor((obs - self.chi_max) / box).astype(int)
+        n_hi = np.floor((obs + self.chi_max) / box).astype(int)
+        dims = n_hi - n_lo + 1
+        m = int(np.prod(dims))
+        perms = [p for p in itertools.permutations(range(3)) if np.allclose(box[list(p)], box)]
+        rng = np.random.default_rng(self.seed)
+        perm = np.array([perms[i] for i in rng.integers(len(perms), size=m)])
+        signs = rng.choice([-1.0, 1.0], size=(m, 3))
+        shifts = rng.uniform(0, 1, size=(m, 3)) * box
+        return n_lo, dims, np.argsort(perm, axis=1), signs, shifts
+
+    def check_box(self, cfg: SimConfig) -> None:
+        """Raise ValueError when the observer is outside the box (a lightcone with no near side)."""
+        obs = self.observer_position(cfg.box_size)
+        if np.any(obs < 0) or np.any(obs > np.asarray(cfg.box_size)):
+            raise ValueError(f"observer {tuple(obs)} lies outside the box [0, {cfg.box_size}] Mpc/h")
+
+
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class BornParams:
+    """Cosmology-dependent inputs of the lightcone projection (traced; float64).
+
+    chi_steps: (n_steps + 1,) comoving distance χ(a) of the step boundaries, Mpc/h.
+    chi_lo, chi_step: first node and spacing (Mpc/h) of the uniform χ table of ``q``; its last node
+      is the depth of the projection, min(χ(a_init), chi_max).
+    q: (n_bins, n_chi) lensing efficiency q_i(χ) in h/Mpc on that table.
+    """
+
+    chi_steps: Array
+    chi_lo: Array
+    chi_step: Array
+    q: Array
+
+    @property
+    def chi_hi(self) -> Array:
+        return self.chi_lo + self.chi_step * (self.q.shape[1] - 1)
+
+    def q_at(self, chi: Array) -> Array:
+        """q_i at scalar chi (Mpc/h) by linear interpolation, 0 outside the table; (n_bins,)."""
+        n = self.q.shape[1]
+        u = (chi - self.chi_lo) / self.chi_step
+        i0 = jnp.clip(jnp.floor(u), 0, n - 2)
+        f = u - i0
+        i0 = i0.astype(jnp.int32)
+        val = self.q[:, i0] * (1 - f) + self.q[:, i0 + 1] * f
+        return jnp.where((u >= 0) & (u <= n - 1), val, 0.0)
+
+
+def _trilinear(field: Array, cells: Array, lo: Array, owned_hi, halo: int, wrap: bool):
+    """Trilinear interpolation of a local mesh at global cell coordinates.
+
+    field: (nx, ny, nz, C) local mesh, padded by ``halo`` cells along x and y when sharded.
+    cells: (N, 3) global cell coordinates (cell i's value sits at coordinate i).
+    lo: (2,) global index of the shard's first x and y cell; owned_hi: (2,) local extent.
+    Returns (N, C): values at the points this shard owns (floor index inside its pencil), 0 elsewhere.
+    """
+    nx, ny, nz, _ = field.shape
+    i0 = jnp.floor(cells)
+    f = cells - i0
+    i0 = i0.astype(jnp.int32)
+    if wrap:
+        ix, iy = i0[:, 0] % nx, i0[:, 1] % ny
+        owned = jnp.ones(cells.shape[0], bool)
+    else:
+        ix, iy = i0[:, 0] - lo[0], i0[:, 1] - lo[1]
+        owned = (ix >= 0) & (ix < owned_hi[0]) & (iy >= 0) & (iy < owned_hi[1])
+        ix, iy = jnp.where(owned, ix + halo, 0), jnp.where(owned, iy + halo, 0)
+    iz = i0[:, 2] % nz
+    rows = field.reshape(nx * ny * nz, -1)
+    out = 0
+    for cx, cy, cz in itertools.product((0, 1), repeat=3):
+        jx = (ix + cx) % nx if wrap else ix + cx
+        jy = (iy + cy) % ny if wrap else iy + cy
+        jz = (iz + cz) % nz
+        w = ((f[:, 0] if cx else 1 - f[:, 0]) * (f[:, 1] if cy else 1 - f[:, 1])
+             * (f[:, 2] if cz else 1 - f[:, 2]))
+        out = out + rows[(jx * ny + jy) * nz + jz] * w[:, None]
+    return jnp.where(owned[:, None], out, 0)
+
+
+@dataclass(frozen=True)
+class BornLightcone:
+    """The lightcone projector, an additive ``nbody.Observer``; ``obs`` is (n_pix, n_bins) κ."""
+
+    cfg: SimConfig
+    lightcone: Lightcone
+    n_bins: int
+    samples_per_step: int
+
+    def init(self, state):
+        return jnp.zeros((self.lightcone.sky.n_pix, self.n_bins), state.disp.dtype)
+
+    def update(self, params: BornParams, step, a0, a1, before, after, obs):
+        delta0 = paint_density(self.cfg, before.disp) - 1
+        delta1 = paint_density(self.cfg, after.disp) - 1
+        return obs + self.project(params, step, delta0, delta1)
+
+    def project(self, params: BornParams, step, delta0: Array, delta1: Array) -> Array:
+        """Born κ of the shell between step boundaries ``step`` and ``step + 1`` (n_pix, n_bins).
+
+        delta0, delta1: (nx, ny, nz) mesh density contrast at the two boundaries (grid layout).
+        """
+        grid = self.cfg.grid
+        field = jnp.stack([delta0, delta1], -1)
+        chi0 = jnp.minimum(params.chi_steps[step], params.chi_hi)
+        chi1 = params.chi_steps[step + 1]
+        if not grid.sharded:
+            return self._project_local(params, chi0, chi1, field, jnp.zeros(2, jnp.int32))
+        px, py = grid.pdims
+        local = (self.cfg.mesh_shape[0] // px, self.cfg.mesh_shape[1] // py)
+
+        def shard(f):
+            lo = jnp.stack([jax.lax.axis_index("x") * local[0], jax.lax.axis_index("y") * local[1]])
+            return self._project_local(params, chi0, chi1, pad_shard(grid, f), lo)[None, None]
+
+        return grid.shard_map(shard, (4,), 4)(field).sum(axis=(0, 1))  # (px, py, ...) -> sum
+
+    @functools.cached_property
+    def _static(self):
+        cfg, lc = self.cfg, self.lightcone
+        box = np.asarray(cfg.box_size)
+        return dict(box=box, cell=box / np.asarray(cfg.mesh_shape), dirs=lc.sky.directions(),
+                    obs=lc.observer_position(box),
+                    table=lc.replica_transforms(box) if lc.randomize else None)
+
+    def _to_box(self, r: Array) -> Array:
+        """Observer-frame points (N, 3) → box coordinates (N, 3) through the replica transforms."""
+        st = self._static
+        dtype = r.dtype
+        box = jnp.asarray(st["box"], dtype)
+        x = r + jnp.asarray(st["obs"], dtype)
+        if st["table"] is None:
+            return jnp.mod(x, box)
+        n_lo, dims, inv_perm, signs, shifts = st["table"]
+        n = jnp.floor(x / box)
+        y = x - n * box
+        idx = jnp.clip(n.astype(jnp.int32) - jnp.asarray(n_lo), 0, jnp.asarray(dims) - 1)
+        flat = (idx[:, 0] * dims[1] + idx[:, 1]) * dims[2] + idx[:, 2]
+        sign = jnp.asarray(signs, dtype)[flat]
+        y = jnp.where(sign > 0, y, box - y)  # permuted axes have equal lengths: the same box
+        x = jnp.take_along_axis(y, jnp.asarray(inv_perm)[flat], axis=1)
+        return jnp.mod(x - jnp.asarray(shifts, dtype)[flat], box)
+
+    def _project_local(self, params, chi0, chi1, field, lo):
+        st = self._static
+        grid = self.cfg.grid
+        n_sub = self.samples_per_step
+        dtype = field.dtype
+        dirs = jnp.asarray(st["dirs"], dtype)
+        cell = jnp.asarray(st["cell"], dtype)
+        local = (self.cfg.mesh_shape[0] // grid.pdims[0], self.cfg.mesh_shape[1] // grid.pdims[1])
+        dchi = jnp.maximum(chi0 - chi1, 0.0) / n_sub  # 0 for steps beyond the projection depth
+
+        def slice_(acc, s):
+            t = (s + 0.5) / n_sub
+            chi = chi0 - (s + 0.5) * dchi
+            x = self._to_box(chi.astype(dtype) * dirs)
+            vals = _trilinear(field, x / cell, lo, local, grid.halo, not grid.sharded)
+            delta = (1 - t).astype(dtype) * vals[:, 0] + t.astype(dtype) * vals[:, 1]
+            w = (params.q_at(chi) * dchi).astype(dtype)  # (n_bins,)
+            return acc + delta[:, None] * w[None, :], None
+
+        acc0 = jnp.zeros((dirs.shape[0], self.n_bins), dtype)
+        acc, _ = jax.lax.scan(slice_, acc0, jnp.arange(n_sub))
+        return acc
+
+
+@functools.lru_cache(maxsize=64)
+def samples_per_step(cfg: SimConfig, lightcone: Lightcone, margin: float = 1.25) -> int:
+    """Slices per step so that each is at most one mesh cell thick for ``Cosmology.fiducial()``,
+    with ``margin`` for other cosmologies (static; safe to call while tracing)."""
+    from .cosmology import Cosmology, background
+
+    cosmo = Cosmology.fiducial()
+    with jax.ensure_compile_time_eval():
+        chi = np.minimum(np.asarray(background(cosmo).comoving_distance(cfg.step_scale_factors)),
+                         lightcone.chi_max)
+    thickest = float(np.max(chi[:-1] - chi[1:]))
+    return max(1, int(math.ceil(margin * thickest / float(np.min(cfg.cell_size)))))

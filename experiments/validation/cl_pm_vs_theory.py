@@ -1,7 +1,8 @@
 """Noise-free κ C_ℓ of PM lightcone maps, averaged over seeds, against Limber + halofit theory.
 
 usage: python -m experiments.validation.cl_pm_vs_theory [--mesh 32 32 128] [--box 256 256 1024]
-       [--field 10] [--npix 128] [--seeds 4] [--steps 12] [--bins 5] [--out cl_validation.json]
+       [--field 10] [--npix 128] [--seeds 4] [--steps 12] [--bins 5] [--deconvolve]
+       [--out cl_validation.json]
 
 For each ℓ bin it prints the ratio of the measured auto/cross spectra to the theory with the mesh
 smoothing window (``lensing.mesh_power_window``) and without it, and the expected relative sampling
@@ -26,6 +27,13 @@ from simulators.lightcone import FlatSky, Lightcone
 from simulators.sources import RedshiftBins
 
 
+def fixed_amplitude(noise):
+    """White noise with every Fourier amplitude set to its rms (phases kept), single device."""
+    nk = np.fft.rfftn(np.asarray(noise, np.float64))
+    fixed = nk / np.maximum(np.abs(nk), 1e-30) * np.sqrt(noise.size)
+    return jax.numpy.asarray(np.fft.irfftn(fixed, s=noise.shape), noise.dtype)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mesh", type=int, nargs=3, default=(32, 32, 128))
@@ -36,6 +44,10 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--a-init", type=float, default=0.1)
     p.add_argument("--bins", type=int, default=5)
+    p.add_argument("--deconvolve", action="store_true", help="CIC-compensated PM force")
+    p.add_argument("--fixed", action="store_true",
+                   help="fixed-amplitude initial conditions (|noise_k| = const, random phases; "
+                        "Angulo & Pontzen 2016): removes the scatter of the 3-D mode amplitudes")
     p.add_argument("--out", default="cl_validation.json")
     args = p.parse_args(argv)
 
@@ -43,7 +55,7 @@ def main(argv=None):
     bins = RedshiftBins.lsst_y10(n_bins=args.bins)
     chi_max = float(background(cosmo).comoving_distance(1.0 / (1.0 + bins.z[-1])))
     cfg = SimConfig(mesh_shape=tuple(args.mesh), box_size=tuple(args.box), a_init=args.a_init,
-                    n_steps=args.steps)
+                    n_steps=args.steps, deconvolve=args.deconvolve)
     sky = FlatSky(args.field, args.npix)
     run = jax.jit(lambda c, n, lc: pm_kappa(c, cfg, lc, bins, n)[0], static_argnums=2)
     ell_f = 360.0 / args.field
@@ -51,7 +63,8 @@ def main(argv=None):
     cls, t0 = [], time.time()
     for seed in range(args.seeds):
         lc = Lightcone(sky, chi_max, randomize=True, seed=seed)
-        kappa = run(cosmo, white_noise(cfg, seed), lc)
+        noise = white_noise(cfg, seed)
+        kappa = run(cosmo, fixed_amplitude(noise) if args.fixed else noise, lc)
         cl, ell_mean, n_modes = flatsky.cl_estimate(kappa, args.field, edges)
         cls.append(np.asarray(cl))
         print(f"seed {seed}: {time.time() - t0:.1f} s", flush=True)

@@ -1,8 +1,10 @@
 """lensbench experiments: the command-line front end and the pieces it needs.
 
-``experiments.cli`` is the ``lensbench`` console script (simulate, pk, demo); ``experiments.io``
-reads and writes run files (HDF5); ``experiments.progress`` turns the simulator's per-step callback
-into a progress bar. ``experiments.benchmarks`` holds the timing harness and its results.
+``experiments.cli`` is the ``lensbench`` console script (simulate, pk, maps, cl, demo);
+``experiments.config`` loads and validates experiment configurations (TOML; shipped ones in
+``experiments/configs``); ``experiments.io`` reads and writes run and map files (HDF5);
+``experiments.plots`` draws maps and C_ell; ``experiments.progress`` turns the simulator's per-step
+callback into a progress bar. ``experiments.benchmarks`` holds the timing harness and its results.
 
 Nothing here imports JAX at import time: the CLI must be able to choose the number of CPU devices
 before JAX starts its backends.

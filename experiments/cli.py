@@ -1,15 +1,22 @@
-"""The ``lensbench`` command line: run a PM simulation, measure its power spectrum, run the demo.
+"""The ``lensbench`` command line: simulations, κ maps, their spectra, and the demo.
 
     lensbench simulate --mesh 64 --box 256 --steps 10 --seed 0 --out run.h5
     lensbench pk run.h5 --out pk.png
+    lensbench maps --config quick --seed 0 --out maps.h5 --png maps.png
+    lensbench cl maps.h5 --out cl.png
     lensbench demo --out-dir out
+
+``maps`` reads an experiment configuration (TOML; ``experiments/config.py`` documents the schema):
+a path, or the name of a shipped one (``quick``, ``lsst_y10`` in ``experiments/configs``).
 
 Device count and JAX imports. ``--pdims 2x2`` needs four devices; on a CPU-only machine JAX makes
 several host devices only if told so before its backends start (``XLA_FLAGS=
 --xla_force_host_platform_device_count=N``, or the equivalent ``jax_num_cpu_devices`` option). This
 module therefore never imports JAX (or ``simulators``, which imports JAX) at import time: every
 command imports them inside its function body, which runs only after the argument parser has read
-``--pdims``. ``simulate`` then sets ``jax_num_cpu_devices`` before anything touches a backend. This
+``--pdims``. ``simulate`` then sets ``jax_num_cpu_devices`` before anything touches a backend;
+``maps`` does the same with the device grid of its configuration (or ``--pdims``), which it can read
+before any backend starts because loading a configuration never starts one. This
 avoids peeking at ``sys.argv`` (which would duplicate the parser and miss in-process invocations
 such as ``typer.testing.CliRunner``). A device count the user chose through ``XLA_FLAGS`` or
 ``JAX_NUM_CPU_DEVICES`` is left alone; on GPU machines the option has no effect and the GPUs are
@@ -41,6 +48,8 @@ except ImportError:  # pragma: no cover - older typer built on the click package
 # The embedded default configuration of `lensbench demo` (and the defaults of `simulate`).
 DEMO = dict(mesh="64", box="256", steps=10, seed=0, a_init=0.1, a_final=1.0, lpt_order=2,
             mesh_factor=1, pdims="1x1", halo=8, dtype="float32")
+# The experiment configuration whose κ maps and C_ell the demo makes (a shipped name or a path).
+DEMO_MAPS_CONFIG = "quick"
 COSMOLOGY_OPTIONS = ("Omega_c", "Omega_b", "h", "n_s", "sigma8", "w0", "wa")
 
 
@@ -81,7 +90,7 @@ class _OneLineErrors(TyperGroup):
 app = typer.Typer(
     cls=_OneLineErrors,
     name="lensbench",
-    help="Differentiable particle-mesh simulations: run one, measure its power spectrum, run the demo.",
+    help="Differentiable particle-mesh weak lensing: simulations, convergence maps, their spectra.",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -249,6 +258,201 @@ def run_power_spectrum(run: Path, out: Path, n_bins: Optional[int] = None, rows:
     return out
 
 
+def _cpu_devices_for(pdims: tuple[int, int]) -> None:
+    px, py = pdims
+    if px * py > 1:
+        # jax 0.10's GSPMD partitioner (which simulators selects) logs a deprecation warning for
+        # every compiled sharded function; keep XLA's C++ log to errors unless the user chose.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        _request_cpu_devices(px * py)
+
+
+def run_maps(config, out: Path, *, seed: Optional[int] = None, pdims: Optional[str] = None,
+             png: Optional[Path] = None, progress: bool = True) -> Path:
+    """Simulate one realisation of the κ maps of a configuration and write a map file.
+
+    config: a TOML path, a shipped config name, or an ``ExperimentConfig``. seed/pdims override
+    the configuration's (the file records the values used). Raises ValueError/OSError on bad input.
+    """
+    from .config import ExperimentConfig, load_config, peek_pdims
+
+    if pdims is not None or not isinstance(config, ExperimentConfig):
+        # XLA reads its log level when JAX loads, which loading the configuration does: hide the
+        # GSPMD deprecation warnings of sharded runs before that (as `simulate` does)
+        px, py = _pdims(pdims) if pdims is not None else peek_pdims(config)
+        if px * py > 1:
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
+    changes = {}
+    if seed is not None:
+        changes["seed"] = int(seed)
+    if pdims is not None:
+        changes["simulation.pdims"] = "x".join(map(str, _pdims(pdims)))
+    if changes:
+        cfg = cfg.with_(**changes)
+    if cfg.simulation.kind != "gaussian":
+        _cpu_devices_for(cfg.simulation.pdim_tuple)
+
+    from simulators import HaloOverflowError
+    from simulators.lensing import simulate_maps
+
+    from .io import write_maps
+
+    model = cfg.build_model()
+    sky = cfg.maps
+    geometry = (f"{sky.field_deg:g}x{sky.field_deg:g} deg, {sky.npix}^2 pixels" if sky.sky == "flat"
+                else f"HEALPix nside {sky.nside}")
+    bins = cfg.bins()
+    sim = cfg.simulation
+    if sim.kind == "gaussian":
+        what = "Gaussian random field"
+        chi_max = observer = None
+    else:
+        cone = model.lightcone
+        chi_max, observer = cone.chi_max, tuple(cone.observer_position(sim.box_size))
+        what = (f"{'PM, ' + str(sim.n_steps) + ' steps' if sim.kind == 'pm' else 'LPT lightcone'}, "
+                f"{'x'.join(map(str, sim.mesh_shape))} mesh, "
+                f"{'x'.join(f'{b:g}' for b in sim.box_size)} Mpc/h box, depth {chi_max:.0f} Mpc/h, "
+                f"device grid {sim.pdims}")
+    print(f"{cfg.name}: {bins.n_bins} tomographic bins, {geometry}; {what}; seed {cfg.seed} "
+          f"(first run compiles)", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    from .progress import StepProgress, step_callback
+
+    try:
+        with StepProgress(sim.n_steps, desc="PM steps", enabled=progress and sim.kind == "pm"):
+            maps = simulate_maps(model, cfg.cosmology(), cfg.seed, progress=step_callback)
+    except HaloOverflowError as e:  # say it in configuration terms
+        message, n = re.subn(r"DeviceGrid\(halo=(\d+)\)", r"simulation.halo = \1", str(e))
+        raise HaloOverflowError(message if n else f"{e} (raise simulation.halo)") from None
+    elapsed = time.perf_counter() - start
+    path = write_maps(out, maps, cfg, bins, chi_max=chi_max, observer=observer)
+    print(f"wrote {path} ({elapsed:.1f} s)")
+    if png is not None:
+        from .plots import plot_maps
+
+        img = plot_maps(png, maps.kappa, sky=sky.sky, field_deg=sky.field_deg,
+                        mean_z=bins.mean_z, title=f"{cfg.name}: noise-free convergence, seed {cfg.seed}")
+        print(f"wrote {img}")
+    return path
+
+
+def _theory_nodes(data, edges):
+    """The multipoles at which Limber theory is needed to bin it as the estimator bins the maps:
+    a ln(ell) table over all FFT modes (flat sky; cheaper than Limber at each of the npix^2
+    modes), or every integer multipole in the bins (HEALPix)."""
+    import numpy as np
+
+    from simulators import flatsky
+
+    if data.sky == "flat":
+        modes = flatsky.mode_ell(float(data.attrs["field_deg"]), int(data.attrs["npix"]))
+        lo, hi = modes[modes > 0].min(), modes.max()
+        return np.geomspace(lo * (1 - 1e-9), hi * (1 + 1e-9), 256)
+    return np.arange(1, int(np.ceil(edges[-1])), dtype=np.float64)  # 1 <= ell < last edge
+
+
+def _binned_theory(data, edges, nodes, cl_nodes):
+    """Limber C_ell (n_pairs, n_ell) averaged as the estimator averages: over the same FFT modes
+    (flat sky) or with 2l+1 weights over the integer multipoles of each bin (HEALPix)."""
+    import numpy as np
+
+    from simulators import flatsky
+
+    if data.sky == "flat":
+        return np.asarray(flatsky.binned_model_cl((nodes, cl_nodes), float(data.attrs["field_deg"]),
+                                                  int(data.attrs["npix"]), edges)[0])
+    from simulators.fullsky import bin_cl
+
+    per_ell = np.zeros((cl_nodes.shape[0], len(nodes) + 1))  # index = ell; Limber has no ell = 0
+    per_ell[:, 1:] = cl_nodes
+    return bin_cl(per_ell, edges)[0]
+
+
+def run_cl(maps: Path, out: Path, *, noisy: bool = False, rows: int = 8) -> Path:
+    """Tomographic C_ell of a map file against Limber theory: a PNG triangle and an .npz next to it."""
+    from .io import read_maps
+
+    data = read_maps(maps)
+
+    import jax
+    import numpy as np
+
+    from simulators import flatsky
+
+    from .plots import plot_cl_triangle
+
+    cosmo, bins = data.cosmology(), data.bins()
+    kappa = data.kappa_noisy if noisy else data.kappa
+    edges = np.asarray(data.ell_edges, np.float64)
+    i, j = flatsky.pair_indices(data.n_bins)
+    if data.sky == "flat":
+        cl, ell, n_modes = flatsky.cl_estimate(kappa, float(data.attrs["field_deg"]), edges)
+    else:
+        try:
+            from simulators.fullsky import cl_estimate_healpix
+        except ImportError:
+            raise ValueError(f"{maps} holds HEALPix maps, and the full-sky C_ell estimator "
+                             f"(simulators.fullsky.cl_estimate_healpix) is not available yet") from None
+        cl, ell, n_modes = cl_estimate_healpix(kappa, edges)
+    cl, ell, n_modes = (np.asarray(x) for x in (cl, ell, n_modes))
+
+    nodes = _theory_nodes(data, edges)
+    ell_lo = max(edges[0], 1.0) if data.sky != "flat" else max(edges[0], float(
+        flatsky.mode_ell(float(data.attrs["field_deg"]), int(data.attrs["npix"]))[0, 1]))
+    ell_fine = np.geomspace(ell_lo, edges[-1], 128)
+    # One compiled Limber evaluation for both sets of multipoles (eager halofit is much slower),
+    # padded to a power of two >= 512 so that one compilation serves most map files
+    ells = np.concatenate([nodes, ell_fine])
+    size = max(512, 1 << (len(ells) - 1).bit_length())
+    ells = np.concatenate([ells, np.full(size - len(ells), ells[-1])])
+    window = _mesh_window(data)
+    limber = jax.jit(lambda c, b, l: flatsky.limber_cl(c, b, l, power_filter=window))
+    cl_all = np.asarray(limber(cosmo, bins, ells))
+    cl_nodes = cl_all[:, :len(nodes)]
+    theory_fine = cl_all[:, len(nodes):len(nodes) + len(ell_fine)]
+    signal = _binned_theory(data, edges, nodes, cl_nodes)
+    sigma_n = np.asarray(data.sigma_n)
+    noise = np.where(i == j, np.asarray(flatsky.noise_cl(sigma_n[i], data.pixel_area)), 0.0) \
+        if noisy else np.zeros(len(i))
+    theory = signal + noise[:, None]
+
+    out = Path(out)
+    npz = out.with_suffix(".npz")
+    npz.parent.mkdir(parents=True, exist_ok=True)
+    pairs = np.stack([i, j], axis=1)
+    np.savez(npz, ell=ell, ell_edges=edges, cl=cl, theory=theory, theory_signal=signal,
+             noise=noise, n_modes=n_modes, pairs=pairs, noisy=np.bool_(noisy),
+             ell_fine=ell_fine, theory_fine=theory_fine)
+    which = "noisy" if noisy else "noise-free"
+    vs = "Limber x mesh window" if window is not None else "Limber"
+    title = (f"{data.attrs['name']}: {which} maps (seed {data.attrs['seed']}) vs {vs}, "
+             f"$\\Omega_c$={cosmo.Omega_c:.3g}, $\\sigma_8$={cosmo.sigma8:.3g}")
+    plot_cl_triangle(out, ell, cl, theory, pairs, ell_fine=ell_fine, theory_fine=theory_fine,
+                     noise=noise if noisy else None, title=title)
+
+    autos = np.flatnonzero(i == j)
+    print(f"C_ell of the {which} maps / theory{' (+ noise)' if noisy else ''}, auto-spectra:")
+    print(f"{'ell':>8} {'modes':>6} " + " ".join(f"{f'({b + 1},{b + 1})':>7}" for b in i[autos]))
+    keep = np.flatnonzero(n_modes > 0)
+    for r in keep[np.unique(np.linspace(0, len(keep) - 1, min(rows, len(keep))).round().astype(int))] \
+            if keep.size else []:
+        print(f"{ell[r]:8.1f} {int(n_modes[r]):6d} "
+              + " ".join(f"{cl[p, r] / theory[p, r]:7.3f}" for p in autos))
+    print(f"wrote {out} and {npz}")
+    return out
+
+
+def _mesh_window(data):
+    """Theory factor for maps read off a PM/LPT mesh (CIC painting + trilinear reading smooth the
+    density, ``lensing.mesh_power_window``); None for Gaussian maps, which have no mesh."""
+    if data.attrs.get("kind") not in ("pm", "lpt"):
+        return None
+    from simulators.lensing import mesh_power_window
+
+    return mesh_power_window(data.config().simulation.sim_config(sharded=False).cell_size)
+
+
 # ---- commands ---------------------------------------------------------------------------------
 
 def _cosmo_option(name: str, help_text: str):
@@ -296,9 +500,9 @@ def pk(
     run: Annotated[Path, typer.Argument(help="Run file written by 'lensbench simulate'.",
                                         exists=True, dir_okay=False, readable=True)],
     out: Annotated[Optional[Path], typer.Option(
-        "--out", "-o", help="Output PNG [default: RUN_pk.png next to RUN].", dir_okay=False)] = None,
+        "--out", "-o", help="Output PNG (default: RUN_pk.png next to RUN).", dir_okay=False)] = None,
     n_bins: Annotated[Optional[int], typer.Option(
-        help="Number of linear k bins [default: mesh/2].", min=1)] = None,
+        help="Number of linear k bins (default: mesh/2).", min=1)] = None,
 ):
     """Measure the power spectrum of a run's density and plot it against linear theory."""
     out = out if out is not None else run.with_name(run.stem + "_pk.png")
@@ -306,16 +510,61 @@ def pk(
 
 
 @app.command()
-def demo(
-    out_dir: Annotated[Path, typer.Option(help="Directory for run.h5 and pk.png.", file_okay=False)] = Path("out"),
+def maps(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output HDF5 map file.", dir_okay=False)],
+    config: Annotated[str, typer.Option(
+        "--config", "-c", help="Experiment configuration: a TOML file, or a shipped name "
+                               "(quick, lsst_y10).")] = "quick",
+    seed: Annotated[Optional[int], typer.Option(
+        help="Seed of the initial conditions and the shape noise (default: the config's).",
+        min=0, max=2**63 - 1)] = None,
+    pdims: Annotated[Optional[str], typer.Option(
+        help="Device grid PXxPY (default: the config's simulation.pdims); on CPU that many host "
+             "devices are created.")] = None,
+    png: Annotated[Optional[Path], typer.Option(help="Also draw the noise-free maps to this PNG.",
+                                                dir_okay=False)] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ):
-    """The main job: a 64^3-mesh, 256 Mpc/h, 10-step fiducial run (seed 0), then its P(k) plot."""
+    """Simulate tomographic convergence maps (noise-free and noisy) and write them to HDF5."""
+    if pdims is not None:
+        _pdims(pdims)  # a usage error (exit 2) before anything else
+    run_maps(config, out, seed=seed, pdims=pdims, png=png, progress=progress)
+
+
+@app.command()
+def cl(
+    maps_file: Annotated[Path, typer.Argument(
+        metavar="MAPS", help="Map file written by 'lensbench maps'.", exists=True, dir_okay=False,
+        readable=True)],
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Output PNG (default: MAPS_cl.png next to MAPS); the numbers go to "
+                            "the same name with .npz.", dir_okay=False)] = None,
+    noisy: Annotated[bool, typer.Option(
+        "--noisy/--no-noisy", help="Measure the noisy maps (theory then includes the shape-noise "
+                                   "power on the auto-spectra) or the noise-free ones.")] = False,
+):
+    """Measure the tomographic C_ell of a map file and plot it against Limber theory."""
+    out = out if out is not None else maps_file.with_name(maps_file.stem + "_cl.png")
+    run_cl(maps_file, out, noisy=noisy)
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option(
+        help="Directory for run.h5, pk.png, maps.h5, maps.png, cl.png and cl.npz.",
+        file_okay=False)] = Path("out"),
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+):
+    """The main job: a 64^3-mesh, 256 Mpc/h, 10-step fiducial run (seed 0) and its P(k) plot, then the convergence maps of the 'quick' configuration and their C_ell plot."""
     start = time.perf_counter()
     run_path = run_simulation(out_dir / "run.h5", progress=progress, **DEMO)
     png = run_power_spectrum(run_path, out_dir / "pk.png")
+    maps_path = run_maps(DEMO_MAPS_CONFIG, out_dir / "maps.h5", png=out_dir / "maps.png",
+                         progress=progress)
+    cl_png = run_cl(maps_path, out_dir / "cl.png")
     print(f"demo done in {time.perf_counter() - start:.0f} s: simulation {run_path}, "
-          f"power spectrum {png}")
+          f"power spectrum {png}; convergence maps {maps_path} (image {out_dir / 'maps.png'}), "
+          f"their C_ell {cl_png} (numbers {cl_png.with_suffix('.npz')})")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,5 +1,10 @@
-"""Run files: one HDF5 file per simulation.
+"""lensbench's HDF5 files: run files (``lensbench simulate``) and map files (``lensbench maps``).
 
+Both are written to a temporary file in the target directory and renamed into place, so an
+interrupted run never leaves a partial file under the requested name.
+
+Run files
+---------
 Layout (format ``lensbench.run``, version 1):
 
   /density    (nx, ny, nz)    final density 1 + δ on the force mesh (the run's dtype, float32 by default)
@@ -15,12 +20,30 @@ particle displacement in mesh cells (``max_displacement_cells``, checked against
 provenance (``format``, ``format_version``, ``lensbench_version``, ``jax_version``).
 ``config_json`` and ``cosmology_json`` repeat the configuration and cosmology as JSON strings.
 
-Files are written to a temporary file in the target directory and renamed into place, so an
-interrupted run never leaves a partial file under the requested name.
+Map files
+---------
+Layout (format ``lensbench.maps``, version 1; the schema is ``MAP_DATASETS`` / ``MAP_ATTRS``):
+
+  /kappa        (n_bins, npix, npix) flat sky, or (n_bins, 12 nside²) HEALPix (RING): noise-free
+                Born convergence, float64
+  /kappa_noisy  same shape: kappa plus Gaussian shape noise of rms sigma_n per pixel
+  /nz           (n_bins, n_z) normalised source redshift distributions n_i(z), 1/redshift
+  /z            (n_z,) redshifts of the nz table
+  /sigma_n      (n_bins,) per-pixel shape-noise rms, sigma_e / sqrt(n_gal A_pix)
+  /n_gal        (n_bins,) galaxy densities, gal/arcmin²
+  /ell_edges    (n_ell + 1,) the C_ell bin edges of the configuration's [cl] section
+
+Root attributes: ``config_toml`` (the whole experiment configuration as TOML text, with the seed
+and device grid actually used; ``experiments.config.load_config_text`` reads it back), the
+cosmology (``Omega_c`` ... ``wa``), the sky geometry (``sky`` = "flat" or "healpix";
+``field_deg`` and ``npix``, or ``nside``; ``pixel_area_sr``), the map model (``kind``), the
+lightcone (``chi_max`` in Mpc/h, ``observer``), the sources (``n_bins``, ``sigma_e``), ``seed``,
+``name``, and provenance (``format``, ``format_version``, ``lensbench_version``, ``jax_version``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -69,6 +92,37 @@ def _attr_value(value):
     return value
 
 
+def _provenance() -> dict:
+    import jax  # the caller has run a simulation, so jax is already loaded
+
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        lb_version = version("lensbench")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        lb_version = "unknown"
+    return {"lensbench_version": lb_version, "jax_version": jax.__version__}
+
+
+@contextlib.contextmanager
+def _atomic_h5(path: Path):
+    """Yield an open h5py.File on a temporary file next to ``path``; rename it into place on
+    success, delete it on any failure (the previous file at ``path``, if any, is untouched)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            yield f
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_run(path, result, cosmo, *, seed: int | None = None, ic_file: str | None = None) -> Path:
     """Write a ``SimResult`` (and the cosmology it was run with) to ``path`` atomically.
 
@@ -80,15 +134,6 @@ def write_run(path, result, cosmo, *, seed: int | None = None, ic_file: str | No
     Returns:
       the final path.
     """
-    import jax  # provenance only; the caller has run a simulation so jax is already loaded
-
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        lb_version = version("lensbench")
-    except PackageNotFoundError:  # pragma: no cover - running from a source tree
-        lb_version = "unknown"
-
     path = Path(path)
     cfg = result.cfg
     dtype = np.dtype(cfg.dtype)
@@ -97,8 +142,7 @@ def write_run(path, result, cosmo, *, seed: int | None = None, ic_file: str | No
     attrs = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "lensbench_version": lb_version,
-        "jax_version": jax.__version__,
+        **_provenance(),
         **cosmology,
         **{k: v for k, v in config.items() if v is not None and v != []},
         "seed": -1 if seed is None else int(seed),
@@ -110,26 +154,15 @@ def write_run(path, result, cosmo, *, seed: int | None = None, ic_file: str | No
     if cfg.grid.sharded:  # only measured on a sharded grid (halo check); 0 otherwise
         attrs["max_displacement_cells"] = float(result.max_displacement)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("density", data=np.asarray(result.density, dtype=dtype))
-            f.create_dataset("positions", data=np.asarray(result.positions, dtype=dtype).reshape(-1, 3))
-            f.create_dataset("linear", data=np.asarray(result.linear, dtype=dtype))
-            f["density"].attrs["description"] = "final density 1 + delta on the force mesh"
-            f["positions"].attrs["units"] = "Mpc/h"
-            f["linear"].attrs["description"] = "linear overdensity at z = 0 on the particle grid"
-            for key, value in attrs.items():
-                f.attrs[key] = _attr_value(value)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _atomic_h5(path) as f:
+        f.create_dataset("density", data=np.asarray(result.density, dtype=dtype))
+        f.create_dataset("positions", data=np.asarray(result.positions, dtype=dtype).reshape(-1, 3))
+        f.create_dataset("linear", data=np.asarray(result.linear, dtype=dtype))
+        f["density"].attrs["description"] = "final density 1 + delta on the force mesh"
+        f["positions"].attrs["units"] = "Mpc/h"
+        f["linear"].attrs["description"] = "linear overdensity at z = 0 on the particle grid"
+        for key, value in attrs.items():
+            f.attrs[key] = _attr_value(value)
     return path
 
 
@@ -182,6 +215,175 @@ def read_run(path) -> RunFile:
     except (KeyError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} has no readable configuration attributes: {e}") from None
     return RunFile(path=path, attrs=attrs, config=config, cosmology_params=cosmology, **data)
+
+
+# ---- map files ----------------------------------------------------------------------------------
+
+MAP_FORMAT = "lensbench.maps"
+MAP_FORMAT_VERSION = 1
+# dataset -> description (stored as its "description" attribute)
+MAP_DATASETS = {
+    "kappa": "noise-free Born convergence, (n_bins, npix, npix) flat or (n_bins, 12 nside^2) HEALPix RING",
+    "kappa_noisy": "kappa plus Gaussian shape noise of rms sigma_n per pixel",
+    "nz": "normalised source redshift distributions n_i(z), (n_bins, n_z)",
+    "z": "redshifts of the nz table, (n_z,)",
+    "sigma_n": "per-pixel shape-noise rms sigma_e / sqrt(n_gal A_pix), (n_bins,)",
+    "n_gal": "galaxy density per bin, gal/arcmin^2, (n_bins,)",
+    "ell_edges": "C_ell bin edges of the configuration's [cl] section, (n_ell + 1,)",
+}
+# attributes every map file has (flat maps add field_deg and npix, HEALPix maps nside)
+MAP_ATTRS = ("format", "format_version", "lensbench_version", "jax_version", "name", "seed",
+             "config_toml", *COSMOLOGY_KEYS, "kind", "sky", "pixel_area_sr", "n_bins", "sigma_e")
+
+
+def write_maps(path, maps, config, bins, *, chi_max: float | None = None,
+               observer=None) -> Path:
+    """Write one realisation of tomographic κ maps atomically (layout: module docstring).
+
+    Args:
+      maps: ``simulators.lensing.Maps`` (kappa, kappa_noisy, sigma_n).
+      config: the ``experiments.config.ExperimentConfig`` that made them (its seed is the maps').
+      bins: the ``RedshiftBins`` used.
+      chi_max, observer: the resolved lightcone depth (Mpc/h) and observer position (3-D models).
+    Returns: the final path.
+    """
+    path = Path(path)
+    sky = config.maps
+    kappa = np.asarray(maps.kappa, np.float64)
+    expected = (bins.n_bins, sky.npix, sky.npix) if sky.sky == "flat" else (bins.n_bins, 12 * sky.nside**2)
+    if kappa.shape != expected or np.shape(maps.kappa_noisy) != expected:
+        raise ValueError(f"maps have shape {kappa.shape} / {np.shape(maps.kappa_noisy)}, expected "
+                         f"{expected} for this configuration")
+    attrs = {
+        "format": MAP_FORMAT,
+        "format_version": MAP_FORMAT_VERSION,
+        **_provenance(),
+        "name": config.name,
+        "seed": int(config.seed),
+        "config_toml": config.to_toml(),
+        **{k: float(v) for k, v in config.cosmology_params().items()},
+        "kind": config.simulation.kind,
+        "sky": sky.sky,
+        **({"field_deg": float(sky.field_deg), "npix": int(sky.npix)} if sky.sky == "flat"
+           else {"nside": int(sky.nside)}),
+        "pixel_area_sr": float(sky.pixel_area),
+        "n_bins": int(bins.n_bins),
+        "sigma_e": float(bins.sigma_e),
+    }
+    if chi_max is not None:
+        attrs["chi_max"] = float(chi_max)
+    if observer is not None:
+        attrs["observer"] = np.asarray(observer, np.float64)
+    data = {
+        "kappa": kappa,
+        "kappa_noisy": np.asarray(maps.kappa_noisy, np.float64),
+        "nz": np.asarray(bins.nz, np.float64),
+        "z": np.asarray(bins.z, np.float64),
+        "sigma_n": np.asarray(maps.sigma_n, np.float64).reshape(-1),
+        "n_gal": np.asarray(bins.n_gal, np.float64).reshape(-1),
+        "ell_edges": np.asarray(config.ell_edges(), np.float64),
+    }
+    with _atomic_h5(path) as f:
+        for name, description in MAP_DATASETS.items():
+            f.create_dataset(name, data=data[name])
+            f[name].attrs["description"] = description
+        for key, value in attrs.items():
+            f.attrs[key] = _attr_value(value)
+    return path
+
+
+@dataclass
+class MapFile:
+    """Contents of a map file (all arrays loaded into memory); see the module docstring."""
+
+    path: Path
+    kappa: np.ndarray
+    kappa_noisy: np.ndarray
+    nz: np.ndarray
+    z: np.ndarray
+    sigma_n: np.ndarray
+    n_gal: np.ndarray
+    ell_edges: np.ndarray
+    attrs: dict
+
+    @property
+    def sky(self) -> str:
+        return self.attrs["sky"]
+
+    @property
+    def n_bins(self) -> int:
+        return int(self.kappa.shape[0])
+
+    @property
+    def pixel_area(self) -> float:
+        """Pixel solid angle, steradians."""
+        return float(self.attrs["pixel_area_sr"])
+
+    @property
+    def config_toml(self) -> str:
+        return self.attrs["config_toml"]
+
+    def config(self):
+        """The ``ExperimentConfig`` that made the maps (re-validated: n(z) files must still exist)."""
+        from .config import load_config_text
+
+        return load_config_text(self.config_toml, where=f"{self.path} (config_toml)")
+
+    def cosmology(self):
+        """The maps' ``simulators.Cosmology`` (imports JAX)."""
+        from simulators import Cosmology
+
+        return Cosmology(**{k: float(self.attrs[k]) for k in COSMOLOGY_KEYS})
+
+    def bins(self):
+        """The ``RedshiftBins`` of the maps, from the stored n(z) (imports JAX)."""
+        from simulators.sources import RedshiftBins
+
+        return RedshiftBins(z=self.z, nz=self.nz, n_gal=self.n_gal, sigma_e=float(self.attrs["sigma_e"]))
+
+
+def read_maps(path) -> MapFile:
+    """Read a map file written by ``write_maps``.
+
+    Raises:
+      OSError if the file cannot be opened as HDF5; ValueError if it is not a complete,
+      consistent lensbench map file.
+    """
+    path = Path(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise OSError(f"cannot read {path} as HDF5: {e}") from None
+    with f:
+        if f.attrs.get("format") != MAP_FORMAT:
+            what = "a run file (lensbench simulate), not a map file" if f.attrs.get("format") == FORMAT \
+                else f"not a lensbench map file (no format={MAP_FORMAT!r} attribute)"
+            raise ValueError(f"{path} is {what}")
+        missing = [n for n in MAP_DATASETS if n not in f] + [a for a in MAP_ATTRS if a not in f.attrs]
+        if missing:
+            raise ValueError(f"{path} is not a complete lensbench map file: missing {', '.join(missing)}")
+        data = {name: np.asarray(f[name][()]) for name in MAP_DATASETS}
+        attrs = {k: (v.tolist() if isinstance(v, np.ndarray) else
+                     v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+    kappa = data["kappa"]
+    n = kappa.shape[0] if kappa.ndim >= 2 else -1
+    if attrs["sky"] == "flat":
+        npix = int(attrs.get("npix", -1))
+        expected = (n, npix, npix)
+    else:
+        nside = int(attrs.get("nside", -1))
+        expected = (n, 12 * nside**2)
+    problems = []
+    if kappa.shape != expected or data["kappa_noisy"].shape != expected:
+        problems.append(f"kappa {kappa.shape} / kappa_noisy {data['kappa_noisy'].shape}, expected "
+                        f"{expected} for a {attrs['sky']} sky")
+    if data["nz"].shape != (n, data["z"].shape[0]):
+        problems.append(f"nz {data['nz'].shape} vs z {data['z'].shape} and {n} bins")
+    if data["sigma_n"].shape != (n,) or data["n_gal"].shape != (n,):
+        problems.append(f"sigma_n {data['sigma_n'].shape} / n_gal {data['n_gal'].shape} vs {n} bins")
+    if problems:
+        raise ValueError(f"{path} is an inconsistent map file: {'; '.join(problems)}")
+    return MapFile(path=path, attrs=attrs, **data)
 
 
 def load_linear(path) -> np.ndarray:

@@ -18,16 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._checks import is_concrete
 from .cosmology import Cosmology, background, growth_table, linear_power
 from .halofit import nonlinear_power
 from .sources import RedshiftBins, lensing_efficiency
 
 Array = jax.Array
-
-
-def _is_concrete(*xs) -> bool:
-    """True when no argument is a jax tracer, so values can be checked eagerly."""
-    return not any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
 def pair_indices(n_bins: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +79,7 @@ def limber_cl(cosmo: Cosmology, bins: RedshiftBins, ell, n_chi: int = 256,
     ell = jnp.atleast_1d(jnp.asarray(ell, jnp.float64))
     if ell.ndim != 1:
         raise ValueError(f"ell must be 1-D, got shape {ell.shape}")
-    if _is_concrete(ell) and not np.all(np.asarray(ell) > 0):
+    if is_concrete(ell) and not np.all(np.asarray(ell) > 0):
         raise ValueError("ell must be > 0 (Limber is meaningless at ell = 0)")
     bg = background(cosmo)
     z_max = jnp.asarray(bins.z, jnp.float64)[-1]
@@ -161,7 +157,7 @@ def _check_edges(ell_edges):
     ell_edges = jnp.asarray(ell_edges, jnp.float64)
     if ell_edges.ndim != 1 or ell_edges.shape[0] < 2:
         raise ValueError(f"ell_edges must be 1-D with >= 2 entries, got shape {ell_edges.shape}")
-    if _is_concrete(ell_edges) and not np.all(np.diff(np.asarray(ell_edges)) > 0):
+    if is_concrete(ell_edges) and not np.all(np.diff(np.asarray(ell_edges)) > 0):
         raise ValueError("ell_edges must be strictly increasing")
     return ell_edges
 
@@ -192,7 +188,7 @@ def cl_estimate(maps, field_deg: float, ell_edges):
         raise ValueError(f"maps must have shape (n_bins, npix, npix), got shape {maps.shape}")
     if maps.shape[1] != maps.shape[2]:
         raise ValueError(f"maps must be square, (n_bins, npix, npix), got shape {maps.shape}")
-    if _is_concrete(maps) and not bool(jnp.all(jnp.isfinite(maps))):
+    if is_concrete(maps) and not bool(jnp.all(jnp.isfinite(maps))):
         raise ValueError("maps contain NaN or inf")
     ell_edges = _check_edges(ell_edges)
     npix = maps.shape[1]
@@ -233,7 +229,7 @@ def _model_on_modes(cl_fn_or_table, ell_grid: np.ndarray, n_pairs_expected: int 
             raise ValueError(
                 f"need ell_table (n_l,) with n_l >= 2 and cl_pairs (n_pairs, n_l), got "
                 f"{ell_t.shape} and {cl_t.shape}")
-        if _is_concrete(ell_t):
+        if is_concrete(ell_t):
             e = np.asarray(ell_t)
             if not (np.all(e > 0) and np.all(np.diff(e) > 0)):
                 raise ValueError("ell_table must be > 0 and strictly increasing")
@@ -311,7 +307,7 @@ def gaussian_maps_from_white(white, cl_fn_or_table, field_deg: float, npix: int)
     # The ell = 0 matrix is all zero, which Cholesky can't factor: use the identity, then drop it.
     chol = jnp.linalg.cholesky(jnp.where(zero, jnp.eye(n_bins), cmat))
     chol = jnp.where(zero, 0.0, chol)
-    if _is_concrete(chol) and not bool(jnp.all(jnp.isfinite(chol))):
+    if is_concrete(chol) and not bool(jnp.all(jnp.isfinite(chol))):
         bad = np.argwhere(~np.all(np.isfinite(np.asarray(chol)), axis=(-2, -1)))[0]
         raise ValueError(f"C(ell) matrix is not positive definite at ell = {ell_grid[tuple(bad)]:.4g}")
     a_pix = pixel_area_sr(field_deg, npix)
@@ -337,7 +333,7 @@ def shape_noise_maps(key, sigma_n, shape) -> Array:
     sigma = jnp.asarray(sigma_n, jnp.float64)
     if sigma.ndim > 1 or (sigma.ndim == 1 and sigma.shape[0] != shape[0]):
         raise ValueError(f"sigma_n must be a scalar or ({shape[0]},), got shape {sigma.shape}")
-    if _is_concrete(sigma) and not np.all(np.asarray(sigma) >= 0):
+    if is_concrete(sigma) and not np.all(np.asarray(sigma) >= 0):
         raise ValueError(f"sigma_n must be >= 0, got {sigma_n}")
     sigma = jnp.broadcast_to(sigma, (shape[0],))
     return jax.random.normal(key, shape, jnp.float64) * sigma[:, None, None]

@@ -33,14 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._checks import is_concrete
+
 Array = jax.Array
 
 NSIDE_MAX = 2**29  # largest nside whose pixel indices fit in int64 (as in healpy)
-
-
-def _is_concrete(*xs) -> bool:
-    """True when no argument is a jax tracer, so values can be checked eagerly."""
-    return not any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
 def check_nside(nside) -> int:
@@ -105,7 +102,7 @@ def _check_vec(vec):
     vec = jnp.asarray(vec, jnp.float64)
     if vec.ndim < 1 or vec.shape[-1] != 3:
         raise ValueError(f"vec must have shape (..., 3), got {vec.shape}")
-    if _is_concrete(vec):
+    if is_concrete(vec):
         v = np.asarray(vec)
         if not np.all(np.isfinite(v)):
             raise ValueError("vec contains NaN or inf")
@@ -136,7 +133,7 @@ def _vec_to_loc(vec):
 
 def _check_theta(theta):
     theta = jnp.asarray(theta, jnp.float64)
-    if _is_concrete(theta):
+    if is_concrete(theta):
         t = np.asarray(theta)
         if not np.all((t >= 0) & (t <= np.pi)):
             raise ValueError("theta must be in [0, pi] radians (and not NaN)")
@@ -217,7 +214,7 @@ def pix2ang_ring(nside: int, pix) -> tuple[Array, Array]:
     n = check_nside(nside)
     npix = 12 * n * n
     pix = jnp.asarray(pix, jnp.int64)
-    if _is_concrete(pix) and not np.all((np.asarray(pix) >= 0) & (np.asarray(pix) < npix)):
+    if is_concrete(pix) and not np.all((np.asarray(pix) >= 0) & (np.asarray(pix) < npix)):
         raise ValueError(f"pixel indices must be in [0, {npix})")
     ncap = 2 * n * (n - 1)
     # north cap: pix = 2 r (r - 1) + k, k < 4 r  =>  r = floor((1 + sqrt(1 + 2 pix)) / 2)

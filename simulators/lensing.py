@@ -224,8 +224,11 @@ class Maps:
     sigma_n: np.ndarray
 
 
-def simulate_maps(model: MapModel, cosmo: Cosmology, seed: int) -> Maps:
+def simulate_maps(model: MapModel, cosmo: Cosmology, seed: int,
+                  progress: Callable[[Array], None] | None = None) -> Maps:
     """One realisation: latent field from ``seed``, shape noise from an independent key of ``seed``.
+
+    progress: optional host callback called with the number of PM steps done (PM model only).
 
     Raises HaloOverflowError when a sharded PM run moved particles beyond the halo, ValueError when
     the maps are not finite.
@@ -235,7 +238,8 @@ def simulate_maps(model: MapModel, cosmo: Cosmology, seed: int) -> Maps:
     latent = model.latent(seed)
     if isinstance(model, PMLensing) and not isinstance(model, LPTLensing):
         check_memory(model.cfg)
-        kappa, max_disp = _pm_kappa_jit(cosmo, model.cfg, model.lightcone, model.bins, latent)
+        kappa, max_disp = _pm_kappa_jit(cosmo, model.cfg, model.lightcone, model.bins, latent,
+                                        progress)
         check_halo(model.cfg, float(max_disp))
     else:
         kappa = jax.jit(model.kappa)(cosmo, latent)

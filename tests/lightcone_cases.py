@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from simulators import Cosmology, SimConfig
+from simulators import Cosmology
 from simulators.lensing import pm_kappa
 from simulators.lightcone import FlatSky, Lightcone
 from simulators.sources import RedshiftBins

@@ -1,6 +1,8 @@
-"""The lensbench command line: run files, the P(k) plot, the demo, and one-line errors.
+"""The lensbench command line: run files, the P(k) plot, map files, the C_ell plot, the demo, and
+one-line errors.
 
-Everything runs on tiny meshes (16³, 2 steps) so the file takes well under a minute. Commands run
+Everything runs on tiny meshes (16³, 2 steps; an LPT lightcone on 16x16x32 cells for the maps) so
+the file takes about a minute. Commands run
 in-process through typer's CliRunner, except those that need several CPU devices (--pdims): JAX
 fixes its device count when its backend starts, so they run in a fresh interpreter.
 """
@@ -17,7 +19,8 @@ import pytest
 from typer.testing import CliRunner
 
 from experiments import cli
-from experiments.io import read_run, write_run
+from experiments.config import load_config_text
+from experiments.io import MAP_ATTRS, MAP_DATASETS, read_maps, read_run, write_run
 from experiments.progress import StepProgress, step_callback
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,6 +119,198 @@ def test_failed_write_leaves_no_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["run.h5"]
 
 
+# ---- maps and cl --------------------------------------------------------------------------------
+
+TINY_TOML = """
+name = "tiny"
+seed = 0
+[simulation]
+kind = "lpt"                 # no N-body steps: fast
+mesh_shape = [16, 16, 32]
+box_size = [128.0, 128.0, 512.0]
+n_steps = 4
+[maps]
+field_deg = 3.0
+npix = 32
+[sources]
+n_bins = 2
+[cl]
+n_ell_bins = 6
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("config") / "tiny.toml"
+    path.write_text(TINY_TOML)
+    return path
+
+
+@pytest.fixture(scope="module")
+def maps_file(tiny_config, tmp_path_factory):
+    out = tmp_path_factory.mktemp("maps") / "maps.h5"
+    png = out.with_name("maps.png")
+    result = invoke("maps", "--config", tiny_config, "--seed", "5", "--out", out, "--png", png)
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}" in result.stdout and f"wrote {png}" in result.stdout
+    assert "2 tomographic bins" in result.stderr and "seed 5" in result.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return out
+
+
+def test_map_file_contents(maps_file):
+    with h5py.File(maps_file, "r") as f:
+        assert set(f) == set(MAP_DATASETS)
+        assert set(MAP_ATTRS) <= set(f.attrs)
+        kappa, noisy = f["kappa"][()], f["kappa_noisy"][()]
+        nz, z, sigma_n = f["nz"][()], f["z"][()], f["sigma_n"][()]
+        attrs = dict(f.attrs)
+    assert kappa.shape == noisy.shape == (2, 32, 32)
+    assert nz.shape == (2, z.shape[0]) and sigma_n.shape == (2,)
+    for a in (kappa, noisy, nz, z, sigma_n):
+        assert np.all(np.isfinite(a))
+    assert np.all(kappa.std(axis=(1, 2)) > 1e-4)
+    assert kappa[1].std() > kappa[0].std()  # more lensing for the farther sources
+    np.testing.assert_allclose((noisy - kappa).std(axis=(1, 2)), sigma_n, rtol=0.1)
+    np.testing.assert_allclose(np.trapezoid(nz, z, axis=1), 1.0, atol=1e-6)
+
+    assert attrs["format"] == "lensbench.maps" and attrs["seed"] == 5 and attrs["name"] == "tiny"
+    assert attrs["sky"] == "flat" and attrs["field_deg"] == 3.0 and attrs["npix"] == 32
+    assert attrs["kind"] == "lpt" and attrs["Omega_c"] == pytest.approx(0.2664)
+    assert attrs["chi_max"] == pytest.approx(4939, rel=1e-3)  # z = 4, fiducial
+    assert list(attrs["observer"]) == [64.0, 64.0, 0.0]
+    cfg = load_config_text(attrs["config_toml"])
+    assert cfg.seed == 5 and cfg.simulation.mesh_shape == (16, 16, 32)  # the seed used
+    data = read_maps(maps_file)
+    assert data.config() == cfg and data.bins().n_bins == 2
+    assert sorted(p.name for p in maps_file.parent.iterdir()) == ["maps.h5", "maps.png"]
+
+
+@pytest.mark.parametrize("noisy", [False, True])
+def test_cl_writes_png_and_numbers(maps_file, tmp_path, noisy):
+    png = tmp_path / "cl.png"
+    result = invoke("cl", maps_file, "--out", png, "--noisy" if noisy else "--no-noisy")
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {png} and {png.with_suffix('.npz')}" in result.stdout
+    out = np.load(png.with_suffix(".npz"))
+    assert {"ell", "cl", "theory", "n_modes", "pairs", "ell_edges", "noise"} <= set(out.files)
+    assert out["pairs"].tolist() == [[0, 0], [0, 1], [1, 1]]
+    assert out["cl"].shape == out["theory"].shape == (3, 6) and out["ell"].shape == (6,)
+    assert out["ell_edges"].shape == (7,) and out["n_modes"].shape == (6,)
+    filled = out["n_modes"] > 0
+    assert filled.sum() >= 5
+    for name in ("cl", "theory"):
+        assert np.all(np.isfinite(out[name][:, filled]))
+    assert np.all(out["theory"][[0, 2]][:, filled] > 0)  # auto-spectra
+    a_pix = np.radians(3.0 / 32) ** 2
+    sigma_n = read_maps(maps_file).sigma_n
+    if noisy:  # theory includes the white noise power on the auto-spectra, and the maps show it
+        np.testing.assert_allclose(out["noise"], [sigma_n[0] ** 2 * a_pix, 0, sigma_n[1] ** 2 * a_pix])
+        np.testing.assert_allclose((out["theory"] - out["theory_signal"])[:, filled],
+                                   np.broadcast_to(out["noise"][:, None], (3, filled.sum())))
+        last = np.flatnonzero(filled)[-1]  # many modes, noise dominated in bin 1
+        assert 0.7 < out["cl"][0, last] / out["theory"][0, last] < 1.3
+    else:
+        np.testing.assert_array_equal(out["noise"], 0)
+        # on the scales the tiny mesh resolves (the mesh-window theory vanishes beyond them)
+        assert np.all(out["cl"][0, filled][:2] < out["theory"][0, filled][:2] * 3)
+
+
+def test_cl_healpix(tmp_path, tiny_config):
+    """HEALPix map files go through the full-sky estimator; theory binned with 2l+1 weights."""
+    import healpy
+
+    from experiments.config import load_config
+    from experiments.io import write_maps
+
+    cfg = load_config(tiny_config).with_(**{"maps.sky": "healpix", "maps.nside": 16,
+                                            "maps.field_deg": None, "maps.npix": None})
+    bins = cfg.bins()
+    ell = np.arange(3 * 16)
+    inputs = 1e-9 * (ell + 1.0) ** -1.0
+    rng_seed = 3
+    np.random.seed(rng_seed)
+    kappa = np.stack([healpy.synfast(inputs * (b + 1), 16) for b in range(2)])
+    sigma_n = np.full(2, 1e-3)
+    maps = SimpleNamespace(kappa=kappa, kappa_noisy=kappa, sigma_n=sigma_n)
+    path = write_maps(tmp_path / "hp.h5", maps, cfg, bins)
+    result = invoke("cl", path, "--out", tmp_path / "hp.png")
+    assert result.exit_code == 0, result.output
+    out = np.load(tmp_path / "hp.npz")
+    edges = out["ell_edges"]
+    assert edges[0] == 2.0 and edges[-1] == 32.0 and out["cl"].shape == (3, 6)
+    assert out["n_modes"].sum() == sum(2 * l + 1 for l in range(2, 32))
+    expected = [np.sum((2 * ell[(ell >= lo) & (ell < hi)] + 1) * inputs[(ell >= lo) & (ell < hi)])
+                / np.sum(2 * ell[(ell >= lo) & (ell < hi)] + 1) for lo, hi in zip(edges[:-1], edges[1:])]
+    np.testing.assert_allclose(out["cl"][0], expected, rtol=0.6)  # few modes per bin
+    assert np.all(out["cl"][2] > out["cl"][0])
+    assert np.all(np.isfinite(out["theory"])) and np.all(out["theory"][[0, 2]] > 0)
+
+
+def test_cl_of_gaussian_maps_matches_theory(tmp_path, tiny_config):
+    """Gaussian maps drawn from the Limber C_ell come back at the theory, through maps and cl."""
+    cfg = tiny_config.parent / "gaussian.toml"
+    cfg.write_text(TINY_TOML.replace('kind = "lpt"', 'kind = "gaussian"'))
+    assert invoke("maps", "--config", cfg, "--out", tmp_path / "g.h5").exit_code == 0
+    for noisy in ("--no-noisy", "--noisy"):
+        result = invoke("cl", tmp_path / "g.h5", "--out", tmp_path / "g.png", noisy)
+        assert result.exit_code == 0, result.output
+        out = np.load(tmp_path / "g.npz")
+        many = out["n_modes"] >= 20
+        ratio = out["cl"][:, many] / out["theory"][:, many]
+        assert np.all(np.abs(ratio[[0, 2]].mean(axis=1) - 1) < 0.2), ratio  # auto-spectra
+
+
+def test_cl_default_output_name(maps_file):
+    result = invoke("cl", maps_file)
+    assert result.exit_code == 0, result.output
+    for suffix in (".png", ".npz"):
+        path = maps_file.parent / f"maps_cl{suffix}"
+        assert path.is_file()
+        path.unlink()
+
+
+def test_maps_and_cl_errors(tiny_config, maps_file, tmp_path, run_file):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(TINY_TOML.replace("field_deg = 3.0", "field_deg = -1"))
+    out = tmp_path / "m.h5"
+    line = assert_one_line_error(invoke("maps", "--config", bad, "--out", out), 1)
+    assert f"{bad}: maps.field_deg: must be > 0, got -1" in line
+    line = assert_one_line_error(invoke("maps", "--config", "quik", "--out", out), 1)
+    assert "not a shipped config" in line and "did you mean 'quick'" in line
+    bad.write_text(TINY_TOML + "frobnicate = 1\n")  # lands in [cl]
+    line = assert_one_line_error(invoke("maps", "--config", bad, "--out", out), 1)
+    assert "cl.frobnicate: unknown key" in line
+    line = assert_one_line_error(invoke("maps", "--config", tiny_config, "--pdims", "3x3",
+                                        "--out", out), 1)  # caught before any device is made
+    assert "simulation.pdims: mesh_shape [16, 16, 32] is not divisible by the device grid 3x3" in line
+    line = assert_one_line_error(invoke("maps", "--config", tiny_config, "--pdims", "two",
+                                        "--out", out), 2)
+    assert "device grid must look like 2x2" in line
+    assert not out.exists()
+    line = assert_one_line_error(invoke("cl", run_file, "--out", tmp_path / "c.png"), 1)
+    assert "is a run file (lensbench simulate), not a map file" in line
+    line = assert_one_line_error(invoke("cl", tmp_path / "missing.h5"), 2)
+    assert "does not exist" in line
+    line = assert_one_line_error(invoke("maps", "--config", tiny_config), 2)
+    assert "Missing option '--out'" in line
+
+
+def test_maps_pdims_matches_one_device(tmp_path, tiny_config, maps_file, monkeypatch):
+    """maps --pdims 2x1 makes two CPU devices in a fresh interpreter; same seed, same maps."""
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)  # set by importing jax here
+    out = tmp_path / "sharded.h5"
+    proc = run_cli_subprocess("maps", "--config", tiny_config, "--seed", "5", "--pdims", "2x1",
+                              "--out", out, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "GSPMD" not in proc.stderr
+    sharded, single = read_maps(out), read_maps(maps_file)
+    assert sharded.config().simulation.pdims == "2x1"
+    np.testing.assert_allclose(sharded.kappa, single.kappa, atol=1e-6)
+    np.testing.assert_allclose(sharded.kappa_noisy, single.kappa_noisy, atol=1e-6)
+
+
 # ---- pk and demo ------------------------------------------------------------------------------
 
 def test_pk_writes_png(run_file, tmp_path):
@@ -137,20 +332,24 @@ def test_pk_default_output_name(run_file):
     (run_file.parent / "run_pk.png").unlink()
 
 
-def test_demo_writes_both_files(tmp_path, monkeypatch):
-    # the real demo is 64³ x 10 steps (`make demo`); here the embedded configuration is shrunk
+def test_demo_writes_all_files(tmp_path, monkeypatch, tiny_config):
+    # the real demo is 64³ x 10 steps and the quick maps (`make demo`); here both are shrunk
     monkeypatch.setitem(cli.DEMO, "mesh", "16")
     monkeypatch.setitem(cli.DEMO, "box", "64")
     monkeypatch.setitem(cli.DEMO, "steps", 2)
+    monkeypatch.setattr(cli, "DEMO_MAPS_CONFIG", str(tiny_config))
     result = invoke("demo", "--out-dir", tmp_path / "out", "--no-progress")
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "out" / "run.h5").is_file() and (tmp_path / "out" / "pk.png").is_file()
-    assert "demo done" in result.stdout
+    names = ["cl.npz", "cl.png", "maps.h5", "maps.png", "pk.png", "run.h5"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == names
+    assert read_maps(tmp_path / "out" / "maps.h5").attrs["name"] == "tiny"
+    assert "demo done" in result.stdout and str(tmp_path / "out" / "cl.png") in result.stdout
 
 
 def test_demo_configuration_is_the_documented_one():
     assert cli.DEMO["mesh"] == "64" and cli.DEMO["box"] == "256"
     assert cli.DEMO["steps"] == 10 and cli.DEMO["seed"] == 0 and cli.DEMO["pdims"] == "1x1"
+    assert cli.DEMO_MAPS_CONFIG == "quick"
 
 
 # ---- bad input ----------------------------------------------------------------------------------

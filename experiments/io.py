@@ -154,13 +154,22 @@ def write_run(path, result, cosmo, *, seed: int | None = None, ic_file: str | No
     if cfg.grid.sharded:  # only measured on a sharded grid (halo check); 0 otherwise
         attrs["max_displacement_cells"] = float(result.max_displacement)
 
+    return _write_h5(path, attrs, {
+        "density": (np.asarray(result.density, dtype=dtype),
+                    {"description": "final density 1 + delta on the force mesh"}),
+        "positions": (np.asarray(result.positions, dtype=dtype).reshape(-1, 3), {"units": "Mpc/h"}),
+        "linear": (np.asarray(result.linear, dtype=dtype),
+                   {"description": "linear overdensity at z = 0 on the particle grid"}),
+    })
+
+
+def _write_h5(path: Path, attrs: dict, datasets: dict) -> Path:
+    """Write datasets {name: (array, {attribute: value})} and file attributes atomically."""
     with _atomic_h5(path) as f:
-        f.create_dataset("density", data=np.asarray(result.density, dtype=dtype))
-        f.create_dataset("positions", data=np.asarray(result.positions, dtype=dtype).reshape(-1, 3))
-        f.create_dataset("linear", data=np.asarray(result.linear, dtype=dtype))
-        f["density"].attrs["description"] = "final density 1 + delta on the force mesh"
-        f["positions"].attrs["units"] = "Mpc/h"
-        f["linear"].attrs["description"] = "linear overdensity at z = 0 on the particle grid"
+        for name, (array, ds_attrs) in datasets.items():
+            f.create_dataset(name, data=array)
+            for key, value in ds_attrs.items():
+                f[name].attrs[key] = value
         for key, value in attrs.items():
             f.attrs[key] = _attr_value(value)
     return path
@@ -189,6 +198,33 @@ class RunFile:
         return Cosmology(**self.cosmology_params)
 
 
+_KINDS = {FORMAT: "a run file (lensbench simulate)"}
+
+
+def _read_h5(path: Path, fmt: str, kind: str, datasets, required_attrs=()):
+    """Open a lensbench HDF5 file of format ``fmt``; returns ({dataset: array}, {attr: value}).
+
+    Raises OSError if it is not HDF5, ValueError if it is another kind of file or incomplete.
+    """
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise OSError(f"cannot read {path} as HDF5: {e}") from None
+    with f:
+        found = f.attrs.get("format")
+        if found != fmt:
+            what = (f"{_KINDS[found]}, not a {kind} file" if found in _KINDS
+                    else f"not a lensbench {kind} file (no format={fmt!r} attribute)")
+            raise ValueError(f"{path} is {what}")
+        missing = [n for n in datasets if n not in f] + [a for a in required_attrs if a not in f.attrs]
+        if missing:
+            raise ValueError(f"{path} is not a complete lensbench {kind} file: missing {', '.join(missing)}")
+        data = {name: np.asarray(f[name][()]) for name in datasets}
+        attrs = {k: (v.tolist() if isinstance(v, np.ndarray) else
+                     v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+    return data, attrs
+
+
 def read_run(path) -> RunFile:
     """Read a run file written by ``write_run``.
 
@@ -196,19 +232,7 @@ def read_run(path) -> RunFile:
       OSError if the file cannot be opened as HDF5; ValueError if it is not a lensbench run file.
     """
     path = Path(path)
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise OSError(f"cannot read {path} as HDF5: {e}") from None
-    with f:
-        if f.attrs.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a lensbench run file (no format={FORMAT!r} attribute)")
-        missing = [name for name in DATASETS if name not in f]
-        if missing:
-            raise ValueError(f"{path} is not a complete lensbench run file: missing {', '.join(missing)}")
-        data = {name: f[name][()] for name in DATASETS}
-        attrs = {k: (v.tolist() if isinstance(v, np.ndarray) else
-                     v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+    data, attrs = _read_h5(path, FORMAT, "run", DATASETS)
     try:
         config = json.loads(attrs["config_json"])
         cosmology = json.loads(attrs["cosmology_json"])
@@ -283,13 +307,8 @@ def write_maps(path, maps, config, bins, *, chi_max: float | None = None,
         "n_gal": np.asarray(bins.n_gal, np.float64).reshape(-1),
         "ell_edges": np.asarray(config.ell_edges(), np.float64),
     }
-    with _atomic_h5(path) as f:
-        for name, description in MAP_DATASETS.items():
-            f.create_dataset(name, data=data[name])
-            f[name].attrs["description"] = description
-        for key, value in attrs.items():
-            f.attrs[key] = _attr_value(value)
-    return path
+    return _write_h5(path, attrs, {name: (data[name], {"description": description})
+                                   for name, description in MAP_DATASETS.items()})
 
 
 @dataclass
@@ -350,21 +369,7 @@ def read_maps(path) -> MapFile:
       consistent lensbench map file.
     """
     path = Path(path)
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise OSError(f"cannot read {path} as HDF5: {e}") from None
-    with f:
-        if f.attrs.get("format") != MAP_FORMAT:
-            what = "a run file (lensbench simulate), not a map file" if f.attrs.get("format") == FORMAT \
-                else f"not a lensbench map file (no format={MAP_FORMAT!r} attribute)"
-            raise ValueError(f"{path} is {what}")
-        missing = [n for n in MAP_DATASETS if n not in f] + [a for a in MAP_ATTRS if a not in f.attrs]
-        if missing:
-            raise ValueError(f"{path} is not a complete lensbench map file: missing {', '.join(missing)}")
-        data = {name: np.asarray(f[name][()]) for name in MAP_DATASETS}
-        attrs = {k: (v.tolist() if isinstance(v, np.ndarray) else
-                     v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+    data, attrs = _read_h5(path, MAP_FORMAT, "map", MAP_DATASETS, MAP_ATTRS)
     kappa = data["kappa"]
     n = kappa.shape[0] if kappa.ndim >= 2 else -1
     if attrs["sky"] == "flat":

@@ -135,6 +135,8 @@ class Lightcone:
       randomize: give every replica a random periodic shift and a random cube-symmetry rotation
         (axis permutations among equal box sides and mirror flips), drawn from ``seed``.
       seed: seed of those random transforms (numpy; static).
+      slices_per_step: radial samples per PM step; default: enough for slices at most one mesh
+        cell thick (``samples_per_step``).
     """
 
     sky: Sky
@@ -142,6 +144,7 @@ class Lightcone:
     observer: tuple[float, float, float] | None = None
     randomize: bool = False
     seed: int = 0
+    slices_per_step: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.sky, (FlatSky, HealpixSky)):
@@ -154,6 +157,9 @@ class Lightcone:
             if len(obs) != 3 or not all(map(math.isfinite, obs)):
                 raise ValueError(f"observer must be three finite coordinates (Mpc/h), got {self.observer}")
             object.__setattr__(self, "observer", obs)
+        if self.slices_per_step is not None and (int(self.slices_per_step) != self.slices_per_step
+                                                 or self.slices_per_step < 1):
+            raise ValueError(f"slices_per_step must be an integer >= 1, got {self.slices_per_step}")
 
     def observer_position(self, box_size) -> np.ndarray:
         if self.observer is not None:
@@ -345,13 +351,22 @@ class BornLightcone:
 
 @functools.lru_cache(maxsize=64)
 def samples_per_step(cfg: SimConfig, lightcone: Lightcone, margin: float = 1.25) -> int:
-    """Slices per step so that each is at most one mesh cell thick for ``Cosmology.fiducial()``,
-    with ``margin`` for other cosmologies (static; safe to call while tracing)."""
+    """Slices per step so that each is at most one mesh cell (along the line of sight) thick for
+    ``Cosmology.fiducial()``,
+    with ``margin`` for other cosmologies, unless the lightcone sets ``slices_per_step`` (static;
+    safe to call while tracing)."""
     from .cosmology import Cosmology, background
 
+    if lightcone.slices_per_step is not None:
+        return int(lightcone.slices_per_step)
     cosmo = Cosmology.fiducial()
     with jax.ensure_compile_time_eval():
         chi = np.minimum(np.asarray(background(cosmo).comoving_distance(cfg.step_scale_factors)),
                          lightcone.chi_max)
     thickest = float(np.max(chi[:-1] - chi[1:]))
-    return max(1, int(math.ceil(margin * thickest / float(np.min(cfg.cell_size)))))
+    cell = np.asarray(cfg.cell_size)
+    if isinstance(lightcone.sky, FlatSky):
+        # rays run along z, or along an axis that a replica rotation swaps with z (equal box sides)
+        box = np.asarray(cfg.box_size)
+        cell = cell[np.isclose(box, box[2])]
+    return max(1, int(math.ceil(margin * thickest / float(np.min(cell)))))

@@ -63,6 +63,9 @@ Top level
   field_deg            : flat: side of the square field in degrees, in (0, 90) [5.0]
   npix                 : flat: pixels per side (int >= 2) [64]
   nside                : healpix: HEALPix nside, a power of 2 [64]
+  disc                 : healpix: [lon, lat, radius] in degrees for a partial sky: only pixels
+                         whose centres lie in that disc are traced and get shape noise; the maps
+                         keep the full-sky shape with zeros outside [full sky]
 
 [sources]              either the LSST-Y10 preset or one n(z) file per bin
   preset               : "lsst_y10" [used unless nz_files is given]
@@ -356,9 +359,10 @@ class MapsSection:
     nside: int | None = key("int", None, "healpix: nside",
                             check=lambda v: None if v >= 1 and not v & (v - 1)
                             else "must be a power of 2")
+    disc: tuple | None = key("vec3", None, "healpix: partial sky (lon, lat, radius), degrees")
 
     FLAT_DEFAULTS = dict(field_deg=5.0, npix=64)
-    HEALPIX_DEFAULTS = dict(nside=64)
+    HEALPIX_DEFAULTS = dict(nside=64, disc=None)
 
     def _check(self, given):
         own, other = ((self.FLAT_DEFAULTS, self.HEALPIX_DEFAULTS) if self.sky == "flat"
@@ -375,7 +379,9 @@ class MapsSection:
     def build(self):
         from simulators.lightcone import FlatSky, HealpixSky
 
-        return FlatSky(self.field_deg, self.npix) if self.sky == "flat" else HealpixSky(self.nside)
+        if self.sky == "flat":
+            return FlatSky(self.field_deg, self.npix)
+        return HealpixSky(self.nside, disc=self.disc)
 
     @property
     def pixel_area(self) -> float:

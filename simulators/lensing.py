@@ -52,7 +52,7 @@ def born_params(cosmo: Cosmology, cfg: SimConfig, bins: RedshiftBins, chi_max: f
 
 
 def _finish(obs: Array, n_bins: int, sky) -> Array:
-    return obs.T.astype(jnp.float64).reshape((n_bins,) + sky.shape)
+    return sky.to_maps(obs.T.astype(jnp.float64))
 
 
 def pm_kappa(cosmo: Cosmology, cfg: SimConfig, lightcone: Lightcone, bins: RedshiftBins,
@@ -102,7 +102,7 @@ def lpt_kappa(cosmo: Cosmology, cfg: SimConfig, lightcone: Lightcone, bins: Reds
     def step(obs, i):
         return obs + painter.project(params, i, delta_at(i), delta_at(i + 1)), None
 
-    obs0 = jnp.zeros((lightcone.sky.n_pix, bins.n_bins), psi1.dtype)
+    obs0 = jnp.zeros((lightcone.sky.n_rays, bins.n_bins), psi1.dtype)
     obs, _ = jax.lax.scan(step, obs0, jnp.arange(a.shape[0] - 1))
     return _finish(obs, bins.n_bins, lightcone.sky)
 
@@ -249,6 +249,7 @@ def simulate_maps(model: MapModel, cosmo: Cosmology, seed: int,
     sigma = noise_sigma(model.bins, model.sky)
     noise_key = jax.random.fold_in(jax.random.key(seed), 1)
     noisy = np.asarray(add_shape_noise(noise_key, jnp.asarray(kappa), sigma))
+    noisy = np.where(model.sky.footprint(), noisy, 0.0)  # partial sky: no galaxies outside
     return Maps(kappa, noisy, sigma)
 
 

@@ -69,6 +69,17 @@ class FlatSky:
         return self.npix * self.npix
 
     @property
+    def n_rays(self) -> int:
+        return self.n_pix
+
+    def to_maps(self, values: Array) -> Array:
+        """(n_bins, npix²) ray values → (n_bins, npix, npix) maps."""
+        return values.reshape((values.shape[0],) + self.shape)
+
+    def footprint(self) -> np.ndarray:
+        return np.ones(self.shape, bool)
+
+    @property
     def pixel_side(self) -> float:
         """Pixel side in radians (gnomonic)."""
         return math.radians(self.field_deg) / self.npix
@@ -90,15 +101,26 @@ class FlatSky:
 class HealpixSky:
     """The HEALPix sphere at ``nside`` (RING ordering), maps of shape (12 nside²,).
 
+    disc: optional (lon, lat, radius) in degrees: only the pixels whose centres lie within the
+      disc are traced (partial sky); the maps keep the full-sky shape with zeros outside.
     """
 
     nside: int
+    disc: tuple[float, float, float] | None = None
 
     def __post_init__(self):
         n = int(self.nside) if int(self.nside) == self.nside else -1
         if n < 1 or n & (n - 1):
             raise ValueError(f"nside must be a power of 2, got {self.nside}")
         object.__setattr__(self, "nside", n)
+        if self.disc is not None:
+            disc = tuple(float(v) for v in self.disc)
+            if len(disc) != 3 or not (-90 <= disc[1] <= 90 and 0 < disc[2] <= 180):
+                raise ValueError(f"disc must be (lon, lat in [-90, 90], radius in (0, 180]) degrees, "
+                                 f"got {self.disc}")
+            object.__setattr__(self, "disc", disc)
+            if self.pixels.size == 0:
+                raise ValueError(f"the disc {disc} holds no pixel centre at nside {n}")
 
     @property
     def shape(self) -> tuple[int]:
@@ -112,11 +134,38 @@ class HealpixSky:
     def pixel_area(self) -> float:
         return 4 * math.pi / self.n_pix
 
-    def directions(self) -> np.ndarray:
-        """(n_pix, 3) unit vectors of the pixel centres, RING order (float64, from healpy)."""
+    @functools.cached_property
+    def pixels(self) -> np.ndarray:
+        """RING indices of the traced pixels (all of them on the full sky)."""
+        if self.disc is None:
+            return np.arange(self.n_pix)
         import healpy
 
-        return np.stack(healpy.pix2vec(self.nside, np.arange(self.n_pix)), -1)
+        lon, lat, radius = self.disc
+        centre = healpy.ang2vec(lon, lat, lonlat=True)
+        return np.sort(healpy.query_disc(self.nside, centre, math.radians(radius)))
+
+    @property
+    def n_rays(self) -> int:
+        return int(self.pixels.size)
+
+    def directions(self) -> np.ndarray:
+        """(n_rays, 3) unit vectors of the traced pixel centres, RING order (float64, healpy)."""
+        import healpy
+
+        return np.stack(healpy.pix2vec(self.nside, self.pixels), -1)
+
+    def to_maps(self, values: Array) -> Array:
+        """(n_bins, n_rays) ray values → (n_bins, 12 nside²) maps, zero outside the footprint."""
+        if self.disc is None:
+            return values
+        return jnp.zeros((values.shape[0], self.n_pix), values.dtype).at[:, self.pixels].set(values)
+
+    def footprint(self) -> np.ndarray:
+        """(12 nside²,) bool, True on the traced pixels."""
+        mask = np.zeros(self.n_pix, bool)
+        mask[self.pixels] = True
+        return mask
 
 
 Sky = Union[FlatSky, HealpixSky]
@@ -264,7 +313,7 @@ def _trilinear(field: Array, cells: Array, lo: Array, owned_hi, halo: int, wrap:
 
 @dataclass(frozen=True)
 class BornLightcone:
-    """The lightcone projector, an additive ``nbody.Observer``; ``obs`` is (n_pix, n_bins) κ."""
+    """The lightcone projector, an additive ``nbody.Observer``; ``obs`` is (n_rays, n_bins) κ."""
 
     cfg: SimConfig
     lightcone: Lightcone
@@ -272,7 +321,7 @@ class BornLightcone:
     samples_per_step: int
 
     def init(self, state):
-        return jnp.zeros((self.lightcone.sky.n_pix, self.n_bins), state.disp.dtype)
+        return jnp.zeros((self.lightcone.sky.n_rays, self.n_bins), state.disp.dtype)
 
     def update(self, params: BornParams, step, a0, a1, before, after, obs):
         delta0 = paint_density(self.cfg, before.disp) - 1
@@ -280,7 +329,7 @@ class BornLightcone:
         return obs + self.project(params, step, delta0, delta1)
 
     def project(self, params: BornParams, step, delta0: Array, delta1: Array) -> Array:
-        """Born κ of the shell between step boundaries ``step`` and ``step + 1`` (n_pix, n_bins).
+        """Born κ of the shell between step boundaries ``step`` and ``step + 1`` (n_rays, n_bins).
 
         delta0, delta1: (nx, ny, nz) mesh density contrast at the two boundaries (grid layout).
         """
@@ -335,6 +384,9 @@ class BornLightcone:
         local = (self.cfg.mesh_shape[0] // grid.pdims[0], self.cfg.mesh_shape[1] // grid.pdims[1])
         dchi = jnp.maximum(chi0 - chi1, 0.0) / n_sub  # 0 for steps beyond the projection depth
 
+        # rematerialised: reverse mode then stores nothing per slice (the carry enters linearly),
+        # so gradient memory does not grow with the number of slices
+        @jax.checkpoint
         def slice_(acc, s):
             t = (s + 0.5) / n_sub
             chi = chi0 - (s + 0.5) * dchi

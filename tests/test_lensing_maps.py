@@ -200,3 +200,25 @@ def test_full_and_flat_estimators_agree_on_gaussian_maps():
     sigma = np.sqrt(2.0 / np.asarray(n_full) + 2.0 / (0.5 * np.asarray(n_flat) * 6))
     ratio = np.mean(flat_cls, axis=0) / cl_full[0]
     assert np.all(np.abs(ratio - 1) < 4 * sigma), (ratio, sigma)
+
+
+def test_partial_sky_traces_only_the_disc():
+    """A HEALPix disc: the traced pixels are healpy's query_disc, the maps keep the full-sky shape
+    with κ = 0 and no shape noise outside, and inside equal the full-sky maps of the same run."""
+    import healpy
+
+    cfg = SimConfig(mesh_shape=(16, 16, 16), box_size=(200.0,) * 3, a_init=0.4, n_steps=3)
+    small = RedshiftBins.from_arrays(np.linspace(0, 1, 101),
+                                     np.exp(-((np.linspace(0, 1, 101) - 0.4) / 0.1) ** 2), 20.0, 0.3)
+    disc = HealpixSky(16, disc=(30.0, 45.0, 20.0))
+    want = healpy.query_disc(16, healpy.ang2vec(30.0, 45.0, lonlat=True), math.radians(20.0))
+    np.testing.assert_array_equal(disc.pixels, np.sort(want))
+    part = simulate_maps(PMLensing(cfg, Lightcone(disc, 900.0), small), COSMO, seed=1)
+    full = simulate_maps(PMLensing(cfg, Lightcone(HealpixSky(16), 900.0), small), COSMO, seed=1)
+    outside = ~disc.footprint()
+    assert part.kappa.shape == (1, 12 * 16**2) and outside.sum() > 0
+    assert np.all(part.kappa[:, outside] == 0) and np.all(part.kappa_noisy[:, outside] == 0)
+    np.testing.assert_allclose(part.kappa[:, ~outside], full.kappa[:, ~outside], rtol=1e-5, atol=1e-9)
+    assert np.std(part.kappa_noisy[:, ~outside] - part.kappa[:, ~outside]) > 0
+    with pytest.raises(ValueError, match="disc"):
+        HealpixSky(16, disc=(0.0, 100.0, 5.0))

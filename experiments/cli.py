@@ -268,7 +268,7 @@ def _cpu_devices_for(pdims: tuple[int, int]) -> None:
 
 
 def run_maps(config, out: Path, *, seed: Optional[int] = None, pdims: Optional[str] = None,
-             png: Optional[Path] = None, progress: bool = True) -> Path:
+             png: Optional[Path] = None, progress: bool = True, fits: Optional[Path] = None) -> Path:
     """Simulate one realisation of the κ maps of a configuration and write a map file.
 
     config: a TOML path, a shipped config name, or an ``ExperimentConfig``. seed/pdims override
@@ -328,6 +328,10 @@ def run_maps(config, out: Path, *, seed: Optional[int] = None, pdims: Optional[s
     elapsed = time.perf_counter() - start
     path = write_maps(out, maps, cfg, bins, chi_max=chi_max, observer=observer)
     print(f"wrote {path} ({elapsed:.1f} s)")
+    if fits is not None:
+        from .io import write_healpix_fits
+
+        print(f"wrote {write_healpix_fits(fits, maps, bins)}")
     if png is not None:
         from .plots import plot_maps
 
@@ -524,11 +528,14 @@ def maps(
     png: Annotated[Optional[Path], typer.Option(help="Also draw the noise-free maps to this PNG.",
                                                 dir_okay=False)] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    fits: Annotated[Optional[Path], typer.Option(
+        help="HEALPix only: also write the maps as a FITS table with healpy (columns "
+             "KAPPA_1.., KAPPA_NOISY_1..).", dir_okay=False)] = None,
 ):
     """Simulate tomographic convergence maps (noise-free and noisy) and write them to HDF5."""
     if pdims is not None:
         _pdims(pdims)  # a usage error (exit 2) before anything else
-    run_maps(config, out, seed=seed, pdims=pdims, png=png, progress=progress)
+    run_maps(config, out, seed=seed, pdims=pdims, png=png, progress=progress, fits=fits)
 
 
 @app.command()

@@ -311,6 +311,21 @@ def write_maps(path, maps, config, bins, *, chi_max: float | None = None,
                                    for name, description in MAP_DATASETS.items()})
 
 
+def write_healpix_fits(path, maps, bins) -> Path:
+    """HEALPix maps (RING) to a FITS table with healpy: columns KAPPA_i then KAPPA_NOISY_i."""
+    import healpy
+
+    kappa = np.asarray(maps.kappa)
+    if kappa.ndim != 2:
+        raise ValueError("--fits needs HEALPix maps (maps.sky = 'healpix'); these are flat-sky maps")
+    n = bins.n_bins
+    names = [f"KAPPA_{i + 1}" for i in range(n)] + [f"KAPPA_NOISY_{i + 1}" for i in range(n)]
+    path = Path(path)
+    healpy.write_map(str(path), np.concatenate([kappa, np.asarray(maps.kappa_noisy)]), nest=False,
+                     column_names=names, overwrite=True, dtype=np.float64)
+    return path
+
+
 @dataclass
 class MapFile:
     """Contents of a map file (all arrays loaded into memory); see the module docstring."""

@@ -290,7 +290,7 @@ def run_maps(config, out: Path, *, seed: Optional[int] = None, pdims: Optional[s
         changes["simulation.pdims"] = "x".join(map(str, _pdims(pdims)))
     if changes:
         cfg = cfg.with_(**changes)
-    if cfg.simulation.kind != "gaussian":
+    if cfg.simulation.kind not in ("gaussian", "lognormal"):
         _cpu_devices_for(cfg.simulation.pdim_tuple)
 
     from simulators import HaloOverflowError
@@ -304,8 +304,8 @@ def run_maps(config, out: Path, *, seed: Optional[int] = None, pdims: Optional[s
                 else f"HEALPix nside {sky.nside}")
     bins = cfg.bins()
     sim = cfg.simulation
-    if sim.kind == "gaussian":
-        what = "Gaussian random field"
+    if sim.kind in ("gaussian", "lognormal"):
+        what = f"{sim.kind} random field (Limber C_ell)"
         chi_max = observer = None
     else:
         cone = model.lightcone

@@ -30,8 +30,10 @@ Top level
 
 [simulation]           the map model and its 3-D simulation
   kind                 : "pm" (LPT + FastPM steps, lightcone painted on the fly), "lpt" (LPT
-                         displacements only, no N-body steps) or "gaussian" (Gaussian random
-                         field with the Limber C_ell; flat sky only, ignores the rest) ["pm"]
+                         displacements only, no N-body steps), "gaussian" (Gaussian random
+                         field with the Limber C_ell; flat sky only, ignores the rest) or
+                         "lognormal" (shifted-lognormal field with the same C_ell, shifts from
+                         the empty-beam convergence; flat sky only, ignores the rest) ["pm"]
   mesh_shape           : force-mesh cells, int (cube) or [nx, ny, nz] [[32, 32, 64]]
   box_size             : box side lengths in Mpc/h, float (cube) or [Lx, Ly, Lz]
                          [[200.0, 200.0, 1000.0]]
@@ -294,7 +296,7 @@ class CosmologySection:
 
 @dataclass(frozen=True)
 class SimulationSection:
-    kind: str = key("str", "pm", "map model", choices=("pm", "lpt", "gaussian"))
+    kind: str = key("str", "pm", "map model", choices=("pm", "lpt", "gaussian", "lognormal"))
     mesh_shape: tuple = key("int3", (32, 32, 64), "force-mesh cells", check=_at_least(2))
     box_size: tuple = key("float3", (200.0, 200.0, 1000.0), "box sides, Mpc/h", check=_positive)
     mesh_factor: int = key("int", 1, "force-mesh cells per particle spacing", check=_at_least(1))
@@ -571,7 +573,7 @@ class ExperimentConfig:
         return self.cl.edges(self.maps)
 
     def build_model(self):
-        """The map model (``PMLensing``, ``LPTLensing`` or ``GaussianLensing``).
+        """The map model (``PMLensing``, ``LPTLensing``, ``GaussianLensing`` or ``LognormalLensing``).
 
         A sharded ``simulation.pdims`` needs that many JAX devices (the CLI creates them on CPU).
         """
@@ -581,6 +583,8 @@ class ExperimentConfig:
         sky, bins, kind = self.sky(), self.bins(), self.simulation.kind
         if kind == "gaussian":
             return _wrap("maps", _keys(MapsSection), lambda: lensing.GaussianLensing(sky, bins))
+        if kind == "lognormal":
+            return _wrap("maps", _keys(MapsSection), lambda: lensing.LognormalLensing(sky, bins))
         cfg = _wrap("simulation", _keys(SimulationSection), self.simulation.sim_config)
         lc = self.lightcone
         cone = _wrap("lightcone", _keys(LightconeSection), lambda: Lightcone(
@@ -619,9 +623,10 @@ class ExperimentConfig:
 
     def __post_init__(self):
         # cross-section rules (the sections are valid on their own by now)
-        if self.simulation.kind == "gaussian" and self.maps.sky != "flat":
-            _fail("simulation.kind", "'gaussian' maps need maps.sky = 'flat'")
-        if self.lightcone.observer is not None and self.simulation.kind != "gaussian":
+        kind = self.simulation.kind
+        if kind in ("gaussian", "lognormal") and self.maps.sky != "flat":
+            _fail("simulation.kind", f"'{kind}' maps need maps.sky = 'flat'")
+        if self.lightcone.observer is not None and kind not in ("gaussian", "lognormal"):
             box = self.simulation.box_size
             if any(not 0 <= o <= b for o, b in zip(self.lightcone.observer, box)):
                 _fail("lightcone.observer", f"{_show(self.lightcone.observer)} lies outside the "

@@ -296,13 +296,44 @@ def gaussian_maps_from_white(white, cl_fn_or_table, field_deg: float, npix: int)
     white = jnp.asarray(white, jnp.float64)
     if white.ndim != 3 or white.shape[1:] != (npix, npix):
         raise ValueError(f"white noise must have shape (n_bins, {npix}, {npix}), got {white.shape}")
-    n_bins = white.shape[0]
-    i, j = pair_indices(n_bins)
+    i, _ = pair_indices(white.shape[0])
     ell_grid = mode_ell(field_deg, npix)
     model = _model_on_modes(cl_fn_or_table, ell_grid, n_pairs_expected=len(i))  # (n_pairs, N, N)
-    cmat = jnp.zeros((npix, npix, n_bins, n_bins), jnp.float64)
+    return _colour_white(white, model, field_deg, npix)
+
+
+def _pair_matrix(model):
+    """(n_pairs, N, N) pair spectra -> (N, N, n_bins, n_bins) symmetric matrices."""
+    n_bins = _n_bins_from_pairs(model.shape[0])
+    i, j = pair_indices(n_bins)
+    cmat = jnp.zeros(model.shape[1:] + (n_bins, n_bins), jnp.float64)
     cmat = cmat.at[:, :, i, j].set(jnp.moveaxis(model, 0, -1))
-    cmat = cmat.at[:, :, j, i].set(jnp.moveaxis(model, 0, -1))
+    return cmat.at[:, :, j, i].set(jnp.moveaxis(model, 0, -1))
+
+
+def _clip_modes(model, ell_grid):
+    """Per-mode spectra (n_pairs, N, N) with negative eigenvalues of each n_bins x n_bins C(mode)
+    raised to a tiny positive floor (1e-12 of that mode's largest |eigenvalue|), for spectra that
+    are only approximately positive definite (e.g. the lognormal C^g from an FFT of ln(1 + xi)).
+    The ell = 0 mode is set to 0."""
+    n_bins = _n_bins_from_pairs(model.shape[0])
+    i, j = pair_indices(n_bins)
+    zero = jnp.asarray(ell_grid == 0)[:, :, None, None]
+    # ell = 0 gets a non-degenerate stand-in so that the eigh derivative stays finite.
+    cmat = jnp.where(zero, jnp.diag(jnp.arange(1.0, n_bins + 1.0)), _pair_matrix(model))
+    w, v = jnp.linalg.eigh(cmat)
+    w = jnp.maximum(w, 1e-12 * jnp.max(jnp.abs(w), axis=-1, keepdims=True))
+    cmat = jnp.where(zero, 0.0, jnp.einsum("...ak,...k,...bk->...ab", v, w, v))
+    return jnp.moveaxis(cmat[:, :, i, j], -1, 0)
+
+
+def _colour_white(white, model, field_deg: float, npix: int) -> Array:
+    """Colour white noise (n_bins, N, N) with per-mode spectra ``model`` (n_pairs, N, N) on the FFT
+    grid (even under ell -> -ell, so the maps stay real): each mode is multiplied by the Cholesky
+    factor of C_ij(mode) and by 1/sqrt(A_pix); the ell = 0 mode is dropped."""
+    n_bins = white.shape[0]
+    ell_grid = mode_ell(field_deg, npix)
+    cmat = _pair_matrix(model)
     zero = jnp.asarray(ell_grid == 0)[:, :, None, None]
     # The ell = 0 matrix is all zero, which Cholesky can't factor: use the identity, then drop it.
     chol = jnp.linalg.cholesky(jnp.where(zero, jnp.eye(n_bins), cmat))

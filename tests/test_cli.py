@@ -470,3 +470,19 @@ def test_healpix_fits_round_trip(tmp_path):
         write_healpix_fits(tmp_path / "f.fits", SimpleNamespace(kappa=np.zeros((2, 4, 4)),
                                                                  kappa_noisy=np.zeros((2, 4, 4))),
                            SimpleNamespace(n_bins=2))
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "lognormal"])
+def test_maps_from_random_field_models(tmp_path, kind):
+    """The field-only map models (no simulation box) go through `maps` and `cl` too."""
+    config = tmp_path / f"{kind}.toml"
+    config.write_text(f'name = "{kind}"\n[simulation]\nkind = "{kind}"\n[maps]\nsky = "flat"\n'
+                      'field_deg = 5.0\nnpix = 32\n[sources]\npreset = "lsst_y10"\nn_bins = 2\n')
+    out = tmp_path / "m.h5"
+    result = invoke("maps", "--config", config, "--out", out)
+    assert result.exit_code == 0, result.output
+    data = read_maps(out)
+    assert data.kappa.shape == (2, 32, 32) and data.attrs["kind"] == kind
+    assert np.all(np.isfinite(data.kappa)) and np.std(data.kappa) > 0
+    result = invoke("cl", out, "--out", tmp_path / "c.png")
+    assert result.exit_code == 0, result.output

@@ -22,13 +22,18 @@ LIGHTCONE_LAYOUTS = ("2x2", "4x1")
 
 
 def run_lightcone(cfg, prefix, results):
-    """Flat-sky PM κ maps (randomized replicas) and their gradients w.r.t. (Omega_c, noise)."""
+    """PM κ maps (flat sky with randomized replicas; HEALPix nside 8 around the box centre) and
+    their gradients w.r.t. (Omega_c, noise)."""
+    from simulators.lightcone import HealpixSky, Lightcone
+
     noise = white_noise(cfg, 3)
-    (value, kappa), (g_oc, g_noise) = lcc.map_loss(cfg, lcc.lightcone(randomize=True, seed=1))(
-        lcc.COSMO.Omega_c, noise)
-    results[prefix + "lc_kappa"] = np.asarray(kappa)
-    results[prefix + "lc_grad_oc"] = np.asarray(g_oc)
-    results[prefix + "lc_grad_noise"] = np.asarray(g_noise)
+    cones = {"lc_": lcc.lightcone(randomize=True, seed=1),
+             "hp_": Lightcone(HealpixSky(8), lcc.CHI_MAX, randomize=True, seed=1)}
+    for tag, cone in cones.items():
+        (value, kappa), (g_oc, g_noise) = lcc.map_loss(cfg, cone)(lcc.COSMO.Omega_c, noise)
+        results[prefix + tag + "kappa"] = np.asarray(kappa)
+        results[prefix + tag + "grad_oc"] = np.asarray(g_oc)
+        results[prefix + tag + "grad_noise"] = np.asarray(g_noise)
 
 def run(cfg, prefix, results):
     noise = white_noise(cfg, 7)

@@ -36,10 +36,12 @@ def test_sharded_equals_single_device(results, layout, key):
 
 
 @pytest.mark.parametrize("layout", ["2x2", "4x1"])
-@pytest.mark.parametrize("key", ["lc_kappa", "lc_grad_oc", "lc_grad_noise"])
+@pytest.mark.parametrize("key", ["lc_kappa", "lc_grad_oc", "lc_grad_noise",
+                                 "hp_kappa", "hp_grad_oc", "hp_grad_noise"])
 def test_sharded_lightcone_equals_single_device(results, layout, key):
-    """κ maps painted from sharded meshes (each device reads the rays in its pencil) and their
-    gradients equal the single-device ones; float64, same 1e-10 criterion as above."""
+    """κ maps read from sharded meshes (each device reads the rays in its pencil), flat sky (lc_)
+    and HEALPix (hp_), and their gradients equal the single-device ones; float64, same 1e-10
+    criterion as above."""
     ref, got = results["single_" + key], results[f"{layout}_{key}"]
     assert got.shape == ref.shape
     scale = np.max(np.abs(ref))

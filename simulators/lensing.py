@@ -5,7 +5,7 @@ Every map model turns (cosmology, latent white noise) into noise-free tomographi
 
   - ``PMLensing``: LPT initial conditions + FastPM steps, lightcone painted during the run;
   - ``LPTLensing``: the same lightcone painted from LPT displacements, with no N-body steps;
-  - ``flatsky.GaussianLensing``: Gaussian random field with the Limber C_ℓ (flat sky);
+  - ``GaussianLensing``: Gaussian random field with the Limber C_ℓ (flat sky);
   - ``LognormalLensing``: shifted-lognormal field with the same C_ℓ (flat sky).
 
 The latent of the 3-D models is the white-noise field on the particle grid, shape
@@ -24,11 +24,10 @@ import numpy as np
 
 from .config import SimConfig
 from .cosmology import Cosmology, background, growth_table
-from .forces import pm_force
-from .ics import linear_field, lpt_displacements, lpt_state, white_noise
 from .forces import paint_density
+from .ics import linear_field, lpt_displacements, white_noise
 from .lightcone import BornLightcone, BornParams, FlatSky, HealpixSky, Lightcone, samples_per_step
-from .nbody import ParticleState, integrate, step_factors
+from .simulation import evolve_observed
 from .sources import RedshiftBins, lensing_efficiency
 
 Array = jax.Array
@@ -52,7 +51,7 @@ def born_params(cosmo: Cosmology, cfg: SimConfig, bins: RedshiftBins, chi_max: f
     return BornParams(chi_steps=chi_steps, chi_lo=lo, chi_step=(hi - lo) / (n_chi - 1), q=q)
 
 
-def _finish(obs: Array, n_bins: int, sky) -> Array:
+def _finish(obs: Array, sky) -> Array:
     return sky.to_maps(obs.T.astype(jnp.float64))
 
 
@@ -67,16 +66,11 @@ def pm_kappa(cosmo: Cosmology, cfg: SimConfig, lightcone: Lightcone, bins: Redsh
     Differentiable in ``cosmo`` and ``noise``; memory independent of the number of steps with
     ``cfg.gradient == "adjoint"``.
     """
-    growth = growth_table(cosmo)
-    a_steps = cfg.step_scale_factors
-    delta = linear_field(cosmo, cfg, noise)
-    disp, mom = lpt_state(cosmo, growth, cfg, delta, a_steps[0])
-    state = ParticleState(disp, mom, pm_force(cfg, disp))
-    factors = step_factors(cosmo, growth, a_steps)
     params = born_params(cosmo, cfg, bins, lightcone.chi_max)
     painter = BornLightcone(cfg, lightcone, bins.n_bins, samples_per_step(cfg, lightcone))
-    _, obs, max_disp = integrate(cfg, state, factors, painter, params, progress)
-    return _finish(obs, bins.n_bins, lightcone.sky), max_disp
+    _, obs, max_disp = evolve_observed(cosmo, cfg, linear_field(cosmo, cfg, noise), painter, params,
+                                       progress)
+    return _finish(obs, lightcone.sky), max_disp
 
 
 def lpt_kappa(cosmo: Cosmology, cfg: SimConfig, lightcone: Lightcone, bins: RedshiftBins,
@@ -105,7 +99,7 @@ def lpt_kappa(cosmo: Cosmology, cfg: SimConfig, lightcone: Lightcone, bins: Reds
 
     obs0 = jnp.zeros((lightcone.sky.n_rays, bins.n_bins), psi1.dtype)
     obs, _ = jax.lax.scan(step, obs0, jnp.arange(a.shape[0] - 1))
-    return _finish(obs, bins.n_bins, lightcone.sky)
+    return _finish(obs, lightcone.sky)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from .config import SimConfig
 from .cosmology import Cosmology, growth_table
 from .forces import paint_density, pm_force
 from .ics import linear_field, lpt_state, white_noise
-from .nbody import ParticleState, Snapshots, integrate, step_factors
+from .nbody import Observer, ParticleState, Snapshots, integrate, step_factors
 
 Array = jax.Array
 
@@ -47,14 +47,23 @@ def evolve(cosmo: Cosmology, cfg: SimConfig, delta_lin: Array,
     Args:
       delta_lin: (npx, npy, npz) linear overdensity at z = 0 on the particle grid.
     """
+    final, snaps, max_disp = evolve_observed(cosmo, cfg, delta_lin, Snapshots(cfg.snapshot_steps),
+                                             progress=progress)
+    return Evolution(final, snaps, max_disp)
+
+
+def evolve_observed(cosmo: Cosmology, cfg: SimConfig, delta_lin: Array, observer: Observer,
+                    obs_params=None, progress: Callable[[Array], None] | None = None):
+    """``evolve`` with any ``nbody.Observer`` (snapshots, lightcone projection) recording the run.
+
+    Returns (final ParticleState, observations, max displacement in cells along the sharded axes).
+    """
     growth = growth_table(cosmo)
     a_steps = cfg.step_scale_factors
     disp, mom = lpt_state(cosmo, growth, cfg, delta_lin, a_steps[0])
     state = ParticleState(disp, mom, pm_force(cfg, disp))
     factors = step_factors(cosmo, growth, a_steps)
-    final, snaps, max_disp = integrate(cfg, state, factors, Snapshots(cfg.snapshot_steps),
-                                       progress=progress)
-    return Evolution(final, snaps, max_disp)
+    return integrate(cfg, state, factors, observer, obs_params, progress)
 
 
 def check_halo(cfg: SimConfig, max_displacement: float) -> None:

@@ -88,6 +88,18 @@ Top level
   n_ell_bins           : number of bins (int >= 1) [12]
   spacing              : "log" or "linear" ["log"]
 
+[prior]                which parameters are inferred, and their priors (``cfg.prior()`` builds an
+                       ``experiments.priors.Prior``)
+  preset               : "lsst_y10" (the 6-parameter LSST-Y10 prior: Omega_c ~ TN(0.2664, 0.2,
+                         low=0), Omega_b ~ N(0.0492, 0.006), sigma8 ~ N(0.831, 0.14),
+                         h ~ N(0.6727, 0.063), n_s ~ N(0.9645, 0.08), w0 ~ TN(-1, 0.9, low=-2,
+                         high=-0.3)) or "none" ["lsst_y10"]
+  params               : the inferred parameters, in order (Cosmology field names); the others
+                         stay at their [cosmology] values [every preset and declared parameter]
+  <name>               : a parameter's prior as an inline table, overriding the preset's:
+                         {dist = "normal", loc, scale}, {dist = "truncated_normal", loc, scale,
+                         low and/or high} or {dist = "uniform", low, high}
+
 Adding a section (e.g. [prior], [compressor], [npe], [hmc] later): write a frozen dataclass whose
 fields are declared with ``key(...)`` (type, default, doc, optional check), optionally a
 ``_check(self, given)`` method for rules that involve several keys, add it to ``SECTIONS`` and add
@@ -129,7 +141,8 @@ class Key:
 
     Types: "float", "int", "bool", "str", "int3" (int or 3 ints), "float3" (float or 3 floats),
     "vec3" (exactly 3 floats), "floats" (list of floats), "float|floats" (one or a list),
-    "paths" (list of file names).
+    "paths" (list of file names), "strs" (list of strings), "table" (an inline table, kept as a
+    dict; its ``check`` validates the contents).
     """
 
     type: str
@@ -198,6 +211,17 @@ def _coerce(k: Key, value, name: str, base_dir: Path):
         if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
             _fail(name, f"must be a list of file names, got {value!r}")
         value = tuple(str((base_dir / os.path.expanduser(v)).resolve()) for v in value)
+    elif t == "strs":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            _fail(name, f"must be a list of strings, got {value!r}")
+        value = tuple(value)
+    elif t == "table":
+        if not isinstance(value, Mapping):
+            _fail(name, f"must be a table such as {{dist = \"normal\", loc = 0.8, scale = 0.1}}, "
+                        f"got {value!r} ({_type_name(value)})")
+        value = dict(value)
     else:  # pragma: no cover - a schema bug
         raise TypeError(f"unknown key type {t!r} for {name}")
     if k.choices and value not in k.choices:
@@ -508,6 +532,71 @@ class ClSection:
         return np.linspace(lo, hi, self.n_ell_bins + 1)
 
 
+def _param_prior(name: str):
+    """Check of one [prior] parameter table (messages name the key)."""
+    def check(table):
+        from .priors import ParamPrior, PriorError
+
+        try:
+            ParamPrior.from_table(name, table)
+        except PriorError as e:
+            return str(e).removeprefix(f"{name}: ")
+        return None
+    return check
+
+
+@dataclass(frozen=True)
+class PriorSection:
+    """Which cosmological parameters are inferred, and their priors (experiments.priors)."""
+
+    preset: str | None = key("str", "lsst_y10", "built-in prior", choices=("lsst_y10", "none"))
+    params: tuple | None = key("strs", None, "inferred parameters, in order")
+    Omega_c: dict | None = key("table", None, "prior of Omega_c", check=_param_prior("Omega_c"))
+    Omega_b: dict | None = key("table", None, "prior of Omega_b", check=_param_prior("Omega_b"))
+    h: dict | None = key("table", None, "prior of h", check=_param_prior("h"))
+    n_s: dict | None = key("table", None, "prior of n_s", check=_param_prior("n_s"))
+    sigma8: dict | None = key("table", None, "prior of sigma8", check=_param_prior("sigma8"))
+    w0: dict | None = key("table", None, "prior of w0", check=_param_prior("w0"))
+    wa: dict | None = key("table", None, "prior of wa", check=_param_prior("wa"))
+
+    def _check(self, given):
+        self.build()  # every rule is checked by building it
+        return self
+
+    def build(self):
+        """The ``experiments.priors.Prior`` this section declares."""
+        from .priors import COSMOLOGY_PARAMS, PRESETS, ParamPrior, Prior, PriorError
+
+        preset = {} if self.preset == "none" else \
+            {p.name: p for p in PRESETS[self.preset]().params}
+        declared = {n: getattr(self, n) for n in COSMOLOGY_PARAMS if getattr(self, n) is not None}
+        names = self.params if self.params is not None else \
+            tuple(preset) + tuple(n for n in declared if n not in preset)
+        if not names:
+            _fail("prior", "no parameters: give a preset or declare at least one parameter")
+        params = []
+        for n in names:
+            if n not in COSMOLOGY_PARAMS:
+                _fail("prior.params", f"unknown parameter {n!r}{_suggest(n, COSMOLOGY_PARAMS)}; "
+                                      f"valid: {', '.join(COSMOLOGY_PARAMS)}")
+            if n in declared:
+                params.append(ParamPrior.from_table(n, declared[n]))
+            elif n in preset:
+                params.append(preset[n])
+            else:
+                _fail("prior.params", f"{n!r} has no prior: declare prior.{n} = {{dist = ...}} "
+                                      f"(preset {self.preset!r} does not have it)")
+        unused = [n for n in declared if n not in names]
+        if unused:
+            _fail(f"prior.{unused[0]}", f"declared but not in prior.params ({', '.join(names)})")
+        try:
+            return Prior(tuple(params))
+        except PriorError as e:
+            _fail("prior.params", str(e))
+
+    __call__ = build  # cfg.prior() builds it, like cfg.cosmology()
+
+
 # Section name -> dataclass, in file order. Add later sections ([prior], [npe], ...) here and as a
 # field of ExperimentConfig.
 SECTIONS: dict[str, type] = {
@@ -517,6 +606,7 @@ SECTIONS: dict[str, type] = {
     "maps": MapsSection,
     "sources": SourcesSection,
     "cl": ClSection,
+    "prior": PriorSection,
 }
 TOP_LEVEL = ("name", "seed")
 
@@ -538,6 +628,7 @@ class ExperimentConfig:
     maps: MapsSection = field(default_factory=lambda: _default_section('maps'))
     sources: SourcesSection = field(default_factory=lambda: _default_section('sources'))
     cl: ClSection = field(default_factory=lambda: _default_section('cl'))
+    prior: PriorSection = field(default_factory=lambda: _default_section('prior'))
     path: str | None = field(default=None, compare=False)  # the file it came from, if any
 
     # ---- builders (these import JAX; bins() and chi_max() may start its backend) -------------
@@ -766,6 +857,8 @@ def _toml_value(value) -> str:
         return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):  # inline table
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
 
 
@@ -776,6 +869,7 @@ def _toml_key(k: str) -> str:
 def dumps_toml(data: Mapping) -> str:
     """TOML text of a dict of scalars, lists and one level of tables."""
     lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, Mapping)]
+    # one level of [tables]; deeper mappings are written as inline tables
     for k, table in data.items():
         if isinstance(table, Mapping):
             lines += ["", f"[{_toml_key(k)}]"]

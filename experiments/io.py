@@ -198,7 +198,10 @@ class RunFile:
         return Cosmology(**self.cosmology_params)
 
 
-_KINDS = {FORMAT: "a run file (lensbench simulate)"}
+_KINDS = {FORMAT: "a run file (lensbench simulate)",
+          "lensbench.maps": "a map file (lensbench maps)",
+          "lensbench.sims": "a training set (lensbench generate)",
+          "lensbench.samples": "a posterior-samples file"}
 
 
 def _read_h5(path: Path, fmt: str, kind: str, datasets, required_attrs=()):
@@ -426,3 +429,111 @@ def load_linear(path) -> np.ndarray:
             or np.iscomplexobj(arr):
         raise ValueError(f"{path} must hold a real numeric array, got {getattr(arr, 'dtype', type(arr))}")
     return arr
+
+
+# ---- posterior samples ---------------------------------------------------------------------------
+
+SAMPLES_FORMAT = "lensbench.samples"
+SAMPLES_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Posterior samples of one method (the one format every method writes).
+
+    samples: (n, d) float64, in the units of the parameters ``names`` (Cosmology field names);
+    chain: (n,) int chain index of each sample (0 for independent samples, e.g. NPE);
+    method: "npe_vmim", "cl_analytic", "hmc", ...; truth: (d,) true values when known, else None;
+    info: JSON-able dict (wall time, simulation/gradient budget, diagnostics, inputs' paths);
+    config_toml: the experiment configuration ("" when none).
+    """
+
+    samples: np.ndarray
+    names: tuple[str, ...]
+    method: str
+    chain: np.ndarray | None = None
+    truth: np.ndarray | None = None
+    info: dict | None = None
+    config_toml: str = ""
+
+    def __post_init__(self):
+        s = np.asarray(self.samples, np.float64)
+        if s.ndim != 2 or s.shape[1] != len(self.names):
+            raise ValueError(f"samples must have shape (n, {len(self.names)}) for parameters "
+                             f"{', '.join(self.names)}, got {s.shape}")
+        if not np.all(np.isfinite(s)):
+            raise ValueError(f"{int((~np.isfinite(s)).any(axis=1).sum())} of {len(s)} posterior "
+                             f"samples of {self.method!r} contain NaN or inf")
+        object.__setattr__(self, "samples", s)
+        object.__setattr__(self, "names", tuple(self.names))
+        chain = np.zeros(len(s), np.int64) if self.chain is None else np.asarray(self.chain, np.int64)
+        if chain.shape != (len(s),):
+            raise ValueError(f"chain must have shape ({len(s)},), got {chain.shape}")
+        object.__setattr__(self, "chain", chain)
+        if self.truth is not None:
+            truth = np.asarray(self.truth, np.float64)
+            if truth.shape != (len(self.names),):
+                raise ValueError(f"truth must have shape ({len(self.names)},), got {truth.shape}")
+            object.__setattr__(self, "truth", truth)
+        object.__setattr__(self, "info", dict(self.info or {}))
+
+    def column(self, name: str) -> np.ndarray:
+        if name not in self.names:
+            raise KeyError(f"parameter {name!r} is not in these samples ({', '.join(self.names)})")
+        return self.samples[:, self.names.index(name)]
+
+
+def write_samples(path, samples: Samples) -> Path:
+    """Write posterior samples to HDF5 (format ``lensbench.samples`` v1), atomically.
+
+    Layout: /samples (n, d) float64 with a ``names`` attribute; /chain (n,) int64; /truth (d,)
+    when known. Root attributes: ``names`` (JSON list), ``method``, ``info_json``,
+    ``config_toml`` and provenance.
+    """
+    path = Path(path)
+    datasets = {"samples": (samples.samples, {"names": json.dumps(list(samples.names))}),
+                "chain": (samples.chain, {})}
+    if samples.truth is not None:
+        datasets["truth"] = (samples.truth, {})
+    attrs = {"format": SAMPLES_FORMAT, "format_version": SAMPLES_FORMAT_VERSION,
+             "names": json.dumps(list(samples.names)), "method": samples.method,
+             "info_json": json.dumps(_jsonable_tree(samples.info)),
+             "config_toml": samples.config_toml, **_provenance()}
+    return _write_h5(path, attrs, datasets)
+
+
+def read_samples(path) -> Samples:
+    """Read a samples file written by ``write_samples``.
+
+    Raises FileNotFoundError for a missing file, OSError if it is not HDF5, ValueError if it is
+    not a lensbench samples file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"posterior-samples file {path} does not exist")
+    data, attrs = _read_h5(path, SAMPLES_FORMAT, "posterior-samples", ("samples", "chain"),
+                           ("names", "method"))
+    with h5py.File(path, "r") as f:
+        truth = np.asarray(f["truth"][()]) if "truth" in f else None
+    try:
+        names = tuple(json.loads(attrs["names"]))
+        info = json.loads(attrs.get("info_json", "{}"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: unreadable names/info attributes ({e})") from None
+    return Samples(data["samples"], names, attrs["method"], chain=data["chain"], truth=truth,
+                   info=info, config_toml=attrs.get("config_toml", ""))
+
+
+def _jsonable_tree(value):
+    """Nested dicts/lists of numpy values -> plain JSON types (non-finite floats -> None)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable_tree(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable_tree(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value

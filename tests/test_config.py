@@ -135,7 +135,8 @@ CASES = [
     (dict(cosmology={"omega_c": 0.3}), "cosmology.omega_c: unknown key (did you mean 'Omega_c'?)"),
     (dict(sed=3), "sed: unknown key (did you mean 'seed'?)"),
     (dict(simulaton={"kind": "pm"}), "[simulaton]: unknown section (did you mean 'simulation'?)"),
-    (dict(prior={"Omega_c": [0.1, 0.5]}), "[prior]: unknown section"),
+    (dict(prior={"Omega_c": [0.1, 0.5]}), "prior.Omega_c: must be a table"),
+    (dict(priors={"Omega_c": {}}), "[priors]: unknown section (did you mean 'prior'?)"),
     # wrong types
     (dict(maps={"npix": "64"}), "maps.npix: must be an integer, got '64' (string)"),
     (dict(maps={"npix": 64.5}), "maps.npix: must be an integer, got 64.5 (float)"),

@@ -6,6 +6,15 @@
     lensbench cl maps.h5 --out cl.png
     lensbench demo --out-dir out
 
+Implicit inference and the C_ell baseline (experiments/pipeline.py):
+
+    lensbench generate --config quick --n 1000 --out sims.h5
+    lensbench train-compressor --config quick --sims sims.h5 --loss vmim --out compressor/
+    lensbench compress --compressor compressor/ --in maps.h5 --out summaries.h5
+    lensbench fit-posterior --config quick --sims sims.h5 --compressor compressor/ --out posterior/
+    lensbench sample --posterior posterior/ --maps maps.h5 --n 20000 --out samples.h5
+    lensbench cl-baseline --config quick --maps maps.h5 --out cl_samples.h5
+
 ``maps`` reads an experiment configuration (TOML; ``experiments/config.py`` documents the schema):
 a path, or the name of a shipped one (``quick``, ``lsst_y10`` in ``experiments/configs``).
 
@@ -553,6 +562,115 @@ def cl(
     """Measure the tomographic C_ell of a map file and plot it against Limber theory."""
     out = out if out is not None else maps_file.with_name(maps_file.stem + "_cl.png")
     run_cl(maps_file, out, noisy=noisy)
+
+
+# ---- implicit inference and the C_ell baseline (experiments/pipeline.py) ---------------------------
+
+_CONFIG_HELP = "Experiment configuration: a TOML file, or a shipped name (quick, lsst_y10)."
+
+
+@app.command()
+def generate(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output sims file (HDF5); rerun with "
+                                      "the same arguments to finish an interrupted one.", dir_okay=False)],
+    config: Annotated[str, typer.Option("--config", "-c", help=_CONFIG_HELP)] = "quick",
+    n: Annotated[Optional[int], typer.Option("--n", help="Simulations (default: training_set.n_sims).",
+                                            min=1)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Simulations per batch (default: "
+                                                      "training_set.batch_size or automatic).", min=1)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed (default: training_set.seed).", min=0)] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+):
+    """Simulate (theta, kappa) pairs, theta drawn from the prior, noise-free maps, into HDF5."""
+    from .pipeline import run_generate
+
+    run_generate(config, out, n=n, batch_size=batch_size, seed=seed, progress=progress)
+
+
+@app.command("train-compressor")
+def train_compressor(
+    sims: Annotated[Path, typer.Option("--sims", help="Sims file from 'lensbench generate'.", dir_okay=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (checkpoints, model, "
+                                      "loss.png); an existing one is resumed.", file_okay=False)],
+    config: Annotated[str, typer.Option("--config", "-c", help=_CONFIG_HELP)] = "quick",
+    loss: Annotated[Optional[str], typer.Option(help="mse, mae, gnll or vmim (default: compressor.loss).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+):
+    """Train a neural compressor (maps -> summaries) on a training set."""
+    from .pipeline import run_train_compressor
+
+    if loss is not None and loss not in ("mse", "mae", "gnll", "vmim"):
+        raise typer.BadParameter(f"--loss must be mse, mae, gnll or vmim, got {loss!r}")
+    run_train_compressor(config, sims, out, loss=loss, progress=progress)
+
+
+@app.command()
+def compress(
+    compressor: Annotated[Path, typer.Option("--compressor", help="Directory of a trained compressor.",
+                                             file_okay=False)],
+    inputs: Annotated[Path, typer.Option("--in", help="A map file or a sims file.", exists=True,
+                                         dir_okay=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output summaries (HDF5).", dir_okay=False)],
+    noisy: Annotated[bool, typer.Option("--noisy/--no-noise", help="Compress noisy maps (a map file's "
+                                        "kappa_noisy; sims get one shape-noise draw).")] = True,
+    seed: Annotated[int, typer.Option(help="Seed of the noise added to sims.", min=0)] = 0,
+):
+    """Apply a trained compressor to maps or to a training set."""
+    from .pipeline import run_compress
+
+    run_compress(compressor, inputs, out, noisy=noisy, seed=seed)
+
+
+@app.command("fit-posterior")
+def fit_posterior(
+    sims: Annotated[Path, typer.Option("--sims", help="Sims file from 'lensbench generate'.", dir_okay=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.", file_okay=False)],
+    config: Annotated[str, typer.Option("--config", "-c", help=_CONFIG_HELP)] = "quick",
+    compressor: Annotated[Optional[Path], typer.Option(
+        help="Trained compressor: NPE on its summaries (two-stage).", file_okay=False)] = None,
+    summary: Annotated[Optional[str], typer.Option(
+        help="Instead of a compressor: 'cl' (NPE on the C_ell data vector) or 'maps' (one-stage "
+             "NPE with a CNN embedding trained by sbi).")] = None,
+    calibrate: Annotated[bool, typer.Option(help="SBC and TARP on the held-out simulations.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+):
+    """Fit a neural posterior (sbi NPE) on summaries of a training set, and calibrate it."""
+    from .pipeline import run_fit_posterior
+
+    if summary is not None and summary not in ("cl", "maps", "compressor"):
+        raise typer.BadParameter(f"--summary must be cl or maps, got {summary!r}")
+    run_fit_posterior(config, sims, out, compressor=compressor, summary=summary,
+                      calibrate=calibrate, progress=progress)
+
+
+@app.command()
+def sample(
+    posterior: Annotated[Path, typer.Option("--posterior", help="Directory from 'lensbench fit-posterior'.",
+                                            file_okay=False)],
+    maps_file: Annotated[Path, typer.Option("--maps", help="Observed map file ('lensbench maps').",
+                                            exists=True, dir_okay=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output samples file (HDF5).", dir_okay=False)],
+    n: Annotated[Optional[int], typer.Option("--n", help="Samples (default: npe.n_samples).", min=1)] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed.", min=0)] = 0,
+):
+    """Draw posterior samples for an observation from a fitted NPE posterior."""
+    from .pipeline import run_sample
+
+    run_sample(posterior, maps_file, out, n=n, seed=seed)
+
+
+@app.command("cl-baseline")
+def cl_baseline(
+    maps_file: Annotated[Path, typer.Option("--maps", help="Observed map file ('lensbench maps').",
+                                            exists=True, dir_okay=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output samples file (HDF5).", dir_okay=False)],
+    config: Annotated[str, typer.Option("--config", "-c", help=_CONFIG_HELP)] = "quick",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+):
+    """The analytic C_ell baseline: Gaussian likelihood with a simulated covariance, NUTS."""
+    from .pipeline import run_cl_baseline
+
+    run_cl_baseline(config, maps_file, out, progress=progress)
 
 
 @app.command()

@@ -100,6 +100,41 @@ Top level
                          {dist = "normal", loc, scale}, {dist = "truncated_normal", loc, scale,
                          low and/or high} or {dist = "uniform", low, high}
 
+[training_set]         simulated (theta, kappa) pairs for the implicit pipeline (``lensbench generate``)
+  n_sims               : simulations [1000]
+  batch_size           : simulations per batch and per chunk written [4 per device for PM/LPT,
+                         16 per device for Gaussian/lognormal maps]
+  seed                 : seed of the parameter draws and latent fields (distinct from the
+                         observation's top-level seed) [1]
+  n_calibration        : the last simulations, held out from training for calibration [100]
+
+[compressor]           neural compressor training (``compressors.TrainConfig``)
+  loss                 : "mse", "mae", "gnll" or "vmim" ["vmim"]
+  network              : "resnet" or "cnn" ["resnet"]
+  width, depth         : channels of the first stage [16], stages (each halves the maps) [3]
+  epochs               : maximum epochs; early stopping may end sooner [30]
+  batch_size           : maps per step [32]
+  learning_rate        : peak AdamW learning rate (warm-up, cosine decay) [1e-3]
+  patience             : epochs without a better validation loss before stopping [8]
+  val_fraction         : fraction of the training maps used for validation [0.1]
+  seed                 : seed of the split, initialisation, noise and augmentation [0]
+
+[npe]                  neural posterior estimation (sbi)
+  density              : "nsf" (neural spline flow) or "maf" ["nsf"]
+  max_epochs           : maximum training epochs (sbi stops early) [300]
+  batch_size           : training batch size [128]
+  noise_copies         : shape-noise realisations drawn per simulation [4]
+  n_samples            : posterior samples written by ``lensbench sample`` [20000]
+  calibration_samples  : posterior samples per held-out simulation for SBC/TARP [500]
+  seed                 : seed of the noise and of training [0]
+
+[cl_baseline]          the power-spectrum baseline (analytic Gaussian likelihood + NUTS)
+  n_cov                : fiducial simulations for the covariance (Hartlap-corrected) [200]
+  likelihood           : "gaussian" or "sellentin_heavens" ["gaussian"]
+  num_warmup, num_samples, num_chains : NUTS settings [500, 2000, 2]
+  seed                 : the covariance simulations use seeds seed .. seed + n_cov - 1 (keep
+                         the observation's seed outside); NUTS uses seed too [10000]
+
 Adding a section (e.g. [prior], [compressor], [npe], [hmc] later): write a frozen dataclass whose
 fields are declared with ``key(...)`` (type, default, doc, optional check), optionally a
 ``_check(self, given)`` method for rules that involve several keys, add it to ``SECTIONS`` and add
@@ -597,6 +632,75 @@ class PriorSection:
     __call__ = build  # cfg.prior() builds it, like cfg.cosmology()
 
 
+@dataclass(frozen=True)
+class TrainingSetSection:
+    """The simulated (θ, κ) training set of the implicit pipeline (``lensbench generate``)."""
+
+    n_sims: int = key("int", 1000, "simulations", check=_at_least(1))
+    batch_size: int | None = key("int", None, "simulations per batch", check=_at_least(1))
+    seed: int = key("int", 1, "seed of θ and the latent fields", check=_at_least(0))
+    n_calibration: int = key("int", 100, "last simulations held out for calibration",
+                             check=_at_least(0))
+
+    def _check(self, given):
+        if self.n_calibration >= self.n_sims:
+            _fail("training_set.n_calibration", f"must be < n_sims = {self.n_sims}, got "
+                                                f"{self.n_calibration}")
+        return self
+
+
+@dataclass(frozen=True)
+class CompressorSection:
+    """Neural compressor training (``compressors.TrainConfig``; ``lensbench train-compressor``)."""
+
+    loss: str = key("str", "vmim", "loss", choices=("mse", "mae", "gnll", "vmim"))
+    network: str = key("str", "resnet", "architecture", choices=("resnet", "cnn"))
+    width: int = key("int", 16, "channels of the first stage", check=_at_least(1))
+    depth: int = key("int", 3, "stages", check=_at_least(1))
+    epochs: int = key("int", 30, "maximum epochs", check=_at_least(2))
+    batch_size: int = key("int", 32, "maps per step", check=_at_least(1))
+    learning_rate: float = key("float", 1e-3, "peak learning rate", check=_positive)
+    patience: int = key("int", 8, "early-stopping patience in epochs", check=_at_least(1))
+    val_fraction: float = key("float", 0.1, "validation fraction",
+                              check=lambda v: None if 0 < v < 1 else "must be in (0, 1)")
+    seed: int = key("int", 0, "seed", check=_at_least(0))
+
+    def train_config(self, loss: str | None = None):
+        from compressors import TrainConfig
+
+        values = {k: getattr(self, k) for k in _keys(type(self))}
+        values["loss"] = loss or self.loss
+        return _wrap("compressor", _keys(type(self)), lambda: TrainConfig(**values))
+
+
+@dataclass(frozen=True)
+class NpeSection:
+    """Neural posterior estimation with sbi (``lensbench fit-posterior``)."""
+
+    density: str = key("str", "nsf", "sbi density estimator", choices=("nsf", "maf"))
+    max_epochs: int = key("int", 300, "maximum training epochs", check=_at_least(1))
+    batch_size: int = key("int", 128, "training batch size", check=_at_least(1))
+    noise_copies: int = key("int", 4, "noise realisations per simulation", check=_at_least(1))
+    n_samples: int = key("int", 20000, "posterior samples drawn by `sample`", check=_at_least(1))
+    calibration_samples: int = key("int", 500, "posterior samples per held-out simulation",
+                                   check=_at_least(10))
+    seed: int = key("int", 0, "seed", check=_at_least(0))
+
+
+@dataclass(frozen=True)
+class ClBaselineSection:
+    """The power-spectrum baseline (``lensbench cl-baseline``)."""
+
+    n_cov: int = key("int", 200, "fiducial simulations for the covariance", check=_at_least(3))
+    likelihood: str = key("str", "gaussian", "likelihood",
+                          choices=("gaussian", "sellentin_heavens"))
+    num_warmup: int = key("int", 500, "NUTS warm-up steps", check=_at_least(1))
+    num_samples: int = key("int", 2000, "NUTS samples per chain", check=_at_least(1))
+    num_chains: int = key("int", 2, "NUTS chains", check=_at_least(1))
+    seed: int = key("int", 10000, "first seed of the covariance simulations, and of NUTS",
+                    check=_at_least(0))
+
+
 # Section name -> dataclass, in file order. Add later sections ([prior], [npe], ...) here and as a
 # field of ExperimentConfig.
 SECTIONS: dict[str, type] = {
@@ -607,6 +711,10 @@ SECTIONS: dict[str, type] = {
     "sources": SourcesSection,
     "cl": ClSection,
     "prior": PriorSection,
+    "training_set": TrainingSetSection,
+    "compressor": CompressorSection,
+    "npe": NpeSection,
+    "cl_baseline": ClBaselineSection,
 }
 TOP_LEVEL = ("name", "seed")
 
@@ -629,6 +737,10 @@ class ExperimentConfig:
     sources: SourcesSection = field(default_factory=lambda: _default_section('sources'))
     cl: ClSection = field(default_factory=lambda: _default_section('cl'))
     prior: PriorSection = field(default_factory=lambda: _default_section('prior'))
+    training_set: TrainingSetSection = field(default_factory=lambda: _default_section('training_set'))
+    compressor: CompressorSection = field(default_factory=lambda: _default_section('compressor'))
+    npe: NpeSection = field(default_factory=lambda: _default_section('npe'))
+    cl_baseline: ClBaselineSection = field(default_factory=lambda: _default_section('cl_baseline'))
     path: str | None = field(default=None, compare=False)  # the file it came from, if any
 
     # ---- builders (these import JAX; bins() and chi_max() may start its backend) -------------

@@ -1,0 +1,409 @@
+"""The implicit-inference and C_ℓ-baseline stages, one function per ``lensbench`` command.
+
+    generate          config -> sims.h5                (θ ~ prior, noise-free κ; resumable)
+    train-compressor  config + sims.h5 -> compressor/  (flax network, loss mse|mae|gnll|vmim)
+    compress          compressor/ + maps or sims -> summaries.h5
+    fit-posterior     config + sims.h5 [+ compressor/] -> posterior/  (sbi NPE + calibration)
+    sample            posterior/ + maps.h5 -> samples.h5
+    cl-baseline       config + maps.h5 -> samples.h5   (analytic C_ℓ likelihood, NUTS)
+
+Every stage reads files the previous one wrote and writes one output, so ``compare`` can cache
+and resume stages. Summaries given to NPE come in three kinds, recorded in ``posterior/lensbench.json``:
+"compressor" (two-stage: a trained compressor's summaries of the noisy maps), "cl" (the binned
+tomographic C_ℓ data vector: the simulation-based C_ℓ baseline) and "maps" (one-stage: sbi trains
+a CNN embedding end to end).
+
+Held-out simulations. The last ``training_set.n_calibration`` simulations of a sims file are
+never used for training (compressor or NPE); ``fit-posterior`` calibrates on them (SBC, TARP).
+
+Noise. Sims files hold noise-free maps. Compressor training adds fresh shape noise per batch; NPE
+uses ``npe.noise_copies`` noisy copies of each simulation, drawn from ``npe.seed``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SUMMARIES = ("compressor", "cl", "maps")
+# nflows (inside sbi) calls a torch function deprecated in torch 2.x on every MAF/NSF inverse
+warnings.filterwarnings("ignore", message=r"torch\.triangular_solve is deprecated")
+_META = "lensbench.json"
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _config(config):
+    from .config import ExperimentConfig, load_config
+
+    return config if isinstance(config, ExperimentConfig) else load_config(config)
+
+
+# ---- generate ------------------------------------------------------------------------------------
+
+def run_generate(config, out, *, n: int | None = None, batch_size: int | None = None,
+                 seed: int | None = None, progress: bool = True):
+    """Simulate the training set of ``config`` ([training_set] gives the defaults) into ``out``;
+    rerunning finishes an interrupted file. Returns the ``dataset.GenerateReport``."""
+    from .dataset import generate
+
+    cfg = _config(config)
+    ts = cfg.training_set
+    report = generate(cfg, cfg.prior(), ts.n_sims if n is None else n, out,
+                      batch_size=ts.batch_size if batch_size is None else batch_size,
+                      seed=ts.seed if seed is None else seed, progress=progress)
+    print(report.summary())
+    return report
+
+
+# ---- training data -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Split:
+    """The training and held-out (calibration) rows of a sims file's ok simulations."""
+
+    train: np.ndarray
+    held_out: np.ndarray
+
+
+def split_sims(sims, n_calibration: int) -> Split:
+    """The last ``n_calibration`` ok simulations are held out (by file row, so the split does not
+    change when a file is extended or failures differ)."""
+    n = len(sims)
+    if n_calibration >= n:
+        raise ValueError(f"{sims.path}: {n} usable simulations, but training_set.n_calibration = "
+                         f"{n_calibration} are to be held out; generate more or hold out fewer")
+    order = np.argsort(sims.indices, kind="stable")
+    return Split(order[:n - n_calibration], order[n - n_calibration:])
+
+
+def _read_sims(path):
+    from .dataset import read_sims
+
+    sims = read_sims(path)
+    if sims.n_pending:
+        _log(f"warning: {path} is unfinished ({sims.n_pending} simulations not yet run); using "
+             f"the {len(sims)} finished ones (rerun `lensbench generate` to complete it)")
+    if sims.n_failed:
+        _log(f"note: {path}: {sims.n_failed} failed simulations are excluded")
+    if len(sims) == 0:
+        raise ValueError(f"{path} holds no finished simulations")
+    return sims
+
+
+def _check_sims_match(sims, cfg) -> None:
+    """The sims must be of this configuration's maps and prior."""
+    expected = (cfg.bins().n_bins, cfg.maps.npix, cfg.maps.npix) if cfg.maps.sky == "flat" else None
+    if cfg.maps.sky != "flat":
+        raise ValueError("the implicit pipeline needs flat-sky maps (maps.sky = 'flat')")
+    if sims.kappa.shape[1:] != expected:
+        raise ValueError(f"{sims.path}: maps of shape {sims.kappa.shape[1:]}, but the configuration "
+                         f"{cfg.name!r} makes {expected}")
+    if tuple(sims.names) != cfg.prior().names:
+        raise ValueError(f"{sims.path}: parameters {', '.join(sims.names)}, but the configuration's "
+                         f"prior has {', '.join(cfg.prior().names)}")
+
+
+# ---- compressor ----------------------------------------------------------------------------------
+
+def run_train_compressor(config, sims_path, out, *, loss: str | None = None,
+                         progress: bool = True):
+    """Train a compressor on the training rows of ``sims_path``; resumes from ``out``'s
+    checkpoints. Returns the ``compressors.Compressor``."""
+    from compressors import train_compressor
+
+    cfg = _config(config)
+    sims = _read_sims(sims_path)
+    _check_sims_match(sims, cfg)
+    split = split_sims(sims, cfg.training_set.n_calibration)
+    train_cfg = cfg.compressor.train_config(loss)
+    prior = cfg.prior()
+    _log(f"training a {train_cfg.network} compressor with the {train_cfg.loss} loss on "
+         f"{len(split.train)} simulations of {sims_path}")
+    comp = train_compressor(sims.kappa[split.train], sims.theta[split.train], sims.sigma_n,
+                            train_cfg, out, theta_mean=prior.mean, theta_std=prior.std,
+                            param_names=prior.names, progress=progress)
+    print(f"wrote the compressor to {out} (loss curve {Path(out) / 'loss.png'})")
+    return comp
+
+
+def _noisy(kappa: np.ndarray, sigma_n: np.ndarray, copies: int, seed: int):
+    """(n·copies, ...) float32 maps: each map repeated ``copies`` times (adjacent) with fresh
+    per-bin Gaussian shape noise; θ rows repeat the same way (``np.repeat``)."""
+    rng = np.random.default_rng(seed)
+    reps = np.repeat(kappa, copies, axis=0).astype(np.float32)
+    sigma = np.asarray(sigma_n, np.float32).reshape((1, -1) + (1,) * (kappa.ndim - 2))
+    return reps + rng.standard_normal(reps.shape, np.float32) * sigma
+
+
+def summarise(kind: str, maps: np.ndarray, *, compressor=None, field_deg=None, ell_edges=None,
+              batch: int = 256) -> np.ndarray:
+    """Summaries of noisy maps (n, n_bins, npix, npix): compressor outputs (n, d), C_ℓ data
+    vectors (n, n_pairs·n_ell), or the maps themselves (one-stage NPE)."""
+    if kind == "compressor":
+        return np.asarray(compressor.compress(maps), np.float64)
+    if kind == "cl":
+        import jax
+
+        from estimators.cl_baseline import cl_data_vector
+
+        fn = jax.jit(lambda m: cl_data_vector(m, field_deg, np.asarray(ell_edges)))
+        return np.concatenate([np.asarray(fn(maps[i:i + batch]))
+                               for i in range(0, len(maps), batch)])
+    if kind == "maps":
+        return np.asarray(maps, np.float32)
+    raise ValueError(f"unknown summary {kind!r}; valid: {', '.join(SUMMARIES)}")
+
+
+def run_compress(compressor_dir, inputs, out, *, noisy: bool = True, seed: int = 0) -> Path:
+    """Apply a trained compressor to a map file (its noisy maps, or noise-free with noisy=False)
+    or to a sims file (noise-free maps plus one shape-noise draw from ``seed`` when noisy).
+    Writes HDF5 ``summaries`` (n, d) [+ ``theta``, ``indices`` for sims]."""
+    import h5py
+
+    from compressors import load_compressor
+
+    from .io import _write_h5
+
+    comp = load_compressor(compressor_dir)
+    with h5py.File(inputs, "r") as f:
+        fmt = f.attrs.get("format")
+    datasets = {}
+    if fmt == "lensbench.maps":
+        from .io import read_maps
+
+        m = read_maps(inputs)
+        maps = (m.kappa_noisy if noisy else m.kappa)[None]
+    elif fmt == "lensbench.sims":
+        sims = _read_sims(inputs)
+        maps = _noisy(sims.kappa, sims.sigma_n, 1, seed) if noisy else sims.kappa
+        datasets.update(theta=(sims.theta, {}), indices=(sims.indices, {}))
+    else:
+        raise ValueError(f"{inputs} is neither a map file (lensbench maps) nor a sims file "
+                         f"(lensbench generate)")
+    t = comp.compress(np.asarray(maps, np.float32))
+    datasets["summaries"] = (t, {"description": "compressor summaries, (n, summary_dim)"})
+    attrs = {"format": "lensbench.summaries", "format_version": 1, "inputs": str(inputs),
+             "compressor": str(compressor_dir), "noisy": bool(noisy)}
+    path = _write_h5(Path(out), attrs, datasets)
+    print(f"wrote {path}: {t.shape[0]} summaries of dimension {t.shape[1]}")
+    return path
+
+
+# ---- NPE -----------------------------------------------------------------------------------------
+
+def run_fit_posterior(config, sims_path, out, *, compressor=None, summary: str | None = None,
+                      calibrate: bool = True, progress: bool = True) -> Path:
+    """Fit NPE on summaries of the training rows of ``sims_path``; calibrate on the held-out rows.
+
+    summary: "compressor" (needs ``compressor``, the default when one is given), "cl" or "maps".
+    Writes ``out``/npe (the estimator), ``out``/lensbench.json and ``out``/calibration/.
+    """
+    import torch
+
+    from estimators.npe import MapEmbedding, fit_npe
+
+    cfg = _config(config)
+    summary = summary or ("compressor" if compressor is not None else None)
+    if summary not in SUMMARIES:
+        raise ValueError(f"choose the summary: --compressor DIR, or --summary cl|maps "
+                         f"(got {summary!r})")
+    if summary == "compressor" and compressor is None:
+        raise ValueError("--summary compressor needs --compressor DIR")
+    comp = None
+    if summary == "compressor":
+        from compressors import load_compressor
+
+        comp = load_compressor(compressor)
+    sims = _read_sims(sims_path)
+    _check_sims_match(sims, cfg)
+    split = split_sims(sims, cfg.training_set.n_calibration)
+    npe = cfg.npe
+    prior = cfg.prior()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    t0 = time.perf_counter()
+    # noisy copies of the training maps, then their summaries
+    maps = _noisy(sims.kappa[split.train], sims.sigma_n, npe.noise_copies, npe.seed)
+    theta = np.repeat(sims.theta[split.train], npe.noise_copies, axis=0)
+    geo = dict(compressor=comp, field_deg=cfg.maps.field_deg, ell_edges=cfg.ell_edges())
+    x = summarise(summary, maps, **geo)
+    del maps
+    embedding = None
+    if summary == "maps":
+        n_bins, npix = sims.kappa.shape[1], sims.kappa.shape[-1]
+        embedding = MapEmbedding(n_bins, npix, n_out=max(8, 2 * prior.dim))
+    _log(f"fitting NPE ({npe.density}) on {len(theta)} {summary} summaries "
+         f"({len(split.train)} simulations x {npe.noise_copies} noise draws)")
+    result = fit_npe(theta, x, prior.torch(), density=npe.density, embedding_net=embedding,
+                     seed=npe.seed, max_epochs=npe.max_epochs, batch_size=npe.batch_size,
+                     names=prior.names, progress=progress)
+    out = Path(out)
+    result.save(out / "npe")
+    meta = {"summary": summary, "compressor": str(Path(compressor).resolve()) if comp else None,
+            "names": list(prior.names), "sims": str(Path(sims_path).resolve()),
+            "n_train_sims": int(len(split.train)), "noise_copies": npe.noise_copies,
+            "fit_time_s": result.fit_time_s, "epochs": result.epochs,
+            "best_val_log_prob": result.best_val_log_prob, "config_toml": cfg.to_toml()}
+    (out / _META).write_text(json.dumps(meta, indent=1))
+    print(f"fitted NPE in {result.fit_time_s:.1f} s ({result.epochs} epochs, best validation "
+          f"log q = {result.best_val_log_prob:.3f}); wrote {out}")
+    if calibrate and len(split.held_out):
+        from estimators.calibration import calibrate as run_calibration
+
+        held = _noisy(sims.kappa[split.held_out], sims.sigma_n, 1, npe.seed + 1)
+        x_test = summarise(summary, held, **geo)
+        cal = run_calibration(result, sims.theta[split.held_out], x_test,
+                              n_posterior_samples=npe.calibration_samples,
+                              out_dir=out / "calibration", names=prior.names, seed=npe.seed)
+        meta["calibration"] = {"tarp_atc": cal["tarp"]["atc"], "tarp_ks_pval": cal["tarp"]["ks_pval"],
+                               "sbc_ks_pvals": cal["sbc"]["ks_pvals"],
+                               "n_test": cal["n_test"]}
+        (out / _META).write_text(json.dumps(meta, indent=1))
+        ks = ", ".join(f"{k} {v:.2f}" for k, v in cal["sbc"]["ks_pvals"].items())
+        print(f"calibration on {cal['n_test']} held-out simulations: TARP ATC "
+              f"{cal['tarp']['atc']:+.3f} (KS p {cal['tarp']['ks_pval']:.2f}); SBC rank KS p: {ks}; "
+              f"plots in {out / 'calibration'}")
+    meta["wall_s"] = time.perf_counter() - t0
+    (out / _META).write_text(json.dumps(meta, indent=1))
+    return out
+
+
+def _posterior_meta(posterior_dir) -> dict:
+    path = Path(posterior_dir) / _META
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {posterior_dir} is not a posterior directory "
+                                f"written by `lensbench fit-posterior`")
+    return json.loads(path.read_text())
+
+
+def method_name(summary: str, compressor=None) -> str:
+    """npe_<loss> (two-stage with a compressor trained with that loss), npe_cl or npe_maps."""
+    return f"npe_{compressor.config.loss}" if summary == "compressor" else f"npe_{summary}"
+
+
+def run_sample(posterior_dir, maps_path, out, *, n: int | None = None, seed: int = 0):
+    """Posterior samples for an observed map file (its noisy maps) -> samples file."""
+    from estimators.npe import load_npe
+
+    from .config import load_config_text
+    from .io import Samples, read_maps, write_samples
+
+    meta = _posterior_meta(posterior_dir)
+    cfg = load_config_text(meta["config_toml"], where=f"{posterior_dir}/{_META}")
+    obs = read_maps(maps_path)
+    expected = (cfg.bins().n_bins, cfg.maps.npix, cfg.maps.npix)
+    if obs.kappa_noisy.shape != expected:
+        raise ValueError(f"{maps_path}: maps of shape {obs.kappa_noisy.shape}, but the posterior "
+                         f"was trained on {expected} ({cfg.name!r})")
+    comp = None
+    if meta["summary"] == "compressor":
+        from compressors import load_compressor
+
+        comp = load_compressor(meta["compressor"])
+    x = summarise(meta["summary"], obs.kappa_noisy[None].astype(np.float32), compressor=comp,
+                  field_deg=cfg.maps.field_deg, ell_edges=cfg.ell_edges())[0]
+    post = load_npe(Path(posterior_dir) / "npe")
+    n = cfg.npe.n_samples if n is None else int(n)
+    t0 = time.perf_counter()
+    theta = post.sample(x, n, seed=seed)
+    truth = [float(obs.attrs[k]) for k in meta["names"]]
+    samples = Samples(theta, tuple(meta["names"]), method_name(meta["summary"], comp), truth=truth,
+                      info={"posterior": str(posterior_dir), "observation": str(maps_path),
+                            "sample_time_s": time.perf_counter() - t0,
+                            "n_train_sims": meta["n_train_sims"], "fit_time_s": meta["fit_time_s"],
+                            "calibration": meta.get("calibration")},
+                      config_toml=meta["config_toml"])
+    path = write_samples(out, samples)
+    _report_samples(samples, path)
+    return samples
+
+
+def _report_samples(samples, path) -> None:
+    mean, std = samples.samples.mean(0), samples.samples.std(0)
+    parts = [f"{n} = {m:.4f} ± {s:.4f}" + (f" (truth {t:.4f})" if samples.truth is not None else "")
+             for n, m, s, t in zip(samples.names, mean, std,
+                                   samples.truth if samples.truth is not None else mean)]
+    print(f"{samples.method}: {'; '.join(parts)}; wrote {path}")
+
+
+# ---- C_ℓ baseline (analytic) ----------------------------------------------------------------------
+
+def run_cl_baseline(config, maps_path, out, *, progress: bool = True):
+    """The analytic C_ℓ baseline: Gaussian (or Sellentin–Heavens) likelihood of the observed
+    noisy maps' binned tomographic C_ℓ, covariance from ``cl_baseline.n_cov`` simulations of the
+    configuration's map model at its [cosmology], NUTS over its [prior] -> samples file.
+    The covariance's data vectors are cached next to ``out`` (``<out>.cov.npz``) and reused when
+    the configuration matches."""
+    import jax.numpy as jnp
+
+    from estimators.cl_baseline import (ClLikelihood, cl_data_vector, estimate_covariance,
+                                        fiducial_data_vectors, sample_cl_posterior)
+    from simulators.lensing import PMLensing, mesh_power_window, noise_sigma
+
+    from .io import Samples, read_maps, write_samples
+
+    cfg = _config(config)
+    if cfg.maps.sky != "flat":
+        raise ValueError("the C_ell baseline needs flat-sky maps (maps.sky = 'flat')")
+    obs = read_maps(maps_path)
+    model = cfg.build_model()
+    expected = (model.bins.n_bins,) + model.sky.shape
+    if obs.kappa_noisy.shape != expected:
+        raise ValueError(f"{maps_path}: maps of shape {obs.kappa_noisy.shape}, but the configuration "
+                         f"{cfg.name!r} makes {expected}")
+    cb = cfg.cl_baseline
+    obs_seed = int(obs.attrs["seed"])
+    if cb.seed <= obs_seed < cb.seed + cb.n_cov:
+        raise ValueError(f"the observation's seed {obs_seed} is one of the covariance simulations' "
+                         f"seeds [{cb.seed}, {cb.seed + cb.n_cov}): change cl_baseline.seed")
+    edges = np.asarray(cfg.ell_edges())
+    sigma_n = noise_sigma(model.bins, model.sky)
+    window = (mesh_power_window(cfg.simulation.sim_config(sharded=False).cell_size)
+              if isinstance(model, PMLensing) else None)
+    out = Path(out)
+    cache = out.with_name(out.name + ".cov.npz")
+    key = json.dumps({"config": cfg.with_(seed=0).to_toml(), "n_cov": cb.n_cov, "seed": cb.seed})
+    dvs = None
+    if cache.is_file():
+        with np.load(cache) as z:
+            if str(z["key"]) == key:
+                dvs = z["data_vectors"]
+    t0 = time.perf_counter()
+    if dvs is None:
+        _log(f"simulating {cb.n_cov} fiducial realisations for the C_ell covariance "
+             f"(seeds {cb.seed}..{cb.seed + cb.n_cov - 1})")
+        dvs = fiducial_data_vectors(model, cfg.cosmology(), sigma_n, cfg.maps.field_deg, edges,
+                                    cb.n_cov, seed=cb.seed, batch=8)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, key=key, data_vectors=dvs)
+    cov_time = time.perf_counter() - t0
+    est = estimate_covariance(dvs)
+    like = ClLikelihood(bins=model.bins, field_deg=cfg.maps.field_deg, npix=cfg.maps.npix,
+                        ell_edges=edges, sigma_n=sigma_n, cov=est.cov, n_cov=est.n_sims,
+                        prior=cfg.prior(), base=cfg.cosmology(), kind=cb.likelihood,
+                        power_filter=window)
+    data = np.asarray(cl_data_vector(jnp.asarray(obs.kappa_noisy), cfg.maps.field_deg, edges))
+    theta, info = sample_cl_posterior(like, data, num_warmup=cb.num_warmup,
+                                      num_samples=cb.num_samples, num_chains=cb.num_chains,
+                                      seed=cb.seed, progress=progress)
+    names = cfg.prior().names
+    info.update(covariance_time_s=cov_time, n_cov=cb.n_cov, observation=str(maps_path))
+    chain = np.repeat(np.arange(cb.num_chains), cb.num_samples)
+    samples = Samples(theta, names, "cl_analytic", chain=chain,
+                      truth=[float(obs.attrs[k]) for k in names], info=info,
+                      config_toml=cfg.to_toml())
+    path = write_samples(out, samples)
+    print(f"C_ell likelihood: {like.n_data} data ({cb.likelihood}, covariance from {cb.n_cov} "
+          f"simulations, Hartlap factor {like.hartlap:.3f}); NUTS {info['wall_time_s']:.1f} s, "
+          f"{info['divergences']} divergences, ESS "
+          + ", ".join(f"{k} {v:.0f}" for k, v in info["ess"].items()))
+    _report_samples(samples, path)
+    return samples

@@ -1,0 +1,157 @@
+"""The implicit pipeline and the C_ell baseline through the command line, end to end on a tiny
+Gaussian-field problem (16² maps, 2 bins, 2 parameters): generate -> train-compressor -> compress
+-> fit-posterior (+ calibration) -> sample, NPE on C_ell, and cl-baseline; plus their errors.
+
+The networks and flows are tiny and trained for a few epochs, so these tests check the plumbing
+(files, shapes, held-out split, provenance, errors), not posterior quality; that is tested on toy
+problems in test_compressors / test_npe / test_cl_baseline.
+"""
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from experiments import cli
+from experiments.config import load_config
+from experiments.dataset import read_sims
+from experiments.io import read_samples
+from experiments.pipeline import split_sims
+
+runner = CliRunner()
+
+TINY = """
+name = "tiny"
+seed = 0
+[simulation]
+kind = "gaussian"
+[maps]
+field_deg = 5.0
+npix = 16
+[sources]
+n_bins = 2
+[cl]
+n_ell_bins = 3
+[prior]
+params = ["Omega_c", "sigma8"]
+[training_set]
+n_sims = 48
+n_calibration = 12
+[compressor]
+network = "cnn"
+width = 4
+depth = 2
+epochs = 3
+batch_size = 12
+[npe]
+max_epochs = 8
+noise_copies = 2
+n_samples = 500
+calibration_samples = 20
+[cl_baseline]
+n_cov = 40
+num_warmup = 30
+num_samples = 40
+num_chains = 1
+"""
+
+
+def invoke(*args):
+    result = runner.invoke(cli.app, [str(a) for a in args])
+    return result
+
+
+def ok(*args):
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output + str(result.exception)
+    return result
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pipeline")
+    (d / "tiny.toml").write_text(TINY)
+    ok("maps", "--config", d / "tiny.toml", "--out", d / "obs.h5", "--no-progress")
+    ok("generate", "--config", d / "tiny.toml", "--out", d / "sims.h5", "--no-progress")
+    return d
+
+
+def test_generate_and_split(work):
+    sims = read_sims(work / "sims.h5")
+    assert sims.kappa.shape == (48, 2, 16, 16) and sims.theta.shape == (48, 2)
+    assert sims.names == ("Omega_c", "sigma8")
+    split = split_sims(sims, 12)
+    # the held-out rows are the last 12 of the file, disjoint from training
+    assert sorted(sims.indices[split.held_out]) == list(range(36, 48))
+    assert not set(split.train) & set(split.held_out)
+    with pytest.raises(ValueError, match="n_calibration = 48"):
+        split_sims(sims, 48)
+
+
+def test_compressor_npe_sample(work):
+    cfg = work / "tiny.toml"
+    ok("train-compressor", "--config", cfg, "--sims", work / "sims.h5", "--loss", "mse",
+       "--out", work / "comp", "--no-progress")
+    assert (work / "comp" / "loss.png").is_file()
+    res = ok("compress", "--compressor", work / "comp", "--in", work / "sims.h5",
+             "--out", work / "t.h5")
+    with h5py.File(work / "t.h5", "r") as f:
+        assert f["summaries"].shape == (48, 2) and f["theta"].shape == (48, 2)
+        assert np.all(np.isfinite(f["summaries"][()]))
+    ok("fit-posterior", "--config", cfg, "--sims", work / "sims.h5", "--compressor", work / "comp",
+       "--out", work / "post", "--no-progress")
+    cal = work / "post" / "calibration"
+    assert (cal / "calibration.json").is_file() and (cal / "tarp.png").is_file()
+    res = ok("sample", "--posterior", work / "post", "--maps", work / "obs.h5", "--n", 300,
+             "--out", work / "s.h5")
+    s = read_samples(work / "s.h5")
+    assert s.method == "npe_mse" and s.samples.shape == (300, 2) and s.names == ("Omega_c", "sigma8")
+    obs_cosmo = load_config(cfg).cosmology()
+    np.testing.assert_allclose(s.truth, [obs_cosmo.Omega_c, obs_cosmo.sigma8])
+    assert s.info["n_train_sims"] == 36  # 48 minus the 12 held out
+    assert "npe_mse" in res.stdout
+
+
+def test_npe_on_cl(work):
+    ok("fit-posterior", "--config", work / "tiny.toml", "--sims", work / "sims.h5", "--summary",
+       "cl", "--out", work / "post_cl", "--no-progress", "--no-calibrate")
+    ok("sample", "--posterior", work / "post_cl", "--maps", work / "obs.h5", "--n", 100,
+       "--out", work / "s_cl.h5")
+    s = read_samples(work / "s_cl.h5")
+    assert s.method == "npe_cl" and s.samples.shape == (100, 2)
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "error:" in lines[0], result.output
+    return lines[0]
+
+
+def test_errors(work, tmp_path):
+    cfg = work / "tiny.toml"
+    # a training set of other maps than the configuration's
+    other = tmp_path / "other.toml"
+    other.write_text(TINY.replace("npix = 16", "npix = 32"))
+    msg = one_line_error(invoke("train-compressor", "--config", other, "--sims", work / "sims.h5",
+                                "--out", tmp_path / "c"))
+    assert "maps of shape (2, 16, 16)" in msg and "(2, 32, 32)" in msg
+    # NPE without a summary, a posterior dir that is not one, an unknown loss
+    msg = one_line_error(invoke("fit-posterior", "--config", cfg, "--sims", work / "sims.h5",
+                                "--out", tmp_path / "p"))
+    assert "choose the summary" in msg
+    msg = one_line_error(invoke("sample", "--posterior", tmp_path, "--maps", work / "obs.h5",
+                                "--out", tmp_path / "s.h5"))
+    assert "not a posterior directory" in msg
+    msg = one_line_error(invoke("train-compressor", "--config", cfg, "--sims", work / "sims.h5",
+                                "--loss", "huber", "--out", tmp_path / "c"))
+    assert "--loss must be mse, mae, gnll or vmim" in msg
+    # a sims file that does not exist / that is a map file
+    msg = one_line_error(invoke("fit-posterior", "--config", cfg, "--sims", tmp_path / "none.h5",
+                                "--summary", "cl", "--out", tmp_path / "p"))
+    assert "none.h5" in msg
+    msg = one_line_error(invoke("fit-posterior", "--config", cfg, "--sims", work / "obs.h5",
+                                "--summary", "cl", "--out", tmp_path / "p"))
+    assert "obs.h5" in msg

@@ -1,0 +1,711 @@
+"""Training, checkpointing, resuming and loading of map → summary compressors.
+
+``train_compressor(maps, theta, sigma_n, config, out_dir)`` trains a network (and, for VMIM, a
+conditional flow) on noise-free maps (n, n_bins, npix, npix) with parameters θ (n, d) and writes
+to ``out_dir``:
+
+- ``run.json``: the configuration and a fingerprint of the data, so that a second call on the same
+  directory can tell a resume (same config and data) from a mistake (anything else → ValueError);
+- ``checkpoints/<epoch>/``: orbax checkpoints after every epoch (params, optimizer state, best
+  params, RNG key, and a JSON part with the epoch, best validation loss, patience counter and
+  history); the last two are kept;
+- ``history.json`` and ``loss.png``: per-epoch train/validation loss and learning rate;
+- ``compressor.json`` + ``compressor.msgpack``: the final model (best-validation params, config,
+  θ standardisation, parameter names, input shape, sigma_n, map normalisation), read back by
+  ``load_compressor``.
+
+Determinism: the train/validation split, the initial params, the validation noise and every
+epoch's shuffling, noise and symmetries are functions of (seed, epoch) only, so a run interrupted
+after epoch k and resumed reproduces the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from . import losses as L
+from .augment import add_shape_noise, augment_batch
+from .flow import ConditionalFlow
+from .networks import NETWORKS, build_network
+
+__all__ = ["TrainConfig", "Compressor", "train_compressor", "load_compressor"]
+
+LR_SCHEDULES = ("cosine", "constant")
+RUN_JSON = "run.json"
+MODEL_JSON = "compressor.json"
+MODEL_PARAMS = "compressor.msgpack"
+CHECKPOINTS = "checkpoints"
+
+# Independent RNG streams derived from the seed (fold_in indices).
+_STREAM_INIT, _STREAM_VAL_NOISE, _STREAM_EPOCHS, _STREAM_FIXED_TRAIN_NOISE = 0, 1, 2, 3
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train a compressor (hashable; every field is part of a run's identity).
+
+    Defaults suit ~1000 maps of (3, 64, 64) on a CPU.
+
+    Attributes:
+      loss: "mse" | "mae" | "gnll" | "vmim" (see ``compressors.losses``).
+      network: "resnet" | "cnn".
+      width: channels of the first convolution stage.
+      depth: ResNet stages / CNN convolutions; each after the first halves the resolution.
+      blocks: residual blocks per ResNet stage (ignored by "cnn").
+      head_hidden: width of the MLP head's hidden layer.
+      summary_dim: VMIM only: size of the summary t (default: d, the number of parameters).
+      epochs: maximum number of epochs (early stopping may end sooner).
+      batch_size: maps per optimisation step (capped at the training-set size).
+      learning_rate: peak AdamW learning rate.
+      lr_schedule: "cosine" (linear warm-up, then cosine decay to 1% over all epochs) or
+        "constant" (linear warm-up, then constant).
+      warmup_epochs: epochs of linear warm-up from 0 (0 disables); must be < epochs.
+      weight_decay: AdamW decoupled weight decay, applied to kernels only (not biases/norms).
+      grad_clip: global gradient-norm clip (None disables).
+      val_fraction: fraction of the maps held out for validation (at least one map each side).
+      patience: stop after this many epochs without a lower validation loss (None: never).
+      seed: seeds the split, initialisation, noise, shuffling and symmetries.
+      augment: True: fresh shape noise and a random D4 symmetry for every map in every batch.
+        False: one fixed noise realisation per training map and no symmetries.
+      flow_layers, flow_hidden: VMIM only: autoregressive layers and hidden width of q(θ | t).
+    """
+
+    loss: str = "mse"
+    network: str = "resnet"
+    width: int = 16
+    depth: int = 3
+    blocks: int = 1
+    head_hidden: int = 64
+    summary_dim: int | None = None
+    epochs: int = 30
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    lr_schedule: str = "cosine"
+    warmup_epochs: int = 1
+    weight_decay: float = 1e-4
+    grad_clip: float | None = 1.0
+    val_fraction: float = 0.1
+    patience: int | None = 8
+    seed: int = 0
+    augment: bool = True
+    flow_layers: int = 4
+    flow_hidden: int = 32
+
+    def __post_init__(self):
+        def choice(name, options):
+            if getattr(self, name) not in options:
+                raise ValueError(f"TrainConfig.{name} must be one of {tuple(options)}, "
+                                 f"got {getattr(self, name)!r}")
+
+        def integer(name, low, allow_none=False):
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= {low}"
+                                 f"{' or None' if allow_none else ''}, got {value!r}")
+
+        def real(name, low, high=math.inf, allow_none=False, open_low=False):
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool)
+            ok = ok and math.isfinite(value) and (value > low if open_low else value >= low)
+            if not (ok and value < high):
+                lo = "(" if open_low else "["
+                raise ValueError(f"TrainConfig.{name} must be a number in {lo}{low}, {high})"
+                                 f"{' or None' if allow_none else ''}, got {value!r}")
+
+        choice("loss", L.LOSSES)
+        choice("network", NETWORKS)
+        choice("lr_schedule", LR_SCHEDULES)
+        for name in ("width", "depth", "blocks", "head_hidden", "epochs", "batch_size",
+                     "flow_layers", "flow_hidden"):
+            integer(name, 1)
+        integer("summary_dim", 1, allow_none=True)
+        integer("warmup_epochs", 0)
+        integer("patience", 1, allow_none=True)
+        integer("seed", 0)
+        real("learning_rate", 0.0, open_low=True)
+        real("weight_decay", 0.0)
+        real("grad_clip", 0.0, open_low=True, allow_none=True)
+        real("val_fraction", 0.0, 1.0, open_low=True)
+        if not isinstance(self.augment, bool):
+            raise ValueError(f"TrainConfig.augment must be True or False, got {self.augment!r}")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"TrainConfig.warmup_epochs ({self.warmup_epochs}) must be < epochs "
+                             f"({self.epochs})")
+        if self.summary_dim is not None and self.loss != "vmim":
+            raise ValueError("TrainConfig.summary_dim only applies to loss='vmim' (the other "
+                             f"losses output one number per parameter), got {self.summary_dim}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
+        return cls(**data)
+
+    def network_kwargs(self) -> dict[str, int]:
+        kw = dict(width=self.width, depth=self.depth, head_hidden=self.head_hidden)
+        if self.network == "resnet":
+            kw["blocks"] = self.blocks
+        return kw
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled programs (cached per configuration so repeated calls, e.g. a resume, reuse them)
+# --------------------------------------------------------------------------------------------
+
+class _Program(NamedTuple):
+    net: Any
+    flow: ConditionalFlow | None
+    optimizer: optax.GradientTransformation
+    schedule: Any
+    init: Any           # (key, input_shape) → (params, opt_state); static input_shape
+    train_step: Any
+    eval_losses: Any
+
+
+# One-off programs (initialisation, fixed noise draws): compile time dominates their run time,
+# so skip LLVM's optimisation passes (halves their compile time on CPU).
+_ONE_OFF = {"xla_backend_optimization_level": 0}
+_add_noise = jax.jit(add_shape_noise, compiler_options=_ONE_OFF)
+# "rbg" keys draw bits with XLA's RngBitGenerator; threefry's integer arithmetic takes several
+# times longer to compile on CPU, which dominates small runs. rbg streams are deterministic on a
+# given backend and JAX version (enough for exact resumes), not across versions.
+_PRNG_IMPL = "rbg"
+
+
+def _normalise(maps, map_mean, map_std):
+    return (maps - map_mean[None, :, None, None]) / map_std[None, :, None, None]
+
+
+def _modules(config: TrainConfig, d: int):
+    n_out = L.n_outputs(config.loss, d, config.summary_dim)
+    net = build_network(config.network, n_out, **config.network_kwargs())
+    flow = (ConditionalFlow(dim=d, n_layers=config.flow_layers, hidden=config.flow_hidden)
+            if config.loss == "vmim" else None)
+    return net, flow
+
+
+def _per_map_loss(config: TrainConfig, net, flow, params, x, y):
+    """Per-map loss (batch,) on normalised maps x and standardised parameters y."""
+    out = net.apply({"params": params["net"]}, x)
+    if config.loss == "vmim":
+        return L.vmim(flow.apply({"params": params["flow"]}, y, out))
+    return L.HEAD_LOSSES[config.loss](out, y)
+
+
+def _schedule(config: TrainConfig, steps_per_epoch: int):
+    total = config.epochs * steps_per_epoch
+    warmup = config.warmup_epochs * steps_per_epoch
+    lr = config.learning_rate
+    if config.lr_schedule == "cosine":
+        if warmup == 0:
+            return optax.cosine_decay_schedule(lr, total, alpha=0.01)
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total, end_value=0.01 * lr)
+    if warmup == 0:
+        return optax.constant_schedule(lr)
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
+                                 optax.constant_schedule(lr)], [warmup])
+
+
+def _fast_compile(config: TrainConfig, n_train: int, input_shape) -> bool:
+    """Skip LLVM's optimisation passes for the training programs of small runs.
+
+    They cost seconds of compile time and buy ~10% of step time, which pays off only when a run
+    trains on more than ~1e7 pixel-maps (epochs × maps × bins × pixels) — the default 64² problem
+    is well above, unit-test-sized problems far below. A function of the config and data shape
+    only, so a resumed run compiles the same programs.
+    """
+    return config.epochs * n_train * math.prod(input_shape) < 10_000_000
+
+
+@functools.lru_cache(maxsize=16)
+def _program(config: TrainConfig, d: int, steps_per_epoch: int, fast_compile: bool = False
+             ) -> _Program:
+    net, flow = _modules(config, d)
+    jit = functools.partial(jax.jit, compiler_options=_ONE_OFF if fast_compile else None)
+    schedule = _schedule(config, steps_per_epoch)
+    # Decay kernels only: shrinking biases towards 0 is not a useful regulariser.
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
+    parts = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip else []
+    parts.append(optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask))
+    optimizer = optax.chain(*parts)
+    loss_fn = functools.partial(_per_map_loss, config, net, flow)
+
+    @jit
+    def train_step(params, opt_state, maps, y, key, sigma_n, map_mean, map_std):
+        x = augment_batch(key, maps, sigma_n, symmetries=config.augment)
+        x = _normalise(x, map_mean, map_std)
+        loss, grads = jax.value_and_grad(lambda p: jnp.mean(loss_fn(p, x, y)))(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    @jit
+    def eval_losses(params, noisy_maps, y, map_mean, map_std):
+        return loss_fn(params, _normalise(noisy_maps, map_mean, map_std), y)
+
+    @functools.partial(jax.jit, static_argnums=1, compiler_options=_ONE_OFF)
+    def init(key, input_shape):
+        # Under jit: eager initialisers would compile one small program per parameter.
+        k_net, k_flow = jax.random.split(key)
+        params = {"net": net.init(k_net, jnp.zeros((1, *input_shape), jnp.float32))["params"]}
+        if flow is not None:
+            t_dim = L.n_outputs("vmim", d, config.summary_dim)
+            params["flow"] = flow.init(k_flow, jnp.zeros((1, d)), jnp.zeros((1, t_dim)))[
+                "params"]
+        return params, optimizer.init(params)
+
+    return _Program(net, flow, optimizer, schedule, init, train_step, eval_losses)
+
+
+@functools.lru_cache(maxsize=16)
+def _flow_fn(config: TrainConfig, d: int):
+    """jit'ed (flow params, y (n, d), t (n, summary_dim)) → log q(y | t) (n,)."""
+    _, flow = _modules(config, d)
+    return jax.jit(lambda p, y, t: flow.apply({"params": p}, y, t))
+
+
+@functools.lru_cache(maxsize=16)
+def _apply_fn(config: TrainConfig, d: int):
+    """jit'ed (net params, maps, map_mean, map_std) → raw outputs (batch, n_out)."""
+    net, _ = _modules(config, d)
+    return jax.jit(lambda p, maps, m, s: net.apply({"params": p}, _normalise(maps, m, s)))
+
+
+def _batched(fn, n: int, batch: int, *arrays):
+    """fn over row-chunks of ``arrays`` with one compiled shape: the tail chunk is zero-padded.
+
+    Returns the concatenated (n, …) outputs.
+    """
+    outs = []
+    for start in range(0, n, batch):
+        chunk = [a[start:start + batch] for a in arrays]
+        m = chunk[0].shape[0]
+        if m < batch:
+            chunk = [np.concatenate([c, np.zeros((batch - m, *c.shape[1:]), c.dtype)])
+                     for c in chunk]
+        outs.append(np.asarray(fn(*chunk))[:m])
+    return np.concatenate(outs)
+
+
+# --------------------------------------------------------------------------------------------
+# The trained model
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class Compressor:
+    """A trained compressor: maps (n, n_bins, npix, npix) → summaries (n, summary_dim).
+
+    Attributes:
+      config: the TrainConfig it was trained with.
+      params: {"net": ..., "flow": ...} (flow only for VMIM), best-validation values, numpy.
+      theta_mean, theta_std: (d,) standardisation of θ used in training (θ units).
+      param_names: d names.
+      input_shape: (n_bins, npix_y, npix_x) of the training maps.
+      sigma_n: (n_bins,) shape-noise rms (map units) added in training.
+      map_mean, map_std: (n_bins,) input normalisation (noisy training maps, per bin).
+      history: per-epoch "epoch", "train_loss", "val_loss", "lr", "seconds".
+      best_val_loss, best_epoch: lowest validation loss and its (1-based) epoch.
+      epochs_trained: epochs run so far; complete: False if training can still be resumed.
+    """
+
+    config: TrainConfig
+    params: dict
+    theta_mean: np.ndarray
+    theta_std: np.ndarray
+    param_names: tuple[str, ...]
+    input_shape: tuple[int, int, int]
+    sigma_n: np.ndarray
+    map_mean: np.ndarray
+    map_std: np.ndarray
+    history: dict
+    best_val_loss: float | None
+    best_epoch: int | None
+    epochs_trained: int
+    complete: bool
+
+    @property
+    def n_params(self) -> int:
+        return len(self.theta_mean)
+
+    @property
+    def summary_dim(self) -> int:
+        return self.n_params if self.config.loss != "vmim" else L.n_outputs(
+            "vmim", self.n_params, self.config.summary_dim)
+
+    def _check_maps(self, maps) -> np.ndarray:
+        maps = np.asarray(maps, dtype=np.float32)
+        if maps.ndim != 4 or maps.shape[1:] != tuple(self.input_shape):
+            raise ValueError(f"expected maps shaped (n, {', '.join(map(str, self.input_shape))})"
+                             f" as in training, got {maps.shape}")
+        return maps
+
+    def raw_outputs(self, maps, batch_size: int = 256) -> np.ndarray:
+        """Network outputs (n, n_out) for noisy maps, in standardised-θ units (see losses)."""
+        maps = self._check_maps(maps)
+        if maps.shape[0] == 0:
+            return np.zeros((0, L.n_outputs(self.config.loss, self.n_params,
+                                            self.config.summary_dim)), np.float32)
+        fn = _apply_fn(self.config, self.n_params)
+        apply = functools.partial(fn, self.params["net"], m=self.map_mean, s=self.map_std)
+        return _batched(lambda x: apply(x), maps.shape[0], min(batch_size, maps.shape[0]), maps)
+
+    def compress(self, maps, batch_size: int = 256) -> np.ndarray:
+        """Summaries of maps (n, n_bins, npix, npix) → (n, summary_dim), float32.
+
+        The maps must already contain shape noise (like observed data); none is added here.
+        mse/mae/gnll: the estimate of θ in θ units (the de-standardised mean).
+        vmim: the raw summary t (no units; it is the context of the flow q(θ | t)).
+        """
+        out = self.raw_outputs(maps, batch_size)
+        mean = L.point_estimate(self.config.loss, out, self.n_params)
+        if self.config.loss == "vmim":
+            return mean
+        return (mean * self.theta_std + self.theta_mean).astype(np.float32)
+
+    def flow_log_prob(self, theta, summaries) -> np.ndarray:
+        """VMIM only: log q(θ | t) (n,) in nats per unit of *standardised* θ, for θ (n, d) in θ
+        units and t (n, summary_dim) from ``compress``; subtract Σ log theta_std for θ units."""
+        if self.config.loss != "vmim":
+            raise ValueError(f"flow_log_prob needs a VMIM compressor, this one is "
+                             f"{self.config.loss!r}")
+        y = (np.asarray(theta, np.float32) - self.theta_mean) / self.theta_std
+        t = np.asarray(summaries, np.float32)
+        if y.ndim != 2 or t.ndim != 2 or y.shape[0] != t.shape[0]:
+            raise ValueError(f"theta (n, {self.n_params}) and summaries (n, {self.summary_dim}) "
+                             f"need the same n, got {y.shape} and {t.shape}")
+        return np.asarray(_flow_fn(self.config, self.n_params)(self.params["flow"], y, t))
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks and bookkeeping
+# --------------------------------------------------------------------------------------------
+
+def _check_data(maps, theta, sigma_n):
+    maps = np.asarray(maps, dtype=np.float32)
+    theta = np.asarray(theta, dtype=np.float32)
+    sigma_n = np.asarray(sigma_n, dtype=np.float32).reshape(-1)
+    if maps.ndim != 4:
+        raise ValueError(f"maps must be (n, n_bins, npix, npix), got shape {maps.shape}")
+    if theta.ndim != 2 or theta.shape[0] != maps.shape[0]:
+        raise ValueError(f"theta must be (n, d) with n = {maps.shape[0]} maps, got {theta.shape}")
+    if sigma_n.shape != (maps.shape[1],):
+        raise ValueError(f"sigma_n must have one rms per bin, shape ({maps.shape[1]},), "
+                         f"got {np.shape(sigma_n)}")
+    if not np.all(np.isfinite(sigma_n)) or np.any(sigma_n < 0):
+        raise ValueError(f"sigma_n must be finite and >= 0, got {sigma_n}")
+    for name, arr in (("maps", maps), ("theta", theta)):
+        bad = ~np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1)
+        if bad.any():
+            rows = np.flatnonzero(bad)
+            raise ValueError(f"{name} contain NaN or inf in {rows.size} of {arr.shape[0]} rows "
+                             f"(first rows: {rows[:5].tolist()}); drop or fix them first")
+    return maps, theta, sigma_n
+
+
+def _split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    n_val = int(round(val_fraction * n))
+    if n_val < 1 or n - n_val < 1:
+        raise ValueError(f"val_fraction={val_fraction} of {n} maps leaves an empty training or "
+                         "validation set; use more maps or another val_fraction")
+    perm = np.random.default_rng([seed, 7919]).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def _fingerprint(*arrays) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _check_run_record(out_dir: Path, record: dict) -> None:
+    """Write run.json, or check that the one there describes the same run."""
+    path = out_dir / RUN_JSON
+    if not path.exists():
+        path.write_text(json.dumps(record, indent=1))
+        return
+    old = json.loads(path.read_text())
+    if old.get("config") != record["config"]:
+        diff = {k: (old.get("config", {}).get(k), v) for k, v in record["config"].items()
+                if old.get("config", {}).get(k) != v}
+        raise ValueError(f"{out_dir} holds a run with a different TrainConfig (field: (old, new) "
+                         f"= {diff}); resume with the same config or use another out_dir")
+    if old.get("data") != record["data"]:
+        raise ValueError(f"{out_dir} holds a run on different data or θ standardisation "
+                         f"({old.get('data')} vs {record['data']}); use another out_dir")
+
+
+def _write_history(out_dir: Path, history: dict) -> None:
+    (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+
+
+def _plot_history(out_dir: Path, history: dict, loss: str, best_epoch: int | None) -> None:
+    # Figure + Agg canvas directly: no pyplot, so no global backend switch in the caller.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 3.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(history["epoch"], history["train_loss"], "o-", ms=3, label="train (augmented)")
+    ax.plot(history["epoch"], history["val_loss"], "s-", ms=3, label="validation")
+    if best_epoch is not None:
+        ax.axvline(best_epoch, color="0.6", ls=":", lw=1, label=f"best (epoch {best_epoch})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"{loss} loss" + (" [nats]" if loss in ("gnll", "vmim") else ""))
+    if min(history["train_loss"] + history["val_loss"], default=1.0) > 0:
+        ax.set_yscale("log")
+    ax.legend()
+    fig.savefig(out_dir / "loss.png", dpi=110)
+
+
+def _checkpoint_manager(out_dir: Path) -> ocp.CheckpointManager:
+    # Synchronous saves: the state is small, and a save must be complete before the next epoch
+    # for "interrupt anywhere, resume" to hold.
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(out_dir / CHECKPOINTS, options=options,
+                                 item_names=("state", "meta"))
+
+
+def _write_model(out_dir: Path, comp: Compressor) -> None:
+    meta = {
+        "config": comp.config.to_dict(),
+        "theta_mean": comp.theta_mean.tolist(), "theta_std": comp.theta_std.tolist(),
+        "param_names": list(comp.param_names), "input_shape": list(comp.input_shape),
+        "sigma_n": comp.sigma_n.tolist(), "map_mean": comp.map_mean.tolist(),
+        "map_std": comp.map_std.tolist(), "best_val_loss": comp.best_val_loss,
+        "best_epoch": comp.best_epoch, "epochs_trained": comp.epochs_trained,
+        "complete": comp.complete, "history": comp.history,
+    }
+    (out_dir / MODEL_PARAMS).write_bytes(flax.serialization.msgpack_serialize(comp.params))
+    (out_dir / MODEL_JSON).write_text(json.dumps(meta, indent=1))
+
+
+def load_compressor(out_dir: str | Path) -> Compressor:
+    """The model written by ``train_compressor`` to ``out_dir``.
+
+    Raises FileNotFoundError naming the path if the directory or the model files are missing.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise FileNotFoundError(f"no compressor directory at {out_dir}")
+    for name in (MODEL_JSON, MODEL_PARAMS):
+        if not (out_dir / name).is_file():
+            raise FileNotFoundError(f"{out_dir} holds no trained compressor ({out_dir / name} "
+                                    "is missing); run train_compressor with this out_dir first")
+    meta = json.loads((out_dir / MODEL_JSON).read_text())
+    params = flax.serialization.msgpack_restore((out_dir / MODEL_PARAMS).read_bytes())
+    f32 = lambda v: np.asarray(v, np.float32)  # noqa: E731
+    return Compressor(
+        config=TrainConfig.from_dict(meta["config"]), params=params,
+        theta_mean=f32(meta["theta_mean"]), theta_std=f32(meta["theta_std"]),
+        param_names=tuple(meta["param_names"]), input_shape=tuple(meta["input_shape"]),
+        sigma_n=f32(meta["sigma_n"]), map_mean=f32(meta["map_mean"]),
+        map_std=f32(meta["map_std"]), history=meta["history"],
+        best_val_loss=meta["best_val_loss"], best_epoch=meta["best_epoch"],
+        epochs_trained=meta["epochs_trained"], complete=meta["complete"])
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+def train_compressor(maps, theta, sigma_n, config: TrainConfig, out_dir: str | Path, *,
+                     theta_mean=None, theta_std=None, param_names: Sequence[str] | None = None,
+                     progress: bool = True, max_epochs_this_call: int | None = None
+                     ) -> Compressor:
+    """Train (or resume training) a compressor and write it to ``out_dir``.
+
+    Args:
+      maps: (n, n_bins, npix_y, npix_x) noise-free maps (e.g. convergence), float.
+      theta: (n, d) parameters of each map.
+      sigma_n: (n_bins,) per-pixel shape-noise rms, same units as the maps; a fresh realisation
+        is added to every training batch, one fixed realisation to the validation maps.
+      config: TrainConfig.
+      out_dir: directory for checkpoints, history, loss plot and the final model. If it holds
+        checkpoints of the same run (same config and data), training resumes from the last one.
+      theta_mean, theta_std: (d,) standardisation of θ (θ units); default: the training split's
+        mean and standard deviation.
+      param_names: d names (default "theta_0", ...).
+      progress: show a tqdm bar over epochs with the train/validation losses.
+      max_epochs_this_call: run at most this many more epochs, then checkpoint and return (the
+        returned model is marked incomplete; call again to continue).
+
+    Returns:
+      the Compressor with the best-validation parameters so far.
+
+    Raises:
+      ValueError: bad shapes, NaN/inf rows in maps or θ, too few maps for the split, or an
+        out_dir holding a different run.
+      FloatingPointError: the training loss became non-finite (lower the learning rate).
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if max_epochs_this_call is not None and int(max_epochs_this_call) < 1:
+        raise ValueError(f"max_epochs_this_call must be >= 1 or None, got {max_epochs_this_call}")
+    maps, theta, sigma_n = _check_data(maps, theta, sigma_n)
+    n, d = theta.shape
+    input_shape = tuple(int(s) for s in maps.shape[1:])
+    train_idx, val_idx = _split(n, config.val_fraction, config.seed)
+
+    theta_mean = (theta[train_idx].mean(0) if theta_mean is None
+                  else np.asarray(theta_mean, np.float32)).astype(np.float32)
+    theta_std = (theta[train_idx].std(0) if theta_std is None
+                 else np.asarray(theta_std, np.float32)).astype(np.float32)
+    if theta_mean.shape != (d,) or theta_std.shape != (d,):
+        raise ValueError(f"theta_mean and theta_std must have shape ({d},), got "
+                         f"{theta_mean.shape} and {theta_std.shape}")
+    if not (np.all(np.isfinite(theta_std)) and np.all(theta_std > 0)
+            and np.all(np.isfinite(theta_mean))):
+        raise ValueError(f"theta_std must be finite and > 0 (a parameter that never varies "
+                         f"cannot be learned), got mean {theta_mean}, std {theta_std}")
+    param_names = (tuple(f"theta_{i}" for i in range(d)) if param_names is None
+                   else tuple(str(p) for p in param_names))
+    if len(param_names) != d:
+        raise ValueError(f"param_names needs {d} names, got {len(param_names)}")
+
+    seed_key = jax.random.key(config.seed, impl=_PRNG_IMPL)
+    y = ((theta - theta_mean) / theta_std).astype(np.float32)
+    train_maps, y_train = maps[train_idx], y[train_idx]
+    val_maps = np.asarray(_add_noise(jax.random.fold_in(seed_key, _STREAM_VAL_NOISE),
+                                     maps[val_idx], sigma_n))
+    step_sigma = sigma_n
+    if not config.augment:
+        # No augmentation: the training set is one fixed noisy realisation.
+        train_maps = np.asarray(_add_noise(
+            jax.random.fold_in(seed_key, _STREAM_FIXED_TRAIN_NOISE), train_maps, sigma_n))
+        step_sigma = np.zeros_like(sigma_n)
+    # Per-bin input normalisation of the noisy maps: mean, and sqrt(signal var + noise var).
+    map_mean = maps[train_idx].mean(axis=(0, 2, 3)).astype(np.float32)
+    map_std = np.sqrt(maps[train_idx].var(axis=(0, 2, 3)) + sigma_n**2).astype(np.float32)
+    map_std = np.where(map_std > 0, map_std, 1.0).astype(np.float32)
+
+    n_train = len(train_idx)
+    batch = min(config.batch_size, n_train)
+    steps_per_epoch = n_train // batch       # drop the remainder: one compiled batch shape
+    program = _program(config, d, steps_per_epoch,
+                       _fast_compile(config, n_train, input_shape))
+
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_run_record(out_dir, {
+        "config": config.to_dict(),
+        "data": {"n": n, "d": d, "input_shape": list(input_shape),
+                 "fingerprint": _fingerprint(maps, theta, sigma_n, theta_mean, theta_std)}})
+
+    # Fresh state; also the restore target that gives orbax the pytree structure and dtypes.
+    params, opt_state = program.init(jax.random.fold_in(seed_key, _STREAM_INIT), input_shape)
+    state = {"params": params, "opt_state": opt_state,
+             "best_params": params, "key": jax.random.key_data(seed_key)}
+    meta = {"epoch": 0, "best_val": None, "best_epoch": None, "wait": 0, "stopped": False,
+            "history": {"epoch": [], "train_loss": [], "val_loss": [], "lr": [], "seconds": []}}
+
+    mngr = _checkpoint_manager(out_dir)
+    try:
+        last = mngr.latest_step()
+        if last is not None:
+            restored = mngr.restore(last, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(state), meta=ocp.args.JsonRestore()))
+            state, meta = dict(restored["state"]), dict(restored["meta"])
+        base_key = jax.random.wrap_key_data(state["key"], impl=_PRNG_IMPL)
+        epoch_key = jax.random.fold_in(base_key, _STREAM_EPOCHS)
+        params, opt_state = state["params"], state["opt_state"]
+        history = meta["history"]
+
+        stop = config.epochs
+        if max_epochs_this_call is not None:
+            stop = min(stop, meta["epoch"] + int(max_epochs_this_call))
+        bar = tqdm(total=config.epochs, initial=meta["epoch"], desc=f"{config.loss} compressor",
+                   unit="epoch", disable=not progress or meta["stopped"], dynamic_ncols=True)
+        with bar:
+            for epoch in range(meta["epoch"], stop):
+                if meta["stopped"]:
+                    break
+                t0 = time.perf_counter()
+                key = jax.random.fold_in(epoch_key, epoch)
+                perm = np.random.default_rng([config.seed, epoch]).permutation(n_train)
+                step_losses = []
+                for step in range(steps_per_epoch):
+                    idx = perm[step * batch:(step + 1) * batch]
+                    params, opt_state, loss = program.train_step(
+                        params, opt_state, train_maps[idx], y_train[idx],
+                        jax.random.fold_in(key, step), step_sigma, map_mean, map_std)
+                    step_losses.append(loss)
+                train_loss = float(np.mean(jax.device_get(step_losses)))
+                if not math.isfinite(train_loss):
+                    raise FloatingPointError(
+                        f"training loss became {train_loss} in epoch {epoch + 1}; lower "
+                        f"learning_rate (now {config.learning_rate}) or check the inputs")
+                per_map = _batched(functools.partial(program.eval_losses, params,
+                                                     map_mean=map_mean, map_std=map_std),
+                                   len(val_idx), min(batch, len(val_idx)), val_maps,
+                                   y[val_idx])
+                val_loss = float(np.mean(per_map.astype(np.float64)))
+
+                history["epoch"].append(epoch + 1)
+                history["train_loss"].append(train_loss)
+                history["val_loss"].append(val_loss)
+                history["lr"].append(float(program.schedule((epoch + 1) * steps_per_epoch)))
+                history["seconds"].append(time.perf_counter() - t0)
+                if meta["best_val"] is None or val_loss < meta["best_val"]:
+                    meta.update(best_val=val_loss, best_epoch=epoch + 1, wait=0)
+                    state["best_params"] = params
+                else:
+                    meta["wait"] += 1
+                if config.patience is not None and meta["wait"] >= config.patience:
+                    meta["stopped"] = True
+                meta["epoch"] = epoch + 1
+                state.update(params=params, opt_state=opt_state)
+                mngr.save(epoch + 1, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+                _write_history(out_dir, history)
+                bar.update(1)
+                bar.set_postfix(train=f"{train_loss:.4g}", val=f"{val_loss:.4g}",
+                                best=f"{meta['best_val']:.4g}")
+        mngr.wait_until_finished()
+    finally:
+        mngr.close()
+
+    comp = Compressor(
+        config=config, params=jax.tree.map(np.asarray, state["best_params"]),
+        theta_mean=theta_mean, theta_std=theta_std, param_names=param_names,
+        input_shape=input_shape, sigma_n=sigma_n, map_mean=map_mean, map_std=map_std,
+        history=history, best_val_loss=meta["best_val"], best_epoch=meta["best_epoch"],
+        epochs_trained=meta["epoch"], complete=meta["stopped"] or meta["epoch"] >= config.epochs)
+    _write_history(out_dir, history)
+    if history["epoch"]:
+        _plot_history(out_dir, history, config.loss, meta["best_epoch"])
+    _write_model(out_dir, comp)
+    return comp

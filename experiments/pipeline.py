@@ -74,15 +74,21 @@ class Split:
     held_out: np.ndarray
 
 
-def split_sims(sims, n_calibration: int) -> Split:
-    """The last ``n_calibration`` ok simulations are held out (by file row, so the split does not
-    change when a file is extended or failures differ)."""
+def split_sims(sims, n_calibration: int, n_train: int | None = None) -> Split:
+    """The last ``n_calibration`` ok simulations (by file row) are held out; training uses the
+    others, or the first ``n_train`` of them (for studies of the training-set size)."""
     n = len(sims)
     if n_calibration >= n:
         raise ValueError(f"{sims.path}: {n} usable simulations, but training_set.n_calibration = "
                          f"{n_calibration} are to be held out; generate more or hold out fewer")
     order = np.argsort(sims.indices, kind="stable")
-    return Split(order[:n - n_calibration], order[n - n_calibration:])
+    train = order[:n - n_calibration]
+    if n_train is not None:
+        if not 1 <= n_train <= len(train):
+            raise ValueError(f"{sims.path}: n_train = {n_train}, but only {len(train)} training "
+                             f"simulations are available")
+        train = train[:n_train]
+    return Split(train, order[n - n_calibration:])
 
 
 def _read_sims(path):
@@ -115,15 +121,15 @@ def _check_sims_match(sims, cfg) -> None:
 # ---- compressor ----------------------------------------------------------------------------------
 
 def run_train_compressor(config, sims_path, out, *, loss: str | None = None,
-                         progress: bool = True):
-    """Train a compressor on the training rows of ``sims_path``; resumes from ``out``'s
-    checkpoints. Returns the ``compressors.Compressor``."""
+                         n_train: int | None = None, progress: bool = True):
+    """Train a compressor on the training rows of ``sims_path`` (the first ``n_train`` of them
+    when given); resumes from ``out``'s checkpoints. Returns the ``compressors.Compressor``."""
     from compressors import train_compressor
 
     cfg = _config(config)
     sims = _read_sims(sims_path)
     _check_sims_match(sims, cfg)
-    split = split_sims(sims, cfg.training_set.n_calibration)
+    split = split_sims(sims, cfg.training_set.n_calibration, n_train)
     train_cfg = cfg.compressor.train_config(loss)
     prior = cfg.prior()
     _log(f"training a {train_cfg.network} compressor with the {train_cfg.loss} loss on "
@@ -201,7 +207,8 @@ def run_compress(compressor_dir, inputs, out, *, noisy: bool = True, seed: int =
 # ---- NPE -----------------------------------------------------------------------------------------
 
 def run_fit_posterior(config, sims_path, out, *, compressor=None, summary: str | None = None,
-                      calibrate: bool = True, progress: bool = True) -> Path:
+                      calibrate: bool = True, n_train: int | None = None,
+                      progress: bool = True) -> Path:
     """Fit NPE on summaries of the training rows of ``sims_path``; calibrate on the held-out rows.
 
     summary: "compressor" (needs ``compressor``, the default when one is given), "cl" or "maps".
@@ -225,7 +232,7 @@ def run_fit_posterior(config, sims_path, out, *, compressor=None, summary: str |
         comp = load_compressor(compressor)
     sims = _read_sims(sims_path)
     _check_sims_match(sims, cfg)
-    split = split_sims(sims, cfg.training_set.n_calibration)
+    split = split_sims(sims, cfg.training_set.n_calibration, n_train)
     npe = cfg.npe
     prior = cfg.prior()
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -1,0 +1,795 @@
+"""Training sets of simulated (θ, κ) pairs: ``generate`` writes them, ``read_sims`` reads them.
+
+    from experiments.config import load_config
+    from experiments.priors import lsst_y10
+    from experiments.dataset import generate, read_sims
+
+    cfg = load_config("quick")
+    report = generate(cfg, lsst_y10().select(["Omega_c", "sigma8"]), 1000, "sims.h5")
+    sims = read_sims("sims.h5")             # the ok simulations: sims.theta, sims.kappa, ...
+
+Each simulation i draws θ_i from the prior and the latent field of the map model (white noise of
+the initial conditions, or of the Gaussian/lognormal field) from its own key,
+
+    key_i = fold_in(key(seed), i);   (θ-key, latent-key) = split(key_i)
+    θ_i = prior.sample(θ-key);       latent_i = model.latent(latent-key)
+
+so simulation i is the same whatever the batch size, the number of devices, or where a run was
+interrupted and resumed. κ maps are stored noise-free; trainers add Gaussian shape noise of rms
+``sigma_n`` (per bin and pixel) on the fly.
+
+Execution
+---------
+Simulations run in batches, ``jax.vmap`` of ``model.kappa`` over (θ, latent), compiled once.
+  * Unsharded model (``simulation.pdims = "1x1"``, and the Gaussian / lognormal kinds): data
+    parallel. The batch axis is split over all of ``jax.devices()`` with ``jax.shard_map`` on a
+    1-D mesh; each device vmaps over its share. A batch that is not a multiple of the device count
+    is padded up to one; the padding simulations are computed and thrown away.
+  * Sharded model (pdims ≠ 1x1): the model already spreads each simulation over its device grid,
+    so simulations run one at a time through the sharded simulator (jit, no vmap). PM runs check
+    the halo after each simulation; one whose particles outran the halo is marked failed.
+
+Work is done in chunks of ``batch_size`` consecutive simulations (chunk c is rows
+[c·batch_size, (c+1)·batch_size)); each chunk is written and flushed as soon as it is done, its
+``status`` last, so after an interruption a chunk is either complete on disk or redone. Rerunning
+``generate`` on the same file resumes: chunks whose rows all have a nonzero status are skipped and
+the others are simulated again, giving a file bitwise identical to an uninterrupted run (the
+resumed run takes the file's batch size; one and two CPU devices gave bitwise identical files for
+the Gaussian and PM models, while a sharded PM model differs from an unsharded one by float32
+round-off, ~1e-6 relative).
+
+A simulation fails when its maps (or θ) are not finite, or when it raised an error (a halo
+overflow, or an error that only some simulations of a batch hit: the batch is then retried one
+simulation at a time). Failed rows get status 2, are counted in the report and a warning, and are
+left out by ``read_sims``. If every simulation of a chunk raises, the error is re-raised instead
+(a systematic problem, not a bad draw): the chunk stays pending and a rerun retries it.
+
+Sims files
+----------
+Layout (format ``lensbench.sims``, version 1; the schema is ``SIMS_DATASETS`` / ``SIMS_ATTRS``):
+
+  /theta    (n, d) float64: θ_i, columns in the order of ``param_names``; NaN until simulated
+  /kappa    (n, n_bins, npix, npix) flat sky, or (n, n_bins, 12 nside²) HEALPix (RING): noise-free
+            Born convergence of simulation i, float32; HDF5 chunks of one simulation; rows not
+            simulated yet are not written (undefined, zeros on most file systems)
+  /status   (n,) int8: 0 = not simulated yet, 1 = ok, 2 = failed (NaN/inf maps or an error)
+
+The datasets are allocated in full when the file is created (all status 0), so later writes
+never change the file's structure: a run killed at any point leaves a readable file.
+
+Root attributes: ``param_names`` (d strings), ``prior`` (the prior as JSON, ``Prior.to_dict()``
+layout; ``prior_from_file`` rebuilds it), ``config_toml`` (the whole experiment configuration as
+TOML text with the seed used; ``experiments.config.load_config_text`` reads it back), ``seed``,
+``n``, ``batch_size`` (simulations per chunk), ``sigma_n`` (n_bins,) per-pixel shape-noise rms
+σ_e / sqrt(n_gal A_pix) for the trainers' noise, ``sigma_e``, ``n_bins``, the map model (``kind``
+from the configuration and ``model``, its class), the sky geometry (``sky`` = "flat" or
+"healpix"; ``field_deg`` and ``npix``, or ``nside``; ``pixel_area_sr``), ``name``, and provenance
+(``format``, ``format_version``, ``lensbench_version``, ``jax_version``).
+
+A rerun must describe the same simulations as the file: same ``n``, ``seed``, prior, map model
+and the configuration sections that make the maps ([cosmology], [simulation], [lightcone], [maps],
+[sources]; ``simulation.pdims`` and ``simulation.halo`` may change, they change the maps by
+round-off at most). Otherwise ``generate`` raises a ValueError asking for another output file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import tomllib
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .io import _atomic_h5, _provenance
+from .priors import Prior
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "GenerateReport", "SIMS_ATTRS", "SIMS_DATASETS", "SimSet",
+           "STATUS_FAILED", "STATUS_OK", "STATUS_PENDING", "generate", "prior_from_file",
+           "read_sims"]
+
+FORMAT = "lensbench.sims"
+FORMAT_VERSION = 1
+STATUS_PENDING, STATUS_OK, STATUS_FAILED = 0, 1, 2
+# dataset -> description (stored as its "description" attribute)
+SIMS_DATASETS = {
+    "theta": "parameters drawn from the prior, (n, d), columns in the order of param_names; NaN "
+             "until simulated",
+    "kappa": "noise-free Born convergence, float32, (n, n_bins, npix, npix) flat or "
+             "(n, n_bins, 12 nside^2) HEALPix RING",
+    "status": "0 = not simulated yet, 1 = ok, 2 = failed (NaN/inf maps or an error), (n,)",
+}
+# attributes every sims file has (flat maps add field_deg and npix, HEALPix maps nside)
+SIMS_ATTRS = ("format", "format_version", "lensbench_version", "jax_version", "name", "seed", "n",
+              "batch_size", "param_names", "prior", "config_toml", "kind", "model", "sky",
+              "pixel_area_sr", "n_bins", "sigma_e", "sigma_n")
+# the configuration sections that make the maps (compared on resume; the other sections, e.g.
+# [cl] or [prior], do not change them: the prior actually used is the ``prior`` attribute) ...
+SIMULATION_SECTIONS = ("cosmology", "simulation", "lightcone", "maps", "sources")
+# ... less the keys that change them by round-off at most
+IGNORED_CONFIG_KEYS = ("simulation.pdims", "simulation.halo")
+# test hook: seconds to sleep after each chunk is on disk (lets a test kill a run mid-way)
+CHUNK_DELAY_ENV = "LENSBENCH_GENERATE_CHUNK_DELAY"
+
+_OTHER_FORMATS = {"lensbench.run": "a run file (lensbench simulate)",
+                  "lensbench.maps": "a map file (lensbench maps)"}
+_DEFAULT_PER_DEVICE = {"3d": 4, "2d": 16}  # default batch per device: PM/LPT, Gaussian/lognormal
+
+
+# ---- results ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GenerateReport:
+    """What ``generate`` did.
+
+    Attributes:
+      path: the sims file.
+      n_requested: simulations in the file (``n``).
+      n_ok, n_failed: simulations with status ok / failed in the file at the end.
+      n_resumed: simulations already done (ok or failed) when this call started.
+      n_simulated: simulations run by this call.
+      n_pending: simulations still not done (0 unless the call was interrupted).
+      failed_indices: rows of the failed simulations (whole file).
+      wall_s: duration of the call, seconds; compile_s: of which compiling.
+      sims_per_s: n_simulated / the time of the simulation loop (compilation excluded, file
+        writes included); 0 if none ran.
+      batch_size: simulations per chunk; n_devices: devices used; mode: "data-parallel" or
+        "sharded" (see the module docstring).
+    """
+
+    path: Path
+    n_requested: int
+    n_ok: int
+    n_failed: int
+    n_resumed: int
+    n_simulated: int
+    n_pending: int
+    failed_indices: tuple[int, ...]
+    wall_s: float
+    compile_s: float
+    sims_per_s: float
+    batch_size: int
+    n_devices: int
+    mode: str
+
+    def summary(self) -> str:
+        """One line for the user."""
+        resumed = f", {self.n_resumed} already done" if self.n_resumed else ""
+        return (f"{self.path}: {self.n_ok} ok, {self.n_failed} failed of {self.n_requested}"
+                f"{resumed}; simulated {self.n_simulated} in {self.wall_s:.1f} s "
+                f"({self.sims_per_s:.2f} sims/s after {self.compile_s:.1f} s compiling; batch "
+                f"{self.batch_size}, {self.n_devices} device{'s' if self.n_devices > 1 else ''}, "
+                f"{self.mode})")
+
+
+@dataclass(frozen=True, eq=False)
+class SimSet:
+    """Simulations read from a sims file (all arrays in memory).
+
+    Attributes:
+      path: the file.
+      theta: (m, d) float64 parameters, columns in the order of ``names``.
+      kappa: (m, n_bins, *sky shape) float32 noise-free convergence maps.
+      indices: (m,) rows of the file these simulations come from.
+      status: (m,) their status (all 1, unless read with include_failed=True).
+      names: parameter names; sigma_n: (n_bins,) per-pixel shape-noise rms to add in training.
+      prior: the prior as a dict (``Prior.to_dict()`` layout; ``build_prior()`` makes the Prior).
+      config_toml: the experiment configuration (``config()`` loads it).
+      seed: the generation seed; n_failed, n_pending: failed and not-yet-simulated rows in the file.
+      attrs: all root attributes of the file.
+    """
+
+    path: Path
+    theta: np.ndarray
+    kappa: np.ndarray
+    indices: np.ndarray
+    status: np.ndarray
+    names: tuple[str, ...]
+    sigma_n: np.ndarray
+    prior: dict
+    config_toml: str
+    seed: int
+    n_failed: int
+    n_pending: int
+    attrs: dict
+
+    def __len__(self) -> int:
+        return int(self.theta.shape[0])
+
+    def build_prior(self) -> Prior:
+        return Prior.from_dict(self.prior)
+
+    def config(self):
+        """The ``ExperimentConfig`` of the simulations (re-validated)."""
+        from .config import load_config_text
+
+        return load_config_text(self.config_toml, where=f"{self.path} (config_toml)")
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+def _attrs_dict(attrs) -> dict:
+    out = {}
+    for k, v in attrs.items():
+        if isinstance(v, np.ndarray):
+            v = [x.decode() if isinstance(x, bytes) else x for x in v.tolist()]
+        elif isinstance(v, np.generic):
+            v = v.item()
+        elif isinstance(v, bytes):
+            v = v.decode()
+        out[k] = v
+    return out
+
+
+def _open_sims(path: Path, mode: str = "r") -> h5py.File:
+    """Open and validate the structure of a sims file; the caller closes it."""
+    if not path.exists():
+        raise FileNotFoundError(f"sims file {path} does not exist")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file")
+    try:
+        f = h5py.File(path, mode)
+    except OSError as e:
+        if h5py.is_hdf5(path):  # a lock held by a running generate, or a damaged file
+            raise OSError(f"cannot open {path} ({e}); is another lensbench generate writing "
+                          f"it?") from None
+        raise ValueError(f"{path} is not a lensbench sims file (not HDF5)") from None
+    try:
+        _check_structure(path, f)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _check_structure(path: Path, f: h5py.File) -> None:
+    found = f.attrs.get("format")
+    if isinstance(found, bytes):
+        found = found.decode()
+    if found != FORMAT:
+        what = (f"{_OTHER_FORMATS[found]}, not a sims file" if found in _OTHER_FORMATS
+                else f"not a lensbench sims file (no format={FORMAT!r} attribute)")
+        raise ValueError(f"{path} is {what}")
+    version = int(f.attrs.get("format_version", -1))
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path} is a sims file of format version {version}; this lensbench "
+                         f"reads version {FORMAT_VERSION}")
+    missing = ([d for d in SIMS_DATASETS if d not in f]
+               + [a for a in SIMS_ATTRS if a not in f.attrs])
+    if missing:
+        raise ValueError(f"{path} is not a complete sims file: missing {', '.join(missing)}")
+    n, d = int(f.attrs["n"]), len(f.attrs["param_names"])
+    shapes = {k: f[k].shape for k in SIMS_DATASETS}
+    if (shapes["theta"] != (n, d) or shapes["status"] != (n,) or shapes["kappa"][:1] != (n,)
+            or len(shapes["kappa"]) < 3 or shapes["kappa"][1] != int(f.attrs["n_bins"])):
+        raise ValueError(f"{path} is an inconsistent sims file: theta {shapes['theta']}, kappa "
+                         f"{shapes['kappa']}, status {shapes['status']} for n = {n}, "
+                         f"{d} parameters and {int(f.attrs['n_bins'])} bins")
+
+
+def prior_from_file(path) -> Prior:
+    """The ``Prior`` the simulations of a sims file were drawn from."""
+    path = Path(path)
+    with _open_sims(path) as f:
+        text = f.attrs["prior"]
+    return Prior.from_dict(json.loads(text))
+
+
+def read_sims(path, *, include_failed: bool = False) -> SimSet:
+    """Read the simulations of a sims file written by ``generate`` (layout: module docstring).
+
+    Only the ok simulations (status 1) are returned, or also the failed ones (status 2, whose maps
+    may hold NaN) with include_failed=True; rows not simulated yet are never returned. A file with
+    such rows (an unfinished run) is read with a warning, and ``n_pending`` says how many.
+
+    Raises:
+      FileNotFoundError if ``path`` does not exist; ValueError if it is not a sims file;
+      OSError if it cannot be opened (e.g. a generate run is writing it).
+    """
+    path = Path(path)
+    with _open_sims(path) as f:
+        attrs = _attrs_dict(f.attrs)
+        status = f["status"][()]
+        keep = (status == STATUS_OK) | (include_failed & (status == STATUS_FAILED))
+        indices = np.flatnonzero(keep)
+        theta = f["theta"][()][indices]
+        kds = f["kappa"]
+        kappa = np.empty((indices.size,) + kds.shape[1:], np.float32)
+        block = max(1, (64 << 20) // max(1, kds.dtype.itemsize * math.prod(kds.shape[1:])))
+        pos = 0
+        for start in range(0, status.size, block):  # contiguous reads, at most ~64 MiB each
+            rows = keep[start:start + block]
+            k = int(rows.sum())
+            if k:
+                kappa[pos:pos + k] = kds[start:start + rows.size][rows]
+                pos += k
+    n_failed = int(np.sum(status == STATUS_FAILED))
+    n_pending = int(np.sum(status == STATUS_PENDING))
+    if n_pending:
+        warnings.warn(f"{path}: {n_pending} of {status.size} simulations are not done yet (an "
+                      f"unfinished run; rerun generate with this file to finish it); reading the "
+                      f"{int(np.sum(status == STATUS_OK))} done", RuntimeWarning, stacklevel=2)
+    return SimSet(path=path, theta=np.asarray(theta, np.float64), kappa=kappa, indices=indices,
+                  status=status[indices], names=tuple(attrs["param_names"]),
+                  sigma_n=np.asarray(attrs["sigma_n"], np.float64).reshape(-1),
+                  prior=json.loads(attrs["prior"]), config_toml=attrs["config_toml"],
+                  seed=int(attrs["seed"]), n_failed=n_failed, n_pending=n_pending, attrs=attrs)
+
+
+# ---- generation ---------------------------------------------------------------------------------
+
+def _comparable_config(toml_text: str) -> dict:
+    data = tomllib.loads(toml_text)
+    data = {k: v for k, v in data.items() if k in SIMULATION_SECTIONS}
+    for dotted in IGNORED_CONFIG_KEYS:
+        *parents, leaf = dotted.split(".")
+        node = data
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    return data
+
+
+def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        dotted = f"{prefix}{k}"
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff_keys(va, vb, dotted + ".")
+        elif va != vb:
+            out.append(f"{dotted} = {va!r} in the file, {vb!r} now")
+    return out
+
+
+def _identity(cfg, prior: Prior, n: int, seed: int, model) -> dict:
+    """The attributes that say which simulations a file holds (compared on resume)."""
+    return {
+        "n": n,
+        "seed": seed,
+        "prior": json.dumps(prior.to_dict()),
+        "config_toml": dataclasses.replace(cfg, seed=seed).to_toml(),
+        "model": f"{type(model).__module__}.{type(model).__qualname__}",
+    }
+
+
+def _check_resumable(path: Path, f: h5py.File, identity: dict, batch_size: int | None) -> int:
+    """Raise ValueError if the file holds other simulations; return its batch size."""
+    attrs = _attrs_dict(f.attrs)
+    problems = []
+    for k in ("n", "seed", "model"):
+        if attrs[k] != identity[k]:
+            problems.append(f"{k} = {attrs[k]!r} in the file, {identity[k]!r} now")
+    if json.loads(attrs["prior"]) != json.loads(identity["prior"]):
+        problems.append(f"prior {attrs['prior']} in the file, {identity['prior']} now")
+    try:
+        problems += [f"config {p}" for p in _diff_keys(_comparable_config(attrs["config_toml"]),
+                                                       _comparable_config(identity["config_toml"]))]
+    except tomllib.TOMLDecodeError:
+        problems.append("the file's config_toml is not valid TOML")
+    file_batch = int(attrs["batch_size"])
+    if batch_size is not None and batch_size != file_batch:
+        problems.append(f"batch_size = {file_batch} in the file, {batch_size} now (omit the "
+                        f"batch size to resume with the file's)")
+    if problems:
+        raise ValueError(f"{path} holds other simulations than requested ({'; '.join(problems)}): "
+                         f"choose another output file (--out) or delete {path} to start over")
+    return file_batch
+
+
+def _dcpl(fill: bool):
+    """Dataset creation properties: storage allocated when the file is created."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_ALLOC if fill else h5py.h5d.FILL_TIME_NEVER)
+    return dcpl
+
+
+def _create(path: Path, identity: dict, cfg, prior: Prior, model, batch: int,
+            sigma_n: np.ndarray) -> None:
+    """Write the empty sims file (every row pending) atomically."""
+    n, d = identity["n"], prior.dim
+    n_bins = int(model.bins.n_bins)
+    map_shape = (n_bins,) + tuple(model.sky.shape)
+    sky = model.sky
+    flat = hasattr(sky, "field_deg")
+    attrs = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **_provenance(),
+        "name": cfg.name,
+        **identity,
+        "batch_size": batch,
+        "param_names": np.array(prior.names, dtype=h5py.string_dtype()),
+        "kind": cfg.simulation.kind,
+        "sky": "flat" if flat else "healpix",
+        **({"field_deg": float(sky.field_deg), "npix": int(sky.npix)} if flat
+           else {"nside": int(sky.nside)}),
+        "pixel_area_sr": float(sky.pixel_area),
+        "n_bins": n_bins,
+        "sigma_e": float(model.bins.sigma_e),
+        "sigma_n": np.asarray(sigma_n, np.float64).reshape(-1),
+    }
+    specs = {  # name: (shape, dtype, chunks, fill value or None for no fill)
+        "theta": ((n, d), np.float64, (min(n, 4096), d), np.nan),
+        "kappa": ((n,) + map_shape, np.float32, (1,) + map_shape, None),
+        "status": ((n,), np.int8, (min(n, 1 << 16),), STATUS_PENDING),
+    }
+    with _atomic_h5(path) as f:
+        for name, (shape, dtype, chunks, fill) in specs.items():
+            f.create_dataset(name, shape, dtype, chunks=chunks,
+                             fillvalue=None if fill is None else np.array(fill, dtype),
+                             dcpl=_dcpl(fill is not None))
+            f[name].attrs["description"] = SIMS_DATASETS[name]
+        for key, value in attrs.items():
+            f.attrs[key] = value
+
+
+_MODELS: OrderedDict = OrderedDict()  # configuration -> map model, so that reruns reuse compilations
+
+
+def _model_for(cfg):
+    """``cfg.build_model()``, cached: models compare by identity, compilations are cached per model."""
+    key = dataclasses.replace(cfg, seed=0, name="experiment").to_toml()
+    if key not in _MODELS:
+        _MODELS[key] = cfg.build_model()
+        while len(_MODELS) > 4:
+            _MODELS.popitem(last=False)
+    _MODELS.move_to_end(key)
+    return _MODELS[key]
+
+
+def _model_sharded(model) -> bool:
+    grid = getattr(getattr(model, "cfg", None), "grid", None)
+    return bool(grid is not None and grid.sharded)
+
+
+def _is_3d(model) -> bool:
+    return getattr(model, "cfg", None) is not None
+
+
+def _check_batch_memory(model, per_device: int) -> None:
+    """On CPU, refuse a PM/LPT batch that cannot fit in memory (instead of swapping)."""
+    import jax
+
+    from simulators.simulation import estimated_bytes
+
+    if not _is_3d(model) or jax.default_backend() != "cpu":
+        return
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    need = estimated_bytes(model.cfg) * per_device
+    if need > total:
+        raise ValueError(f"a batch of {per_device} simulations per device needs about "
+                         f"{need / 2**30:.0f} GiB but this machine has {total / 2**30:.0f} GiB of "
+                         f"memory; use a smaller batch size")
+
+
+def _default_batch(model, n: int, n_devices: int, sharded: bool) -> int:
+    if sharded:
+        return 1
+    per_device = _DEFAULT_PER_DEVICE["3d" if _is_3d(model) else "2d"]
+    per_device = min(per_device, -(-n // n_devices))
+    if _is_3d(model):
+        import jax
+
+        from simulators.simulation import estimated_bytes
+
+        if jax.default_backend() == "cpu":
+            try:
+                total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+                per_device = max(1, min(per_device, int(0.5 * total // estimated_bytes(model.cfg))))
+            except (ValueError, OSError, AttributeError):
+                pass
+    return per_device * n_devices
+
+
+# compiled batch functions, keyed by (mode, model, prior, base cosmology, devices, batch)
+_COMPILED: OrderedDict = OrderedDict()
+_COMPILED_MAX = 8
+
+
+def _one_sim(model, prior: Prior, base):
+    """(key, index) -> (θ (d,), κ (n_bins, *sky) float32): simulation ``index`` of seed ``key``."""
+    import jax
+    import jax.numpy as jnp
+
+    def one(key, index):
+        theta_key, latent_key = jax.random.split(jax.random.fold_in(key, index))
+        theta = prior.sample(theta_key)
+        kappa = model.kappa(prior.cosmology(theta, base), model.latent(latent_key))
+        return theta, kappa.astype(jnp.float32)
+
+    return one
+
+
+def _compiled(cache_key, build, *example_args):
+    """AOT-compile ``build()`` for the example arguments, once per cache key; (exe, seconds)."""
+    if cache_key in _COMPILED:
+        _COMPILED.move_to_end(cache_key)
+        return _COMPILED[cache_key], 0.0
+    t = time.perf_counter()
+    exe = build().lower(*example_args).compile()
+    _COMPILED[cache_key] = exe
+    while len(_COMPILED) > _COMPILED_MAX:
+        _COMPILED.popitem(last=False)
+    return exe, time.perf_counter() - t
+
+
+class _DataParallel:
+    """Batches of simulations, the batch axis split over all devices (shard_map of vmap)."""
+
+    mode = "data-parallel"
+
+    def __init__(self, model, prior, base, batch: int):
+        import jax
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+        self.devices = jax.devices()
+        self.n_devices = len(self.devices)
+        self.batch = -(-batch // self.n_devices) * self.n_devices  # padded to the device count
+        _check_batch_memory(model, self.batch // self.n_devices)
+        mesh = Mesh(np.asarray(self.devices), ("batch",))
+        self.sharding = NamedSharding(mesh, P("batch"))
+        one = _one_sim(model, prior, base)
+        self.model, self.prior, self.base, self.one = model, prior, base, one
+        self.theta_dim, self.map_shape = prior.dim, (model.bins.n_bins,) + tuple(model.sky.shape)
+
+        def build():
+            batched = jax.vmap(one, in_axes=(None, 0))
+            # check_vma=False: the simulators' scans start from constant (device-invariant)
+            # carries that become batch-varying; every device just runs its own shard.
+            return jax.jit(jax.shard_map(batched, mesh=mesh, in_specs=(P(), P("batch")),
+                                         out_specs=(P("batch"), P("batch")), check_vma=False))
+
+        self._build = build
+        self._single = None
+        self.cache_key = ("dp", model, prior, base, tuple(self.devices), self.batch)
+
+    def compile(self, key) -> float:
+        import jax
+
+        idx = jax.device_put(np.zeros(self.batch, np.uint32), self.sharding)
+        self.exe, seconds = _compiled(self.cache_key, self._build, key, idx)
+        return seconds
+
+    def run(self, key, start: int, stop: int):
+        """θ (m, d), κ (m, ...), error messages (m,) for simulations [start, stop)."""
+        import jax
+
+        idx = np.arange(start, start + self.batch, dtype=np.uint32)
+        try:
+            theta, kappa = self.exe(key, jax.device_put(idx, self.sharding))
+            m = stop - start
+            return np.asarray(theta)[:m], np.asarray(kappa)[:m], [None] * m
+        except Exception:  # retry one by one: which simulations raise?
+            return self._singly(key, start, stop)
+
+    def _singly(self, key, start, stop):
+        import jax
+
+        if self._single is None:  # compiled on first use only
+            self._single = jax.jit(self.one)
+        single = self._single
+        thetas, kappas, errors = [], [], []
+        for i in range(start, stop):
+            try:
+                theta, kappa = single(key, np.uint32(i))
+                thetas.append(np.asarray(theta))
+                kappas.append(np.asarray(kappa))
+                errors.append(None)
+            except Exception as e:
+                thetas.append(None)
+                kappas.append(None)
+                errors.append(e)
+        return _assemble(thetas, kappas, errors, self.theta_dim, self.map_shape)
+
+
+class _Sharded:
+    """One simulation at a time through a model sharded over the device grid."""
+
+    mode = "sharded"
+
+    def __init__(self, model, prior, base, batch: int):
+        import jax.numpy as jnp
+
+        from simulators.lensing import LPTLensing, PMLensing, pm_kappa
+
+        self.batch = batch
+        self.n_devices = model.cfg.grid.n_devices
+        self.model = model
+        self.theta_dim, self.map_shape = prior.dim, (model.bins.n_bins,) + tuple(model.sky.shape)
+        pm = isinstance(model, PMLensing) and not isinstance(model, LPTLensing)
+        import jax
+
+        def sim(key, index):
+            theta_key, latent_key = jax.random.split(jax.random.fold_in(key, index))
+            theta = prior.sample(theta_key)
+            cosmo, latent = prior.cosmology(theta, base), model.latent(latent_key)
+            if pm:
+                kappa, max_disp = pm_kappa(cosmo, model.cfg, model.lightcone, model.bins, latent)
+            else:
+                kappa, max_disp = model.kappa(cosmo, latent), jnp.zeros(())
+            return theta, kappa.astype(jnp.float32), max_disp
+
+        self._build = lambda: jax.jit(sim)
+        self.cache_key = ("sharded", model, prior, base)
+
+    def compile(self, key) -> float:
+        from simulators.simulation import check_memory
+
+        check_memory(self.model.cfg)
+        self.exe, seconds = _compiled(self.cache_key, self._build, key, np.uint32(0))
+        return seconds
+
+    def run(self, key, start: int, stop: int):
+        from simulators.simulation import check_halo
+
+        thetas, kappas, errors = [], [], []
+        for i in range(start, stop):
+            theta = None
+            try:
+                theta, kappa, max_disp = self.exe(key, np.uint32(i))
+                theta = np.asarray(theta)
+                check_halo(self.model.cfg, float(max_disp))
+                kappas.append(np.asarray(kappa))
+                errors.append(None)
+            except Exception as e:
+                kappas.append(None)
+                errors.append(e)
+            thetas.append(theta)
+        return _assemble(thetas, kappas, errors, self.theta_dim, self.map_shape)
+
+
+def _assemble(thetas, kappas, errors, theta_dim: int, map_shape: tuple):
+    """Stack per-simulation results; failed ones get NaN (θ if unknown, and κ).
+
+    If every simulation raised and not all of them merely failed (halo overflow), the first
+    error is re-raised: a systematic problem, not a bad draw, and the chunk must stay pending.
+    """
+    from simulators.simulation import HaloOverflowError
+
+    if all(k is None for k in kappas):
+        for e in errors:
+            if not isinstance(e, HaloOverflowError):
+                raise e
+    theta = np.stack([t if t is not None else np.full(theta_dim, np.nan) for t in thetas])
+    kappa = np.stack([k if k is not None else np.full(map_shape, np.nan, np.float32)
+                      for k in kappas])
+    return theta, kappa, errors
+
+
+def generate(cfg, prior: Prior, n: int, out, *, batch_size: int | None = None,
+             seed: int | None = None, model=None, progress: bool = True) -> GenerateReport:
+    """Simulate ``n`` (θ, κ) pairs into the sims file ``out``, or finish an interrupted run there.
+
+    Args:
+      cfg: the ``ExperimentConfig`` (map model, sky, sources, base cosmology for the parameters
+        not in the prior).
+      prior: the ``Prior`` θ is drawn from; its parameter names are ``Cosmology`` fields.
+      n: number of simulations.
+      out: the sims file (layout: module docstring). If it exists it must hold the same
+        simulations (same n, seed, prior, model and configuration): the run resumes there.
+      batch_size: simulations per batch and per chunk written; default: 4 per device for PM/LPT
+        models (fewer if memory is short), 16 per device for Gaussian/lognormal maps, 1 for a
+        sharded model; on resume, the file's (a different value is an error).
+      seed: default ``cfg.seed``.
+      model: the map model; default ``cfg.build_model()`` (an explicit model replaces the one the
+        configuration describes; its class is recorded and compared on resume).
+      progress: show a tqdm bar on stderr.
+    Returns:
+      a ``GenerateReport``; a warning is issued when simulations failed.
+    Raises:
+      ValueError for invalid arguments, or an existing ``out`` that is not a sims file or holds
+      other simulations; whatever a simulation raises when every simulation of a chunk raises it.
+    """
+    import jax
+
+    import simulators  # noqa: F401  (enables float64)
+    from simulators.lensing import noise_sigma
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    for name, value, low in (("n", n, 1), ("batch_size", batch_size, 1), ("seed", seed, 0)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                                  or value < low):
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    n = int(n)
+    batch_size = None if batch_size is None else int(batch_size)
+    seed = int(cfg.seed if seed is None else seed)
+    if not isinstance(prior, Prior):
+        raise TypeError(f"prior must be an experiments.priors.Prior, got {type(prior).__name__}")
+    if model is None:
+        model = _model_for(cfg)
+    base = cfg.cosmology()
+    identity = _identity(cfg, prior, n, seed, model)
+    sharded = _model_sharded(model)
+
+    if out.exists():
+        with _open_sims(out) as f:
+            batch = _check_resumable(out, f, identity, batch_size)
+    else:
+        n_dev = 1 if sharded else jax.device_count()
+        batch = batch_size if batch_size is not None else _default_batch(model, n, n_dev, sharded)
+        _create(out, identity, cfg, prior, model, batch, noise_sigma(model.bins, model.sky))
+
+    runner = (_Sharded if sharded else _DataParallel)(model, prior, base, batch)
+    key = jax.random.key(seed)
+    chunks = [(s, min(n, s + batch)) for s in range(0, n, batch)]
+    compile_s = 0.0
+    n_simulated = 0
+    delay = float(os.environ.get(CHUNK_DELAY_ENV, "0") or 0)
+    first_errors: list[str] = []
+    try:
+        f = h5py.File(out, "r+")
+    except OSError as e:
+        raise OSError(f"cannot open {out} for writing ({e}); is another lensbench generate "
+                      f"writing it?") from None
+    with f:
+        status = f["status"][()]
+        todo = [(s, e) for s, e in chunks if not np.all(status[s:e] != STATUS_PENDING)]
+        n_resumed = n - sum(e - s for s, e in todo)
+        if todo:
+            compile_s = runner.compile(key)
+        ok_count = int(np.sum(status == STATUS_OK)) - sum(int(np.sum(status[s:e] == STATUS_OK))
+                                                          for s, e in todo)
+        failed_count = int(np.sum(status == STATUS_FAILED)) - sum(
+            int(np.sum(status[s:e] == STATUS_FAILED)) for s, e in todo)
+        from tqdm import tqdm
+
+        with tqdm(total=n, initial=n_resumed, unit="sim", desc=f"simulating {out.name}",
+                  disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
+            bar.set_postfix(OrderedDict(ok=ok_count, failed=failed_count), refresh=False)
+            t_run = time.perf_counter()
+            for s, e in todo:
+                theta, kappa, errors = runner.run(key, s, e)
+                good = (np.array([err is None for err in errors])
+                        & np.all(np.isfinite(kappa.reshape(e - s, -1)), axis=1)
+                        & np.all(np.isfinite(theta), axis=1))
+                for i, err in enumerate(errors):
+                    if err is not None:
+                        message = f"simulation {s + i} failed: {type(err).__name__}: {err}"
+                        if not first_errors:
+                            first_errors.append(" ".join(message.split()))
+                        if progress:
+                            bar.write(message, file=sys.stderr)
+                f["theta"][s:e] = theta
+                f["kappa"][s:e] = kappa
+                f.flush()  # data first, then the status that says it is there
+                f["status"][s:e] = np.where(good, STATUS_OK, STATUS_FAILED).astype(np.int8)
+                f.flush()
+                n_simulated += e - s
+                ok_count += int(good.sum())
+                failed_count += int((~good).sum())
+                bar.set_postfix(OrderedDict(ok=ok_count, failed=failed_count), refresh=False)
+                bar.update(e - s)
+                if delay:
+                    time.sleep(delay)
+            run_s = time.perf_counter() - t_run
+        status = f["status"][()]
+
+    failed = tuple(int(i) for i in np.flatnonzero(status == STATUS_FAILED))
+    report = GenerateReport(
+        path=out, n_requested=n, n_ok=int(np.sum(status == STATUS_OK)), n_failed=len(failed),
+        n_resumed=n_resumed, n_simulated=n_simulated,
+        n_pending=int(np.sum(status == STATUS_PENDING)), failed_indices=failed,
+        wall_s=time.perf_counter() - t0, compile_s=compile_s,
+        sims_per_s=n_simulated / run_s if n_simulated and run_s > 0 else 0.0,
+        batch_size=batch, n_devices=runner.n_devices, mode=runner.mode)
+    if failed:
+        shown = ", ".join(map(str, failed[:10])) + (", ..." if len(failed) > 10 else "")
+        errors = f"; {first_errors[0]}" if first_errors else ""
+        warnings.warn(f"{len(failed)} of {n} simulations failed (NaN/inf maps or errors; rows "
+                      f"{shown}): they have status 2 in {out} and read_sims leaves them out"
+                      f"{errors}", RuntimeWarning, stacklevel=2)
+    return report

@@ -1,0 +1,316 @@
+"""Training-set generation (experiments.dataset): determinism, kill and resume, failed simulations,
+data parallelism over devices, the PM path, and the errors.
+
+Most cases use the Gaussian map model on 16² pixels, 2 bins and a 2-parameter prior (10
+simulations): compiling the batched simulator (~5–10 s per batch size and model) dominates. Runs
+that need a killed process or two CPU devices go through a fresh interpreter.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from experiments.config import load_config, load_config_text
+from experiments.dataset import (CHUNK_DELAY_ENV, FORMAT, SIMS_ATTRS, generate, prior_from_file,
+                                 read_sims)
+from experiments.priors import lsst_y10
+
+REPO = Path(__file__).resolve().parents[1]
+GAUSS = {"simulation.kind": "gaussian", "maps.npix": 16, "sources.n_bins": 2}
+CFG = load_config("quick").with_(**GAUSS)
+PRIOR = lsst_y10().select(["Omega_c", "sigma8"])
+N = 10  # batch 2: 5 chunks; batch 4: 3 chunks, the last one padded
+
+
+def data(path):
+    with h5py.File(path, "r", locking=False) as f:
+        return {k: f[k][()] for k in ("theta", "kappa", "status")}
+
+
+def assert_same_data(a, b):
+    """Bitwise: θ and latents come from per-index keys, and the per-simulation arithmetic does not
+    depend on the batch it runs in."""
+    da, db = data(a), data(b)
+    for k in da:
+        np.testing.assert_array_equal(da[k], db[k], err_msg=k)
+
+
+def child_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(extra)
+    return env
+
+
+CHILD = """
+import json, sys
+{prelude}
+from experiments.config import load_config
+from experiments.dataset import generate
+from experiments.priors import lsst_y10
+cfg = load_config("quick").with_(**{gauss!r})
+r = generate(cfg, lsst_y10().select(["Omega_c", "sigma8"]), {n}, sys.argv[1], batch_size={batch},
+             progress=False)
+print(json.dumps({{"n_devices": r.n_devices, "n_ok": r.n_ok, "mode": r.mode}}))
+"""
+
+
+def child_script(batch, prelude=""):
+    return CHILD.format(prelude=prelude, gauss=GAUSS, n=N, batch=batch)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ref") / "sims.h5"
+    report = generate(CFG, PRIOR, N, path, batch_size=2, progress=False)
+    return path, report
+
+
+# ---- contents and determinism -------------------------------------------------------------------
+
+def test_file_contents_and_reader(reference):
+    from simulators.lensing import noise_sigma
+
+    path, report = reference
+    assert (report.n_requested, report.n_ok, report.n_failed, report.n_resumed,
+            report.n_simulated, report.n_pending) == (N, N, 0, 0, N, 0)
+    assert report.batch_size == 2 and report.mode == "data-parallel" and report.sims_per_s > 0
+    with h5py.File(path, "r") as f:
+        attrs = dict(f.attrs)
+        assert f["kappa"].dtype == np.float32 and f["kappa"].chunks == (1, 2, 16, 16)
+        assert f["theta"].dtype == np.float64 and f["status"].dtype == np.int8
+    assert set(SIMS_ATTRS) <= set(attrs)
+    assert attrs["format"] == FORMAT and attrs["n"] == N and attrs["seed"] == CFG.seed == 0
+    assert list(attrs["param_names"]) == ["Omega_c", "sigma8"] and attrs["batch_size"] == 2
+    assert attrs["sky"] == "flat" and attrs["npix"] == 16 and attrs["kind"] == "gaussian"
+    np.testing.assert_allclose(attrs["sigma_n"], noise_sigma(CFG.bins(), CFG.sky()))
+    assert load_config_text(attrs["config_toml"]).maps.npix == 16
+    assert prior_from_file(path) == PRIOR
+
+    d = data(path)
+    assert np.all(d["status"] == 1)
+    sims = read_sims(path)
+    assert len(sims) == N and sims.n_failed == 0 and sims.n_pending == 0
+    np.testing.assert_array_equal(sims.indices, np.arange(N))
+    np.testing.assert_array_equal(sims.theta, d["theta"])
+    np.testing.assert_array_equal(sims.kappa, d["kappa"])
+    assert sims.names == ("Omega_c", "sigma8") and sims.build_prior() == PRIOR
+    assert sims.config().simulation.kind == "gaussian"
+    np.testing.assert_array_equal(sims.sigma_n, attrs["sigma_n"])
+    # draws from the prior (Omega_c > 0: truncated), all different; maps finite and varied
+    assert np.all(sims.theta[:, 0] > 0) and len(np.unique(sims.theta[:, 1])) == N
+    assert np.all(np.isfinite(sims.kappa)) and np.all(sims.kappa.std(axis=(1, 2, 3)) > 1e-4)
+    assert not np.allclose(sims.kappa[0], sims.kappa[1])
+
+
+def test_same_seed_same_file_for_any_batch_size(reference, tmp_path):
+    ref, _ = reference
+    report = generate(CFG, PRIOR, N, tmp_path / "b4.h5", batch_size=4, progress=False)
+    assert report.n_ok == N and report.batch_size == 4
+    assert_same_data(tmp_path / "b4.h5", ref)
+    # another seed gives other simulations (the seed reaches both θ and the latent field)
+    generate(CFG, PRIOR, N, tmp_path / "seed1.h5", batch_size=2, seed=1, progress=False)
+    other, base = data(tmp_path / "seed1.h5"), data(ref)
+    assert not np.any(other["theta"] == base["theta"])
+    assert not np.any(other["kappa"] == base["kappa"])
+
+
+def test_kill_and_resume(reference, tmp_path):
+    """SIGKILL a run after 2 of its 5 chunks are on disk; the rerun finishes it into the file an
+    uninterrupted run writes, bitwise."""
+    ref, _ = reference
+    out = tmp_path / "killed.h5"
+    proc = subprocess.Popen([sys.executable, "-c", child_script(2), str(out)], cwd=tmp_path,
+                            env=child_env(**{CHUNK_DELAY_ENV: "1.0"}), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        done = 0
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.exists():
+                with h5py.File(out, "r", locking=False) as f:  # the child holds the write lock
+                    done = int(np.count_nonzero(f["status"][()]))
+                if done >= 4:
+                    break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the run ended before it was killed: {proc.communicate()}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+
+    with pytest.warns(RuntimeWarning, match="not done yet"):
+        partial = read_sims(out)
+    assert 4 <= len(partial) < N and partial.n_pending == N - len(partial)
+    np.testing.assert_array_equal(partial.kappa, data(ref)["kappa"][partial.indices])
+
+    report = generate(CFG, PRIOR, N, out, progress=False)  # the file's batch size (2)
+    assert report.n_resumed == len(partial) and report.n_simulated == N - len(partial)
+    assert report.n_ok == N and report.n_pending == 0 and report.batch_size == 2
+    assert_same_data(out, ref)
+    again = generate(CFG, PRIOR, N, out, progress=False)  # complete: nothing to do
+    assert again.n_resumed == N and again.n_simulated == 0
+
+
+def test_data_parallel_two_devices(reference, tmp_path):
+    """Two CPU devices (batch split 1 + 1) write the single-device file. θ is exactly equal (same
+    keys, same sampling code); κ is allowed float32 rounding (1e-6 relative to the maps' range)
+    because XLA may vectorise a per-device batch of 1 differently from a batch of 2 — in practice
+    the files are bitwise equal too."""
+    ref, _ = reference
+    out = tmp_path / "dp.h5"
+    proc = subprocess.run([sys.executable, "-c", child_script(2), str(out)], cwd=tmp_path,
+                          env=child_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info == {"n_devices": 2, "n_ok": N, "mode": "data-parallel"}
+    got, want = data(out), data(ref)
+    np.testing.assert_array_equal(got["theta"], want["theta"])
+    np.testing.assert_array_equal(got["status"], want["status"])
+    scale = np.abs(want["kappa"]).max()
+    np.testing.assert_allclose(got["kappa"], want["kappa"], rtol=0, atol=1e-6 * scale)
+
+
+# ---- failed simulations -------------------------------------------------------------------------
+
+def test_failed_simulations_are_marked_counted_and_excluded(reference, tmp_path):
+    """A model whose maps are NaN above an Omega_c cut and which raises (in a host callback) for
+    the smallest Omega_c: those rows get status 2, the report and a warning count them, read_sims
+    leaves them out. The chunk with the raising simulation is redone one simulation at a time."""
+    import jax
+    import jax.numpy as jnp
+
+    from simulators.lensing import GaussianLensing
+
+    ref, _ = reference
+    want = data(ref)
+    omega_c = want["theta"][:, 0]
+    cut, lowest = float(np.median(omega_c)), float(omega_c.min())
+    bad = (omega_c > cut) | (omega_c == lowest)
+    assert 1 < bad.sum() < N
+
+    def check(x):
+        if np.any(np.asarray(x) == lowest):
+            raise ValueError("simulated failure")
+        return np.zeros_like(x)
+
+    @dataclass(frozen=True, eq=False)
+    class Faulty(GaussianLensing):
+        def kappa(self, cosmo, latent):
+            zero = jax.pure_callback(check, jax.ShapeDtypeStruct((), jnp.float64), cosmo.Omega_c,
+                                     vmap_method="sequential")
+            kappa = super().kappa(cosmo, latent) + zero
+            return jnp.where(cosmo.Omega_c > cut, jnp.nan, kappa)
+
+    base = CFG.build_model()
+    out = tmp_path / "failed.h5"
+    with pytest.warns(RuntimeWarning, match=f"{bad.sum()} of {N} simulations failed.*"
+                                            f"simulated failure"):
+        report = generate(CFG, PRIOR, N, out, batch_size=2, model=Faulty(base.sky, base.bins),
+                          progress=False)
+    assert report.n_failed == bad.sum() and report.n_ok == N - bad.sum()
+    assert report.failed_indices == tuple(np.flatnonzero(bad))
+    got = data(out)
+    np.testing.assert_array_equal(got["status"], np.where(bad, 2, 1))
+    np.testing.assert_array_equal(got["theta"][omega_c != lowest], want["theta"][omega_c != lowest])
+
+    sims = read_sims(out)
+    assert sims.n_failed == bad.sum() and sims.n_pending == 0 and len(sims) == N - bad.sum()
+    np.testing.assert_array_equal(sims.indices, np.flatnonzero(~bad))
+    assert np.all(np.isfinite(sims.kappa))
+    np.testing.assert_allclose(sims.kappa, want["kappa"][~bad], rtol=1e-6,
+                               atol=1e-6 * np.abs(want["kappa"]).max())
+    everything = read_sims(out, include_failed=True)
+    assert len(everything) == N and np.all(np.isnan(everything.kappa[bad]))
+    np.testing.assert_array_equal(everything.status, np.where(bad, 2, 1))
+
+
+# ---- the PM path --------------------------------------------------------------------------------
+
+def test_pm_batch_through_lightcone(tmp_path):
+    """vmap of the PM + lightcone simulator (native CIC painting, sequential under vmap): a batch
+    of 2 gives finite, different maps, and simulation 1 equals the unbatched simulator's."""
+    import jax
+
+    from experiments.dataset import _model_for
+
+    cfg = load_config("quick").with_(**{
+        "simulation.mesh_shape": [16, 16, 32], "simulation.box_size": [128.0, 128.0, 512.0],
+        "simulation.n_steps": 2, "maps.field_deg": 3.0, "maps.npix": 16, "sources.n_bins": 2})
+    report = generate(cfg, PRIOR, 2, tmp_path / "pm.h5", batch_size=2, progress=False)
+    assert report.n_ok == 2 and report.mode == "data-parallel"
+    sims = read_sims(tmp_path / "pm.h5")
+    assert sims.kappa.shape == (2, 2, 16, 16) and np.all(np.isfinite(sims.kappa))
+    assert np.all(sims.kappa.std(axis=(1, 2, 3)) > 1e-5)
+    assert not np.allclose(sims.kappa[0], sims.kappa[1])
+
+    model = _model_for(cfg)  # the model generate used
+    theta_key, latent_key = jax.random.split(jax.random.fold_in(jax.random.key(cfg.seed), 1))
+    np.testing.assert_array_equal(sims.theta[1], PRIOR.sample(theta_key))
+    kappa = jax.jit(model.kappa)(PRIOR.cosmology(sims.theta[1], cfg.cosmology()),
+                                 model.latent(latent_key))
+    np.testing.assert_allclose(sims.kappa[1], np.asarray(kappa, np.float32), rtol=1e-5,
+                               atol=1e-5 * np.abs(sims.kappa[1]).max())
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, message", [
+    (dict(seed=1), "seed = 0 in the file, 1 now"),
+    (dict(n=N + 1), f"n = {N} in the file, {N + 1} now"),
+    (dict(prior=lsst_y10().select(["Omega_c", "h"])), "prior"),
+    (dict(cfg=CFG.with_(**{"maps.field_deg": 4.0})), "config maps.field_deg = 5.0 in the file"),
+    (dict(batch_size=4), "batch_size = 2 in the file, 4 now"),
+])
+def test_mismatched_rerun_is_refused(reference, change, message):
+    ref, _ = reference
+    before = ref.read_bytes()
+    args = dict(cfg=CFG, prior=PRIOR, n=N) | {k: v for k, v in change.items() if k != "seed" and
+                                             k != "batch_size"}
+    kwargs = {k: v for k, v in change.items() if k in ("seed", "batch_size")}
+    with pytest.raises(ValueError, match="choose another output file") as err:
+        generate(args["cfg"], args["prior"], args["n"], ref, progress=False, **kwargs)
+    assert message in str(err.value) and str(ref) in str(err.value)
+    assert ref.read_bytes() == before
+
+
+def test_not_a_sims_file(tmp_path):
+    text = tmp_path / "notes.h5"
+    text.write_text("not HDF5")
+    maps = tmp_path / "maps.h5"
+    with h5py.File(maps, "w") as f:
+        f.attrs["format"] = "lensbench.maps"
+    for path, what in ((text, "not HDF5"), (maps, "a map file")):
+        before = path.read_bytes()
+        with pytest.raises(ValueError, match=f"is not a lensbench sims file|is {what}") as err:
+            read_sims(path)
+        assert str(path) in str(err.value) and what in str(err.value)
+        with pytest.raises(ValueError, match=what):
+            generate(CFG, PRIOR, N, path, progress=False)
+        with pytest.raises(ValueError, match=what):
+            prior_from_file(path)
+        assert path.read_bytes() == before  # never overwritten
+
+
+def test_missing_file_and_bad_arguments(tmp_path):
+    missing = tmp_path / "nowhere" / "sims.h5"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        read_sims(missing)
+    for bad in (dict(n=0), dict(n=2.5), dict(batch_size=0), dict(seed=-1)):
+        args = dict(n=N) | bad
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            generate(CFG, PRIOR, args.pop("n"), tmp_path / "x.h5", progress=False, **args)
+    assert not (tmp_path / "x.h5").exists()

@@ -96,7 +96,8 @@ Top level
                          high=-0.3)) or "none" ["lsst_y10"]
   params               : the inferred parameters, in order (Cosmology field names); the others
                          stay at their [cosmology] values [every preset and declared parameter]
-  <name>               : a parameter's prior as an inline table, overriding the preset's:
+  Omega_c, Omega_b, h, n_s, sigma8, w0, wa : a parameter's prior as an inline table,
+                         overriding the preset's:
                          {dist = "normal", loc, scale}, {dist = "truncated_normal", loc, scale,
                          low and/or high} or {dist = "uniform", low, high}
 

@@ -155,3 +155,20 @@ def test_errors(work, tmp_path):
     msg = one_line_error(invoke("fit-posterior", "--config", cfg, "--sims", work / "obs.h5",
                                 "--summary", "cl", "--out", tmp_path / "p"))
     assert "obs.h5" in msg
+
+
+def test_cl_baseline(work):
+    ok("cl-baseline", "--config", work / "tiny.toml", "--maps", work / "obs.h5",
+       "--out", work / "s_cla.h5", "--no-progress")
+    s = read_samples(work / "s_cla.h5")
+    assert s.method == "cl_analytic" and s.samples.shape == (40, 2)
+    assert s.info["n_cov"] == 40 and 0 < s.info["hartlap"] < 1
+    # the covariance simulations are cached next to the output and reused
+    assert (work / "s_cla.h5.cov.npz").is_file()
+    # an observation whose seed is one of the covariance seeds is refused
+    bad = work / "bad.toml"
+    bad.write_text(TINY.replace("seed = 0", "seed = 10005", 1))
+    ok("maps", "--config", bad, "--out", work / "obs_bad.h5", "--no-progress")
+    msg = one_line_error(invoke("cl-baseline", "--config", work / "tiny.toml", "--maps",
+                                work / "obs_bad.h5", "--out", work / "x.h5"))
+    assert "seed 10005 is one of the covariance simulations' seeds" in msg

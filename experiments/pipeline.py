@@ -377,7 +377,10 @@ def run_cl_baseline(config, maps_path, out, *, progress: bool = True):
               if isinstance(model, PMLensing) else None)
     out = Path(out)
     cache = out.with_name(out.name + ".cov.npz")
-    key = json.dumps({"config": cfg.with_(seed=0).to_toml(), "n_cov": cb.n_cov, "seed": cb.seed})
+    # the covariance depends on the maps' model and the ell binning only
+    shaping = ("cosmology", "simulation", "lightcone", "maps", "sources", "cl")
+    key = json.dumps({**{k: v for k, v in cfg.to_dict().items() if k in shaping},
+                      "n_cov": cb.n_cov, "seed": cb.seed}, sort_keys=True)
     dvs = None
     if cache.is_file():
         with np.load(cache) as z:
@@ -396,7 +399,7 @@ def run_cl_baseline(config, maps_path, out, *, progress: bool = True):
     like = ClLikelihood(bins=model.bins, field_deg=cfg.maps.field_deg, npix=cfg.maps.npix,
                         ell_edges=edges, sigma_n=sigma_n, cov=est.cov, n_cov=est.n_sims,
                         prior=cfg.prior(), base=cfg.cosmology(), kind=cb.likelihood,
-                        power_filter=window)
+                        power_filter=window, n_chi=cb.n_chi)
     data = np.asarray(cl_data_vector(jnp.asarray(obs.kappa_noisy), cfg.maps.field_deg, edges))
     theta, info = sample_cl_posterior(like, data, num_warmup=cb.num_warmup,
                                       num_samples=cb.num_samples, num_chains=cb.num_chains,

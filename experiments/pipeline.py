@@ -141,13 +141,12 @@ def run_train_compressor(config, sims_path, out, *, loss: str | None = None,
     return comp
 
 
-def _noisy(kappa: np.ndarray, sigma_n: np.ndarray, copies: int, seed: int):
-    """(n·copies, ...) float32 maps: each map repeated ``copies`` times (adjacent) with fresh
-    per-bin Gaussian shape noise; θ rows repeat the same way (``np.repeat``)."""
-    rng = np.random.default_rng(seed)
-    reps = np.repeat(kappa, copies, axis=0).astype(np.float32)
-    sigma = np.asarray(sigma_n, np.float32).reshape((1, -1) + (1,) * (kappa.ndim - 2))
-    return reps + rng.standard_normal(reps.shape, np.float32) * sigma
+def _noisy(kappa: np.ndarray, theta: np.ndarray, sigma_n: np.ndarray, copies: int, seed: int):
+    """θ and noise-free maps repeated ``copies`` times (adjacent), each copy with fresh per-bin
+    shape noise drawn from ``seed`` (``estimators.npe.add_noise_copies``)."""
+    from estimators.npe import add_noise_copies
+
+    return add_noise_copies(theta, kappa, sigma_n, copies, np.random.default_rng(seed))
 
 
 def summarise(kind: str, maps: np.ndarray, *, compressor=None, field_deg=None, ell_edges=None,
@@ -190,7 +189,7 @@ def run_compress(compressor_dir, inputs, out, *, noisy: bool = True, seed: int =
         maps = (m.kappa_noisy if noisy else m.kappa)[None]
     elif fmt == "lensbench.sims":
         sims = _read_sims(inputs)
-        maps = _noisy(sims.kappa, sims.sigma_n, 1, seed) if noisy else sims.kappa
+        maps = _noisy(sims.kappa, sims.theta, sims.sigma_n, 1, seed)[1] if noisy else sims.kappa
         datasets.update(theta=(sims.theta, {}), indices=(sims.indices, {}))
     else:
         raise ValueError(f"{inputs} is neither a map file (lensbench maps) nor a sims file "
@@ -214,8 +213,6 @@ def run_fit_posterior(config, sims_path, out, *, compressor=None, summary: str |
     summary: "compressor" (needs ``compressor``, the default when one is given), "cl" or "maps".
     Writes ``out``/npe (the estimator), ``out``/lensbench.json and ``out``/calibration/.
     """
-    import torch
-
     from estimators.npe import MapEmbedding, fit_npe
 
     cfg = _config(config)
@@ -235,11 +232,10 @@ def run_fit_posterior(config, sims_path, out, *, compressor=None, summary: str |
     split = split_sims(sims, cfg.training_set.n_calibration, n_train)
     npe = cfg.npe
     prior = cfg.prior()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
     # noisy copies of the training maps, then their summaries
-    maps = _noisy(sims.kappa[split.train], sims.sigma_n, npe.noise_copies, npe.seed)
-    theta = np.repeat(sims.theta[split.train], npe.noise_copies, axis=0)
+    theta, maps = _noisy(sims.kappa[split.train], sims.theta[split.train], sims.sigma_n,
+                         npe.noise_copies, npe.seed)
     geo = dict(compressor=comp, field_deg=cfg.maps.field_deg, ell_edges=cfg.ell_edges())
     x = summarise(summary, maps, **geo)
     del maps
@@ -265,7 +261,8 @@ def run_fit_posterior(config, sims_path, out, *, compressor=None, summary: str |
     if calibrate and len(split.held_out):
         from estimators.calibration import calibrate as run_calibration
 
-        held = _noisy(sims.kappa[split.held_out], sims.sigma_n, 1, npe.seed + 1)
+        _, held = _noisy(sims.kappa[split.held_out], sims.theta[split.held_out], sims.sigma_n, 1,
+                         npe.seed + 1)
         x_test = summarise(summary, held, **geo)
         cal = run_calibration(result, sims.theta[split.held_out], x_test,
                               n_posterior_samples=npe.calibration_samples,
@@ -273,7 +270,6 @@ def run_fit_posterior(config, sims_path, out, *, compressor=None, summary: str |
         meta["calibration"] = {"tarp_atc": cal["tarp"]["atc"], "tarp_ks_pval": cal["tarp"]["ks_pval"],
                                "sbc_ks_pvals": cal["sbc"]["ks_pvals"],
                                "n_test": cal["n_test"]}
-        (out / _META).write_text(json.dumps(meta, indent=1))
         ks = ", ".join(f"{k} {v:.2f}" for k, v in cal["sbc"]["ks_pvals"].items())
         print(f"calibration on {cal['n_test']} held-out simulations: TARP ATC "
               f"{cal['tarp']['atc']:+.3f} (KS p {cal['tarp']['ks_pval']:.2f}); SBC rank KS p: {ks}; "

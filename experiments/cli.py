@@ -15,6 +15,13 @@ Implicit inference and the C_ell baseline (experiments/pipeline.py):
     lensbench sample --posterior posterior/ --maps maps.h5 --n 20000 --out samples.h5
     lensbench cl-baseline --config quick --maps maps.h5 --out cl_samples.h5
 
+Explicit inference and the comparison harness (experiments/compare.py):
+
+    lensbench hmc --config quick --maps maps.h5 --out chains/
+    lensbench compare --config quick --out results/quick [--force STAGE]
+    lensbench plot results/quick --method hmc --method npe_vmim --param Omega_m --param sigma8
+    lensbench demo                      # = compare on the quick config into results/quick
+
 ``maps`` reads an experiment configuration (TOML; ``experiments/config.py`` documents the schema):
 a path, or the name of a shipped one (``quick``, ``lsst_y10`` in ``experiments/configs``).
 
@@ -54,10 +61,10 @@ try:  # typer >= 0.20 ships its own copy of click
 except ImportError:  # pragma: no cover - older typer built on the click package
     from click import exceptions as _click_exceptions
 
-# The embedded default configuration of `lensbench demo` (and the defaults of `simulate`).
+# The defaults of `lensbench simulate` (a 64^3, 256 Mpc/h, 10-step fiducial run).
 DEMO = dict(mesh="64", box="256", steps=10, seed=0, a_init=0.1, a_final=1.0, lpt_order=2,
             mesh_factor=1, pdims="1x1", halo=8, dtype="float32")
-# The experiment configuration whose κ maps and C_ell the demo makes (a shipped name or a path).
+# The experiment configuration the demo compares methods on (a shipped name or a path).
 DEMO_MAPS_CONFIG = "quick"
 COSMOLOGY_OPTIONS = ("Omega_c", "Omega_b", "h", "n_s", "sigma8", "w0", "wa")
 
@@ -673,23 +680,88 @@ def cl_baseline(
     run_cl_baseline(config, maps_file, out, progress=progress)
 
 
+# ---- explicit inference and the comparison harness ---------------------------------------------
+
+@app.command()
+def hmc(
+    maps_file: Annotated[Path, typer.Option("--maps", help="Observed map file ('lensbench maps').",
+                                            exists=True, dir_okay=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory: chains, checkpoints, "
+                                      "diagnostics.json and samples.h5.", file_okay=False)],
+    config: Annotated[str, typer.Option("--config", "-c", help=_CONFIG_HELP)] = "quick",
+    resume: Annotated[bool, typer.Option("--resume/--restart", help="Continue the run in OUT from "
+                                         "its last checkpoint, or start over.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show progress.")] = True,
+):
+    """Explicit full-field inference: HMC (NUTS or MCLMC) over the cosmology and the initial field."""
+    from .config import load_config, peek_pdims
+    from .pipeline import run_hmc
+
+    _cpu_devices_for(peek_pdims(config))
+    run_hmc(load_config(config), maps_file, out, resume=resume, progress=progress)
+
+
+def run_compare(config, out: Path, *, force: tuple[str, ...] = ()) -> dict:
+    """``lensbench compare`` (and ``demo``): all stages of ``experiments.compare``."""
+    from .config import ExperimentConfig, load_config, peek_pdims
+
+    if not isinstance(config, ExperimentConfig):
+        _cpu_devices_for(peek_pdims(config))
+        config = load_config(config)
+    else:
+        _cpu_devices_for(config.simulation.pdim_tuple)
+    from .compare import compare as run
+
+    return run(config, out, force=tuple(force))
+
+
+@app.command()
+def compare(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Results directory (rerun to resume).",
+                                      file_okay=False)],
+    config: Annotated[str, typer.Option("--config", "-c", help=_CONFIG_HELP)] = "quick",
+    force: Annotated[Optional[list[str]], typer.Option(
+        "--force", help="Rerun this stage (and what depends on it) even if done; repeatable; "
+                        "'all' reruns everything.")] = None,
+):
+    """Run the C_ell baselines, implicit (NPE) and explicit (HMC) inference on one observation and
+    compare them: metrics.json, contour plots, report.md."""
+    run_compare(config, out, force=tuple(force or ()))
+
+
+@app.command()
+def plot(
+    results: Annotated[Path, typer.Argument(help="A 'lensbench compare' results directory, or a "
+                                            "directory of samples files.", file_okay=False,
+                                            exists=True)],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output image (default: "
+                                                "RESULTS/figures/contours.png).", dir_okay=False)] = None,
+    methods: Annotated[Optional[list[str]], typer.Option(
+        "--method", "-m", help="Methods to overlay (repeatable; default: all found).")] = None,
+    params: Annotated[Optional[list[str]], typer.Option(
+        "--param", "-p", help="Parameters (repeatable; also Omega_m and S8; default: the "
+                              "sampled ones).")] = None,
+):
+    """Redraw the posterior contours (getdist triangle plot) from saved samples."""
+    from .report import plot_results
+
+    path = plot_results(results, out, methods=methods or None, params=params or None)
+    print(f"wrote {path}")
+
+
 @app.command()
 def demo(
     out_dir: Annotated[Path, typer.Option(
-        help="Directory for run.h5, pk.png, maps.h5, maps.png, cl.png and cl.npz.",
-        file_okay=False)] = Path("out"),
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+        help="Results directory (rerun to resume).", file_okay=False)] = Path("results/quick"),
 ):
-    """The main job: a 64^3-mesh, 256 Mpc/h, 10-step fiducial run (seed 0) and its P(k) plot, then the convergence maps of the 'quick' configuration and their C_ell plot."""
+    """The main job: `lensbench compare` on the shipped quick configuration (PM lightcone maps;
+    C_ell baselines, NPE on VMIM summaries, field-level HMC), then where the report is."""
     start = time.perf_counter()
-    run_path = run_simulation(out_dir / "run.h5", progress=progress, **DEMO)
-    png = run_power_spectrum(run_path, out_dir / "pk.png")
-    maps_path = run_maps(DEMO_MAPS_CONFIG, out_dir / "maps.h5", png=out_dir / "maps.png",
-                         progress=progress)
-    cl_png = run_cl(maps_path, out_dir / "cl.png")
-    print(f"demo done in {time.perf_counter() - start:.0f} s: simulation {run_path}, "
-          f"power spectrum {png}; convergence maps {maps_path} (image {out_dir / 'maps.png'}), "
-          f"their C_ell {cl_png} (numbers {cl_png.with_suffix('.npz')})")
+    metrics = run_compare(DEMO_MAPS_CONFIG, out_dir)
+    rows = [f"  {m:12s} FoM(Omega_c, sigma8) = {v['fom'].get('Omega_c-sigma8', float('nan')):7.1f}"
+            for m, v in metrics.get("methods", {}).items()] if isinstance(metrics, dict) else []
+    print("\n".join(rows))
+    print(f"demo done in {time.perf_counter() - start:.0f} s; report: {out_dir / 'report.md'}")
 
 
 if __name__ == "__main__":  # pragma: no cover

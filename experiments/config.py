@@ -50,6 +50,8 @@ Top level
   pdims                : device grid "PXxPY"; mesh_shape (and the particle grid) must divide
                          along x and y. On CPU the command line creates that many devices ["1x1"]
   halo                 : halo width in mesh cells for sharded runs (int >= 2) [8]
+  n_chi                : gaussian/lognormal: Limber quadrature nodes in chi (int >= 16; 64 is
+                         within ~1% of 256 per mode at 4x less cost, e.g. for field-level HMC) [256]
 
 [lightcone]
   observer             : [x, y, z] observer position in box coordinates, Mpc/h [flat sky: the
@@ -138,6 +140,32 @@ Top level
   seed                 : the covariance simulations use seeds seed .. seed + n_cov - 1 (keep
                          the observation's seed outside); NUTS uses seed too [10000]
 
+[hmc]                  explicit full-field inference over theta and the initial white noise
+                       (``lensbench hmc``; ``explicit``)
+  sampler              : "nuts" (dense mass block over theta, diagonal over the field) or
+                         "mclmc" (blackjax microcanonical Langevin) ["nuts"]
+  num_warmup           : warm-up (NUTS adaptation / MCLMC tuning) steps [200]
+  num_samples          : samples per chain [200]
+  num_chains           : chains, run one after another [1]
+  max_tree_depth       : NUTS: at most 2^depth - 1 gradient evaluations per sample [6]
+  target_accept        : NUTS: target acceptance probability of the step-size adaptation [0.8]
+  segment              : iterations between checkpoints (the run resumes from the last one) [25]
+  thin_field           : keep the latent field every N samples (0: never); theta is always kept [50]
+  gradient             : "adjoint" (reverse-time PM adjoint: memory independent of the number of
+                         steps) or "checkpoint"; replaces simulation.gradient for HMC ["adjoint"]
+  seed                 : seed of the chains [2]
+
+[compare]              ``lensbench compare``: the methods run on one observation and compared
+  methods              : any of "cl_analytic" (Gaussian C_ell likelihood + NUTS), "npe_cl" (NPE on
+                         the C_ell data vector), "npe_mse", "npe_mae", "npe_gnll", "npe_vmim" (NPE
+                         on a compressor trained with that loss), "npe_maps" (one-stage NPE),
+                         "hmc" (explicit field-level), "exact" (grid posterior; Gaussian-field
+                         maps only) [["cl_analytic", "npe_cl", "npe_vmim", "hmc"]]
+  observation          : an observed map file (``lensbench maps``) [simulate one at [cosmology]
+                         with the top-level seed]; relative paths are relative to the config file
+  c2st_samples         : at most this many samples per method enter each C2ST [2000]
+  seed                 : seed of the C2ST subsampling and classifier [0]
+
 Adding a section (e.g. [prior], [compressor], [npe], [hmc] later): write a frozen dataclass whose
 fields are declared with ``key(...)`` (type, default, doc, optional check), optionally a
 ``_check(self, given)`` method for rules that involve several keys, add it to ``SECTIONS`` and add
@@ -179,7 +207,7 @@ class Key:
 
     Types: "float", "int", "bool", "str", "int3" (int or 3 ints), "float3" (float or 3 floats),
     "vec3" (exactly 3 floats), "floats" (list of floats), "float|floats" (one or a list),
-    "paths" (list of file names), "strs" (list of strings), "table" (an inline table, kept as a
+    "path" (a file name), "paths" (list of file names), "strs" (list of strings), "table" (an inline table, kept as a
     dict; its ``check`` validates the contents).
     """
 
@@ -243,6 +271,10 @@ def _coerce(k: Key, value, name: str, base_dir: Path):
             _fail(name, f"must be a list of numbers, got {value!r} ({_type_name(value)})")
         else:
             value = _number(value, name, False)
+    elif t == "path":
+        if not isinstance(value, str) or not value:
+            _fail(name, f"must be a file name, got {value!r} ({_type_name(value)})")
+        value = str((base_dir / os.path.expanduser(value)).resolve())
     elif t == "paths":
         if isinstance(value, str):
             value = [value]
@@ -373,6 +405,8 @@ class SimulationSection:
                      check=lambda v: None if PDIMS_RE.match(v) and min(_pdims(v)) >= 1
                      else "must look like '2x2' (positive device counts along x and y)")
     halo: int = key("int", 8, "halo width, mesh cells", check=_at_least(2))
+    n_chi: int = key("int", 256, "Limber chi nodes of the gaussian/lognormal models",
+                     check=_at_least(16))
 
     def _check(self, given):
         obj = replace(self, pdims="x".join(map(str, _pdims(self.pdims))))
@@ -705,6 +739,56 @@ class ClBaselineSection:
                     check=_at_least(0))
 
 
+COMPARE_METHODS = ("cl_analytic", "npe_cl", "npe_mse", "npe_mae", "npe_gnll", "npe_vmim",
+                   "npe_maps", "hmc", "exact")
+
+
+@dataclass(frozen=True)
+class HmcSection:
+    """Explicit full-field inference (``lensbench hmc``; ``explicit.HMCSettings``)."""
+
+    sampler: str = key("str", "nuts", "sampler", choices=("nuts", "mclmc"))
+    num_warmup: int = key("int", 200, "warm-up steps", check=_at_least(1))
+    num_samples: int = key("int", 200, "samples per chain", check=_at_least(1))
+    num_chains: int = key("int", 1, "chains", check=_at_least(1))
+    max_tree_depth: int = key("int", 6, "NUTS tree depth", check=_at_least(1))
+    target_accept: float = key("float", 0.8, "NUTS target acceptance",
+                               check=lambda v: None if 0 < v < 1 else "must be in (0, 1)")
+    segment: int = key("int", 25, "iterations per checkpoint", check=_at_least(1))
+    thin_field: int = key("int", 50, "keep the field every N samples (0: never)",
+                          check=_at_least(0))
+    gradient: str = key("str", "adjoint", "PM gradient mode", choices=("adjoint", "checkpoint"))
+    seed: int = key("int", 2, "seed of the chains", check=_at_least(0))
+
+    def settings(self):
+        """The ``explicit.HMCSettings``."""
+        from explicit import HMCSettings
+
+        values = {k: getattr(self, k) for k in _keys(type(self)) if k != "gradient"}
+        return _wrap("hmc", _keys(type(self)), lambda: HMCSettings(**values))
+
+
+@dataclass(frozen=True)
+class CompareSection:
+    """``lensbench compare``: which methods run, on which observation."""
+
+    methods: tuple = key("strs", ("cl_analytic", "npe_cl", "npe_vmim", "hmc"), "methods")
+    observation: str | None = key("path", None, "observed map file")
+    c2st_samples: int = key("int", 2000, "samples per method in a C2ST", check=_at_least(10))
+    seed: int = key("int", 0, "seed of the C2ST", check=_at_least(0))
+
+    def _check(self, given):
+        if not self.methods:
+            _fail("compare.methods", "must name at least one method")
+        for m in self.methods:
+            if m not in COMPARE_METHODS:
+                _fail("compare.methods", f"unknown method {m!r}{_suggest(m, COMPARE_METHODS)}; "
+                                         f"valid: {', '.join(COMPARE_METHODS)}")
+        if len(set(self.methods)) != len(self.methods):
+            _fail("compare.methods", f"lists a method twice: {_show(list(self.methods))}")
+        return self
+
+
 # Section name -> dataclass, in file order. Add later sections ([prior], [npe], ...) here and as a
 # field of ExperimentConfig.
 SECTIONS: dict[str, type] = {
@@ -719,6 +803,8 @@ SECTIONS: dict[str, type] = {
     "compressor": CompressorSection,
     "npe": NpeSection,
     "cl_baseline": ClBaselineSection,
+    "hmc": HmcSection,
+    "compare": CompareSection,
 }
 TOP_LEVEL = ("name", "seed")
 
@@ -745,6 +831,8 @@ class ExperimentConfig:
     compressor: CompressorSection = field(default_factory=lambda: _default_section('compressor'))
     npe: NpeSection = field(default_factory=lambda: _default_section('npe'))
     cl_baseline: ClBaselineSection = field(default_factory=lambda: _default_section('cl_baseline'))
+    hmc: HmcSection = field(default_factory=lambda: _default_section('hmc'))
+    compare: CompareSection = field(default_factory=lambda: _default_section('compare'))
     path: str | None = field(default=None, compare=False)  # the file it came from, if any
 
     # ---- builders (these import JAX; bins() and chi_max() may start its backend) -------------
@@ -788,10 +876,12 @@ class ExperimentConfig:
         from simulators.lightcone import Lightcone
 
         sky, bins, kind = self.sky(), self.bins(), self.simulation.kind
+        n_chi = self.simulation.n_chi
         if kind == "gaussian":
-            return _wrap("maps", _keys(MapsSection), lambda: lensing.GaussianLensing(sky, bins))
+            return _wrap("maps", _keys(MapsSection), lambda: lensing.GaussianLensing(sky, bins, n_chi))
         if kind == "lognormal":
-            return _wrap("maps", _keys(MapsSection), lambda: lensing.LognormalLensing(sky, bins))
+            return _wrap("maps", _keys(MapsSection),
+                         lambda: lensing.LognormalLensing(sky, bins, n_chi))
         cfg = _wrap("simulation", _keys(SimulationSection), self.simulation.sim_config)
         lc = self.lightcone
         cone = _wrap("lightcone", _keys(LightconeSection), lambda: Lightcone(
@@ -839,6 +929,9 @@ class ExperimentConfig:
                 _fail("lightcone.observer", f"{_show(self.lightcone.observer)} lies outside the "
                                             f"box [0, {_show(box)}] Mpc/h")
         self.cl.edges(self.maps)  # an ell range that is empty for this map geometry
+        if "exact" in self.compare.methods and kind != "gaussian":
+            _fail("compare.methods", f"'exact' needs Gaussian-field maps (simulation.kind = "
+                                     f"'gaussian'), not '{kind}'")
 
 
 def _default_section(name: str):

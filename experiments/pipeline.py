@@ -339,6 +339,12 @@ def _report_samples(samples, path) -> None:
 
 # ---- C_ℓ baseline (analytic) ----------------------------------------------------------------------
 
+def cl_data_path(samples_path) -> Path:
+    """Where ``run_cl_baseline`` keeps its data vector, theory at the truth and covariance."""
+    samples_path = Path(samples_path)
+    return samples_path.with_name(samples_path.name + ".data.npz")
+
+
 def run_cl_baseline(config, maps_path, out, *, progress: bool = True):
     """The analytic C_ℓ baseline: Gaussian (or Sellentin–Heavens) likelihood of the observed
     noisy maps' binned tomographic C_ℓ, covariance from ``cl_baseline.n_cov`` simulations of the
@@ -401,6 +407,13 @@ def run_cl_baseline(config, maps_path, out, *, progress: bool = True):
                                       num_samples=cb.num_samples, num_chains=cb.num_chains,
                                       seed=cb.seed, progress=progress)
     names = cfg.prior().names
+    truth = np.array([float(obs.attrs[k]) for k in names])
+    # the data vector against the theory at the truth, for the report's C_ell figure
+    np.savez(cl_data_path(out), ell_edges=edges, ell=np.asarray(like.ell_mean),
+             data=data.reshape(like.n_pairs, -1),
+             theory=np.asarray(like.mean(jnp.asarray(truth))).reshape(like.n_pairs, -1),
+             noise=np.asarray(like.noise_vector).reshape(like.n_pairs, -1),
+             cov=est.cov, n_cov=cb.n_cov, names=np.array(names), truth=truth)
     info.update(covariance_time_s=cov_time, n_cov=cb.n_cov, observation=str(maps_path))
     chain = np.repeat(np.arange(cb.num_chains), cb.num_samples)
     samples = Samples(theta, names, "cl_analytic", chain=chain,
@@ -411,5 +424,95 @@ def run_cl_baseline(config, maps_path, out, *, progress: bool = True):
           f"simulations, Hartlap factor {like.hartlap:.3f}); NUTS {info['wall_time_s']:.1f} s, "
           f"{info['divergences']} divergences, ESS "
           + ", ".join(f"{k} {v:.0f}" for k, v in info["ess"].items()))
+    _report_samples(samples, path)
+    return samples
+
+
+# ---- explicit inference (HMC) ---------------------------------------------------------------------
+
+def _observation(cfg, maps_path):
+    """Read an observed map file and check it fits the configuration's maps."""
+    from .compare import check_observation
+    from .io import read_maps
+
+    obs = read_maps(maps_path)
+    check_observation(cfg, obs, maps_path)
+    return obs
+
+
+def run_hmc(config, maps_path, out, *, samples_out=None, resume: bool = True,
+            progress: bool = True):
+    """Explicit full-field inference on an observed map file: numpyro/blackjax HMC over the
+    [prior] parameters and the initial white-noise field, with the [hmc] settings (the PM gradient
+    mode is ``hmc.gradient``). Chains, checkpoints and diagnostics go to ``out``; the θ samples
+    to ``samples_out`` (default ``out``/samples.h5) in the posterior-samples format."""
+    from explicit import field_model, run_hmc as run_chains
+    from simulators.lensing import noise_sigma
+
+    from .io import Samples, write_samples
+
+    cfg = _config(config)
+    obs = _observation(cfg, maps_path)
+    if cfg.simulation.kind in ("pm", "lpt"):
+        cfg = cfg.with_(**{"simulation.gradient": cfg.hmc.gradient})
+    model = cfg.build_model()
+    prior = cfg.prior()
+    sigma_n = noise_sigma(model.bins, model.sky)
+    if not np.allclose(sigma_n, obs.sigma_n, rtol=1e-6):
+        raise ValueError(f"{maps_path}: its shape-noise rms {obs.sigma_n} differs from the "
+                         f"configuration's {sigma_n} (different sources or pixels?)")
+    numpyro_model = field_model(model, prior.numpyro_dists(), cfg.cosmology(), obs.kappa_noisy,
+                                sigma_n)
+    settings = cfg.hmc.settings()
+    _log(f"{settings.sampler.upper()} over {prior.dim} parameters and the "
+         f"{'x'.join(map(str, model.latent_shape))} latent field; {settings.num_chains} chain(s) "
+         f"x ({settings.num_warmup} warm-up + {settings.num_samples}) -> {out}")
+    result = run_chains(numpyro_model, settings, out, theta_names=prior.names, resume=resume,
+                        progress=progress)
+    theta = np.asarray(result.theta, np.float64)  # (chains, samples, d)
+    chain = np.repeat(np.arange(theta.shape[0]), theta.shape[1])
+    info = dict(result.diagnostics)
+    info.update(observation=str(maps_path), chains_dir=str(out), wall_time_s=result.wall_time_s,
+                n_gradients=int(result.grad_evals["total"]))
+    samples = Samples(theta.reshape(-1, theta.shape[-1]), prior.names, "hmc", chain=chain,
+                      truth=[float(obs.attrs[k]) for k in prior.names], info=info,
+                      config_toml=cfg.to_toml())
+    path = write_samples(Path(out) / "samples.h5" if samples_out is None else samples_out, samples)
+    _report_samples(samples, path)
+    return samples
+
+
+# ---- exact posterior (Gaussian-field maps) --------------------------------------------------------
+
+def run_exact(config, maps_path, out, *, n: int | None = None, seed: int = 0):
+    """The exact posterior of Gaussian-field maps (latent field marginalised analytically, exact
+    likelihood of the Fourier modes) on a grid over the 1 or 2 [prior] parameters
+    (``explicit.exact.grid_posterior``) -> ``n`` samples (default npe.n_samples) drawn from it."""
+    from explicit.exact import grid_posterior
+    from simulators.lensing import noise_sigma
+
+    from .io import Samples, write_samples
+
+    cfg = _config(config)
+    if cfg.simulation.kind != "gaussian":
+        raise ValueError(f"the exact posterior needs Gaussian-field maps (simulation.kind = "
+                         f"'gaussian'), not {cfg.simulation.kind!r}")
+    prior = cfg.prior()
+    if prior.dim > 2:
+        raise ValueError(f"the exact grid posterior handles 1 or 2 parameters; the prior has "
+                         f"{prior.dim} ({', '.join(prior.names)})")
+    obs = _observation(cfg, maps_path)
+    model = cfg.build_model()
+    t0 = time.perf_counter()
+    post = grid_posterior(model, obs.kappa_noisy, noise_sigma(model.bins, model.sky), prior.names,
+                          log_prior=prior.log_prob, base=cfg.cosmology())
+    theta = post.sample(seed, cfg.npe.n_samples if n is None else int(n))
+    info = {"wall_time_s": time.perf_counter() - t0, "observation": str(maps_path),
+            "grid_mean": post.mean, "grid_std": post.std, "log_evidence": post.log_evidence,
+            "n_likelihood_evals": post.diagnostics.get("n_evals"),
+            "grid_diagnostics": dict(post.diagnostics)}
+    samples = Samples(theta, prior.names, "exact", truth=[float(obs.attrs[k]) for k in prior.names],
+                      info=info, config_toml=cfg.to_toml())
+    path = write_samples(out, samples)
     _report_samples(samples, path)
     return samples

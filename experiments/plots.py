@@ -1,4 +1,5 @@
-"""Figures of map files: κ maps (one panel per tomographic bin) and the tomographic C_ℓ triangle.
+"""Figures: κ maps (one panel per tomographic bin), the tomographic C_ℓ triangle, C_ℓ data with
+error bars against theory, and getdist triangle plots comparing methods' posteriors.
 
 Matplotlib runs with the Agg backend (files only, no display needed).
 """
@@ -119,6 +120,218 @@ def plot_cl_triangle(out, ell: np.ndarray, cl: np.ndarray, theory: np.ndarray, p
         fig.legend(handles, labels, loc="upper right", fontsize=8, frameon=False)
     else:
         axes[0, 0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+# ---- posterior comparison ------------------------------------------------------------------------
+
+def plot_triangle(out, samples: dict, *, base, truth: dict | None = None, methods=None,
+                  params=None, title: str = "", min_samples: int = 10) -> Path:
+    """getdist triangle plot overlaying several methods' posteriors, truth marked.
+
+    Args:
+      samples: method key -> ``experiments.io.Samples`` (keys as in ``experiments.metrics``).
+      base: the fixed cosmology {param: value}, for the derived parameters' unsampled inputs.
+      truth: {param: value}; derived truths (Omega_m, S8) are computed from it and ``base``.
+      methods: the keys to draw (default: all, in ``metrics.order_methods`` order).
+      params: parameters to draw, sampled ones or the derived "Omega_m", "S8" (default: every
+        parameter sampled by any drawn method, in ``metrics.PARAM_ORDER``).
+      min_samples: a method with fewer samples is left out (getdist cannot smooth it).
+    A parameter a method holds (nearly) constant is dropped from that method only (drawn for
+    the others); a method constant in every drawn parameter is left out; each case warns
+    (``UserWarning``). Parameters no drawn method varies are dropped; none left is a ValueError.
+    """
+    import warnings
+
+    import getdist.chains
+    from getdist import MCSamples, plots as gdplots
+
+    from . import metrics as M
+
+    plt = _pyplot()
+    getdist.chains.print_load_details = False
+    keys = M.order_methods(samples if methods is None else methods)
+    missing = [k for k in keys if k not in samples]
+    if missing:
+        raise ValueError(f"method {missing[0]!r} has no samples here; have: "
+                         f"{', '.join(M.order_methods(samples))}")
+    if params is None:
+        params = sorted({p for k in keys for p in samples[k].names},
+                        key=lambda p: (M.PARAM_ORDER.index(p) if p in M.PARAM_ORDER else 99, p))
+    params = list(params)
+    for p in params:
+        if p not in M.PARAM_ORDER:
+            raise ValueError(f"unknown parameter {p!r} to plot; valid: {', '.join(M.PARAM_ORDER)}")
+    base = M._as_params(base, "base")
+    truth = M._as_params(truth, "truth")
+    truth = {**truth, **M.derived_truth(truth, base)}
+
+    roots, used = [], set()
+    for k in keys:
+        s = samples[k]
+        if len(s.samples) < min_samples:
+            warnings.warn(f"triangle plot: {k} left out ({len(s.samples)} samples < {min_samples})")
+            continue
+        values, names = M.with_derived(s, base)
+        idx = [names.index(p) for p in params if p in names]
+        finite = np.isfinite(values[:, idx]).all(axis=1)
+        if not finite.all():  # S8 of samples with Omega_m <= 0
+            warnings.warn(f"triangle plot: {k}: {int((~finite).sum())} samples with undefined "
+                          f"derived parameters left out")
+            values = values[finite]
+        cols, kept, flat = [], [], []
+        for p in params:
+            if p not in names:
+                continue
+            col = values[:, names.index(p)]
+            scale = max(abs(float(col.mean())), float(np.ptp(col)), 1e-300)
+            if float(col.std()) <= 1e-10 * scale:
+                flat.append(p)
+                continue
+            cols.append(col)
+            kept.append(p)
+        if flat:
+            warnings.warn(f"triangle plot: {k} is constant in {', '.join(flat)}; not drawn there")
+        if not kept:
+            warnings.warn(f"triangle plot: {k} left out (no varying parameter among "
+                          f"{', '.join(params)})")
+            continue
+        used.update(kept)
+        roots.append(MCSamples(samples=np.column_stack(cols), names=kept,
+                               labels=[M.param_label(p) for p in kept], label=M.method_label(k),
+                               settings={"ignore_rows": 0}))
+    drawn = [p for p in params if p in used]
+    if not roots or not drawn:
+        raise ValueError(f"triangle plot: nothing to draw for methods {', '.join(keys)} and "
+                         f"parameters {', '.join(params)} (too few or constant samples)")
+    dropped = [p for p in params if p not in used]
+    if dropped:
+        warnings.warn(f"triangle plot: {', '.join(dropped)} not drawn (no method varies them)")
+    from matplotlib import MatplotlibDeprecationWarning
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    markers = {p: truth[p] for p in drawn if p in truth}
+    with warnings.catch_warnings():  # getdist 1.7.7 uses a Formatter attribute matplotlib 3.11 deprecates
+        warnings.filterwarnings("ignore", category=MatplotlibDeprecationWarning, module="getdist")
+        g = gdplots.get_subplot_plotter(width_inch=max(4.0, 2.0 * len(drawn) + 1))
+        g.settings.legend_fontsize = 10
+        g.settings.axes_labelsize = 12
+        g.triangle_plot(roots, drawn, filled=True, markers=markers, legend_loc="upper right")
+        if title:
+            g.fig.suptitle(title)
+        g.export(str(out))
+    plt.close(g.fig)
+    return out
+
+
+def plot_cl_data_theory(out, ell, data, theory, *, cov=None, std=None, pairs=None,
+                        data_label: str = "data", yscale: str = "log", title: str = "") -> Path:
+    """Binned tomographic C_ℓ data with error bars against theory curve(s), one panel per pair.
+
+    Lower triangle of an n_bins × n_bins grid, panel (row j, column i) = pair (i, j); plots
+    ℓ(ℓ+1)C_ℓ/2π against ℓ (log axis) and prints χ²/n_ℓ of the first theory using the diagonal
+    errors. Args:
+      ell: (n_ell,) bin centres; data: (n_pairs, n_ell) or flat (n_pairs * n_ell,) in
+        ``cl_data_vector`` order (entry p * n_ell + b); theory: the same shape, or a dict
+        {label: array} for several curves; cov: (n_data, n_data) data-vector covariance, or std:
+        the per-entry standard deviation (one of the two); pairs: (n_pairs, 2) bin indices,
+        default the ``flatsky.pair_indices`` order (0,0), (0,1), ..., (n-1,n-1).
+      yscale: "log" (negative values drawn open at |C_ℓ|) or "linear".
+    """
+    plt = _pyplot()
+    ell = np.asarray(ell, np.float64).reshape(-1)
+    n_ell = len(ell)
+
+    def as_grid(x, what):
+        x = np.asarray(x, np.float64)
+        if x.ndim == 1 and x.size % n_ell == 0:
+            x = x.reshape(-1, n_ell)
+        if x.ndim != 2 or x.shape[1] != n_ell:
+            raise ValueError(f"{what}: expected (n_pairs, {n_ell}) or (n_pairs * {n_ell},), got "
+                             f"{np.shape(x)}")
+        return x
+
+    data = as_grid(data, "data")
+    n_pairs = data.shape[0]
+    curves = theory if isinstance(theory, dict) else {"theory": theory}
+    curves = {k: as_grid(v, f"theory {k!r}") for k, v in curves.items()}
+    for k, v in curves.items():
+        if v.shape != data.shape:
+            raise ValueError(f"theory {k!r} has shape {v.shape}, data {data.shape}")
+    if (cov is None) == (std is None):
+        raise ValueError("give exactly one of cov (data-vector covariance) or std")
+    if cov is not None:
+        cov = np.asarray(cov, np.float64)
+        if cov.shape != (data.size, data.size):
+            raise ValueError(f"cov: expected ({data.size}, {data.size}), got {cov.shape}")
+        std = np.sqrt(np.clip(np.diag(cov), 0, None))
+    std = as_grid(std, "std")
+    if std.shape != data.shape:
+        raise ValueError(f"std has shape {std.shape}, data {data.shape}")
+    if pairs is None:
+        n = int(round((np.sqrt(8 * n_pairs + 1) - 1) / 2))
+        if n * (n + 1) // 2 != n_pairs:
+            raise ValueError(f"{n_pairs} spectra is not n_bins (n_bins + 1) / 2; pass pairs")
+        pairs = np.column_stack(np.triu_indices(n))  # = simulators.flatsky.pair_indices(n)
+    pairs = np.asarray(pairs, int)
+    if pairs.shape != (n_pairs, 2):
+        raise ValueError(f"pairs: expected ({n_pairs}, 2), got {pairs.shape}")
+    if yscale not in ("log", "linear"):
+        raise ValueError(f"yscale must be 'log' or 'linear', got {yscale!r}")
+
+    n = int(pairs.max()) + 1
+    size = max(2.2, min(3.0, 11.0 / n))
+    fig, axes = plt.subplots(n, n, figsize=(size * n + 0.6, size * n), sharex=True,
+                             squeeze=False, constrained_layout=True)
+    for ax in axes[np.triu_indices(n, 1)]:
+        ax.set_visible(False)
+    f = ell * (ell + 1) / (2 * np.pi)
+    first = next(iter(curves))
+    for p, (i, j) in enumerate(pairs):
+        ax = axes[max(i, j), min(i, j)]
+        d, e = data[p], std[p]
+        for c, (label, th) in enumerate(curves.items()):
+            ax.plot(ell, f * (np.abs(th[p]) if yscale == "log" else th[p]), "-", color=f"C{c + 1}",
+                    lw=1.2, label=label)
+        if yscale == "log":
+            pos = d > 0
+            ax.errorbar(ell[pos], f[pos] * d[pos], yerr=f[pos] * e[pos], fmt="o", color="C0",
+                        ms=3, capsize=1.5, lw=0.8, label=data_label)
+            if (~pos).any():
+                ax.errorbar(ell[~pos], -f[~pos] * d[~pos], yerr=f[~pos] * e[~pos], fmt="o",
+                            mfc="none", color="C0", ms=3, capsize=1.5, lw=0.8,
+                            label=f"{data_label} (< 0)")
+            ax.set_yscale("log", nonpositive="clip")
+        else:
+            ax.errorbar(ell, f * d, yerr=f * e, fmt="o", color="C0", ms=3, capsize=1.5, lw=0.8,
+                        label=data_label)
+            ax.axhline(0, color="0.6", lw=0.6)
+        ok = e > 0
+        chi2 = float(np.sum(((d - curves[first][p])[ok] / e[ok]) ** 2)) / max(int(ok.sum()), 1)
+        ax.text(0.04, 0.94, f"({i + 1},{j + 1})  $\\chi^2/n$={chi2:.2f}", transform=ax.transAxes,
+                va="top", fontsize=8)
+        ax.set_xscale("log")
+        ax.grid(True, which="major", alpha=0.25)
+        ax.tick_params(which="both", labelsize=7)
+        if max(i, j) == n - 1:
+            ax.set_xlabel(r"$\ell$")
+        if min(i, j) == 0:
+            ax.set_ylabel(r"$\ell(\ell+1)C_\ell/2\pi$")
+    legend = {}  # unique labels over all panels (the "< 0" entry may appear in one only)
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(lab, h)
+    if n > 1:
+        fig.legend(legend.values(), legend.keys(), loc="upper right", fontsize=8, frameon=False)
+    else:
+        axes[0, 0].legend(legend.values(), legend.keys(), fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     out = Path(out)

@@ -1,0 +1,390 @@
+"""``lensbench compare``: every method on one simulator and one observation, cached stage by stage.
+
+    observation ─┬─► cl_analytic                         (C_ℓ Gaussian likelihood, NUTS)
+                 ├─► hmc                                 (explicit field-level inference)
+                 ├─► exact                               (grid posterior; Gaussian-field maps)
+    sims ────────┼─► compressor_<loss> ─► npe_<loss>     (two-stage implicit inference)
+                 └─► npe_cl, npe_maps                    (NPE on C_ℓ, one-stage NPE)
+    all methods ─► metrics (metrics.json) ─► report (figures, report.md)
+
+Output directory layout::
+
+    observation.h5            the observed maps (simulated at [cosmology] with the top-level seed,
+                              or a copy of compare.observation)
+    sims.h5                   the training set (``lensbench generate``), when an NPE method runs
+    compressors/<loss>/       trained compressors;  posteriors/<method>/  fitted NPE + calibration
+    hmc/                      the chains and checkpoints of the explicit run
+    samples/<method>.h5       posterior samples, one file per method (``experiments.io.Samples``)
+    metrics.json, figures/, report.md
+    stages/<stage>.json       one marker per finished stage (see below)
+
+Caching. A stage's marker records a fingerprint of the configuration sections it reads and of the
+runs of the stages it depends on. A rerun skips a stage whose marker matches, reruns one whose
+inputs changed (and so everything downstream), and ``--force STAGE`` reruns that stage (and
+downstream). Stages that take long also resume inside themselves after a kill (``generate``,
+compressor training, HMC segments), so a killed ``compare`` loses at most the work since a stage's
+last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+# The sections each kind of stage reads (besides its upstream stages' outputs).
+_MAPS = ("cosmology", "simulation", "lightcone", "maps", "sources")
+
+
+class StageError(ValueError):
+    """An unknown stage name, or an output directory that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One cacheable step: ``run(out_dir)`` writes ``outputs`` (paths relative to the out dir)."""
+
+    name: str
+    sections: tuple[str, ...]
+    needs: tuple[str, ...]
+    run: Callable[[Path], dict | None]
+    outputs: tuple[str, ...] = ()
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _losses(methods) -> list[str]:
+    return [m[4:] for m in methods if m in ("npe_mse", "npe_mae", "npe_gnll", "npe_vmim")]
+
+
+def plan(cfg) -> list[Stage]:
+    """The stages of ``cfg.compare.methods``, in an order that respects their dependencies."""
+    from . import pipeline
+
+    methods = cfg.compare.methods
+    stages = [Stage("observation", _MAPS + ("seed", "compare.observation"), (),
+                    lambda out: _observation(cfg, out), ("observation.h5",))]
+    obs = lambda out: out / "observation.h5"  # noqa: E731
+    npe = [m for m in methods if m.startswith("npe_")]
+    if npe:
+        stages.append(Stage("sims", _MAPS + ("prior", "training_set"), (),
+                            lambda out: _report(pipeline.run_generate(cfg, out / "sims.h5",
+                                                                      progress=_progress())),
+                            ("sims.h5",)))
+    for loss in _losses(methods):
+        stages.append(Stage(f"compressor_{loss}", ("compressor",), ("sims",),
+                            lambda out, loss=loss: _train(cfg, out, loss),
+                            (f"compressors/{loss}",)))
+    for m in npe:
+        summary = m[4:] if m in ("npe_cl", "npe_maps") else "compressor"
+        needs = ("sims", "observation") + (("compressor_" + m[4:],) if summary == "compressor" else ())
+        sections = ("npe", "cl") if summary == "cl" else ("npe",)
+        stages.append(Stage(m, sections, needs,
+                            lambda out, m=m, summary=summary: _npe(cfg, out, m, summary),
+                            (f"posteriors/{m}", f"samples/{m}.h5")))
+    if "cl_analytic" in methods:
+        stages.append(Stage("cl_analytic", ("prior", "cl", "cl_baseline"), ("observation",),
+                            lambda out: _meta(pipeline.run_cl_baseline(
+                                cfg, obs(out), out / "samples/cl_analytic.h5", progress=_progress())),
+                            ("samples/cl_analytic.h5",)))
+    if "hmc" in methods:
+        stages.append(Stage("hmc", ("prior", "hmc"), ("observation",),
+                            lambda out: _meta(pipeline.run_hmc(cfg, obs(out), out / "hmc",
+                                                               samples_out=out / "samples/hmc.h5",
+                                                               progress=_progress())),
+                            ("hmc", "samples/hmc.h5")))
+    if "exact" in methods:
+        stages.append(Stage("exact", ("prior",), ("observation",),
+                            lambda out: _meta(pipeline.run_exact(cfg, obs(out),
+                                                                 out / "samples/exact.h5")),
+                            ("samples/exact.h5",)))
+    stages.append(Stage("metrics", ("compare",), tuple(methods),
+                        lambda out: _metrics(cfg, out), ("metrics.json",)))
+    stages.append(Stage("report", (), ("metrics",), lambda out: _report_stage(cfg, out),
+                        ("report.md", "figures")))
+    return stages
+
+
+def stage_names(cfg) -> list[str]:
+    return [s.name for s in plan(cfg)]
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+def _report(report) -> dict:
+    return {"n_ok": int(getattr(report, "n_ok", 0) or 0)} if report is not None else {}
+
+
+def _meta(samples) -> dict:
+    info = dict(samples.info or {})
+    return {"wall_time_s": info.get("wall_time_s"), "n_samples": int(len(samples.samples))}
+
+
+# ---- stage bodies ----------------------------------------------------------------------------------
+
+def _observation(cfg, out: Path) -> dict:
+    from .cli import run_maps
+    from .io import read_maps
+
+    target = out / "observation.h5"
+    src = cfg.compare.observation
+    if src is None:
+        run_maps(cfg, target, png=out / "figures" / "maps.png", progress=_progress())
+    else:
+        obs = read_maps(src)
+        check_observation(cfg, obs, src)
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, target)
+        from .plots import plot_maps
+
+        plot_maps(out / "figures" / "maps.png", obs.kappa_noisy, sky=obs.sky,
+                  field_deg=cfg.maps.field_deg, title=f"observation {Path(src).name} (noisy)")
+    return {}
+
+
+def check_observation(cfg, obs, path) -> None:
+    """An observation must have the configuration's map shape (bins, pixels) and no NaN."""
+    bins = cfg.bins()
+    expected = ((bins.n_bins, cfg.maps.npix, cfg.maps.npix) if cfg.maps.sky == "flat"
+                else (bins.n_bins, 12 * cfg.maps.nside ** 2))
+    if obs.kappa_noisy.shape != expected:
+        raise ValueError(f"{path}: observed maps of shape {obs.kappa_noisy.shape}, but the "
+                         f"configuration {cfg.name!r} makes {expected} ({bins.n_bins} bins, "
+                         f"{'npix ' + str(cfg.maps.npix) if cfg.maps.sky == 'flat' else 'nside'})")
+    if not np.all(np.isfinite(obs.kappa_noisy)):
+        raise ValueError(f"{path}: the observed maps contain NaN or inf")
+
+
+def _train(cfg, out: Path, loss: str) -> dict:
+    from .pipeline import run_train_compressor
+
+    run_train_compressor(cfg, out / "sims.h5", out / "compressors" / loss, loss=loss,
+                         progress=_progress())
+    return {}
+
+
+def _npe(cfg, out: Path, method: str, summary: str) -> dict:
+    from .pipeline import run_fit_posterior, run_sample
+
+    post = out / "posteriors" / method
+    comp = out / "compressors" / method[4:] if summary == "compressor" else None
+    run_fit_posterior(cfg, out / "sims.h5", post, compressor=comp,
+                      summary=summary, progress=_progress())
+    samples = run_sample(post, out / "observation.h5", out / "samples" / f"{method}.h5",
+                         seed=cfg.npe.seed)
+    return _meta(samples)
+
+
+def _load_samples(cfg, out: Path) -> dict:
+    from .io import read_samples
+
+    return {m: read_samples(out / "samples" / f"{m}.h5") for m in cfg.compare.methods}
+
+
+def _truth_and_base(cfg, out: Path) -> tuple[dict, dict]:
+    from .io import read_maps
+
+    obs = read_maps(out / "observation.h5")
+    base = cfg.cosmology_params()
+    return {k: float(obs.attrs[k]) for k in base if k in obs.attrs}, base
+
+
+def _metrics(cfg, out: Path) -> dict:
+    from .metrics import compare_metrics, write_metrics
+
+    samples = _load_samples(cfg, out)
+    truth, base = _truth_and_base(cfg, out)
+    budget = budgets(cfg, out)
+    for m, s in samples.items():
+        # like-for-like cost: every stage the method needed (simulations, training, sampling)
+        s.info.update(wall_time_s=budget[m]["wall_s"], n_simulations=budget[m]["n_simulations"])
+    metrics = compare_metrics(samples, base=base, truth=truth, max_samples=cfg.compare.c2st_samples,
+                              seed=cfg.compare.seed)
+    metrics["stages"] = budget
+    write_metrics(out / "metrics.json", metrics)
+    return {}
+
+
+def budgets(cfg, out: Path) -> dict:
+    """Per method: the wall time (s) of every stage it needed, its own and upstream (the
+    observation excepted), and the simulations it consumed (training set or covariance)."""
+    by_name = {s.name: s for s in plan(cfg)}
+    done = {n: _read_marker(out, n) for n in by_name}
+
+    def upstream(name, seen):
+        for dep in by_name[name].needs:
+            if dep not in seen:
+                seen.add(dep)
+                upstream(dep, seen)
+        return seen
+
+    result = {}
+    for m in cfg.compare.methods:
+        stages = sorted(upstream(m, {m}) - {"observation"})
+        walls = {s: (done[s] or {}).get("wall_s") for s in stages}
+        n_sims = (cfg.training_set.n_sims if m.startswith("npe_")
+                  else cfg.cl_baseline.n_cov if m == "cl_analytic" else 0)
+        result[m] = {"stages": walls, "wall_s": float(sum(v for v in walls.values() if v)),
+                     "n_simulations": n_sims}
+    return result
+
+
+def _report_stage(cfg, out: Path) -> dict:
+    """Figures (contours, observed maps, C_ℓ data vs theory, calibration) and report.md."""
+    from .metrics import read_metrics
+    from .plots import plot_cl_data_theory, plot_triangle
+    from .report import write_report
+
+    metrics = read_metrics(out / "metrics.json")
+    samples = _load_samples(cfg, out)
+    truth, base = _truth_and_base(cfg, out)
+    fig = out / "figures"
+    figures = {"Posterior contours (truth marked)":
+               plot_triangle(fig / "contours.png", samples, base=base, truth=truth,
+                             title=f"{cfg.name}: posteriors"),
+               "Observed convergence maps": fig / "maps.png"}
+    if "cl_analytic" in samples:
+        from .pipeline import cl_data_path
+
+        with np.load(cl_data_path(out / "samples" / "cl_analytic.h5")) as z:
+            figures["C_ℓ of the observation against the theory at the truth"] = plot_cl_data_theory(
+                fig / "cl_data.png", z["ell"], z["data"], {"theory at truth": z["theory"]},
+                cov=z["cov"], title=f"{cfg.name}: tomographic C_ell (noise included)")
+    calibration = {}
+    for m in samples:
+        cal_dir = out / "posteriors" / m / "calibration"
+        if (cal_dir / "calibration.json").is_file():
+            calibration[m] = cal_dir / "calibration.json"
+            for png in sorted(cal_dir.glob("*.png")):
+                figures[f"{m}: {png.stem.replace('_', ' ')} on held-out simulations"] = png
+    hmc_diag = out / "hmc" / "diagnostics.json"
+    if hmc_diag.is_file():
+        metrics.setdefault("hmc_diagnostics", json.loads(hmc_diag.read_text()))
+    write_report(out, metrics, figures, title=f"lensbench compare: {cfg.name}",
+                 config_toml=cfg.to_toml(), calibration=calibration)
+    return {}
+
+
+# ---- the runner -------------------------------------------------------------------------------------
+
+def _fingerprint(cfg, stage: Stage, upstream_runs: dict) -> str:
+    data = cfg.to_dict()
+    picked = {}
+    for s in stage.sections:
+        section, _, leaf = s.partition(".")
+        value = data.get(section)
+        picked[s] = value.get(leaf) if leaf and isinstance(value, dict) else value
+    blob = json.dumps({"stage": stage.name, "sections": picked, "upstream": upstream_runs},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _marker_path(out: Path, name: str) -> Path:
+    return out / "stages" / f"{name}.json"
+
+
+def _read_marker(out: Path, name: str) -> dict | None:
+    path = _marker_path(out, name)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        _log(f"warning: stage marker {path} is unreadable; the stage will run again")
+        return None
+
+
+def _write_marker(out: Path, name: str, marker: dict) -> None:
+    path = _marker_path(out, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(marker, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def compare(cfg, out, *, force: tuple[str, ...] = ()) -> dict:
+    """Run (or resume) every stage of ``cfg.compare.methods`` into ``out``.
+
+    force: stage names to rerun even if cached ("all" for every stage). Returns the metrics dict.
+    Raises StageError for an unknown stage name, ValueError/OSError from the stages.
+    """
+    out = Path(out)
+    stages = plan(cfg)
+    names = [s.name for s in stages]
+    force = set(force)
+    unknown = force - set(names) - {"all"}
+    if unknown:
+        raise StageError(f"unknown stage(s) {', '.join(sorted(unknown))} for --force; this "
+                         f"configuration's stages: {', '.join(names)}, or 'all'")
+    if "all" in force:
+        force = set(names)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.toml").write_text(cfg.to_toml())
+    runs: dict[str, str] = {}
+    t_all = time.perf_counter()
+    for i, stage in enumerate(stages):
+        upstream = {d: runs[d] for d in stage.needs}
+        fp = _fingerprint(cfg, stage, upstream)
+        marker = _read_marker(out, stage.name)
+        outputs_there = all((out / o).exists() for o in stage.outputs)
+        if (marker and marker.get("fingerprint") == fp and stage.name not in force
+                and outputs_there):
+            runs[stage.name] = marker["run_id"]
+            _log(f"[{i + 1}/{len(stages)}] {stage.name}: done before ({marker['wall_s']:.0f} s), "
+                 f"skipped")
+            continue
+        why = ("forced" if stage.name in force else "first run" if marker is None
+               else "outputs missing" if not outputs_there else "inputs changed")
+        _log(f"[{i + 1}/{len(stages)}] {stage.name}: running ({why})")
+        if marker is not None:
+            # a finished stage being redone: start clean. Without a marker (first run, or a run
+            # killed inside the stage) its partial outputs stay, so that the stage resumes.
+            _remove_outputs(out, stage)
+            _marker_path(out, stage.name).unlink()
+        t0 = time.perf_counter()
+        extra = stage.run(out) or {}
+        wall = time.perf_counter() - t0
+        run_id = uuid.uuid4().hex[:12]
+        _write_marker(out, stage.name, {"stage": stage.name, "fingerprint": fp, "run_id": run_id,
+                                        "wall_s": wall, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                        "outputs": list(stage.outputs), **extra})
+        runs[stage.name] = run_id
+        _log(f"[{i + 1}/{len(stages)}] {stage.name}: finished in {wall:.0f} s")
+        _test_hook_stop(stage.name)
+    _log(f"compare: all {len(stages)} stages done ({time.perf_counter() - t_all:.0f} s this run); "
+         f"report: {out / 'report.md'}")
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _remove_outputs(out: Path, stage: Stage) -> None:
+    for rel in stage.outputs:
+        path = out / rel
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        for side in path.parent.glob(path.name + ".*"):  # e.g. samples/x.h5.data.npz
+            # the C_ell covariance cache is keyed by what it depends on: keep it
+            if side.is_file() and not side.name.endswith(".cov.npz"):
+                side.unlink()
+
+
+def _test_hook_stop(stage: str) -> None:
+    """LENSBENCH_COMPARE_KILL_AFTER=<stage>: die like a SIGKILL right after that stage's marker is
+    written (tests of resumption; os._exit skips every cleanup, as a kill would)."""
+    if os.environ.get("LENSBENCH_COMPARE_KILL_AFTER") == stage:
+        os._exit(137)

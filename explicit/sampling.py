@@ -1,0 +1,319 @@
+"""Segmented, checkpointed, resumable HMC runs over (θ, z), and reading them back.
+
+``run_hmc`` runs the chains one after another. Each chain steps in jitted segments of
+``settings.segment`` iterations; after every segment the chain file (records so far and the full
+sampler state, warm-up adaptation included) is rewritten atomically, so a run killed at any moment
+resumes from its last segment with no lost or duplicated samples, and, segment boundaries being
+the same, bitwise the same draws as an uninterrupted run. The state is canonicalised through host
+numpy after every segment in both cases, so a resumed run feeds the compiled segment exactly the
+arrays an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import checkpoint as ckpt
+from .checkpoint import CheckpointError, ChainCheckpoint
+from .diagnostics import summarize
+from .kernels import keep_capacity, make_segment, make_stepper
+from .model import FIELD_SITE, log_density
+from .settings import HMCSettings
+
+Array = jax.Array
+
+
+@dataclass(frozen=True)
+class HMCResult:
+    """A finished run.
+
+    Attributes:
+      names: the d parameter names.
+      theta: (num_chains, num_samples, d) float64 constrained posterior samples.
+      potential_energy: (num_chains, num_samples) -log p (unconstrained space).
+      diagnostics: the dict written to diagnostics.json (ESS, R̂, divergences, gradient counts...).
+      wall_time_s: seconds spent sampling, summed over chains and resumes (compilation included).
+      grad_evals: {"warmup", "sampling", "total"} gradient evaluations.
+      settings: the run's settings; out_dir: where it lives.
+      field_samples: sample indices (0-based, per chain) whose field was kept.
+    """
+
+    names: tuple[str, ...]
+    theta: np.ndarray
+    potential_energy: np.ndarray
+    diagnostics: dict
+    wall_time_s: float
+    grad_evals: dict
+    settings: HMCSettings
+    out_dir: Path
+    field_samples: np.ndarray
+
+    def fields(self, chain: int) -> np.ndarray:
+        """(n_kept, *field_shape) kept field samples of ``chain`` (model field dtype), in the
+        order of ``field_samples``."""
+        if not 0 <= chain < self.settings.num_chains:
+            raise ValueError(f"chain must be in [0, {self.settings.num_chains}), got {chain}")
+        return np.stack([ckpt.load_field(self.out_dir, chain, int(s)) for s in self.field_samples])
+
+
+def kept_samples(settings: HMCSettings) -> np.ndarray:
+    """Sample indices s (0-based, post warm-up) whose field is kept: every thin_field-th."""
+    if settings.thin_field == 0:
+        return np.zeros(0, np.int64)
+    return np.arange(settings.thin_field - 1, settings.num_samples, settings.thin_field)
+
+
+def _identity(theta_names, field_site, init) -> dict:
+    """What besides the settings must match for a run to be resumed."""
+    init = dict(init or {})
+    field = init.pop(field_site, None)
+    digest = None if field is None else hashlib.sha256(
+        np.ascontiguousarray(np.asarray(field, np.float64)).tobytes()).hexdigest()
+    return {"theta_names": list(theta_names), "field_site": field_site,
+            "init": {k: float(v) for k, v in sorted(init.items())}, "init_field_sha256": digest}
+
+
+def _clear(out_dir: Path) -> None:
+    """Remove this package's files from out_dir (nothing else)."""
+    for p in list(out_dir.glob("chain_*.h5")) + [out_dir / "run.json", out_dir / "diagnostics.json"]:
+        p.unlink(missing_ok=True)
+    for p in (out_dir / "fields").glob("c*_*.npy"):
+        p.unlink()
+
+
+def _host(state) -> list[np.ndarray]:
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(state)]
+
+
+def _restore(template, leaves: list, put: Callable, path: Path):
+    """Rebuild a state with ``template``'s structure from host leaves, checking shapes/dtypes."""
+    t_leaves, treedef = jax.tree.flatten(template)
+    if len(leaves) != len(t_leaves):
+        raise CheckpointError(f"{path}: the saved sampler state has {len(leaves)} arrays, this run "
+                              f"needs {len(t_leaves)} (a different model?); delete it to restart")
+    for i, (a, t) in enumerate(zip(leaves, t_leaves)):
+        if a.shape != tuple(t.shape) or a.dtype != t.dtype:
+            raise CheckpointError(f"{path}: saved state array {i} is {a.dtype}{list(a.shape)}, "
+                                  f"expected {t.dtype}{list(t.shape)} (a different model?); "
+                                  f"delete it to restart")
+    return jax.tree.unflatten(treedef, [put(a) for a in leaves])
+
+
+def _empty_records(d: int) -> dict:
+    return {"theta": np.zeros((0, d)), "potential_energy": np.zeros(0),
+            "num_grads": np.zeros(0, np.int64), "diverging": np.zeros(0, bool),
+            "accept_prob": np.zeros(0), "step_size": np.zeros(0), "energy_change": np.zeros(0)}
+
+
+def _segment_inputs(settings: HMCSettings, start: int, first_sample_row: int):
+    """Host arrays driving one segment: iteration numbers, active and keep masks, field slots."""
+    its = start + np.arange(settings.segment)
+    active = its < settings.n_iterations
+    s = its - first_sample_row
+    keep = active & (s >= 0)
+    keep &= ((s + 1) % settings.thin_field == 0) if settings.thin_field else False
+    slot = np.maximum(np.cumsum(keep) - 1, 0)
+    return its, active, keep, slot, s
+
+
+def _postfix(ck: ChainCheckpoint, chain: int) -> str:
+    r = ck.records
+    phase = "warmup" if ck.n_rows <= ck.first_sample_row else "sampling"
+    post = slice(ck.first_sample_row, None)
+    acc = r["accept_prob"][post] if ck.n_rows > ck.first_sample_row else r["accept_prob"]
+    acc_txt = f" acc={np.mean(acc):.2f}" if acc.size and np.all(np.isfinite(acc)) else ""
+    eps = r["step_size"][-1] if ck.n_rows else float("nan")
+    return (f"chain {chain} {phase} eps={eps:.3g} div={int(r['diverging'].sum())}{acc_txt}")
+
+
+def run_hmc(model: Callable[[], None], settings: HMCSettings, out_dir, *,
+            theta_names, field_site: str = FIELD_SITE, init: Mapping[str, Any] | None = None,
+            resume: bool = True, progress: bool = True) -> HMCResult:
+    """Sample p(θ, z | d) with NUTS or MCLMC in checkpointed segments (see module docstring).
+
+    Args:
+      model: numpyro model with no arguments, scalar sites ``theta_names`` and a field site
+        (e.g. ``field_model(...)``). A model with a ``put`` method (``FieldModel``) places
+        restored field-shaped state on its device grid.
+      settings: ``HMCSettings``.
+      out_dir: run directory (created); see ``checkpoint`` for its files.
+      theta_names: the parameter sites, in the column order of the returned θ.
+      field_site: the latent field site.
+      init: constrained start values of θ by name (default: prior mean, else median) and
+        optionally the field start under ``field_site`` (shape of the field; default
+        FIELD_INIT_SCALE × N(0, 1) per chain, see ``model.FIELD_INIT_SCALE``).
+      resume: continue the run found in out_dir (False: delete it and start over).
+      progress: show a tqdm bar (iterations over all chains; step size, divergences, accept rate).
+    Returns: ``HMCResult``; also writes out_dir/diagnostics.json.
+    Raises: ValueError for invalid arguments; CheckpointError for an unreadable checkpoint or
+      one written with other settings, parameters or start.
+    """
+    from tqdm import tqdm
+
+    if not isinstance(settings, HMCSettings):
+        raise ValueError(f"settings must be an HMCSettings, got {type(settings).__name__}")
+    theta_names = (theta_names,) if isinstance(theta_names, str) else tuple(theta_names)
+    if not theta_names or not all(isinstance(n, str) for n in theta_names):
+        raise ValueError(f"theta_names must be a non-empty sequence of site names, got {theta_names!r}")
+    if len(set(theta_names)) != len(theta_names) or field_site in theta_names:
+        raise ValueError(f"theta_names {theta_names} and field_site {field_site!r} must be distinct")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    s_dict = settings.to_dict()
+    identity = _identity(theta_names, field_site, init)
+    run_file = out_dir / "run.json"
+    if not resume:
+        _clear(out_dir)
+    info = ckpt.read_json(run_file)
+    if info is not None:
+        saved = info.get("settings", {})
+        if saved != s_dict:
+            raise CheckpointError(
+                f"{run_file} was written with other settings ({'; '.join(settings.differences(saved))}); "
+                f"use the original settings, another out_dir, or resume=False")
+        diff = [k for k in identity if info.get("identity", {}).get(k) != identity[k]]
+        if diff:
+            raise CheckpointError(f"{run_file} belongs to another run (different {', '.join(diff)}); "
+                                  f"use another out_dir or resume=False")
+    else:
+        ckpt.write_json(run_file, {"settings": s_dict, "identity": identity})
+
+    chains = [ckpt.load_chain(out_dir, c, s_dict) for c in range(settings.num_chains)]
+    if not all(ck is not None and ck.complete for ck in chains):
+        _sample(model, settings, out_dir, chains, theta_names, field_site, init, progress, tqdm)
+    result = read_chains(out_dir, recompute=True)
+    return result
+
+
+@functools.lru_cache(maxsize=2)
+def _prepare(model, theta_names, field_site, init_theta, settings: HMCSettings):
+    """(log-density, stepper, jitted segment) of a run. Cached (keyed on the model object and the
+    settings that shape the compiled code) so that resuming in the same process, e.g. after a
+    KeyboardInterrupt in a notebook, does not recompile a simulation's gradient."""
+    ld = log_density(model, theta_names, field_site=field_site, init=dict(init_theta))
+    stepper = make_stepper(model, ld, settings)
+    return ld, stepper, make_segment(stepper, settings, getattr(model, "field_dtype", jnp.float64))
+
+
+def _sample(model, settings, out_dir, chains, theta_names, field_site, init, progress, tqdm):
+    s_dict = settings.to_dict()
+    init = dict(init or {})
+    init_theta = tuple(sorted((k, float(v)) for k, v in init.items() if k != field_site))
+    # seed, num_samples and num_chains do not enter the compiled code: share it across them
+    code_settings = dataclasses.replace(settings, seed=0, num_samples=1, num_chains=1)
+    ld, stepper, segment = _prepare(model, theta_names, field_site, init_theta, code_settings)
+    put = getattr(model, "put", jnp.asarray)
+    n_iter = settings.n_iterations
+    bar = tqdm(total=settings.num_chains * n_iter, disable=not progress, file=sys.stderr,
+               unit="it", dynamic_ncols=True)
+    try:
+        for c, ck in enumerate(chains):
+            if ck is not None and ck.complete:
+                bar.update(n_iter)
+                continue
+            chain_key = jax.random.fold_in(jax.random.PRNGKey(settings.seed), c)
+            k_field, k_kernel = jax.random.split(chain_key)
+            position = ld.init_position(k_field, init.get(field_site))
+            path = ckpt.chain_path(out_dir, c)
+            if ck is None or ck.leaves is None:
+                t0 = time.perf_counter()
+                state, tuning_grads = stepper.start(k_kernel, position)
+                leaves = _host(state)
+                ck = ChainCheckpoint(0, stepper.first_sample_row, tuning_grads,
+                                     time.perf_counter() - t0, False, _empty_records(len(theta_names)),
+                                     leaves, str(jax.tree.structure(state)), stepper.tuned(state))
+                ckpt.save_chain(out_dir, c, ck, s_dict)
+                state = _restore(state, leaves, put, path)
+            else:
+                state = _restore(stepper.template(k_kernel, position), ck.leaves, put, path)
+            if ck.records["theta"].shape[1:] != (len(theta_names),):
+                raise CheckpointError(f"{path}: records hold {ck.records['theta'].shape[1:]} "
+                                      f"parameters, this run has {len(theta_names)}; delete it")
+            bar.update(ck.n_rows)
+            bar.set_postfix_str(_postfix(ck, c))
+            while ck.n_rows < n_iter:
+                t0 = time.perf_counter()
+                its, active, keep, slot, s = _segment_inputs(settings, ck.n_rows, ck.first_sample_row)
+                state, rec, buf = segment(state, jnp.asarray(its), jnp.asarray(active),
+                                          jnp.asarray(keep), jnp.asarray(slot))
+                n_new = int(active.sum())
+                rec = jax.tree.map(lambda a: np.asarray(a)[:n_new], rec)
+                if buf is not None:
+                    buf = np.asarray(buf)
+                    for j in np.flatnonzero(keep):
+                        ckpt.save_field(out_dir, c, int(s[j]), buf[slot[j]])
+                leaves = _host(state)
+                ck.records = {k: np.concatenate([ck.records[k], rec[k]]) for k in ck.records}
+                ck.n_rows += n_new
+                ck.complete = ck.n_rows >= n_iter
+                ck.leaves = leaves
+                ck.wall_s += time.perf_counter() - t0
+                ckpt.save_chain(out_dir, c, ck, s_dict)
+                state = _restore(state, leaves, put, path)
+                bar.update(n_new)
+                bar.set_postfix_str(_postfix(ck, c))
+    finally:
+        bar.close()
+
+
+def read_chains(out_dir, *, recompute: bool = False) -> HMCResult:
+    """Load a finished run from ``out_dir``.
+
+    Diagnostics come from out_dir/diagnostics.json, or are computed from the chain files (and the
+    file written) when it is missing or ``recompute`` is set.
+    Raises CheckpointError when files are missing, unreadable, or the run is unfinished.
+    """
+    out_dir = Path(out_dir)
+    info = ckpt.read_json(out_dir / "run.json")
+    if info is None:
+        raise CheckpointError(f"{out_dir}: no run.json; not a run directory (or not started)")
+    try:
+        settings = HMCSettings(**info["settings"])
+        names = tuple(info["identity"]["theta_names"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{out_dir / 'run.json'}: invalid run file ({err}); delete the "
+                              f"run directory to restart") from None
+    chains = []
+    for c in range(settings.num_chains):
+        ck = ckpt.load_chain(out_dir, c, settings.to_dict())
+        if ck is None or not ck.complete:
+            done = 0 if ck is None else ck.n_rows
+            raise CheckpointError(f"{out_dir}: the run is unfinished (chain {c} has {done} of "
+                                  f"{settings.n_iterations} iterations); resume it with run_hmc")
+        chains.append(ck)
+    post = [slice(ck.first_sample_row, None) for ck in chains]
+    theta = np.stack([ck.records["theta"][p] for ck, p in zip(chains, post)])
+    pe = np.stack([ck.records["potential_energy"][p] for ck, p in zip(chains, post)])
+    warm = [slice(0, ck.first_sample_row) for ck in chains]
+    g_warm = np.array([ck.tuning_grads + ck.records["num_grads"][w].sum()
+                       for ck, w in zip(chains, warm)])
+    g_samp = np.array([ck.records["num_grads"][p].sum() for ck, p in zip(chains, post)])
+    diag_file = out_dir / "diagnostics.json"
+    diag = None if recompute else ckpt.read_json(diag_file)
+    if diag is None:
+        extra = {"sampler": settings.sampler, "names": list(names),
+                 "tuned": [ck.tuned for ck in chains]}
+        diag = summarize(
+            names, theta, pe, g_warm, g_samp,
+            [ck.records["diverging"][w].sum() for ck, w in zip(chains, warm)],
+            [ck.records["diverging"][p].sum() for ck, p in zip(chains, post)],
+            [ck.records["step_size"][-1] for ck in chains],
+            [np.mean(ck.records["accept_prob"][p]) for ck, p in zip(chains, post)],
+            [ck.wall_s for ck in chains], extra)
+        ckpt.write_json(diag_file, diag)
+    grads = {"warmup": int(g_warm.sum()), "sampling": int(g_samp.sum()),
+             "total": int(g_warm.sum() + g_samp.sum())}
+    return HMCResult(names, theta, pe, diag, float(sum(ck.wall_s for ck in chains)), grads,
+                     settings, out_dir, kept_samples(settings))
+

@@ -1,0 +1,177 @@
+"""``lensbench compare`` end to end on a reduced gaussian_check (the validation experiment):
+a killed run resumes from its finished stages, a finished run is skipped, ``--force`` redoes a
+stage, metrics.json agrees with independent computations on the saved samples, and the methods
+agree with the exact posterior within stated tolerances. Plus bad input.
+
+The reduction (16² maps, 2 bins, Limber on 32 nodes, a few hundred simulations and HMC samples;
+NPE on C_ℓ only: the compressor path is covered by test_pipeline) keeps the test near 3 minutes;
+the shipped gaussian_check is the full-size run.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from experiments import cli
+from experiments.config import ConfigError, load_config
+from experiments.io import read_samples
+
+runner = CliRunner()
+
+REDUCED = {
+    "maps.npix": 16, "simulation.n_chi": 32, "cl.n_ell_bins": 4,
+    "training_set.n_sims": 400, "training_set.n_calibration": 40,
+    "npe.max_epochs": 60, "npe.noise_copies": 2, "npe.n_samples": 3000,
+    "npe.calibration_samples": 100,
+    "cl_baseline.n_cov": 120, "cl_baseline.num_warmup": 100, "cl_baseline.num_samples": 250,
+    "cl_baseline.num_chains": 1, "cl_baseline.n_chi": 32,
+    "hmc.num_warmup": 80, "hmc.num_samples": 150, "hmc.num_chains": 1,
+    "hmc.max_tree_depth": 4, "hmc.segment": 40,
+    "compare.methods": ["exact", "hmc", "cl_analytic", "npe_cl"],
+    "compare.c2st_samples": 300,
+}
+KILL_AFTER = "npe_cl"
+FIRST_STAGES = ["observation", "sims", "npe_cl"]  # done before the kill
+
+
+def _config_file(d: Path) -> Path:
+    cfg = load_config("gaussian_check").with_(**REDUCED)
+    path = d / "check.toml"
+    path.write_text(cfg.to_toml())
+    return path
+
+
+def invoke(*args):
+    return runner.invoke(cli.app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """A compare run killed (like SIGKILL) after a stage, then resumed in-process."""
+    d = tmp_path_factory.mktemp("compare")
+    config = _config_file(d)
+    out = d / "results"
+    env = {**os.environ, "LENSBENCH_COMPARE_KILL_AFTER": KILL_AFTER}
+    killed = subprocess.run([sys.executable, "-m", "experiments.cli", "compare", "--config",
+                             str(config), "--out", str(out)], env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert killed.returncode == 137, killed.stderr[-3000:]
+    done = sorted(p.stem for p in (out / "stages").glob("*.json"))
+    assert done == sorted(FIRST_STAGES)
+    resumed = invoke("compare", "--config", config, "--out", out)
+    assert resumed.exit_code == 0, resumed.output + repr(resumed.exception)
+    return d, config, out, resumed.output
+
+
+def test_killed_compare_resumes_from_finished_stages(results):
+    _, _, out, log = results
+    for stage in FIRST_STAGES:
+        assert f"{stage}: done before" in log
+    for stage in ("cl_analytic", "hmc", "exact", "metrics", "report"):
+        assert f"{stage}: running (first run)" in log
+    report = (out / "report.md").read_text()
+    for method in REDUCED["compare.methods"]:
+        assert f"`{method}`" in report
+    for fig in ("contours.png", "maps.png", "cl_data.png"):
+        assert (out / "figures" / fig).stat().st_size > 1000
+
+
+def test_finished_compare_is_skipped_and_force_redoes_a_stage(results):
+    _, config, out, _ = results
+    runs = {p.stem: json.loads(p.read_text())["run_id"] for p in (out / "stages").glob("*.json")}
+    again = invoke("compare", "--config", config, "--out", out)
+    assert again.exit_code == 0, again.output
+    assert "running" not in again.output
+    forced = invoke("compare", "--config", config, "--out", out, "--force", "exact")
+    assert forced.exit_code == 0, forced.output
+    rerun = {s for s in runs if f"{s}: running" in forced.output}
+    assert rerun == {"exact", "metrics", "report"}  # the stage and what depends on it
+    after = {p.stem: json.loads(p.read_text())["run_id"] for p in (out / "stages").glob("*.json")}
+    assert all((after[s] != runs[s]) == (s in rerun) for s in runs)
+
+
+def test_metrics_match_independent_computations(results):
+    _, _, out, _ = results
+    metrics = json.loads((out / "metrics.json").read_text())
+    cfg = load_config(out / "config.toml")
+    omega_b = cfg.cosmology.Omega_b
+    for method in REDUCED["compare.methods"]:
+        s = read_samples(out / "samples" / f"{method}.h5")
+        oc, s8 = s.column("Omega_c"), s.column("sigma8")
+        m = metrics["methods"][method]
+        fom = 1 / np.sqrt(np.linalg.det(np.cov(np.stack([oc, s8]))))
+        fom_m = 1 / np.sqrt(np.linalg.det(np.cov(np.stack([oc + omega_b, s8]))))
+        assert m["fom"]["Omega_c,sigma8"] == pytest.approx(fom, rel=1e-9)
+        assert m["fom"]["Omega_m,sigma8"] == pytest.approx(fom_m, rel=1e-9)
+        S8 = s8 * np.sqrt((oc + omega_b) / 0.3)
+        assert m["S8"]["std"] == pytest.approx(S8.std(ddof=1), rel=1e-9)
+        truth = s.truth[s.names.index("sigma8")]
+        assert m["params"]["sigma8"]["bias_sigma"] == pytest.approx(
+            (s8.mean() - truth) / s8.std(ddof=1), rel=1e-9)
+    assert metrics["methods"]["hmc"]["budget"]["n_gradients"] > 0
+    assert metrics["methods"]["npe_cl"]["budget"]["n_simulations"] == REDUCED["training_set.n_sims"]
+    ref = metrics["fom_ratio"]["reference"]
+    assert ref == "cl_analytic"
+    ratio = metrics["fom_ratio"]["values"]["hmc"]["Omega_c,sigma8"]
+    assert ratio == pytest.approx(metrics["methods"]["hmc"]["fom"]["Omega_c,sigma8"]
+                                  / metrics["methods"][ref]["fom"]["Omega_c,sigma8"], rel=1e-9)
+
+
+def _moments(out, method):
+    s = read_samples(out / "samples" / f"{method}.h5")
+    return s.samples.mean(0), s.samples.std(0), s
+
+
+def test_methods_agree_with_the_exact_posterior(results):
+    """Tolerances (in units of the exact posterior σ, per parameter):
+    HMC targets the same posterior: 150 NUTS draws give an ESS of ~100 for θ, so the
+    MC error of the mean is ~0.1σ; 0.35σ allows 3.5 MC errors; std within 25%.
+    Analytic C_ℓ: for a Gaussian field the binned C_ℓ carry all the information, but their
+    likelihood is approximated as Gaussian with a 120-simulation covariance: mean within 0.5σ,
+    std within [0.7, 1.5] (measured 0.1σ and 0.88).
+    NPE on C_ℓ from 360 training simulations (the test's budget; test_npe checks NPE precisely
+    on a conjugate toy): an under-trained but not wrong posterior: mean within 1σ, std within
+    [0.6, 2] (measured 0.8σ and 1.2-1.3)."""
+    _, _, out, _ = results
+    mean_x, std_x, _ = _moments(out, "exact")
+    tol = {"hmc": (0.35, 0.75, 1.25), "cl_analytic": (0.5, 0.7, 1.5), "npe_cl": (1.0, 0.6, 2.0)}
+    for method, (dmean, lo, hi) in tol.items():
+        mean, std, _ = _moments(out, method)
+        assert np.all(np.abs(mean - mean_x) / std_x < dmean), (method, mean, mean_x, std_x)
+        assert np.all((std / std_x > lo) & (std / std_x < hi)), (method, std, std_x)
+    c2st = json.loads((out / "metrics.json").read_text())["c2st"]
+    # HMC draws are the same posterior: the classifier cannot do much better than chance
+    pair = next(p for p in c2st["pairs"] if {p["a"], p["b"]} == {"exact", "hmc"})
+    assert pair["accuracy"] < 0.62
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+def test_observation_of_the_wrong_shape_is_rejected(results, tmp_path):
+    d, config, out, _ = results
+    other = load_config(config).with_(**{"maps.npix": 8})
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text(other.to_toml())
+    assert invoke("maps", "--config", wrong, "--out", tmp_path / "obs8.h5",
+                  "--no-progress").exit_code == 0
+    cfg = load_config(config).with_(**{"compare.observation": str(tmp_path / "obs8.h5")})
+    (tmp_path / "c.toml").write_text(cfg.to_toml())
+    result = invoke("compare", "--config", tmp_path / "c.toml", "--out", tmp_path / "r")
+    assert result.exit_code == 1
+    assert "observed maps of shape (2, 8, 8)" in result.output and "(2, 16, 16)" in result.output
+
+
+def test_unknown_stage_and_method_are_rejected(results, tmp_path):
+    _, config, out, _ = results
+    result = invoke("compare", "--config", config, "--out", out, "--force", "npe_foo")
+    assert result.exit_code == 1 and "unknown stage(s) npe_foo" in result.output
+    with pytest.raises(ConfigError, match="compare.methods: unknown method 'hcm'.*did you mean 'hmc'"):
+        load_config(config).with_(**{"compare.methods": ["hcm"]})
+    with pytest.raises(ConfigError, match="'exact' needs Gaussian-field maps"):
+        load_config("quick").with_(**{"compare.methods": ["exact"]})

@@ -1,0 +1,163 @@
+"""experiments.report and the comparison plots of experiments.plots (Agg, files only)."""
+
+import re
+import warnings
+
+import numpy as np
+import pytest
+
+from experiments.io import Samples
+from experiments.metrics import compare_metrics, method_label, write_metrics
+from experiments.plots import plot_cl_data_theory, plot_triangle
+from experiments.report import write_report
+
+NAMES = ("Omega_c", "sigma8")
+BASE = {"Omega_c": 0.2664, "Omega_b": 0.0492, "h": 0.6727, "n_s": 0.9645, "sigma8": 0.831,
+        "w0": -1.0, "wa": 0.0}
+TRUTH = {"Omega_c": 0.2664, "sigma8": 0.831}
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _gauss(rng, mean, std, rho, n):
+    cov = np.array([[std[0] ** 2, rho * std[0] * std[1]], [rho * std[0] * std[1], std[1] ** 2]])
+    return rng.multivariate_normal(mean, cov, n)
+
+
+@pytest.fixture(scope="module")
+def samples():
+    rng = np.random.default_rng(7)
+    npe = _gauss(rng, [0.265, 0.83], [0.018, 0.025], -0.6, 1500)
+    return {
+        "cl_analytic": Samples(_gauss(rng, [0.26, 0.84], [0.03, 0.04], -0.6, 2000), NAMES,
+                               "cl_analytic", info={"wall_time_s": 12.5, "n_cov": 1000}),
+        "hmc": Samples(_gauss(rng, [0.27, 0.83], [0.015, 0.02], -0.7, 2000), NAMES, "hmc",
+                       info={"wall_time_s": 3600.0, "n_gradients": 123456}),
+        "npe_vmim": Samples(np.column_stack([npe, 0.049 + 0.006 * rng.standard_normal(1500)]),
+                            NAMES + ("Omega_b",), "npe_vmim",
+                            info={"fit_time_s": 40.0, "sample_time_s": 2.0, "n_train_sims": 2000,
+                                  "calibration": {"tarp_atc": -0.0123, "tarp_ks_pval": 0.4,
+                                                  "sbc_ks_pvals": {"Omega_c": 0.31, "sigma8": 0.72},
+                                                  "n_test": 200}}),
+    }
+
+
+def _is_png(path, min_bytes=10_000):
+    data = path.read_bytes()
+    return data[:8] == PNG and len(data) > min_bytes
+
+
+def test_triangle_plot_methods_params_and_derived(samples, tmp_path):
+    out = plot_triangle(tmp_path / "figs" / "triangle.png", samples, base=BASE, truth=TRUTH,
+                        methods=["hmc", "npe_vmim"], params=["Omega_m", "sigma8", "S8"])
+    assert out.is_file() and _is_png(out)
+    with pytest.raises(ValueError, match="unknown parameter 'Om'"):
+        plot_triangle(tmp_path / "x.png", samples, base=BASE, params=["Om", "sigma8"])
+    with pytest.raises(ValueError, match="unknown method 'mcmc'"):
+        plot_triangle(tmp_path / "x.png", samples, base=BASE, methods=["mcmc"])
+    with pytest.raises(ValueError, match="'exact' has no samples"):
+        plot_triangle(tmp_path / "x.png", samples, base=BASE, methods=["exact"])
+
+
+def test_triangle_plot_survives_degenerate_methods(samples, tmp_path):
+    rng = np.random.default_rng(1)
+    const = samples["hmc"].samples.copy()
+    const[:, 0] = 0.27  # constant Omega_c (a stuck chain)
+    narrow = samples["hmc"].samples.copy()
+    narrow[:, 0] = 0.27 * (1 + 1e-9 * rng.standard_normal(len(narrow)))  # nearly constant
+    line = samples["hmc"].samples.copy()
+    line[:, 1] = 3 * line[:, 0]  # 100 % correlated
+    few = samples["hmc"].samples[:5]
+    degenerate = {"hmc": samples["hmc"], "npe_mse": Samples(const, NAMES, "npe_mse"),
+                  "npe_mae": Samples(narrow, NAMES, "npe_mae"),
+                  "npe_gnll": Samples(line, NAMES, "npe_gnll"),
+                  "exact": Samples(few, NAMES, "exact"),
+                  "npe_cl": Samples(np.tile([0.27, 0.8], (100, 1)), NAMES, "npe_cl")}
+    with pytest.warns(UserWarning) as record:
+        out = plot_triangle(tmp_path / "deg.png", degenerate, base=BASE, truth=TRUTH)
+    text = " ".join(str(w.message) for w in record)
+    assert "npe_mse is constant in Omega_c" in text
+    assert "exact left out (5 samples" in text
+    assert "npe_cl left out (no varying parameter" in text
+    assert _is_png(out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="nothing to draw"):
+            plot_triangle(tmp_path / "none.png", {"npe_cl": degenerate["npe_cl"]}, base=BASE)
+
+
+def test_cl_data_theory_plot(tmp_path):
+    rng = np.random.default_rng(2)
+    n_bins, ell = 3, np.geomspace(100, 3000, 8)
+    n_pairs = n_bins * (n_bins + 1) // 2
+    theory = 1e-9 * (ell / 100.0) ** -1.2 * np.linspace(0.5, 2, n_pairs)[:, None]
+    std = 0.1 * theory
+    cov = np.diag(std.reshape(-1) ** 2)
+    data = theory + std * rng.standard_normal(theory.shape)
+    data[1, -1] = -0.5 * theory[1, -1]  # a negative cross-spectrum point
+    out = plot_cl_data_theory(tmp_path / "cl.png", ell, data.reshape(-1),
+                              {"halofit": theory, "linear": 0.9 * theory}, cov=cov)
+    assert _is_png(out)
+    out = plot_cl_data_theory(tmp_path / "cl_lin.png", ell, data, theory, std=std, yscale="linear")
+    assert _is_png(out)
+    with pytest.raises(ValueError, match="exactly one of cov"):
+        plot_cl_data_theory(tmp_path / "x.png", ell, data, theory)
+    with pytest.raises(ValueError, match="cov: expected"):
+        plot_cl_data_theory(tmp_path / "x.png", ell, data, theory, cov=cov[:-1, :-1])
+    with pytest.raises(ValueError, match="not n_bins"):
+        plot_cl_data_theory(tmp_path / "x.png", ell, data[:4], theory[:4], std=std[:4])
+
+
+def _rows(text, section):
+    """The table rows (after the header) of a ## section."""
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return [ln for ln in body.splitlines() if ln.startswith("| ")][1:]
+
+
+def test_report_tables_figures_and_calibration(samples, tmp_path):
+    metrics = compare_metrics(samples, base=BASE, truth=TRUTH, max_samples=300)
+    write_metrics(tmp_path / "metrics.json", metrics)
+    fig = plot_triangle(tmp_path / "figs" / "triangle.png", samples, base=BASE, truth=TRUTH)
+    cal_full = {"tarp": {"atc": 0.0456, "ks_pval": 0.9},
+                "sbc": {"ks_pvals": {"Omega_c": 0.11, "sigma8": 0.22}}, "n_test": 100}
+    path = write_report(tmp_path / "report", metrics,
+                        {"Posterior contours": fig, "Missing": tmp_path / "nope.png"},
+                        title="Toy comparison", config_toml="[cosmology]\nsigma8 = 0.831\n",
+                        calibration={"cl_analytic": cal_full})
+    assert path == tmp_path / "report" / "report.md"
+    text = path.read_text()
+    assert text.startswith("# Toy comparison\n")
+    assert "![Posterior contours](../figs/triangle.png)" in text  # relative to the report
+    assert (path.parent / "../figs/triangle.png").is_file()
+    assert "**Missing** *(file missing)*" in text
+    keys = ["hmc", "cl_analytic", "npe_vmim"]
+    for section in ("Constraining power", "Cost", "C2ST"):
+        rows = _rows(text, section)
+        assert [r.split(" | ")[0] for r in rows] == [f"| {method_label(k)} (`{k}`)" for k in keys]
+    bias_rows = _rows(text, "Posterior means and bias")
+    assert bias_rows[0].startswith("| truth | 0.2664 |")
+    assert len(bias_rows) == 4
+    # values in the rows are the metrics' values
+    m = metrics["methods"]
+    power = dict(zip(keys, _rows(text, "Constraining power")))
+    for k in keys:
+        cells = power[k].split(" | ")
+        assert cells[2] == f"{m[k]['fom']['Omega_c,sigma8']:.0f}"
+        assert cells[3] == f"{m[k]['fom']['Omega_m,sigma8']:.0f}"
+        assert cells[4] == f"{metrics['fom_ratio']['values'][k]['Omega_c,sigma8']:.2f}"
+    assert power["cl_analytic"].split(" | ")[4:6] == ["1.00", "1.00"]
+    hmc_bias = m["hmc"]["params"]["sigma8"]["bias_sigma"]
+    assert f"({hmc_bias:+.2f}σ)" in dict(zip(keys, bias_rows[1:]))["hmc"]
+    cost = dict(zip(keys, _rows(text, "Cost")))
+    assert "| 3600.0 | — | 123456 |" in cost["hmc"]
+    assert "| 42.0 | 2000 | — |" in cost["npe_vmim"]
+    c2st = dict(zip(keys, _rows(text, "C2ST")))
+    acc = {(e["a"], e["b"]): e["accuracy"] for e in metrics["c2st"]["pairs"]}
+    assert c2st["hmc"].split(" | ")[1:] == ["—", f"{acc[('hmc', 'cl_analytic')]:.3f}",
+                                            f"{acc[('hmc', 'npe_vmim')]:.3f} |"]
+    assert "MLPClassifier" in text and "5-fold" in text
+    # calibration: given explicitly (full calibrate() dict) and carried by the NPE samples
+    cal = dict(zip(["cl_analytic", "npe_vmim"], _rows(text, "Calibration")))
+    assert cal["cl_analytic"].split(" | ")[1:] == ["+0.046", "0.90", "100", "0.11", "0.22 |"]
+    assert cal["npe_vmim"].split(" | ")[1:] == ["-0.012", "0.40", "200", "0.31", "0.72 |"]
+    assert "```toml\n[cosmology]\nsigma8 = 0.831\n```" in text
+    assert not re.search(r"\bnan\b|\bNone\b", text)

@@ -758,9 +758,11 @@ def demo(
     C_ell baselines, NPE on VMIM summaries, field-level HMC), then where the report is."""
     start = time.perf_counter()
     metrics = run_compare(DEMO_MAPS_CONFIG, out_dir)
-    rows = [f"  {m:12s} FoM(Omega_c, sigma8) = {v['fom'].get('Omega_c-sigma8', float('nan')):7.1f}"
-            for m, v in metrics.get("methods", {}).items()] if isinstance(metrics, dict) else []
-    print("\n".join(rows))
+    for m, v in metrics["methods"].items():
+        fom = v["fom"].get("Omega_c,sigma8")
+        ratio = (metrics.get("fom_ratio") or {}).get("values", {}).get(m, {}).get("Omega_c,sigma8")
+        print(f"  {m:12s} FoM(Omega_c, sigma8) = {fom if fom is not None else float('nan'):8.1f}"
+              + (f"   ({ratio:.2f} x C_ell)" if ratio is not None else ""))
     print(f"demo done in {time.perf_counter() - start:.0f} s; report: {out_dir / 'report.md'}")
 
 

@@ -51,7 +51,8 @@ class NUTSStepper:
         dense = [tuple(ld.theta_names)] if settings.dense_theta else False
         # driven by the plain potential (not the model): numpyro would otherwise re-run and
         # differentiate the model eagerly at every init, compiling each operation separately
-        kernel = NUTS(potential_fn=ld.potential_fn, dense_mass=dense, max_tree_depth=settings.max_tree_depth,
+        kernel = NUTS(potential_fn=ld.potential_fn, dense_mass=dense,
+                      max_tree_depth=settings.max_tree_depth,
                       target_accept_prob=settings.target_accept)
         return cls(model, ld, settings, kernel)
 
@@ -147,7 +148,6 @@ class MCLMCStepper:
         return {"state": state, "params": params, "key": k_sample}, self.tuning_steps()
 
     def template(self, key: Array, position: dict) -> Any:
-        import blackjax
         from blackjax.adaptation.mclmc_adaptation import MCLMCAdaptationState
 
         state = jax.eval_shape(self._init, position, key)
@@ -209,8 +209,8 @@ def make_segment(stepper, settings: HMCSettings, field_dtype) -> Callable:
     """jit: (state, its (L,), active (L,), keep (L,), slot (L,)) → (state, records, fields).
 
     L = settings.segment. Inactive steps leave the state alone and cost nothing (their records are
-    garbage, for the caller to drop). Kept steps write the field (cast to ``field_dtype``) into slot ``slot`` of a
-    (keep_capacity, *field_shape) buffer, so only thinned fields ever leave the device.
+    garbage, for the caller to drop). Kept steps write the field (cast to ``field_dtype``) into
+    slot ``slot`` of a (keep_capacity, *field_shape) buffer, so only thinned fields leave the device.
     """
     ld = stepper.ld
     n_keep = keep_capacity(settings)

@@ -27,7 +27,7 @@ import numpy as np
 from . import checkpoint as ckpt
 from .checkpoint import CheckpointError, ChainCheckpoint
 from .diagnostics import summarize
-from .kernels import keep_capacity, make_segment, make_stepper
+from .kernels import make_segment, make_stepper
 from .model import FIELD_SITE, log_density
 from .settings import HMCSettings
 
@@ -168,6 +168,10 @@ def run_hmc(model: Callable[[], None], settings: HMCSettings, out_dir, *,
         raise ValueError(f"theta_names must be a non-empty sequence of site names, got {theta_names!r}")
     if len(set(theta_names)) != len(theta_names) or field_site in theta_names:
         raise ValueError(f"theta_names {theta_names} and field_site {field_site!r} must be distinct")
+    unknown = set(init or {}) - set(theta_names) - {field_site}
+    if unknown:
+        raise ValueError(f"init has unknown site(s) {sorted(unknown)}; valid: "
+                         f"{list(theta_names) + [field_site]}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     s_dict = settings.to_dict()
@@ -179,9 +183,9 @@ def run_hmc(model: Callable[[], None], settings: HMCSettings, out_dir, *,
     if info is not None:
         saved = info.get("settings", {})
         if saved != s_dict:
-            raise CheckpointError(
-                f"{run_file} was written with other settings ({'; '.join(settings.differences(saved))}); "
-                f"use the original settings, another out_dir, or resume=False")
+            diff = "; ".join(settings.differences(saved))
+            raise CheckpointError(f"{run_file} was written with other settings ({diff}); use the "
+                                  f"original settings, another out_dir, or resume=False")
         diff = [k for k in identity if info.get("identity", {}).get(k) != identity[k]]
         if diff:
             raise CheckpointError(f"{run_file} belongs to another run (different {', '.join(diff)}); "

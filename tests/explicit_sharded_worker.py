@@ -11,7 +11,6 @@ import sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import numpyro.distributions as dist  # noqa: E402
 
@@ -52,8 +51,9 @@ def evaluate(grid: DeviceGrid, data=None):
                     tempfile.mkdtemp(), theta_names=model.theta_names, progress=False)
         except ValueError as err:
             results["mclmc_error"] = np.asarray(str(err))
-    return data, {**results, "logp": np.asarray(logp), "grad_theta": np.array([grad[n] for n in ld.theta_names]),
-                  "grad_field": np.asarray(g_field), "grad_field_sharded": np.asarray(sharded)}
+    results.update(logp=np.asarray(logp), grad_theta=np.array([grad[n] for n in ld.theta_names]),
+                   grad_field=np.asarray(g_field), grad_field_sharded=np.asarray(sharded))
+    return data, results
 
 
 def main():

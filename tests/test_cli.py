@@ -332,18 +332,24 @@ def test_pk_default_output_name(run_file):
     (run_file.parent / "run_pk.png").unlink()
 
 
-def test_demo_writes_all_files(tmp_path, monkeypatch, tiny_config):
-    # the real demo is 64³ x 10 steps and the quick maps (`make demo`); here both are shrunk
-    monkeypatch.setitem(cli.DEMO, "mesh", "16")
-    monkeypatch.setitem(cli.DEMO, "box", "64")
-    monkeypatch.setitem(cli.DEMO, "steps", 2)
-    monkeypatch.setattr(cli, "DEMO_MAPS_CONFIG", str(tiny_config))
-    result = invoke("demo", "--out-dir", tmp_path / "out", "--no-progress")
+def test_demo_runs_compare_and_says_where_the_report_is(tmp_path, monkeypatch):
+    """`lensbench demo` is `compare` on DEMO_MAPS_CONFIG; here a tiny Gaussian-field config with
+    the exact method only (test_compare runs every method)."""
+    from experiments.config import load_config
+
+    cfg = load_config("gaussian_check").with_(**{
+        "maps.npix": 8, "simulation.n_chi": 16, "cl.n_ell_bins": 2, "compare.methods": ["exact"],
+        "npe.n_samples": 500})
+    (tmp_path / "tiny.toml").write_text(cfg.to_toml())
+    monkeypatch.setattr(cli, "DEMO_MAPS_CONFIG", str(tmp_path / "tiny.toml"))
+    result = invoke("demo", "--out-dir", tmp_path / "out")
     assert result.exit_code == 0, result.output
-    names = ["cl.npz", "cl.png", "maps.h5", "maps.png", "pk.png", "run.h5"]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == names
-    assert read_maps(tmp_path / "out" / "maps.h5").attrs["name"] == "tiny"
-    assert "demo done" in result.stdout and str(tmp_path / "out" / "cl.png") in result.stdout
+    out = tmp_path / "out"
+    for name in ("observation.h5", "samples/exact.h5", "metrics.json", "report.md",
+                 "figures/contours.png", "figures/maps.png"):
+        assert (out / name).is_file(), name
+    assert "demo done" in result.stdout and str(out / "report.md") in result.stdout
+    assert "exact" in result.stdout and "FoM" in result.stdout
 
 
 def test_demo_configuration_is_the_documented_one():

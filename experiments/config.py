@@ -93,7 +93,7 @@ Top level
 [prior]                which parameters are inferred, and their priors (``cfg.prior()`` builds an
                        ``experiments.priors.Prior``)
   preset               : "lsst_y10" (the 6-parameter LSST-Y10 prior: Omega_c ~ TN(0.2664, 0.2,
-                         low=0), Omega_b ~ N(0.0492, 0.006), sigma8 ~ N(0.831, 0.14),
+                         low=0), Omega_b ~ N(0.0492, 0.006), sigma8 ~ TN(0.831, 0.14, low=0),
                          h ~ N(0.6727, 0.063), n_s ~ N(0.9645, 0.08), w0 ~ TN(-1, 0.9, low=-2,
                          high=-0.3)) or "none" ["lsst_y10"]
   params               : the inferred parameters, in order (Cosmology field names); the others

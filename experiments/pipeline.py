@@ -23,6 +23,7 @@ uses ``npe.noise_copies`` noisy copies of each simulation, drawn from ``npe.seed
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import warnings
@@ -467,8 +468,9 @@ def run_hmc(config, maps_path, out, *, samples_out=None, resume: bool = True,
     _log(f"{settings.sampler.upper()} over {prior.dim} parameters and the "
          f"{'x'.join(map(str, model.latent_shape))} latent field; {settings.num_chains} chain(s) "
          f"x ({settings.num_warmup} warm-up + {settings.num_samples}) -> {out}")
-    result = run_chains(numpyro_model, settings, out, theta_names=prior.names, resume=resume,
-                        progress=progress)
+    init = {"z": _field_start(numpyro_model, prior.names, Path(out), settings.seed, resume)}
+    result = run_chains(numpyro_model, settings, out, theta_names=prior.names, init=init,
+                        resume=resume, progress=progress)
     theta = np.asarray(result.theta, np.float64)  # (chains, samples, d)
     chain = np.repeat(np.arange(theta.shape[0]), theta.shape[1])
     info = dict(result.diagnostics)
@@ -480,6 +482,25 @@ def run_hmc(config, maps_path, out, *, samples_out=None, resume: bool = True,
     path = write_samples(Path(out) / "samples.h5" if samples_out is None else samples_out, samples)
     _report_samples(samples, path)
     return samples
+
+
+def _field_start(model, names, out: Path, seed: int, resume: bool) -> np.ndarray:
+    """``explicit.field_start``, kept in ``out`` so that a resumed run starts from the same field."""
+    from explicit import field_start
+
+    path = out / "field_start.npy"
+    if resume and path.is_file():
+        return np.load(path)
+    t0 = time.perf_counter()
+    z = field_start(model, names, seed=seed,
+                    progress=lambda i, lp: _log(f"  start field: step {i}, log p {lp:.6g}"))
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "field_start.tmp.npy"
+    np.save(tmp, z)
+    os.replace(tmp, path)
+    _log(f"start field: 100 Adam steps at the prior mean + white noise to |z|^2 = N "
+         f"({time.perf_counter() - t0:.0f} s)")
+    return z
 
 
 # ---- exact posterior (Gaussian-field maps) --------------------------------------------------------

@@ -237,11 +237,16 @@ class Prior:
 
 
 def lsst_y10() -> Prior:
-    """The LSST-Y10 prior of Zeghal et al. 2025 / Lanzieri et al. 2025 (6 parameters)."""
+    """The LSST-Y10 prior of Zeghal et al. 2025 / Lanzieri et al. 2025 (6 parameters).
+
+    σ_8 ~ N(0.831, 0.14) is truncated at 0 (a mass of 2e-9 removed): σ_8 is an rms, and the linear
+    field δ_L ∝ σ_8 z is unchanged by (σ_8, z) → (-σ_8, -z), so without the bound field-level
+    samplers find an exact mirror mode at negative σ_8 (measured: NUTS on the quick PM problem
+    jumped there in its first warm-up step)."""
     return Prior((
         ParamPrior("Omega_c", "truncated_normal", 0.2664, 0.2, low=0.0),
         ParamPrior("Omega_b", "normal", 0.0492, 0.006),
-        ParamPrior("sigma8", "normal", 0.831, 0.14),
+        ParamPrior("sigma8", "truncated_normal", 0.831, 0.14, low=0.0),
         ParamPrior("h", "normal", 0.6727, 0.063),
         ParamPrior("n_s", "normal", 0.9645, 0.08),
         ParamPrior("w0", "truncated_normal", -1.0, 0.9, low=-2.0, high=-0.3),

@@ -16,6 +16,7 @@ from .checkpoint import CheckpointError
 from .model import FIELD_SITE, FieldModel, LogDensity, field_model, log_density
 from .sampling import HMCResult, read_chains, run_hmc
 from .settings import HMCSettings
+from .start import field_start
 
 __all__ = ["CheckpointError", "FIELD_SITE", "FieldModel", "HMCResult", "HMCSettings", "LogDensity",
-           "field_model", "log_density", "read_chains", "run_hmc"]
+           "field_model", "field_start", "log_density", "read_chains", "run_hmc"]

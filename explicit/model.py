@@ -28,13 +28,14 @@ Array = jax.Array
 
 FIELD_SITE = "z"
 OBS_SITE = "kappa_obs"
-# Start of the field: z0 = FIELD_INIT_SCALE × N(0, 1), a prior draw. The map amplitude goes as
-# σ_8 |z| (exactly for the Gaussian model, nearly so for PM), and |z|² ~ χ²_N pins |z| to √N only
-# for a field of full amplitude: a field started small (0.1 N(0, 1) was tried) makes the sampler
-# raise |σ_8| to fit the maps' power (σ_8 drifted to 1.4 in a 27k-cell PM run, or flipped sign),
-# then crawl back with a tiny step size. A full draw has random phases (a large initial χ², a few
-# early divergences in warm-up) but the right amplitude, and gives every chain its own start.
-FIELD_INIT_SCALE = 1.0
+# Default start of the field: z0 = FIELD_INIT_SCALE × N(0, 1). At z = 0 exactly κ vanishes (κ is
+# linear in z for the Gaussian model, nearly so for PM at early steps), so ∂ log L / ∂θ = 0 and θ
+# feels no pull from the data; a small random field breaks that symmetry and gives every chain its
+# own start. It has too little amplitude, though, and the map amplitude goes as σ_8 |z|, so on large
+# fields σ_8 drifts up first (to 1.4 in a 27k-cell PM run); a full prior draw has random phases
+# and sent σ_8 into the mirror mode (σ_8, z) → (-σ_8, -z). ``start.field_start`` (data-matched
+# phases, prior-typical amplitude) is the better start; the CLI uses it.
+FIELD_INIT_SCALE = 0.1
 
 _COSMO_FIELDS = tuple(f.name for f in dataclasses.fields(Cosmology))
 

@@ -20,6 +20,7 @@ def test_lsst_y10_prior_is_the_published_one():
     oc, ob, s8, h, ns, w0 = p.params
     assert (oc.dist, oc.loc, oc.scale, oc.low, oc.high) == ("truncated_normal", 0.2664, 0.2, 0.0, None)
     assert (ob.loc, ob.scale, s8.loc, s8.scale) == (0.0492, 0.006, 0.831, 0.14)
+    assert (ob.dist, s8.dist, s8.low, s8.high) == ("normal", "truncated_normal", 0.0, None)
     assert (h.loc, h.scale, ns.loc, ns.scale) == (0.6727, 0.063, 0.9645, 0.08)
     assert (w0.dist, w0.loc, w0.scale, w0.low, w0.high) == ("truncated_normal", -1.0, 0.9, -2.0, -0.3)
 

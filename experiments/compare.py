@@ -79,7 +79,7 @@ def plan(cfg) -> list[Stage]:
     npe = [m for m in methods if m.startswith("npe_")]
     if npe:
         stages.append(Stage("sims", _MAPS + ("prior", "training_set"), (),
-                            lambda out: _report(pipeline.run_generate(cfg, out / "sims.h5",
+                            lambda out: _generate_meta(pipeline.run_generate(cfg, out / "sims.h5",
                                                                       progress=_progress())),
                             ("sims.h5",)))
     for loss in _losses(methods):
@@ -124,7 +124,7 @@ def _progress() -> bool:
     return sys.stderr.isatty()
 
 
-def _report(report) -> dict:
+def _generate_meta(report) -> dict:
     return {"n_ok": int(getattr(report, "n_ok", 0) or 0)} if report is not None else {}
 
 
@@ -137,15 +137,14 @@ def _meta(samples) -> dict:
 
 def _observation(cfg, out: Path) -> dict:
     from .cli import run_maps
-    from .io import read_maps
+    from .pipeline import read_observation
 
     target = out / "observation.h5"
     src = cfg.compare.observation
     if src is None:
         run_maps(cfg, target, png=out / "figures" / "maps.png", progress=_progress())
     else:
-        obs = read_maps(src)
-        check_observation(cfg, obs, src)
+        obs = read_observation(cfg, src)
         tmp = target.with_name(target.name + ".tmp")
         shutil.copyfile(src, tmp)
         os.replace(tmp, target)
@@ -154,19 +153,6 @@ def _observation(cfg, out: Path) -> dict:
         plot_maps(out / "figures" / "maps.png", obs.kappa_noisy, sky=obs.sky,
                   field_deg=cfg.maps.field_deg, title=f"observation {Path(src).name} (noisy)")
     return {}
-
-
-def check_observation(cfg, obs, path) -> None:
-    """An observation must have the configuration's map shape (bins, pixels) and no NaN."""
-    bins = cfg.bins()
-    expected = ((bins.n_bins, cfg.maps.npix, cfg.maps.npix) if cfg.maps.sky == "flat"
-                else (bins.n_bins, 12 * cfg.maps.nside ** 2))
-    if obs.kappa_noisy.shape != expected:
-        raise ValueError(f"{path}: observed maps of shape {obs.kappa_noisy.shape}, but the "
-                         f"configuration {cfg.name!r} makes {expected} ({bins.n_bins} bins, "
-                         f"{'npix ' + str(cfg.maps.npix) if cfg.maps.sky == 'flat' else 'nside'})")
-    if not np.all(np.isfinite(obs.kappa_noisy)):
-        raise ValueError(f"{path}: the observed maps contain NaN or inf")
 
 
 def _train(cfg, out: Path, loss: str) -> dict:

@@ -20,6 +20,15 @@ def _pyplot():
     return plt
 
 
+def _save(fig, out) -> Path:
+    """Write a figure (creating its folder) and close it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    _pyplot().close(fig)
+    return out
+
+
 def _bin_label(mean_z: float, i: int) -> str:
     return f"bin {i + 1}, $\\langle z\\rangle$={mean_z:.2f}"
 
@@ -36,8 +45,6 @@ def plot_maps(out, kappa: np.ndarray, *, sky: str, field_deg: float | None = Non
     mean_z = np.full(n, np.nan) if mean_z is None else np.asarray(mean_z)
     cols = min(n, 5)
     rows = -(-n // cols)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if sky == "flat":
         fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows + 0.4), squeeze=False,
                                  constrained_layout=True)
@@ -68,9 +75,7 @@ def plot_maps(out, kappa: np.ndarray, *, sky: str, field_deg: float | None = Non
                             hold=False, cbar=True, notext=True)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_cl_triangle(out, ell: np.ndarray, cl: np.ndarray, theory: np.ndarray, pairs: np.ndarray,
@@ -122,11 +127,7 @@ def plot_cl_triangle(out, ell: np.ndarray, cl: np.ndarray, theory: np.ndarray, p
         axes[0, 0].legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 # ---- posterior comparison ------------------------------------------------------------------------
@@ -334,8 +335,4 @@ def plot_cl_data_theory(out, ell, data, theory, *, cov=None, std=None, pairs=Non
         axes[0, 0].legend(legend.values(), legend.keys(), fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)

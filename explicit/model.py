@@ -33,8 +33,8 @@ OBS_SITE = "kappa_obs"
 # feels no pull from the data; a small random field breaks that symmetry and gives every chain its
 # own start. It has too little amplitude, though, and the map amplitude goes as σ_8 |z|, so on large
 # fields σ_8 drifts up first (to 1.4 in a 27k-cell PM run); a full prior draw has random phases
-# and sent σ_8 into the mirror mode (σ_8, z) → (-σ_8, -z). ``start.field_start`` (data-matched
-# phases, prior-typical amplitude) is the better start; the CLI uses it.
+# and sent σ_8 into the mirror mode (σ_8, z) → (-σ_8, -z). ``start.field_start`` (a draw of
+# p(z | d, θ₀) by perturb-and-optimise) is the better start; the CLI uses it.
 FIELD_INIT_SCALE = 0.1
 
 _COSMO_FIELDS = tuple(f.name for f in dataclasses.fields(Cosmology))

@@ -7,18 +7,24 @@ sight. The sky is a square flat patch (gnomonic coordinates θ = (x/z, y/z) arou
 the HEALPix sphere (RING ordering).
 
 Born projection. During the step a₀ → a₁ the lightcone radius shrinks from χ₀ = χ(a₀) to
-χ₁ = χ(a₁). The shell [χ₁, χ₀] is cut into ``samples_per_step`` slices; at the centre χ_s of each,
-every pixel's ray reads the CIC density contrast δ of the mesh (trilinear interpolation) at the
-point χ_s n̂_pix, linearly interpolated in time between the densities painted at a₀ and a₁:
+χ₁ = χ(a₁). Rays are sampled at fixed radii χ_s = (s + ½)Δχ (Δχ ≲ one mesh cell, the same for
+every cosmology); each sample stands for the interval [sΔχ, (s+1)Δχ], and the part ℓ_s of it inside
+the shell [χ₁, χ₀] is the sample's weight in this step. At χ_s every pixel's ray reads the CIC
+density contrast δ of the mesh (trilinear interpolation) at the point χ_s n̂_pix, linearly
+interpolated in time between the densities painted at a₀ and a₁:
 
-    κ_i(n̂) = Σ_steps Σ_s q_i(χ_s) Δχ [(1 - t_s) δ(χ_s n̂, a₀) + t_s δ(χ_s n̂, a₁)],  t_s = (χ₀ - χ_s)/(χ₀ - χ₁).
+    κ_i(n̂) = Σ_steps Σ_s q_i(χ_s) ℓ_s [(1 - t_s) δ(χ_s n̂, a₀) + t_s δ(χ_s n̂, a₁)],  t_s = (χ₀ - χ_s)/(χ₀ - χ₁).
+
+Fixed sample radii make κ a smooth function of the cosmology at a fixed initial field, which
+field-level HMC needs: samples that followed χ(a) slid through the mesh cells as Ω_c changed, and
+the likelihood wiggled on ~1% scales of Ω_c.
 
 Reading the mesh rather than projecting particles keeps the particle discreteness out of the maps
 (the CIC mesh of a near-uniform lattice is smooth) at the price of the mesh's own smoothing, which
-the theory can include (``flatsky`` mesh-window correction). Samples are slices ≲ one cell thick.
+the theory can include (``flatsky`` mesh-window correction).
 
-Memory: the observation is the (n_pix, n_bins) maps only; each slice is a scan iteration over the
-pixels. Sharded, every device reads the samples that fall in its own pencil (halo-padded mesh) and
+Memory: the observation is the (n_pix, n_bins) maps only; each sample radius is a scan iteration
+over the pixels. Sharded, every device reads the samples that fall in its own pencil (halo-padded mesh) and
 the per-device maps are summed.
 """
 
@@ -39,6 +45,12 @@ from .forces import paint_density
 from .grid import pad_shard
 
 Array = jax.Array
+
+# Steps of other cosmologies may be this much thicker than the fiducial one's, and the radial
+# sample window of a step covers that. On the quick lightcone (5 steps from a = 0.2, clipped at
+# χ_max = 4939 Mpc/h) the thickest step of Ω_c = 0.05 is 1.09× the fiducial one; Ω_c = 0.5 and
+# w0 = -1.5 or -0.5 give thinner ones.
+SHELL_MARGIN = 1.25
 
 
 @dataclass(frozen=True)
@@ -374,51 +386,76 @@ class BornLightcone:
         x = jnp.take_along_axis(y, jnp.asarray(inv_perm)[flat], axis=1)
         return jnp.mod(x - jnp.asarray(shifts, dtype)[flat], box)
 
+    @functools.cached_property
+    def spacing(self) -> float:
+        """Radial sample spacing Δχ (Mpc/h; static): the fiducial cosmology's thickest step,
+        widened by ``SHELL_MARGIN`` for other cosmologies, spans ``samples_per_step`` - 1 of them."""
+        return SHELL_MARGIN * _fiducial_thickest_step(self.cfg, self.lightcone) / max(
+            self.samples_per_step - 1, 1)
+
     def _project_local(self, params, chi0, chi1, field, lo):
         st = self._static
         grid = self.cfg.grid
-        n_sub = self.samples_per_step
+        n_win = self.samples_per_step
+        spacing = self.spacing
         dtype = field.dtype
         dirs = jnp.asarray(st["dirs"], dtype)
         cell = jnp.asarray(st["cell"], dtype)
         local = (self.cfg.mesh_shape[0] // grid.pdims[0], self.cfg.mesh_shape[1] // grid.pdims[1])
-        dchi = jnp.maximum(chi0 - chi1, 0.0) / n_sub  # 0 for steps beyond the projection depth
+        # Sample s sits at χ_s = (s + ½)Δχ and stands for [sΔχ, (s+1)Δχ]: the positions are fixed,
+        # whatever the cosmology, so the maps change smoothly with it (samples that followed
+        # χ(a) slid along the rays through the mesh cells, and κ, hence the likelihood at fixed
+        # initial field, wiggled with Ω_c on ~1% scales). Its weight is the length of its
+        # interval inside this step's shell [χ₁, χ₀] (continuous in χ₀, χ₁; the pieces of a
+        # sample split between two steps add up to Δχ, and both read δ(a) at the shared boundary).
+        first = jnp.floor(chi1 / spacing)
+        width = jnp.maximum(chi0 - chi1, 1e-30)
 
         # rematerialised: reverse mode then stores nothing per slice (the carry enters linearly),
         # so gradient memory does not grow with the number of slices
         @jax.checkpoint
-        def slice_(acc, s):
-            t = (s + 0.5) / n_sub
-            chi = chi0 - (s + 0.5) * dchi
+        def slice_(acc, j):
+            s = first + j
+            chi = (s + 0.5) * spacing
+            length = jnp.clip(jnp.minimum((s + 1) * spacing, chi0) - jnp.maximum(s * spacing, chi1),
+                              0.0, None)
+            t = jnp.clip((chi0 - chi) / width, 0.0, 1.0)
             x = self._to_box(chi.astype(dtype) * dirs)
             vals = _trilinear(field, x / cell, lo, local, grid.halo, not grid.sharded)
             delta = (1 - t).astype(dtype) * vals[:, 0] + t.astype(dtype) * vals[:, 1]
-            w = (params.q_at(chi) * dchi).astype(dtype)  # (n_bins,)
+            w = (params.q_at(chi) * length).astype(dtype)  # (n_bins,)
             return acc + delta[:, None] * w[None, :], None
 
         acc0 = jnp.zeros((dirs.shape[0], self.n_bins), dtype)
-        acc, _ = jax.lax.scan(slice_, acc0, jnp.arange(n_sub))
+        acc, _ = jax.lax.scan(slice_, acc0, jnp.arange(n_win))
         return acc
 
 
 @functools.lru_cache(maxsize=64)
-def samples_per_step(cfg: SimConfig, lightcone: Lightcone, margin: float = 1.25) -> int:
-    """Slices per step so that each is at most one mesh cell (along the line of sight) thick for
-    ``Cosmology.fiducial()``,
-    with ``margin`` for other cosmologies, unless the lightcone sets ``slices_per_step`` (static;
-    safe to call while tracing)."""
+def _fiducial_thickest_step(cfg: SimConfig, lightcone: Lightcone) -> float:
+    """Radial extent (Mpc/h) of the thickest PM step inside the lightcone, for
+    ``Cosmology.fiducial()`` (static; safe to call while tracing)."""
     from .cosmology import Cosmology, background
 
+    with jax.ensure_compile_time_eval():
+        chi = np.minimum(np.asarray(background(Cosmology.fiducial()).comoving_distance(
+            cfg.step_scale_factors)), lightcone.chi_max)
+    return float(np.max(chi[:-1] - chi[1:]))
+
+
+@functools.lru_cache(maxsize=64)
+def samples_per_step(cfg: SimConfig, lightcone: Lightcone) -> int:
+    """Radial samples read per PM step (static; safe to call while tracing): enough for a
+    spacing of at most one mesh cell (along the line of sight) over the fiducial cosmology's
+    thickest step widened by ``SHELL_MARGIN``, plus one for a sample straddling each end, unless
+    the lightcone sets ``slices_per_step``. A cosmology whose thickest step is more than
+    ``SHELL_MARGIN`` times the fiducial one has its far end of that shell cut."""
     if lightcone.slices_per_step is not None:
         return int(lightcone.slices_per_step)
-    cosmo = Cosmology.fiducial()
-    with jax.ensure_compile_time_eval():
-        chi = np.minimum(np.asarray(background(cosmo).comoving_distance(cfg.step_scale_factors)),
-                         lightcone.chi_max)
-    thickest = float(np.max(chi[:-1] - chi[1:]))
     cell = np.asarray(cfg.cell_size)
     if isinstance(lightcone.sky, FlatSky):
         # rays run along z, or along an axis that a replica rotation swaps with z (equal box sides)
         box = np.asarray(cfg.box_size)
         cell = cell[np.isclose(box, box[2])]
-    return max(1, int(math.ceil(margin * thickest / float(np.min(cell)))))
+    thickest = _fiducial_thickest_step(cfg, lightcone)
+    return max(2, int(math.ceil(SHELL_MARGIN * thickest / float(np.min(cell)))) + 2)

@@ -124,6 +124,20 @@ def test_map_gradient_matches_finite_differences(pm64):
     assert abs(float(fd) - ad) < 1e-3 * abs(ad)
 
 
+def test_maps_are_smooth_in_omega_c_at_fixed_field():
+    """Fixed radial sample positions make κ(Ω_c) at a fixed initial field smooth on the scales an
+    HMC step explores: central differences over ±1e-3 and ±1e-2 in Ω_c agree with the autodiff
+    derivative to 1% and 2% (measured 0.2% and 0.7%: the smooth curvature). Samples that followed
+    χ(a) through the mesh cells gave 4.5% and 41% (wiggles of period ~1% in Ω_c)."""
+    f = map_loss(CFG64, lightcone(randomize=True, seed=5))
+    noise = white_noise(CFG64, 1)
+    oc = COSMO.Omega_c
+    g = float(f(oc, noise)[1][0])
+    for eps, tol in ((1e-3, 0.01), (1e-2, 0.02)):
+        fd = float(f(oc + eps, noise)[0][0] - f(oc - eps, noise)[0][0]) / (2 * eps)
+        assert abs(fd - g) < tol * abs(g), (eps, fd, g)
+
+
 def test_adjoint_gradient_equals_checkpoint(pm64):
     (_, kappa), (g_oc, g_noise) = map_loss(CFG64.with_(gradient="adjoint"), lightcone())(
         COSMO.Omega_c, pm64["noise"])

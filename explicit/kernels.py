@@ -161,12 +161,14 @@ class MCLMCStepper:
         return 0  # tuning happens before the segmented loop
 
     def tuning_steps(self) -> int:
-        """Gradient evaluations of ``start``: init, then blackjax's three stages as it runs them."""
+        """Gradient evaluations of ``start``: init, the θ Hessian, then blackjax's three stages as
+        it runs them."""
         n = self.settings.num_warmup
         f1, f2, f3 = MCLMC_FRACS
         n2 = round(n * f2)
         n3 = round(n * f3)
-        return 1 + round(n * f1) + n2 + (round(n2 / 3) if n2 > 1 else 0) + (n3 if n3 >= 2 else 0)
+        return (1 + 2 * len(self.ld.theta_names) + round(n * f1) + n2
+                + (round(n2 / 3) if n2 > 1 else 0) + (n3 if n3 >= 2 else 0))
 
     @cached_property
     def _init(self) -> Callable:
@@ -180,20 +182,36 @@ class MCLMCStepper:
         # so without this each chain would recompile all three stages.
         import blackjax
 
-        def tune(key, state):
+        def tune(key, state, initial):
             f1, f2, f3 = MCLMC_FRACS
             state, params, _ = blackjax.mclmc_find_L_and_step_size(
                 mclmc_kernel=self.kernel, num_steps=self.settings.num_warmup, state=state,
                 rng_key=key, logdensity_fn=self.ld.logdensity, frac_tune1=f1, frac_tune2=f2,
-                frac_tune3=f3, diagonal_preconditioning=True)
+                frac_tune3=f3, diagonal_preconditioning=True, params=initial)
             return state, type(params)(*(jnp.asarray(p, jnp.float64) for p in params))
 
         return jax.jit(tune)
 
+    def initial_params(self, position: dict):
+        """blackjax's starting L = √d and step √d / 4, with a diagonal preconditioner whose θ
+        entries come from the Hessian (``theta_inverse_mass``) and field entries are 1. Without
+        it, the first tuning steps (step ~40 on the 27k-cell quick field) threw θ out of the
+        posterior (Ω_c → 0, σ_8 → 4) before the step size had shrunk, and the chain never came
+        back."""
+        from blackjax.adaptation.mclmc_adaptation import MCLMCAdaptationState
+        from jax.flatten_util import ravel_pytree
+
+        inv = theta_inverse_mass(self.ld, position, dense=False)
+        tree = {k: jnp.ones_like(v) for k, v in position.items()}
+        tree.update({n: inv[i] for i, n in enumerate(self.ld.theta_names)})
+        diag = ravel_pytree(tree)[0].astype(jnp.float64)
+        d = jnp.asarray(diag.size, jnp.float64)
+        return MCLMCAdaptationState(jnp.sqrt(d), 0.25 * jnp.sqrt(d), inverse_mass_matrix=diag)
+
     def start(self, key: Array, position: dict) -> tuple[Any, int]:
         k_init, k_tune, k_sample = jax.random.split(key, 3)
         state = self._init(position, k_init)
-        state, params = self._tune(k_tune, state)
+        state, params = self._tune(k_tune, state, self.initial_params(position))
         return {"state": state, "params": params, "key": k_sample}, self.tuning_steps()
 
     def template(self, key: Array, position: dict) -> Any:

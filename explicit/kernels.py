@@ -47,9 +47,10 @@ def theta_inverse_mass(ld: LogDensity, position: dict, *, dense: bool = True) ->
     field (central differences of the θ gradient, 2d gradients), eigenvalues floored at 1.
 
     Why: at fixed z the data pin θ far more tightly (σ(log σ_8 | z) ~ 3e-3 on quick) than the
-    unit scale numpyro starts from, so NUTS began with step sizes ~5e-4 and spent its first
-    warm-up window (75 iterations) barely moving; scaled by the Hessian the θ block starts as well
-    conditioned as the field. The floor keeps directions the data do not pin at the unit scale.
+    unit scale numpyro starts from; scaled by the Hessian the θ block starts on the scale of the
+    field. (On its own this did not cure the 5e-4 warm-up step sizes seen on quick: their cause
+    was κ wiggling in Ω_c, fixed in ``simulators.lightcone``.) The floor keeps directions the
+    data do not pin at the unit scale.
     Returns (d, d) (dense) or (d,) (diagonal) float64.
     """
     names = ld.theta_names

@@ -61,6 +61,9 @@ Top level
                          chi(a_init)]; the box is tiled periodically ("replicas") out to it
   randomize            : random shift and cube-symmetry rotation of every replica [false]
   seed                 : int >= 0, seed of the replica transforms [0]
+  window_margin        : each PM step's radial sample window spans this many times the fiducial
+                         cosmology's thickest step, float >= 1 [1.25]; raise it when a cosmology
+                         is rejected for a step thicker than the window (e.g. Omega_c near 0)
 
 [maps]
   sky                  : "flat" (square patch around +z) or "healpix" (full sphere) ["flat"]
@@ -447,6 +450,8 @@ class LightconeSection:
     chi_max: float | None = key("float", None, "lightcone depth, Mpc/h", check=_positive)
     randomize: bool = key("bool", False, "randomly shift and rotate the replicas")
     seed: int = key("int", 0, "seed of the replica transforms", check=_at_least(0))
+    window_margin: float = key("float", 1.25, "radial window per step / fiducial thickest step",
+                               check=lambda v: None if v >= 1 else "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -885,7 +890,8 @@ class ExperimentConfig:
         cfg = _wrap("simulation", _keys(SimulationSection), self.simulation.sim_config)
         lc = self.lightcone
         cone = _wrap("lightcone", _keys(LightconeSection), lambda: Lightcone(
-            sky, self.chi_max(), observer=lc.observer, randomize=lc.randomize, seed=lc.seed))
+            sky, self.chi_max(), observer=lc.observer, randomize=lc.randomize, seed=lc.seed,
+            window_margin=lc.window_margin))
         cls = lensing.PMLensing if kind == "pm" else lensing.LPTLensing
         return _wrap("lightcone", _keys(LightconeSection), lambda: cls(cfg, cone, bins))
 

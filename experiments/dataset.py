@@ -669,6 +669,28 @@ def _assemble(thetas, kappas, errors, theta_dim: int, map_shape: tuple):
     return theta, kappa, errors
 
 
+def _warn_step_window(model, prior: Prior, base, thetas: np.ndarray, out: Path) -> None:
+    """Warn when some θ of a PM/LPT training set has a step thicker than the lightcone's radial
+    window (the far end of that shell is missing from its maps; ``lightcone.step_window_ratio``)."""
+    import jax
+
+    from simulators.lensing import PMLensing
+    from simulators.lightcone import step_window_ratio
+
+    if not isinstance(model, PMLensing) or not len(thetas):
+        return
+    ratio = np.asarray(jax.jit(jax.vmap(lambda t: step_window_ratio(
+        prior.cosmology(t, base), model.cfg, model.lightcone)))(thetas))
+    over = int(np.sum(ratio > 1))
+    if over:
+        need = np.ceil(100 * ratio.max() * model.lightcone.window_margin) / 100
+        warnings.warn(f"{out}: {over} of {len(thetas)} simulations drew a cosmology whose thickest "
+                      f"PM step exceeds the lightcone's radial window (up to {ratio.max():.3f}x), "
+                      f"so the far end of that shell is missing from their maps; set "
+                      f"lightcone.window_margin >= {need:g} to cover them", RuntimeWarning,
+                      stacklevel=3)
+
+
 def generate(cfg, prior: Prior, n: int, out, *, batch_size: int | None = None,
              seed: int | None = None, model=None, progress: bool = True) -> GenerateReport:
     """Simulate ``n`` (θ, κ) pairs into the sims file ``out``, or finish an interrupted run there.
@@ -777,6 +799,8 @@ def generate(cfg, prior: Prior, n: int, out, *, batch_size: int | None = None,
                     time.sleep(delay)
             run_s = time.perf_counter() - t_run
         status = f["status"][()]
+        if n_simulated:
+            _warn_step_window(model, prior, base, f["theta"][()][status == STATUS_OK], out)
 
     failed = tuple(int(i) for i in np.flatnonzero(status == STATUS_FAILED))
     report = GenerateReport(

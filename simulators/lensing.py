@@ -310,10 +310,14 @@ def simulate_maps(model: MapModel, cosmo: Cosmology, seed: int,
     progress: optional host callback called with the number of PM steps done (PM model only).
 
     Raises HaloOverflowError when a sharded PM run moved particles beyond the halo, ValueError when
-    the maps are not finite.
+    the maps are not finite or a PM/LPT step of ``cosmo`` is thicker than the lightcone's radial
+    window (``lightcone.check_step_window``).
     """
+    from .lightcone import check_step_window
     from .simulation import check_halo, check_memory
 
+    if isinstance(model, PMLensing):
+        check_step_window(cosmo, model.cfg, model.lightcone)
     latent = model.latent(seed)
     if isinstance(model, PMLensing) and not isinstance(model, LPTLensing):
         check_memory(model.cfg)

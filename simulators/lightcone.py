@@ -46,10 +46,11 @@ from .grid import pad_shard
 
 Array = jax.Array
 
-# Steps of other cosmologies may be this much thicker than the fiducial one's, and the radial
-# sample window of a step covers that. On the quick lightcone (5 steps from a = 0.2, clipped at
-# χ_max = 4939 Mpc/h) the thickest step of Ω_c = 0.05 is 1.09× the fiducial one; Ω_c = 0.5 and
-# w0 = -1.5 or -0.5 give thinner ones.
+# Default of ``Lightcone.window_margin``: steps of other cosmologies may be this much thicker than
+# the fiducial one's, and the radial sample window of a step covers that. On the quick lightcone
+# (5 steps from a = 0.2, clipped at χ_max = 4939 Mpc/h) the thickest step is 1.09× the fiducial
+# one at Ω_c = 0.05 and 1.27× as Ω_c → 0; on lsst_y10 1.25× at Ω_c = 0.05 and 1.35× at 0.01.
+# Ω_c = 0.5 and w0 = -0.3 give thinner ones. ``step_window_ratio`` measures it for a cosmology.
 SHELL_MARGIN = 1.25
 
 
@@ -196,8 +197,11 @@ class Lightcone:
       randomize: give every replica a random periodic shift and a random cube-symmetry rotation
         (axis permutations among equal box sides and mirror flips), drawn from ``seed``.
       seed: seed of those random transforms (numpy; static).
-      slices_per_step: radial samples per PM step; default: enough for slices at most one mesh
-        cell thick (``samples_per_step``).
+      slices_per_step: radial samples per PM step (>= 2); default: enough for slices at most one
+        mesh cell thick (``samples_per_step``).
+      window_margin: the radial window of every step spans this many times the fiducial
+        cosmology's thickest step (>= 1), so that thicker steps of other cosmologies are covered
+        (``step_window_ratio`` <= 1). Static: a larger margin costs proportionally more samples.
     """
 
     sky: Sky
@@ -206,6 +210,7 @@ class Lightcone:
     randomize: bool = False
     seed: int = 0
     slices_per_step: int | None = None
+    window_margin: float = SHELL_MARGIN
 
     def __post_init__(self):
         if not isinstance(self.sky, (FlatSky, HealpixSky)):
@@ -219,8 +224,13 @@ class Lightcone:
                 raise ValueError(f"observer must be three finite coordinates (Mpc/h), got {self.observer}")
             object.__setattr__(self, "observer", obs)
         if self.slices_per_step is not None and (int(self.slices_per_step) != self.slices_per_step
-                                                 or self.slices_per_step < 1):
-            raise ValueError(f"slices_per_step must be an integer >= 1, got {self.slices_per_step}")
+                                                 or self.slices_per_step < 2):
+            # one sample per step cannot span a shell: each sample stands for one radial interval
+            raise ValueError(f"slices_per_step must be an integer >= 2, got {self.slices_per_step}")
+        if not (isinstance(self.window_margin, (int, float)) and math.isfinite(self.window_margin)
+                and self.window_margin >= 1):
+            raise ValueError(f"window_margin must be a number >= 1, got {self.window_margin!r}")
+        object.__setattr__(self, "window_margin", float(self.window_margin))
 
     def observer_position(self, box_size) -> np.ndarray:
         if self.observer is not None:
@@ -389,9 +399,9 @@ class BornLightcone:
     @functools.cached_property
     def spacing(self) -> float:
         """Radial sample spacing Δχ (Mpc/h; static): the fiducial cosmology's thickest step,
-        widened by ``SHELL_MARGIN`` for other cosmologies, spans ``samples_per_step`` - 1 of them."""
-        return SHELL_MARGIN * _fiducial_thickest_step(self.cfg, self.lightcone) / max(
-            self.samples_per_step - 1, 1)
+        widened by ``lightcone.window_margin`` for other cosmologies, spans
+        ``samples_per_step`` - 1 of them."""
+        return _window(self.cfg, self.lightcone) / max(self.samples_per_step - 1, 1)
 
     def _project_local(self, params, chi0, chi1, field, lo):
         st = self._static
@@ -447,9 +457,9 @@ def _fiducial_thickest_step(cfg: SimConfig, lightcone: Lightcone) -> float:
 def samples_per_step(cfg: SimConfig, lightcone: Lightcone) -> int:
     """Radial samples read per PM step (static; safe to call while tracing): enough for a
     spacing of at most one mesh cell (along the line of sight) over the fiducial cosmology's
-    thickest step widened by ``SHELL_MARGIN``, plus one for a sample straddling each end, unless
-    the lightcone sets ``slices_per_step``. A cosmology whose thickest step is more than
-    ``SHELL_MARGIN`` times the fiducial one has its far end of that shell cut."""
+    thickest step widened by ``lightcone.window_margin``, plus one for a sample straddling each
+    end, unless the lightcone sets ``slices_per_step``. A cosmology whose thickest step is more
+    than that (``step_window_ratio`` > 1) has the far end of that shell cut."""
     if lightcone.slices_per_step is not None:
         return int(lightcone.slices_per_step)
     cell = np.asarray(cfg.cell_size)
@@ -457,5 +467,32 @@ def samples_per_step(cfg: SimConfig, lightcone: Lightcone) -> int:
         # rays run along z, or along an axis that a replica rotation swaps with z (equal box sides)
         box = np.asarray(cfg.box_size)
         cell = cell[np.isclose(box, box[2])]
-    thickest = _fiducial_thickest_step(cfg, lightcone)
-    return max(2, int(math.ceil(SHELL_MARGIN * thickest / float(np.min(cell)))) + 2)
+    return max(2, int(math.ceil(_window(cfg, lightcone) / float(np.min(cell)))) + 2)
+
+
+def _window(cfg: SimConfig, lightcone: Lightcone) -> float:
+    """Radial extent (Mpc/h; static) that every step's samples cover."""
+    return lightcone.window_margin * _fiducial_thickest_step(cfg, lightcone)
+
+
+def step_window_ratio(cosmo, cfg: SimConfig, lightcone: Lightcone) -> Array:
+    """The thickest PM step of ``cosmo`` inside the lightcone over the radial window that a step's
+    samples cover (scalar float64; jit/vmap-safe). 1 / ``window_margin`` at the fiducial
+    cosmology; above 1 the far end of that step's shell is left out of the maps (raise
+    ``Lightcone.window_margin`` to above the ratio times the current margin)."""
+    from .cosmology import background
+
+    chi = jnp.minimum(background(cosmo).comoving_distance(jnp.asarray(cfg.step_scale_factors)),
+                      lightcone.chi_max)
+    return jnp.max(chi[:-1] - chi[1:]) / _window(cfg, lightcone)
+
+
+def check_step_window(cosmo, cfg: SimConfig, lightcone: Lightcone) -> None:
+    """Raise ValueError when ``cosmo`` (concrete) has a step thicker than the radial window."""
+    ratio = float(step_window_ratio(cosmo, cfg, lightcone))
+    if ratio > 1:
+        raise ValueError(
+            f"this cosmology's thickest PM step is {ratio:.3f}x the lightcone's radial window "
+            f"(window_margin {lightcone.window_margin:g} x the fiducial cosmology's), so the far "
+            f"end of that shell would be left out of the maps: set lightcone.window_margin >= "
+            f"{math.ceil(100 * ratio * lightcone.window_margin) / 100:g}")

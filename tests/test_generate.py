@@ -266,6 +266,23 @@ def test_pm_batch_through_lightcone(tmp_path):
                                atol=1e-5 * np.abs(sims.kappa[1]).max())
 
 
+def test_cosmologies_beyond_the_radial_window_are_reported():
+    """generate warns (naming the count and the window_margin that would cover them) when drawn
+    cosmologies have a PM step thicker than the lightcone's radial window: on quick's lightcone
+    Omega_c = 0.001 gives 1.27x the fiducial thickest step against the default 1.25 window."""
+    import warnings
+
+    from experiments.dataset import _model_for, _warn_step_window
+
+    cfg = load_config("quick")
+    model, base = _model_for(cfg), cfg.cosmology()
+    with pytest.warns(RuntimeWarning, match=r"1 of 2 simulations .*window_margin >= 1\.2[7-9]"):
+        _warn_step_window(model, PRIOR, base, np.array([[0.2664, 0.8], [0.001, 0.8]]), Path("s.h5"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_step_window(model, PRIOR, base, np.array([[0.05, 0.8], [0.5, 1.0]]), Path("s.h5"))
+
+
 # ---- errors -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("change, message", [

@@ -192,3 +192,33 @@ def test_bad_lightcones_are_rejected():
 
     with pytest.raises(ValueError, match="outside the box"):
         PMLensing(CFG64, Lightcone(SKY, 100.0, observer=(-10.0, 0.0, 0.0)), BINS)
+    with pytest.raises(ValueError, match="slices_per_step must be an integer >= 2"):
+        Lightcone(SKY, 100.0, slices_per_step=1)
+    with pytest.raises(ValueError, match="window_margin must be a number >= 1"):
+        Lightcone(SKY, 100.0, window_margin=0.9)
+
+
+def test_steps_thicker_than_the_radial_window_are_caught():
+    """The window spans window_margin x the fiducial thickest step, so the fiducial ratio is
+    1/margin exactly. On a 8000 Mpc/h cone from a = 0.3, Omega_c = 0.01 (H(z) lower at z > 1) has a
+    step 1.48x the fiducial one: beyond the default 1.25 window, inside a 2.0 one. simulate_maps
+    refuses it before simulating and names the remedy."""
+    import dataclasses
+
+    from simulators import Cosmology
+    from simulators.lensing import PMLensing, simulate_maps
+    from simulators.lightcone import check_step_window, step_window_ratio
+
+    deep = Lightcone(SKY, 8000.0)
+    fid = Cosmology.fiducial()
+    assert float(step_window_ratio(fid, CFG64, deep)) == pytest.approx(1 / 1.25, rel=1e-12)
+    low = dataclasses.replace(fid, Omega_c=0.01)
+    ratio = float(step_window_ratio(low, CFG64, deep))
+    assert 1.4 < ratio < 1.6, ratio
+    wide = Lightcone(SKY, 8000.0, window_margin=2.0)
+    assert float(step_window_ratio(low, CFG64, wide)) == pytest.approx(ratio * 1.25 / 2.0, rel=1e-12)
+    check_step_window(low, CFG64, wide)  # covered: no error
+    # the wider window is read by the painter: more samples at the same (<= 1 cell) spacing
+    assert samples_per_step(CFG64, wide) > samples_per_step(CFG64, deep)
+    with pytest.raises(ValueError, match=r"window_margin >= 1\.[5-9]"):
+        simulate_maps(PMLensing(CFG64, deep, BINS), low, seed=0)

@@ -64,6 +64,23 @@ def _metrics(samples, reference=None) -> dict:
     return out
 
 
+def _overrides(items) -> dict:
+    """["compressor.epochs=100", ...] -> {"compressor.epochs": 100}; values are TOML literals (a
+    bare word is taken as a string)."""
+    import tomllib
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = value
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="quick")
@@ -73,6 +90,8 @@ def main(argv=None):
     ap.add_argument("--reference", default=None, help="method whose posterior is the C2ST reference")
     ap.add_argument("--skip-cl", action="store_true", help="skip both C_ell baselines")
     ap.add_argument("--out", type=Path, default=Path("experiments/benchmarks/results_implicit.json"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key, e.g. --set compressor.epochs=100 (TOML value)")
     args = ap.parse_args(argv)
 
     from experiments import pipeline
@@ -81,6 +100,8 @@ def main(argv=None):
     from experiments.io import read_samples
 
     cfg = load_config(args.config)
+    if args.set:
+        cfg = cfg.with_(**_overrides(args.set))
     sizes = sorted(int(v) for v in args.n_train.split(","))
     losses = [v for v in args.losses.split(",") if v]
     work = args.work
@@ -118,7 +139,7 @@ def main(argv=None):
 
     ref_name = args.reference or (f"npe_vmim_n{sizes[-1]}" if "vmim" in losses else None)
     reference = read_samples(methods[ref_name]["samples"]).samples if ref_name in methods else None
-    results = {"config": cfg.name, "observation_seed": cfg.seed, "generate": {
+    results = {"config": cfg.name, "overrides": args.set, "observation_seed": cfg.seed, "generate": {
         "n_sims": n_sims, "n_ok": report.n_ok, "n_failed": report.n_failed,
         "sims_per_s": report.sims_per_s}, "reference": ref_name, "c2st_classifier":
         "sklearn MLP, two hidden layers of 10*d, 5-fold (estimators.metrics.c2st)",

@@ -15,6 +15,7 @@ The latent of the 3-D models is the white-noise field on the particle grid, shap
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Union
 
@@ -325,7 +326,7 @@ def simulate_maps(model: MapModel, cosmo: Cosmology, seed: int,
                                         progress)
         check_halo(model.cfg, float(max_disp))
     else:
-        kappa = jax.jit(model.kappa)(cosmo, latent)
+        kappa = _kappa_jit(model)(cosmo, latent)
     kappa = np.asarray(kappa, np.float64)
     if not np.all(np.isfinite(kappa)):
         raise ValueError("the simulated convergence maps contain NaN or inf")
@@ -337,6 +338,13 @@ def simulate_maps(model: MapModel, cosmo: Cosmology, seed: int,
 
 
 _pm_kappa_jit = jax.jit(pm_kappa, static_argnums=(1, 2, 5))
+
+
+@functools.lru_cache(maxsize=16)
+def _kappa_jit(model):
+    """One compiled ``model.kappa`` per map model (models hash by identity), so repeated
+    ``simulate_maps`` calls do not re-trace it (~4 s a call for the Gaussian-field model)."""
+    return jax.jit(model.kappa)
 
 __all__ = ["mesh_power_window", "GaussianLensing", "LognormalLensing", "lognormal_shift", "Maps", "MapModel", "simulate_maps", "FlatSky", "HealpixSky", "Lightcone", "LPTLensing", "PMLensing", "add_shape_noise",
            "born_params", "lpt_kappa", "noise_sigma", "pm_kappa"]

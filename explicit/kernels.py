@@ -249,12 +249,6 @@ class MCLMCStepper:
 def make_stepper(model, ld: LogDensity, settings: HMCSettings):
     if settings.sampler == "nuts":
         return NUTSStepper.build(model, ld, settings)
-    if getattr(model, "grid", None) is not None:
-        # blackjax's tuning differentiates the sharded PM lightcone at a θ computed from a
-        # gradient within one trace, which jax's shard_map rejects ("Context mesh ... Manual ...
-        # should match ... Auto", simulators.lightcone closes over θ-dependent arrays)
-        raise ValueError("sampler 'mclmc' does not run on a sharded PM grid yet; use sampler="
-                         "'nuts' (sharded) or a single-device grid")
     return MCLMCStepper(model, ld, settings)
 
 

@@ -206,12 +206,18 @@ class DeviceGrid:
         return tuple(out)
 
     # ---- per-shard particle/mesh operations ---------------------------------------------
-    def shard_map(self, f, in_ndims: Sequence[int], out_ndim: int):
-        """Map ``f`` over shards; every argument and the result are split as pencils."""
+    def shard_map(self, f, in_ndims: Sequence[int | None], out_ndim: int):
+        """Map ``f`` over shards; arguments with an ndim are split as pencils, arguments with
+        ``None`` (any pytree) reach every shard whole, and the result is split as pencils.
+
+        Pass traced values that ``f`` needs (e.g. cosmology-dependent tables) as ``None``
+        arguments rather than closing over them: a closed-over tracer carries the outer, automatic
+        sharding into the manual region, which jax rejects when such a value is differentiated
+        inside another trace (blackjax's MCLMC tuning)."""
         return jax.shard_map(
             f,
             mesh=self.mesh,
-            in_specs=tuple(self.spec(d) for d in in_ndims),
+            in_specs=tuple(P() if d is None else self.spec(d) for d in in_ndims),
             out_specs=self.spec(out_ndim),
             # the compiled CIC kernels (FFI calls) carry no varying-axes type; their custom
             # gradients would fail the check although every value in here is per-shard

@@ -364,11 +364,13 @@ class BornLightcone:
         px, py = grid.pdims
         local = (self.cfg.mesh_shape[0] // px, self.cfg.mesh_shape[1] // py)
 
-        def shard(f):
+        def shard(f, params, chi0, chi1):
             lo = jnp.stack([jax.lax.axis_index("x") * local[0], jax.lax.axis_index("y") * local[1]])
             return self._project_local(params, chi0, chi1, pad_shard(grid, f), lo)[None, None]
 
-        return grid.shard_map(shard, (4,), 4)(field).sum(axis=(0, 1))  # (px, py, ...) -> sum
+        # (px, py, ...) partial sums -> sum; the cosmology-dependent inputs enter explicitly
+        return grid.shard_map(shard, (4, None, None, None), 4)(field, params, chi0, chi1).sum(
+            axis=(0, 1))
 
     @functools.cached_property
     def _static(self):

@@ -675,7 +675,7 @@ def _warn_step_window(model, prior: Prior, base, thetas: np.ndarray, out: Path) 
     import jax
 
     from simulators.lensing import PMLensing
-    from simulators.lightcone import step_window_ratio
+    from simulators.lightcone import margin_to_cover, step_window_ratio
 
     if not isinstance(model, PMLensing) or not len(thetas):
         return
@@ -683,7 +683,7 @@ def _warn_step_window(model, prior: Prior, base, thetas: np.ndarray, out: Path) 
         prior.cosmology(t, base), model.cfg, model.lightcone)))(thetas))
     over = int(np.sum(ratio > 1))
     if over:
-        need = np.ceil(100 * ratio.max() * model.lightcone.window_margin) / 100
+        need = margin_to_cover(ratio.max(), model.lightcone)
         warnings.warn(f"{out}: {over} of {len(thetas)} simulations drew a cosmology whose thickest "
                       f"PM step exceeds the lightcone's radial window (up to {ratio.max():.3f}x), "
                       f"so the far end of that shell is missing from their maps; set "

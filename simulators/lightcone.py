@@ -447,12 +447,19 @@ class BornLightcone:
 def _fiducial_thickest_step(cfg: SimConfig, lightcone: Lightcone) -> float:
     """Radial extent (Mpc/h) of the thickest PM step inside the lightcone, for
     ``Cosmology.fiducial()`` (static; safe to call while tracing)."""
-    from .cosmology import Cosmology, background
+    from .cosmology import Cosmology
 
     with jax.ensure_compile_time_eval():
-        chi = np.minimum(np.asarray(background(Cosmology.fiducial()).comoving_distance(
-            cfg.step_scale_factors)), lightcone.chi_max)
-    return float(np.max(chi[:-1] - chi[1:]))
+        return float(_thickest_step(Cosmology.fiducial(), cfg, lightcone))
+
+
+def _thickest_step(cosmo, cfg: SimConfig, lightcone: Lightcone) -> Array:
+    """Radial extent (Mpc/h) of ``cosmo``'s thickest PM step inside the lightcone (jit-safe)."""
+    from .cosmology import background
+
+    chi = jnp.minimum(background(cosmo).comoving_distance(jnp.asarray(cfg.step_scale_factors)),
+                      lightcone.chi_max)
+    return jnp.max(chi[:-1] - chi[1:])
 
 
 @functools.lru_cache(maxsize=64)
@@ -482,11 +489,13 @@ def step_window_ratio(cosmo, cfg: SimConfig, lightcone: Lightcone) -> Array:
     samples cover (scalar float64; jit/vmap-safe). 1 / ``window_margin`` at the fiducial
     cosmology; above 1 the far end of that step's shell is left out of the maps (raise
     ``Lightcone.window_margin`` to above the ratio times the current margin)."""
-    from .cosmology import background
+    return _thickest_step(cosmo, cfg, lightcone) / _window(cfg, lightcone)
 
-    chi = jnp.minimum(background(cosmo).comoving_distance(jnp.asarray(cfg.step_scale_factors)),
-                      lightcone.chi_max)
-    return jnp.max(chi[:-1] - chi[1:]) / _window(cfg, lightcone)
+
+def margin_to_cover(ratio: float, lightcone: Lightcone) -> float:
+    """The ``window_margin`` (rounded up to 0.01) whose window covers a step ``ratio`` times the
+    current window (``step_window_ratio``)."""
+    return math.ceil(100 * float(ratio) * lightcone.window_margin) / 100
 
 
 def check_step_window(cosmo, cfg: SimConfig, lightcone: Lightcone) -> None:
@@ -497,4 +506,4 @@ def check_step_window(cosmo, cfg: SimConfig, lightcone: Lightcone) -> None:
             f"this cosmology's thickest PM step is {ratio:.3f}x the lightcone's radial window "
             f"(window_margin {lightcone.window_margin:g} x the fiducial cosmology's), so the far "
             f"end of that shell would be left out of the maps: set lightcone.window_margin >= "
-            f"{math.ceil(100 * ratio * lightcone.window_margin) / 100:g}")
+            f"{margin_to_cover(ratio, lightcone):g}")

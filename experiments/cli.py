@@ -690,7 +690,8 @@ def hmc(
                                       "diagnostics.json and samples.h5.", file_okay=False)],
     config: Annotated[str, typer.Option("--config", "-c", help=_CONFIG_HELP)] = "quick",
     resume: Annotated[bool, typer.Option("--resume/--restart", help="Continue the run in OUT from "
-                                         "its last checkpoint, or start over.")] = True,
+                                         "its last checkpoint, or start over. A config with a "
+                                         "larger hmc.num_samples extends a finished run.")] = True,
     progress: Annotated[bool, typer.Option(help="Show progress.")] = True,
 ):
     """Explicit full-field inference: HMC (NUTS or MCLMC) over the cosmology and the initial field."""

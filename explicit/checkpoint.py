@@ -1,7 +1,8 @@
 """On-disk layout of a segmented HMC run, written so that a kill at any moment loses nothing.
 
 out_dir/
-  run.json            settings and run identity (θ names, field site, start), written once
+  run.json            settings and run identity (θ names, field site, start), written at the
+                      start (and again when a finished run is extended to more samples)
   chain_<c>.h5        per chain: per-iteration records and the sampler state after the last
                       finished segment; rewritten whole, atomically, after every segment
   fields/c<c>_<s>.npy kept field samples (sample index s), one file each, written atomically
@@ -26,6 +27,8 @@ import numpy as np
 FORMAT = "lensbench-explicit-chain/1"
 RECORDS = ("theta", "potential_energy", "num_grads", "diverging", "accept_prob", "step_size",
            "energy_change")
+OTHER_SETTINGS_HINT = ("use the original settings (or only a larger num_samples, to extend the "
+                   "run), another out_dir, or resume=False")
 _RESTART = "delete it (or the whole run directory) to restart, or rerun with resume=False"
 
 
@@ -145,11 +148,14 @@ def save_chain(out_dir: Path, chain: int, ck: ChainCheckpoint, settings: dict) -
     _atomic(chain_path(out_dir, chain), write)
 
 
-def load_chain(out_dir: Path, chain: int, settings: dict | None = None) -> ChainCheckpoint | None:
+def load_chain(out_dir: Path, chain: int, settings: dict | None = None, *,
+               extend: bool = False) -> ChainCheckpoint | None:
     """Chain ``chain``'s checkpoint; None when the file does not exist.
 
     Raises CheckpointError when the file is unreadable or inconsistent (truncated, corrupted, or
-    not a chain file), or, with ``settings``, when it was written with other settings.
+    not a chain file), or, with ``settings``, when it was written with other settings (with
+    ``extend``, fewer samples per chain and otherwise the same settings are accepted: the chain
+    is then continued, ``complete`` being set against ``settings``).
     """
     path = chain_path(out_dir, chain)
     if not path.exists():
@@ -177,7 +183,9 @@ def load_chain(out_dir: Path, chain: int, settings: dict | None = None) -> Chain
     if settings is not None and saved != settings:
         from .settings import HMCSettings
 
-        diff = HMCSettings(**settings).differences(saved)
-        raise CheckpointError(f"{path} was written with other settings ({'; '.join(diff)}); "
-                              f"use the original settings, another out_dir, or resume=False")
+        wanted = HMCSettings(**settings)
+        if not (extend and wanted.extends(saved)):
+            raise CheckpointError(f"{path} was written with other settings "
+                                  f"({'; '.join(wanted.differences(saved))}); {OTHER_SETTINGS_HINT}")
+        ck.complete = ck.n_rows >= wanted.n_iterations
     return ck

@@ -7,6 +7,10 @@ resumes from its last segment with no lost or duplicated samples, and, segment b
 the same, bitwise the same draws as an uninterrupted run. The state is canonicalised through host
 numpy after every segment in both cases, so a resumed run feeds the compiled segment exactly the
 arrays an uninterrupted one does.
+
+A finished (or interrupted) run is extended by calling ``run_hmc`` again with a larger
+``num_samples`` and otherwise the same settings: each chain continues from its saved state, which
+gives the draws of one uninterrupted run with the larger ``num_samples``.
 """
 
 from __future__ import annotations
@@ -153,7 +157,8 @@ def run_hmc(model: Callable[[], None], settings: HMCSettings, out_dir, *,
       init: constrained start values of θ by name (default: prior mean, else median) and
         optionally the field start under ``field_site`` (shape of the field; default
         FIELD_INIT_SCALE × N(0, 1) per chain, see ``model.FIELD_INIT_SCALE``).
-      resume: continue the run found in out_dir (False: delete it and start over).
+      resume: continue the run found in out_dir (False: delete it and start over); with a
+        larger ``num_samples`` than it was written with, extend it.
       progress: show a tqdm bar (iterations over all chains; step size, divergences, accept rate).
     Returns: ``HMCResult``; also writes out_dir/diagnostics.json.
     Raises: ValueError for invalid arguments; CheckpointError for an unreadable checkpoint or
@@ -182,18 +187,23 @@ def run_hmc(model: Callable[[], None], settings: HMCSettings, out_dir, *,
     info = ckpt.read_json(run_file)
     if info is not None:
         saved = info.get("settings", {})
-        if saved != s_dict:
+        if saved != s_dict and not settings.extends(saved):
             diff = "; ".join(settings.differences(saved))
-            raise CheckpointError(f"{run_file} was written with other settings ({diff}); use the "
-                                  f"original settings, another out_dir, or resume=False")
+            raise CheckpointError(f"{run_file} was written with other settings ({diff}); "
+                                  f"{ckpt.OTHER_SETTINGS_HINT}")
         diff = [k for k in identity if info.get("identity", {}).get(k) != identity[k]]
         if diff:
             raise CheckpointError(f"{run_file} belongs to another run (different {', '.join(diff)}); "
                                   f"use another out_dir or resume=False")
+        if saved != s_dict:
+            # more samples: the chains continue where they stopped; diagnostics.json is stale
+            ckpt.write_json(run_file, {"settings": s_dict, "identity": identity})
+            (out_dir / "diagnostics.json").unlink(missing_ok=True)
     else:
         ckpt.write_json(run_file, {"settings": s_dict, "identity": identity})
 
-    chains = [ckpt.load_chain(out_dir, c, s_dict) for c in range(settings.num_chains)]
+    chains = [ckpt.load_chain(out_dir, c, s_dict, extend=True)
+              for c in range(settings.num_chains)]
     if not all(ck is not None and ck.complete for ck in chains):
         _sample(model, settings, out_dir, chains, theta_names, field_site, init, progress, tqdm)
     result = read_chains(out_dir, recompute=True)

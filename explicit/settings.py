@@ -74,6 +74,15 @@ class HMCSettings:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def extends(self, saved: dict) -> bool:
+        """True when a run written with ``saved`` settings can be continued under these: the only
+        difference is more samples per chain (num_samples does not enter the sampler's warm-up
+        or compiled code, so continuing gives the draws of one uninterrupted longer run)."""
+        mine = self.to_dict()
+        rest = {k: v for k, v in mine.items() if k != "num_samples"}
+        return (set(saved) == set(mine) and rest == {k: saved[k] for k in rest}
+                and _is_int(saved["num_samples"]) and saved["num_samples"] <= self.num_samples)
+
     def differences(self, other: dict) -> list[str]:
         """'name: other → self' for each field that differs from a saved settings dict."""
         mine = self.to_dict()

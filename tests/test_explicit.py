@@ -145,6 +145,28 @@ def test_mclmc_resume_is_bitwise_identical(mclmc_ref, tmp_path, monkeypatch):
     assert_same_run(ref_dir, out, MCLMC_TOY)
 
 
+def test_extending_a_finished_run_equals_one_longer_run(nuts_ref, tmp_path, monkeypatch):
+    """A finished 25-sample run resumed with num_samples = 40 (the extension killed once on the
+    way) ends bitwise equal to the uninterrupted 40-sample run, although its segments fall on
+    other iterations; fewer samples than were drawn is refused by name."""
+    _, ref_dir = nuts_ref
+    out = tmp_path / "run"
+    short = dataclasses.replace(NUTS_SMALL, num_samples=25)
+    first = run_toy(out, short)
+    assert first.theta.shape == (2, 25, 1)
+    interrupt(monkeypatch, 1, False)  # chain 0 extended by one segment, then killed
+    with pytest.raises(Killed):
+        run_toy(out, NUTS_SMALL)
+    monkeypatch.undo()
+    assert ckpt.load_chain(out, 0).n_rows == 40 + 25 + NUTS_SMALL.segment
+    res = run_toy(out, NUTS_SMALL)
+    assert_same_run(ref_dir, out, NUTS_SMALL)
+    np.testing.assert_array_equal(res.theta[:, :25], first.theta)
+    assert read_chains(out).diagnostics == res.diagnostics
+    with pytest.raises(CheckpointError, match=r"num_samples: 40 → 25"):
+        run_toy(out, short)
+
+
 def test_finished_run_is_read_back(nuts_ref):
     ref, out = nuts_ref
     again = read_chains(out)

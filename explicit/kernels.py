@@ -77,6 +77,15 @@ def theta_inverse_mass(ld: LogDensity, position: dict, *, dense: bool = True) ->
     return jnp.asarray((vec / np.maximum(lam, 1.0)) @ vec.T)
 
 
+def _nuts(ld: LogDensity, settings: HMCSettings, inverse_mass: dict | None = None) -> NUTS:
+    """numpyro NUTS on the plain potential (not the model: numpyro would otherwise re-run and
+    differentiate the model eagerly at every init, compiling each operation separately)."""
+    # a list (not False) either way: an initial θ mass is then given as its own block
+    dense = [tuple(ld.theta_names)] if settings.dense_theta else []
+    return NUTS(potential_fn=ld.potential_fn, dense_mass=dense, inverse_mass_matrix=inverse_mass,
+                max_tree_depth=settings.max_tree_depth, target_accept_prob=settings.target_accept)
+
+
 @dataclass(frozen=True, eq=False)
 class NUTSStepper:
     """numpyro NUTS driven step by step; its warm-up adaptation follows ``state.i``, so warm-up
@@ -89,14 +98,7 @@ class NUTSStepper:
 
     @classmethod
     def build(cls, model, ld: LogDensity, settings: HMCSettings) -> "NUTSStepper":
-        # a list (not False) either way: the initial θ mass is then given as its own block
-        dense = [tuple(ld.theta_names)] if settings.dense_theta else []
-        # driven by the plain potential (not the model): numpyro would otherwise re-run and
-        # differentiate the model eagerly at every init, compiling each operation separately
-        kernel = NUTS(potential_fn=ld.potential_fn, dense_mass=dense,
-                      max_tree_depth=settings.max_tree_depth,
-                      target_accept_prob=settings.target_accept)
-        return cls(model, ld, settings, kernel)
+        return cls(model, ld, settings, _nuts(ld, settings))
 
     @property
     def first_sample_row(self) -> int:
@@ -105,21 +107,25 @@ class NUTSStepper:
     def start(self, key: Array, position: dict) -> tuple[Any, int]:
         """Initial state (and gradients spent outside the loop: the start's one and the 2d of the
         θ Hessian that sets the initial θ mass, ``theta_inverse_mass``)."""
-        # numpyro's HMC.init reads the initial inverse mass from the kernel; a resumed chain
-        # restores its adapted one from the checkpoint, so only a fresh start sets it
-        self.kernel._inverse_mass_matrix = {tuple(self.ld.theta_names): theta_inverse_mass(
-            self.ld, position, dense=self.settings.dense_theta)}
-        try:
-            return self.template(key, position), 1 + 2 * len(self.ld.theta_names)
-        finally:
-            self.kernel._inverse_mass_matrix = None
+        # The initial inverse mass depends on the start, so a NUTS object made for this chain
+        # builds the state; the shared kernel (whose step the segment traces) gets its closures
+        # from ``template``, as on resume, where the adapted mass comes from the checkpoint.
+        theta_mass = theta_inverse_mass(self.ld, position, dense=self.settings.dense_theta)
+        first = _nuts(self.ld, self.settings, {tuple(self.ld.theta_names): theta_mass})
+        start = self._param_info(position)
+        self.kernel.init(key, self.settings.num_warmup, init_params=start)
+        state = first.init(key, self.settings.num_warmup, init_params=start)
+        return state, 1 + 2 * len(self.ld.theta_names)
 
     def template(self, key: Array, position: dict) -> Any:
         # init also sets the kernel's closures (warm-up schedule for num_warmup), so it runs on
         # resume too, before the segment function is traced.
+        return self.kernel.init(key, self.settings.num_warmup,
+                                init_params=self._param_info(position))
+
+    def _param_info(self, position: dict) -> ParamInfo:
         logp, grad = self.ld.value_and_grad(position)
-        start = ParamInfo(position, -logp, jax.tree.map(jnp.negative, grad))
-        return self.kernel.init(key, self.settings.num_warmup, init_params=start)
+        return ParamInfo(position, -logp, jax.tree.map(jnp.negative, grad))
 
     def tuned(self, state) -> dict:
         return {}

@@ -95,18 +95,32 @@ class FieldModel:
 
     def put(self, x) -> Array:
         """Place a host array on the devices: field-shaped arrays (and flattened field-sized vectors,
-        e.g. a diagonal mass matrix) split like the PM field when the grid is sharded."""
-        grid = self.grid
+        e.g. a diagonal mass matrix) split like the PM field when the grid is sharded. ``x`` may
+        also be this process's pieces of such an array (``checkpoint.LocalShards``, when the grid
+        spans several processes)."""
+        from .checkpoint import LocalShards
+
+        sharding = self.sharding_for(tuple(x.shape))
+        if isinstance(x, LocalShards):
+            if sharding is None:
+                raise ValueError(f"a {list(x.shape)} array split over processes is not field-shaped "
+                                 f"here (field {list(self.field_shape)})")
+            return x.assemble(sharding)
         x = np.asarray(x)
+        return jnp.asarray(x) if sharding is None else jax.device_put(x, sharding)
+
+    def sharding_for(self, shape: tuple[int, ...]):
+        """How ``put`` splits an array of this shape over the devices (None: it does not)."""
+        grid = self.grid
         if grid is None:
-            return jnp.asarray(x)
-        if x.shape == self.field_shape:
-            return grid.put(x)
-        if x.ndim == 1 and x.size == int(np.prod(self.field_shape)):
+            return None
+        if shape == self.field_shape:
+            return grid.sharding(len(shape))
+        if len(shape) == 1 and shape[0] == int(np.prod(self.field_shape)):
             from jax.sharding import NamedSharding, PartitionSpec
 
-            return jax.device_put(x, NamedSharding(grid.mesh, PartitionSpec(("x", "y"))))
-        return jnp.asarray(x)
+            return NamedSharding(grid.mesh, PartitionSpec(("x", "y")))
+        return None
 
     @cached_property
     def _kappa(self) -> Callable[[Cosmology, Array], Array]:

@@ -89,15 +89,27 @@ def _identity(theta_names, field_site, init) -> dict:
 
 
 def _clear(out_dir: Path) -> None:
-    """Remove this package's files from out_dir (nothing else)."""
-    for p in list(out_dir.glob("chain_*.h5")) + [out_dir / "run.json", out_dir / "diagnostics.json"]:
-        p.unlink(missing_ok=True)
-    for p in (out_dir / "fields").glob("c*_*.npy"):
-        p.unlink()
+    """Remove this package's files from out_dir (nothing else); process 0 does it for all."""
+    if ckpt.is_writer():
+        for p in list(out_dir.glob("chain_*.h5")) + [out_dir / "run.json",
+                                                     out_dir / "diagnostics.json"]:
+            p.unlink(missing_ok=True)
+        for p in [*(out_dir / "fields").glob("c*_*.npy"), *(out_dir / "fields").glob("c*_*.p*.h5"),
+                  *(out_dir / "state").glob("c*_*.p*.h5")]:
+            p.unlink()
+    ckpt.barrier("lensbench clear")
 
 
-def _host(state) -> list[np.ndarray]:
-    return [np.asarray(leaf) for leaf in jax.tree.leaves(state)]
+def _field_like(model, shape) -> bool:
+    """Whether the model lays out arrays of this shape like its field (split over devices): such
+    arrays stay split over processes on the host, each keeping its pieces."""
+    layout = getattr(model, "sharding_for", None)
+    return layout is not None and layout(tuple(shape)) is not None
+
+
+def _host(state, model) -> list:
+    """The state's leaves on the host (see ``checkpoint.to_host``)."""
+    return [ckpt.to_host(leaf, _field_like(model, leaf.shape)) for leaf in jax.tree.leaves(state)]
 
 
 def _restore(template, leaves: list, put: Callable, path: Path):
@@ -161,6 +173,11 @@ def run_hmc(model: Callable[[], None], settings: HMCSettings, out_dir, *,
         larger ``num_samples`` than it was written with, extend it.
       progress: show a tqdm bar (iterations over all chains; step size, divergences, accept rate).
     Returns: ``HMCResult``; also writes out_dir/diagnostics.json.
+
+    Several processes (``jax.distributed``, the model's device grid spanning them) all call
+    ``run_hmc`` with the same arguments and a shared ``out_dir``: each keeps and writes only its
+    own pieces of the field-shaped state and kept fields (see ``checkpoint``), and a resume must
+    use the same processes and devices.
     Raises: ValueError for invalid arguments; CheckpointError for an unreadable checkpoint or
       one written with other settings, parameters or start.
     """
@@ -201,6 +218,7 @@ def run_hmc(model: Callable[[], None], settings: HMCSettings, out_dir, *,
             (out_dir / "diagnostics.json").unlink(missing_ok=True)
     else:
         ckpt.write_json(run_file, {"settings": s_dict, "identity": identity})
+    ckpt.barrier("lensbench run.json")  # every process reads the chain files after this
 
     chains = [ckpt.load_chain(out_dir, c, s_dict, extend=True)
               for c in range(settings.num_chains)]
@@ -229,8 +247,8 @@ def _sample(model, settings, out_dir, chains, theta_names, field_site, init, pro
     ld, stepper, segment = _prepare(model, theta_names, field_site, init_theta, code_settings)
     put = getattr(model, "put", jnp.asarray)
     n_iter = settings.n_iterations
-    bar = tqdm(total=settings.num_chains * n_iter, disable=not progress, file=sys.stderr,
-               unit="it", dynamic_ncols=True)
+    bar = tqdm(total=settings.num_chains * n_iter, disable=not (progress and ckpt.is_writer()),
+               file=sys.stderr, unit="it", dynamic_ncols=True)
     try:
         for c, ck in enumerate(chains):
             if ck is not None and ck.complete:
@@ -243,7 +261,7 @@ def _sample(model, settings, out_dir, chains, theta_names, field_site, init, pro
             if ck is None or ck.leaves is None:
                 t0 = time.perf_counter()
                 state, tuning_grads = stepper.start(k_kernel, position)
-                leaves = _host(state)
+                leaves = _host(state, model)
                 ck = ChainCheckpoint(0, stepper.first_sample_row, tuning_grads,
                                      time.perf_counter() - t0, False, _empty_records(len(theta_names)),
                                      leaves, str(jax.tree.structure(state)), stepper.tuned(state))
@@ -264,10 +282,10 @@ def _sample(model, settings, out_dir, chains, theta_names, field_site, init, pro
                 n_new = int(active.sum())
                 rec = jax.tree.map(lambda a: np.asarray(a)[:n_new], rec)
                 if buf is not None:
-                    buf = np.asarray(buf)
+                    buf = ckpt.to_host(buf, _field_like(model, buf.shape[1:]))
                     for j in np.flatnonzero(keep):
                         ckpt.save_field(out_dir, c, int(s[j]), buf[slot[j]])
-                leaves = _host(state)
+                leaves = _host(state, model)
                 ck.records = {k: np.concatenate([ck.records[k], rec[k]]) for k in ck.records}
                 ck.n_rows += n_new
                 ck.complete = ck.n_rows >= n_iter

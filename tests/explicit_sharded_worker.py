@@ -1,7 +1,6 @@
 """Run in a subprocess with 2 fake CPU devices: the field-level log-density, its gradient and a short
-MCLMC run for a
-tiny PM lightcone model on one device and sharded over a 2x1 grid, written to an .npz that
-tests/test_explicit.py compares.
+MCLMC run for a tiny PM lightcone model on one device and sharded over a 2x1 grid, and a short
+NUTS run on the 2x1 grid, written to an .npz that tests/test_explicit.py compares.
 
 usage: python explicit_sharded_worker.py OUT.npz
 """
@@ -10,7 +9,8 @@ import os
 import sys
 import tempfile
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+# 2 fake devices, unless the importer (explicit_multiprocess_worker) already chose its own
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -55,11 +55,40 @@ def evaluate(grid: DeviceGrid, data=None):
     return data, results
 
 
+NUTS_MP = HMCSettings(sampler="nuts", num_warmup=6, num_samples=6, num_chains=1, max_tree_depth=3,
+                      segment=4, thin_field=3, seed=2)
+
+
+def nuts_model(grid: DeviceGrid):
+    """The model of ``evaluate`` on noise-only data (the same on every process: a fixed seed)."""
+    cone = Lightcone(FlatSky(4.0, 16), lcc.CHI_MAX)
+    pm = PMLensing(SimConfig(**BASE, grid=grid), cone, lcc.BINS)
+    sigma = noise_sigma(lcc.BINS, cone.sky)
+    data = np.random.default_rng(0).normal(size=(lcc.BINS.n_bins,) + cone.sky.shape)
+    truth = pm.latent(5)
+    if not truth.is_fully_addressable:  # split over processes: every process needs all of it
+        from jax.experimental import multihost_utils
+
+        truth = multihost_utils.process_allgather(truth, tiled=True)
+    return field_model(pm, PRIORS, lcc.COSMO, data * sigma[:, None, None], sigma), truth
+
+
+def run_nuts(model_and_truth, out_dir, **kw):
+    """A short NUTS run of ``nuts_model``'s model (3 segments, 2 fields kept) into out_dir."""
+    model, truth = model_and_truth
+    return run_hmc(model, NUTS_MP, out_dir, theta_names=model.theta_names, progress=False,
+                   init={"Omega_c": 0.27, "sigma8": 0.85,
+                         model.field_site: 0.9 * np.asarray(truth, np.float64)}, **kw)
+
+
 def main():
     data, single = evaluate(DeviceGrid())
     _, sharded = evaluate(DeviceGrid((2, 1), halo=4), data)
     out = {f"single_{k}": v for k, v in single.items()}
     out.update({f"sharded_{k}": v for k, v in sharded.items()})
+    # the reference of explicit_multiprocess_worker: the same NUTS run, the grid in one process
+    run = run_nuts(nuts_model(DeviceGrid((2, 1), halo=4)), tempfile.mkdtemp())
+    out.update(sharded_nuts_theta=run.theta, sharded_nuts_fields=run.fields(0))
     np.savez(sys.argv[1], **out)
 
 

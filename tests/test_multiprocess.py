@@ -1,6 +1,5 @@
 """Two processes on localhost (jax.distributed, CPU collectives) equal one process."""
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,15 +8,10 @@ import jax
 import numpy as np
 
 from simulators import SimConfig, white_noise
+from tests.procs import free_port
 from tests.sim_cases import BASE, COSMO, loss_fn
 
 HERE = Path(__file__).parent
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_equal_single_process(tmp_path):

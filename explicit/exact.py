@@ -36,15 +36,17 @@ batches of 4-16; larger CPU batches are slower, memory-bound); a value and gradi
 Grid posterior (``grid_posterior``). ln L is evaluated exactly on n_grid nodes per axis over a box
 holding every point with ln p > max - log_drop: the box starts at the likelihood peak ± k σ
 (Laplace, finite-difference Newton) and is trimmed / widened on coarse grids until that region
-fills it (a side stops at the last node where ln L is finite, e.g. just above Omega_c = 0). ln L,
+fills it (a side at the edge of the region where ln L is finite, e.g. Omega_c = 0, is placed on
+that edge by a 1-D search between the coarse nodes on either side of it). ln L,
 smooth and nearly quadratic, is interpolated (6-point Lagrange per axis) onto cells ``upsample``
 times finer, where the log-prior is evaluated exactly (averaged over sub-points in cells cut by a
 prior edge). Density, moments and samples (a cell drawn by mass, then uniform jitter inside it,
 redrawn outside the prior support) refer to these fine cells. Resolution errors, each reported in
 ``GridPosterior.diagnostics``; with the defaults they are far below the Monte Carlo error of 10⁴
 samples (σ/100 on means, σ/140 on stds, ~0.005 on a C2ST accuracy):
-  - truncation (``edge_drop``: max ln p on the box boundary minus the max): mass outside
-    ~ e^{edge_drop}, ~1e-8 for log_drop = 20;
+  - truncation (``edge_drop``: max ln p on the box boundary minus the max, leaving out sides on
+    the edge of the region where ln L is finite, e.g. Omega_c = 0, beyond which there is no
+    posterior): mass outside ~ e^{edge_drop}, ~1e-8 for log_drop = 20;
   - interpolation (``interp_error``: max |Δ ln L| against exact evaluations at 64 cells drawn from
     the posterior): 0 for a quadratic ln L, ~1e-4 for a strongly degenerate (ρ = -0.97)
     Omega_c-sigma8 posterior at n_grid = 64 (~7e-4 at 32);
@@ -234,7 +236,8 @@ class GridPosterior:
       nodes: d arrays (n_i,) where ln L was evaluated exactly; log_like, log_prior: (n_1, ..., n_d)
         the values there.
       diagnostics: resolution error estimates and counts (see the module docstring): interp_error,
-        quadrature_error, jitter_tv, edge_drop (max ln p on the box boundary minus max ln p),
+        quadrature_error, jitter_tv, edge_drop (max ln p on the box boundary minus max ln p; sides
+        where ln L stops being finite left out, -inf if that is all of them),
         n_evals (exact likelihood evaluations, all passes).
       log_prior_fn: θ (N, d) → ln π (N,) (numpy, batched), None for a flat prior.
       evaluate: θ (N, d) → (exact ln L (N,), ln π (N,)) with the grid's own compiled batched
@@ -401,7 +404,8 @@ def _refine_box(evaluate, box: np.ndarray, n_coarse: int, log_drop: float, max_p
     """Coarse passes until the region ln p > max - log_drop is inside the box with a one-node
     margin and fills at least half of it on each axis (a touched side moves out by the box width,
     else the box is trimmed to the region plus one node; a side stays where ln L stops being
-    finite just beyond). Returns the box (d, 2)."""
+    finite just beyond). Returns the box (d, 2) and which of its sides (d, 2) lie on the edge of
+    the region where ln L is finite (no posterior mass beyond them)."""
     at_hull = np.zeros((len(box), 2), bool)  # box side on the last node with a finite ln L
     for _ in range(max_pass):
         nodes = [np.linspace(lo, hi, n_coarse) for lo, hi in box]
@@ -427,14 +431,44 @@ def _refine_box(evaluate, box: np.ndarray, n_coarse: int, log_drop: float, max_p
                     continue
                 j = i_edge + step
                 at_hull[a, side] = (j < lim) if side == 0 else (j > lim)
-                new[a, side] = nodes[a][max(j, lim) if side == 0 else min(j, lim)]
+                if at_hull[a, side]:
+                    # the region reaches the last node with a finite ln L: the side goes to where
+                    # ln L stops being finite between that node and the next, so that no strip
+                    # of posterior up to, e.g., Omega_c = 0 is lost to the coarse spacing
+                    top = np.unravel_index(np.argmax(logp), logp.shape)
+                    start = np.array([nodes[b][top[b]] for b in range(len(box))])
+                    new[a, side] = _finite_edge(evaluate, start, a, nodes[a][lim],
+                                                nodes[a][lim + step])
+                else:
+                    new[a, side] = nodes[a][j]
             if new[a, 1] - new[a, 0] < 0.5 * width:
                 stable = False
         box = new
         if stable:
-            return box
+            return box, at_hull
     warnings.warn(f"grid box not converged after {max_pass} passes: {box.tolist()}", stacklevel=3)
-    return box
+    return box, at_hull
+
+
+def _finite_edge(evaluate, point: np.ndarray, axis: int, inside: float, outside: float,
+                 n_split: int = 16, rounds: int = 4) -> float:
+    """The coordinate along ``axis`` (``point``'s other coordinates) closest to ``outside`` where
+    ln L is still finite, searched between ``inside`` (finite) and ``outside`` (not) to
+    (1/n_split)^rounds of their distance; ``inside`` if ln L is not finite there either."""
+    lo, hi = float(inside), float(outside)
+    for _ in range(rounds):
+        t = np.linspace(lo, hi, n_split + 1)
+        pts = np.repeat(point[None], n_split + 1, axis=0)
+        pts[:, axis] = t
+        ll, _ = evaluate(pts)
+        finite = np.isfinite(ll)
+        if not finite[0]:
+            return float(inside)
+        if finite.all():
+            return hi
+        k = int(np.argmin(finite))  # the first node where ln L is not finite
+        lo, hi = t[k - 1], t[k]
+    return lo
 
 
 def _prior_runner(prior_fn, chunk: int = 65536):
@@ -565,7 +599,8 @@ def grid_posterior_from_loglike(loglike: Callable[[Array], Array], names: Sequen
         theta0 = np.asarray(theta0, np.float64).reshape(d)
         peak, sigma = _laplace(evaluate, theta0)
         half = k_sigma * (sigma if sigma is not None else 0.05 * np.maximum(np.abs(peak), 0.1))
-        box = _refine_box(evaluate, np.stack([peak - half, peak + half], -1), n_coarse, log_drop)
+        box, at_edge = _refine_box(evaluate, np.stack([peak - half, peak + half], -1), n_coarse,
+                                   log_drop)
     else:
         if isinstance(ranges, Mapping):
             ranges = [ranges[n] for n in names]
@@ -573,10 +608,12 @@ def grid_posterior_from_loglike(loglike: Callable[[Array], Array], names: Sequen
         if not np.all(np.isfinite(box)) or not np.all(box[:, 1] > box[:, 0]):
             raise ValueError(f"ranges must be finite (low, high) with low < high, got "
                              f"{box.tolist()}")
+        at_edge = np.zeros((d, 2), bool)
 
     # Exact evaluation on the nodes. Where ln L is not finite (unphysical parameters, where the
     # prior must vanish) the box is trimmed to finite nodes and re-evaluated: interpolating across
-    # such nodes would ring; the trimmed sliver's mass shows up in edge_drop.
+    # such nodes would ring. A trimmed side moves to where ln L stops being finite (searched on the
+    # line through the best node), so no posterior strip is lost to the node spacing.
     shape = (n_grid,) * d
     for _ in range(4):
         nodes = tuple(np.linspace(lo, hi, n_grid) for lo, hi in box)
@@ -590,7 +627,13 @@ def grid_posterior_from_loglike(loglike: Callable[[Array], Array], names: Sequen
         if not np.any(bad):
             break
         lo_i, hi_i = _finite_subbox(bad)
-        box = np.array([[nodes[a][lo_i[a]], nodes[a][hi_i[a]]] for a in range(d)])
+        top = np.unravel_index(np.argmax(logp_nodes), shape)
+        best = np.array([nodes[b][top[b]] for b in range(d)])
+        for a in range(d):
+            for side, i, step in ((0, lo_i[a], -1), (1, hi_i[a], 1)):
+                if i != (0, n_grid - 1)[side]:
+                    box[a, side] = _finite_edge(evaluate, best, a, nodes[a][i], nodes[a][i + step])
+                    at_edge[a, side] = True
     else:
         raise ValueError("ln L is not finite at nodes inside the prior support")
 
@@ -619,10 +662,13 @@ def grid_posterior_from_loglike(loglike: Callable[[Array], Array], names: Sequen
     quad_err = float(max(np.max(np.abs(mean2 - mean) / std),
                          np.max(np.abs(np.sqrt(np.diag(cov2)) - std) / std)))
     jitter_tv = float(sum(np.abs(np.diff(density, axis=a)).sum() for a in range(d)) * vol / 8)
-    boundary = np.zeros(shape, bool)
+    boundary = np.zeros(shape, bool)  # box faces with posterior beyond (not a support edge)
     for a in range(d):
-        boundary[(slice(None),) * a + (0,)] = boundary[(slice(None),) * a + (-1,)] = True
-    edge_drop = float(np.max(logp_nodes[boundary]) - np.max(logp_nodes))
+        for side, k in ((0, 0), (1, -1)):
+            if not at_edge[a, side]:
+                boundary[(slice(None),) * a + (k,)] = True
+    edge_drop = (float(np.max(logp_nodes[boundary]) - np.max(logp_nodes)) if boundary.any()
+                 else -math.inf)
 
     # Interpolation check: exact ln L at fine cells drawn from the posterior.
     rng = np.random.default_rng(0)

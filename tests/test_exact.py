@@ -245,6 +245,41 @@ def test_grid_resolves_a_prior_edge():
     assert np.all(s[:, 0] >= MU[0])  # jitter in cells cut by the edge stays inside the support
 
 
+def test_grid_finds_mass_next_to_where_the_likelihood_ends():
+    """A weak likelihood (σ ~ 1, far wider than the prior), undefined below 0 like Omega_c: the
+    first box (peak ± 8σ) puts at most one coarse node in [0, 1], left of the first finite node
+    the posterior still has most of its mass. The box must reach down to 0 (it used to stop at the
+    first finite node: moments 4σ off). Reference: a brute-force midpoint sum on [0, 3]²."""
+    mu, sig, rho = np.array([0.35, 0.8]), np.array([1.2, 1.4]), -0.9
+    icov = np.linalg.inv(np.array([[sig[0] ** 2, rho * sig.prod()], [rho * sig.prod(), sig[1] ** 2]]))
+    p_loc, p_scale = np.array([0.27, 0.83]), np.array([0.2, 0.14])
+
+    def loglike(theta):
+        r = theta - mu
+        return jnp.where(jnp.all(theta >= 0), -0.5 * r @ jnp.asarray(icov) @ r, jnp.nan)
+
+    def log_prior(theta):
+        return jnp.where(jnp.all(theta >= 0), -0.5 * jnp.sum(((theta - p_loc) / p_scale) ** 2),
+                         -jnp.inf)
+
+    post = grid_posterior_from_loglike(loglike, ["a", "b"], log_prior, theta0=[0.3, 0.8],
+                                       n_grid=32, n_coarse=16)
+    h = 3.0 / 3000
+    x = (np.arange(3000) + 0.5) * h
+    g = np.stack(np.meshgrid(x, x, indexing="ij"), -1)
+    r = g - mu
+    logp = (-0.5 * np.einsum("...i,ij,...j", r, icov, r)
+            - 0.5 * np.sum(((g - p_loc) / p_scale) ** 2, -1))
+    w = np.exp(logp - logp.max())
+    w /= w.sum()
+    mean = np.einsum("ij,ijk->k", w, g)
+    std = np.sqrt(np.einsum("ij,ijk->k", w, (g - mean) ** 2))
+    # midpoint sums on both sides: errors ~ h² and far below these 1 % of σ
+    np.testing.assert_allclose(post.mean, mean, atol=0.01 * std.min())
+    np.testing.assert_allclose(post.std, std, rtol=0.01)
+    assert post.diagnostics["edge_drop"] < -15  # the sides at a = 0, b = 0 are support edges
+
+
 # ------------------------------------------------------------------------------------------------
 # End to end on simulated maps
 

@@ -693,13 +693,55 @@ def hmc(
                                          "its last checkpoint, or start over. A config with a "
                                          "larger hmc.num_samples extends a finished run.")] = True,
     progress: Annotated[bool, typer.Option(help="Show progress.")] = True,
+    distributed: Annotated[bool, typer.Option(
+        "--distributed", help="One of several jax.distributed processes (one per node or GPU), "
+                              "all run with the same options: the field is split over all their "
+                              "devices (simulation.pdims). Without --coordinator, JAX detects "
+                              "the cluster (SLURM, Open MPI, ...).")] = False,
+    coordinator: Annotated[Optional[str], typer.Option(
+        help="With --distributed: HOST:PORT of process 0.")] = None,
+    num_processes: Annotated[Optional[int], typer.Option(
+        help="With --distributed: the number of processes.", min=1)] = None,
+    process_id: Annotated[Optional[int], typer.Option(
+        help="With --distributed: this process's index, 0 .. num-processes - 1.", min=0)] = None,
 ):
     """Explicit full-field inference: HMC (NUTS or MCLMC) over the cosmology and the initial field."""
     from .config import load_config, peek_pdims
     from .pipeline import run_hmc
 
-    _cpu_devices_for(peek_pdims(config))
+    pdims = peek_pdims(config)
+    if distributed:
+        _start_distributed(pdims, coordinator, num_processes, process_id)
+    elif (coordinator, num_processes, process_id) != (None, None, None):
+        raise typer.BadParameter("--coordinator, --num-processes and --process-id need --distributed")
+    else:
+        _cpu_devices_for(pdims)
     run_hmc(load_config(config), maps_file, out, resume=resume, progress=progress)
+
+
+def _start_distributed(pdims: tuple[int, int], coordinator: Optional[str],
+                       num_processes: Optional[int], process_id: Optional[int]) -> None:
+    """``jax.distributed.initialize`` before any JAX backend starts. On CPU (tests, a laptop) each
+    process gets its share of the pdims devices and collectives go through gloo."""
+    given = [v is not None for v in (coordinator, num_processes, process_id)]
+    if any(given) and not all(given):
+        raise typer.BadParameter("give all of --coordinator, --num-processes and --process-id, "
+                                 "or none (cluster auto-detection)")
+    if all(given):
+        if process_id >= num_processes:
+            raise typer.BadParameter(f"--process-id {process_id} must be below --num-processes "
+                                     f"{num_processes}")
+        px, py = pdims
+        if (px * py) % num_processes:
+            raise typer.BadParameter(f"the device grid {px}x{py} does not split evenly over "
+                                     f"{num_processes} processes")
+        _cpu_devices_for((px * py // num_processes, 1))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backend only
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
 
 
 def run_compare(config, out: Path, *, force: tuple[str, ...] = ()) -> dict:

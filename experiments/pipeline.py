@@ -23,7 +23,6 @@ uses ``npe.noise_copies`` noisy copies of each simulation, drawn from ``npe.seed
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 import warnings
@@ -447,7 +446,13 @@ def run_hmc(config, maps_path, out, *, samples_out=None, resume: bool = True,
     """Explicit full-field inference on an observed map file: numpyro/blackjax HMC over the
     [prior] parameters and the initial white-noise field, with the [hmc] settings (the PM gradient
     mode is ``hmc.gradient``). Chains, checkpoints and diagnostics go to ``out``; the θ samples
-    to ``samples_out`` (default ``out``/samples.h5) in the posterior-samples format."""
+    to ``samples_out`` (default ``out``/samples.h5) in the posterior-samples format.
+
+    Under jax.distributed (``jax.distributed.initialize`` called first; every process runs this
+    with the same arguments, ``out`` on a shared file system) the field stays split over the
+    processes: each writes its own pieces of the start field, sampler state and kept fields, and
+    process 0 the shared files."""
+    from explicit import checkpoint as ckpt
     from explicit import field_model, run_hmc as run_chains
     from simulators.lensing import noise_sigma
 
@@ -480,8 +485,11 @@ def run_hmc(config, maps_path, out, *, samples_out=None, resume: bool = True,
     samples = Samples(theta.reshape(-1, theta.shape[-1]), prior.names, "hmc", chain=chain,
                       truth=[float(obs.attrs[k]) for k in prior.names], info=info,
                       config_toml=cfg.to_toml())
-    path = write_samples(Path(out) / "samples.h5" if samples_out is None else samples_out, samples)
-    _report_samples(samples, path)
+    path = Path(out) / "samples.h5" if samples_out is None else Path(samples_out)
+    if ckpt.is_writer():  # one file for all jax.distributed processes
+        write_samples(path, samples)
+        _report_samples(samples, path)
+    ckpt.barrier("lensbench samples")
     return samples
 
 
@@ -490,20 +498,25 @@ def run_hmc(config, maps_path, out, *, samples_out=None, resume: bool = True,
 FIELD_START_STEPS = 100
 
 
-def _field_start(model, names, out: Path, seed: int, resume: bool) -> np.ndarray:
-    """``explicit.field_start``, kept in ``out`` so that a resumed run starts from the same field."""
+def _field_start(model, names, out: Path, seed: int, resume: bool):
+    """``explicit.field_start``, kept in ``out`` so that a resumed run starts from the same field:
+    a host array, or, where the field is split over jax.distributed processes, each process's
+    pieces (``explicit.checkpoint.save_array``)."""
+    from explicit import checkpoint as ckpt
     from explicit import field_start
 
     path = out / "field_start.npy"
-    if resume and path.is_file():
-        return np.load(path)
+    if resume:
+        z = ckpt.load_array(path)
+        if z is not None:
+            return z
     t0 = time.perf_counter()
     z = field_start(model, names, seed=seed, steps=FIELD_START_STEPS,
                     progress=lambda i, val: _log(f"  start field: step {i}, objective {val:.6g}"))
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "field_start.tmp.npy"
-    np.save(tmp, z)
-    os.replace(tmp, path)
+    if ckpt.is_writer():
+        path.unlink(missing_ok=True)  # a stale whole array would shadow new pieces
+    ckpt.barrier("lensbench field start")
+    ckpt.save_array(path, z)
     _log(f"start field: a draw of p(z | d, theta at the prior mean) by perturb-and-optimise "
          f"({FIELD_START_STEPS} Adam steps, {time.perf_counter() - t0:.0f} s)")
     return z

@@ -22,6 +22,7 @@ files (run.json, chain files, diagnostics) are written by process 0 alone:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -211,9 +212,10 @@ def read_json(path: Path) -> dict | None:
         raise CheckpointError(f"{path}: unreadable run file ({err}); {_RESTART}") from None
 
 
-def save_field(out_dir: Path, chain: int, sample: int, value: np.ndarray | LocalShards) -> None:
-    """Write one kept field sample: whole (process 0), or each process its pieces."""
-    path = field_path(out_dir, chain, sample)
+def save_array(path: Path, value: np.ndarray | LocalShards) -> None:
+    """Write an array atomically: whole as ``path`` (.npy, by process 0), or each process its
+    pieces as ``path`` with the suffix .p<process>.h5."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(value, LocalShards):
         def write(tmp):
@@ -228,6 +230,47 @@ def save_field(out_dir: Path, chain: int, sample: int, value: np.ndarray | Local
                 np.save(f, np.asarray(value))
 
         _atomic(path, write)
+
+
+def load_array(path: Path) -> np.ndarray | LocalShards | None:
+    """What ``save_array`` wrote, as this process holds it: the whole array, or this process's
+    pieces (the run must have the same processes); None when neither exists."""
+    path = Path(path)
+    try:
+        if path.exists():
+            return np.load(path)
+        part = path.with_suffix(f".p{jax.process_index()}.h5")
+        if not part.exists():
+            return None
+        with h5py.File(part, "r") as f:
+            n_proc = int(f.attrs["n_processes"])
+            if n_proc != jax.process_count():
+                raise ValueError(f"written by {n_proc} processes, this run has "
+                                 f"{jax.process_count()}")
+            return _read_pieces(f)
+    except (OSError, ValueError, EOFError, KeyError) as err:
+        raise CheckpointError(f"{path}: unreadable array ({err}); {_RESTART}") from None
+
+
+def digest(x: np.ndarray | LocalShards) -> str:
+    """sha256 of an array's float64 values; of pieces split over processes, a hash over every
+    process's pieces (the same in all processes, but not the hash of the joined array)."""
+    if not isinstance(x, LocalShards):
+        return hashlib.sha256(np.ascontiguousarray(np.asarray(x, np.float64)).tobytes()).hexdigest()
+    h = hashlib.sha256()
+    for (lo, hi), data in sorted(x.pieces, key=lambda p: tuple(p[0][0])):
+        h.update(np.asarray(lo, np.int64).tobytes() + np.asarray(hi, np.int64).tobytes())
+        h.update(np.ascontiguousarray(np.asarray(data, np.float64)).tobytes())
+    from jax.experimental import multihost_utils
+
+    mine = np.frombuffer(h.digest(), np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(mine))  # (processes, 32), process order
+    return hashlib.sha256(every.tobytes()).hexdigest()
+
+
+def save_field(out_dir: Path, chain: int, sample: int, value: np.ndarray | LocalShards) -> None:
+    """Write one kept field sample: whole (process 0), or each process its pieces."""
+    save_array(field_path(out_dir, chain, sample), value)
 
 
 def load_field(out_dir: Path, chain: int, sample: int) -> np.ndarray:

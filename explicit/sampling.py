@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import sys
 import time
 from dataclasses import dataclass
@@ -82,8 +81,7 @@ def _identity(theta_names, field_site, init) -> dict:
     """What besides the settings must match for a run to be resumed."""
     init = dict(init or {})
     field = init.pop(field_site, None)
-    digest = None if field is None else hashlib.sha256(
-        np.ascontiguousarray(np.asarray(field, np.float64)).tobytes()).hexdigest()
+    digest = None if field is None else ckpt.digest(field)
     return {"theta_names": list(theta_names), "field_site": field_site,
             "init": {k: float(v) for k, v in sorted(init.items())}, "init_field_sha256": digest}
 
@@ -167,8 +165,10 @@ def run_hmc(model: Callable[[], None], settings: HMCSettings, out_dir, *,
       theta_names: the parameter sites, in the column order of the returned θ.
       field_site: the latent field site.
       init: constrained start values of θ by name (default: prior mean, else median) and
-        optionally the field start under ``field_site`` (shape of the field; default
-        FIELD_INIT_SCALE × N(0, 1) per chain, see ``model.FIELD_INIT_SCALE``).
+        optionally the field start under ``field_site`` (shape of the field, or this process's
+        ``checkpoint.LocalShards`` of it when the field is split over processes, as
+        ``field_start`` returns it there; default FIELD_INIT_SCALE × N(0, 1) per chain, see
+        ``model.FIELD_INIT_SCALE``).
       resume: continue the run found in out_dir (False: delete it and start over); with a
         larger ``num_samples`` than it was written with, extend it.
       progress: show a tqdm bar (iterations over all chains; step size, divergences, accept rate).
@@ -256,7 +256,10 @@ def _sample(model, settings, out_dir, chains, theta_names, field_site, init, pro
                 continue
             chain_key = jax.random.fold_in(jax.random.PRNGKey(settings.seed), c)
             k_field, k_kernel = jax.random.split(chain_key)
-            position = ld.init_position(k_field, init.get(field_site))
+            field0 = init.get(field_site)
+            if isinstance(field0, ckpt.LocalShards):  # this process's pieces of a split start
+                field0 = put(field0)
+            position = ld.init_position(k_field, field0)
             path = ckpt.chain_path(out_dir, c)
             if ck is None or ck.leaves is None:
                 t0 = time.perf_counter()

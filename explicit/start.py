@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .checkpoint import LocalShards, to_host
 from .model import FIELD_SITE, log_density
 
 
@@ -42,7 +43,9 @@ def field_start(model, theta_names, *, seed: int = 0, steps: int = 100,
       steps, learning_rate: Adam iterations (one gradient each) and step size, in units of the
         white-noise field.
       progress: optional callable(step, objective) called every 10 steps.
-    Returns: (field shape) float64 numpy array, to pass as ``run_hmc(init={field_site: ...})``.
+    Returns: (field shape) float64 numpy array, to pass as ``run_hmc(init={field_site: ...})``;
+    where the model's field is split over jax.distributed processes, this process's pieces of it
+    (``checkpoint.LocalShards``, float64): the field is never gathered.
     """
     import dataclasses
 
@@ -63,12 +66,12 @@ def field_start(model, theta_names, *, seed: int = 0, steps: int = 100,
     eps = put(rng.standard_normal(ld.field_shape))
     theta = ld.unconstrain(ld.init_theta)
 
-    def objective(f):  # -potential is log N(f; 0, I) + log L; + f·ε turns the prior into N(ε, I)
+    def objective(f, eps):  # -potential is log N(f; 0, I) + log L; + f·ε makes the prior N(ε, I)
         return -ld.potential_fn({**theta, field_site: f}) + jnp.vdot(f, eps)
 
     @jax.jit
-    def step(z, opt_state):
-        val, g = jax.value_and_grad(objective)(z)
+    def step(z, opt_state, eps):  # ε an argument: jit may not close over a multi-process array
+        val, g = jax.value_and_grad(objective)(z, eps)
         updates, opt_state = opt.update(jax.tree.map(jnp.negative, g), opt_state)
         return optax.apply_updates(z, updates), opt_state, val
 
@@ -76,7 +79,11 @@ def field_start(model, theta_names, *, seed: int = 0, steps: int = 100,
     z = eps
     opt_state = opt.init(z)
     for i in range(steps):
-        z, opt_state, val = step(z, opt_state)
+        z, opt_state, val = step(z, opt_state, eps)
         if progress is not None and (i % 10 == 9 or i == steps - 1):
             progress(i + 1, float(val))
+    z = to_host(z)
+    if isinstance(z, LocalShards):
+        return LocalShards(z.shape, np.dtype(np.float64),
+                           tuple((b, np.asarray(v, np.float64)) for b, v in z.pieces))
     return np.asarray(z, np.float64)

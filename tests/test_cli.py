@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from experiments import cli
 from experiments.config import load_config_text
-from experiments.io import MAP_ATTRS, MAP_DATASETS, read_maps, read_run, write_run
+from experiments.io import MAP_ATTRS, MAP_DATASETS, read_maps, read_run, read_samples, write_run
 from experiments.progress import StepProgress, step_callback
 
 REPO = Path(__file__).resolve().parents[1]
@@ -492,3 +492,82 @@ def test_maps_from_random_field_models(tmp_path, kind):
     assert np.all(np.isfinite(data.kappa)) and np.std(data.kappa) > 0
     result = invoke("cl", out, "--out", tmp_path / "c.png")
     assert result.exit_code == 0, result.output
+
+
+HMC_TOML = """
+name = "tiny_hmc"
+seed = 0
+[simulation]
+kind = "lpt"
+mesh_shape = [16, 16, 32]
+box_size = [128.0, 128.0, 512.0]
+pdims = "2x1"
+halo = 4
+[maps]
+field_deg = 3.0
+npix = 8
+[sources]
+n_bins = 1
+[prior]
+params = ["Omega_c", "sigma8"]
+[hmc]
+num_warmup = 4
+num_samples = 4
+max_tree_depth = 3
+segment = 4
+thin_field = 2
+"""
+
+
+def test_hmc_over_two_processes_equals_one_process(tmp_path):
+    """`lensbench hmc --distributed` as two jax.distributed processes (one CPU device each, the
+    2x1 grid split over them): the start field, the sampler state and the kept fields are written
+    as each process's pieces (never joined), process 0 writes samples.h5, and the draws equal the
+    one-process run of the same 2x1 grid. 1e-6: the partitioned programs are the same (bitwise in
+    explicit's own two-process test); the margin is for a reordered collective sum in float32.
+    Rerun, the processes find the finished run from their own pieces (same start-field hash)."""
+    from tests.procs import free_port
+
+    config = tmp_path / "tiny_hmc.toml"
+    config.write_text(HMC_TOML)
+    maps = tmp_path / "obs.h5"
+    proc = run_cli_subprocess("maps", "--config", config, "--out", maps, "--pdims", "1x1",
+                              cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    one = run_cli_subprocess("hmc", "--config", config, "--maps", maps, "--out", tmp_path / "one",
+                             "--no-progress", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    def two_processes():
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+        env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", "experiments.cli", "hmc", "--config", str(config), "--maps",
+             str(maps), "--out", str(tmp_path / "two"), "--no-progress", "--distributed",
+             "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(2)]
+        logs = []
+        for p in procs:
+            try:
+                logs.append(p.communicate(timeout=600)[0])
+            finally:
+                if p.poll() is None:
+                    p.kill()
+        for p, log in zip(procs, logs):
+            assert p.returncode == 0, log[-3000:]
+
+    two_processes()
+    two = tmp_path / "two"
+    assert sorted(p.name for p in two.glob("field_start*")) == ["field_start.p0.h5",
+                                                                "field_start.p1.h5"]
+    assert sorted(p.name for p in (two / "fields").iterdir()) == [
+        f"c0_{s:07d}.p{r}.h5" for s in (1, 3) for r in (0, 1)]
+    a, b = read_samples(tmp_path / "one" / "samples.h5"), read_samples(two / "samples.h5")
+    assert a.samples.shape == (4, 2) and np.ptp(a.samples[:, 0]) > 0  # it moved
+    np.testing.assert_allclose(b.samples, a.samples, rtol=0, atol=1e-6)
+    first = (two / "samples.h5").stat().st_mtime_ns
+    two_processes()  # finished: nothing resampled, samples.h5 rewritten from the chain files
+    np.testing.assert_array_equal(read_samples(two / "samples.h5").samples, b.samples)
+    assert (two / "samples.h5").stat().st_mtime_ns > first

@@ -38,6 +38,11 @@ _META = "lensbench.json"
 
 
 def _log(message: str) -> None:
+    """Progress to stderr; under jax.distributed from process 0 only (every process runs the same
+    stages). Before jax.distributed starts, nothing here may start a JAX backend."""
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.distributed.is_initialized() and jax.process_index() != 0:
+        return
     print(message, file=sys.stderr, flush=True)
 
 

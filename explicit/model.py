@@ -109,6 +109,14 @@ class FieldModel:
         x = np.asarray(x)
         return jnp.asarray(x) if sharding is None else jax.device_put(x, sharding)
 
+    def white_noise(self, key: Array) -> Array:
+        """(field shape) float64 unit white noise from ``key``, laid out like the field: each
+        device draws only its block, and the values are the same on any device grid (JAX's
+        partitionable threefry) and equal ``jax.random.normal(key, field_shape, float64)``."""
+        draw = jax.jit(lambda k: jax.random.normal(k, self.field_shape, jnp.float64),
+                       out_shardings=self.sharding_for(self.field_shape))
+        return draw(key)
+
     def sharding_for(self, shape: tuple[int, ...]):
         """How ``put`` splits an array of this shape over the devices (None: it does not)."""
         grid = self.grid

@@ -39,7 +39,9 @@ def field_start(model, theta_names, *, seed: int = 0, steps: int = 100,
         perturbed).
       theta_names: its parameter sites; θ stays at ``init`` (constrained values by name) or the
         prior means.
-      seed: seed of the perturbations ε (field) and n' (pixels).
+      seed: seed of the perturbations: ε = jax.random.normal(jax.random.key(seed), field shape)
+        on the field (drawn block by block where the field is split), n' from
+        numpy.random.default_rng(seed) on the pixels.
       steps, learning_rate: Adam iterations (one gradient each) and step size, in units of the
         white-noise field.
       progress: optional callable(step, objective) called every 10 steps.
@@ -63,7 +65,10 @@ def field_start(model, theta_names, *, seed: int = 0, steps: int = 100,
         model, data=jnp.asarray(data + sigma * rng.standard_normal(data.shape)))
     ld = log_density(perturbed, theta_names, field_site=field_site, init=init)
     put = getattr(model, "put", jnp.asarray)
-    eps = put(rng.standard_normal(ld.field_shape))
+    # ε drawn where it lives (split over the devices and processes like the field)
+    key = jax.random.key(seed)
+    eps = (model.white_noise(key) if hasattr(model, "white_noise")
+           else put(jax.random.normal(key, ld.field_shape, jnp.float64)))
     theta = ld.unconstrain(ld.init_theta)
 
     def objective(f, eps):  # -potential is log N(f; 0, I) + log L; + f·ε makes the prior N(ε, I)

@@ -557,8 +557,10 @@ def test_hmc_over_two_processes_equals_one_process(tmp_path):
                     p.kill()
         for p, log in zip(procs, logs):
             assert p.returncode == 0, log[-3000:]
+        return logs
 
-    two_processes()
+    logs = two_processes()
+    assert "start field:" in logs[0] and "start field" not in logs[1]  # progress from process 0
     two = tmp_path / "two"
     assert sorted(p.name for p in two.glob("field_start*")) == ["field_start.p0.h5",
                                                                 "field_start.p1.h5"]

@@ -406,7 +406,7 @@ def _refine_box(evaluate, box: np.ndarray, n_coarse: int, log_drop: float, max_p
     else the box is trimmed to the region plus one node; a side stays where ln L stops being
     finite just beyond). Returns the box (d, 2) and which of its sides (d, 2) lie on the edge of
     the region where ln L is finite (no posterior mass beyond them)."""
-    at_hull = np.zeros((len(box), 2), bool)  # box side on the last node with a finite ln L
+    at_hull = np.zeros((len(box), 2), bool)  # box side on the edge where ln L stops being finite
     for _ in range(max_pass):
         nodes = [np.linspace(lo, hi, n_coarse) for lo, hi in box]
         pts = _mesh(nodes)
@@ -435,10 +435,8 @@ def _refine_box(evaluate, box: np.ndarray, n_coarse: int, log_drop: float, max_p
                     # the region reaches the last node with a finite ln L: the side goes to where
                     # ln L stops being finite between that node and the next, so that no strip
                     # of posterior up to, e.g., Omega_c = 0 is lost to the coarse spacing
-                    top = np.unravel_index(np.argmax(logp), logp.shape)
-                    start = np.array([nodes[b][top[b]] for b in range(len(box))])
-                    new[a, side] = _finite_edge(evaluate, start, a, nodes[a][lim],
-                                                nodes[a][lim + step])
+                    new[a, side] = _finite_edge(evaluate, _best_node(logp, nodes), a,
+                                                nodes[a][lim], nodes[a][lim + step])
                 else:
                     new[a, side] = nodes[a][j]
             if new[a, 1] - new[a, 0] < 0.5 * width:
@@ -448,6 +446,12 @@ def _refine_box(evaluate, box: np.ndarray, n_coarse: int, log_drop: float, max_p
             return box, at_hull
     warnings.warn(f"grid box not converged after {max_pass} passes: {box.tolist()}", stacklevel=3)
     return box, at_hull
+
+
+def _best_node(logp: np.ndarray, nodes) -> np.ndarray:
+    """(d,) coordinates of the grid node with the largest ln p."""
+    top = np.unravel_index(np.argmax(logp), logp.shape)
+    return np.array([ax[i] for ax, i in zip(nodes, top)])
 
 
 def _finite_edge(evaluate, point: np.ndarray, axis: int, inside: float, outside: float,
@@ -627,8 +631,7 @@ def grid_posterior_from_loglike(loglike: Callable[[Array], Array], names: Sequen
         if not np.any(bad):
             break
         lo_i, hi_i = _finite_subbox(bad)
-        top = np.unravel_index(np.argmax(logp_nodes), shape)
-        best = np.array([nodes[b][top[b]] for b in range(d)])
+        best = _best_node(logp_nodes, nodes)
         for a in range(d):
             for side, i, step in ((0, lo_i[a], -1), (1, hi_i[a], 1)):
                 if i != (0, n_grid - 1)[side]:

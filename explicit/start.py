@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .checkpoint import LocalShards, to_host
+from .checkpoint import to_host
 from .model import FIELD_SITE, log_density
 
 
@@ -87,8 +87,4 @@ def field_start(model, theta_names, *, seed: int = 0, steps: int = 100,
         z, opt_state, val = step(z, opt_state, eps)
         if progress is not None and (i % 10 == 9 or i == steps - 1):
             progress(i + 1, float(val))
-    z = to_host(z)
-    if isinstance(z, LocalShards):
-        return LocalShards(z.shape, np.dtype(np.float64),
-                           tuple((b, np.asarray(v, np.float64)) for b, v in z.pieces))
-    return np.asarray(z, np.float64)
+    return to_host(jnp.asarray(z, jnp.float64))  # split over processes: this process's pieces

@@ -40,6 +40,27 @@ FIELD_INIT_SCALE = 0.1
 _COSMO_FIELDS = tuple(f.name for f in dataclasses.fields(Cosmology))
 
 
+def place(x, sharding) -> Array:
+    """A host array, or this process's pieces of one (``checkpoint.LocalShards``), as a device
+    array with ``sharding`` (None: one device). Each process reads only the blocks its devices
+    hold, so a host array must have the same values on every jax.distributed process."""
+    from .checkpoint import LocalShards
+
+    if isinstance(x, LocalShards):
+        if sharding is None:
+            raise ValueError(f"a {list(x.shape)} array split over processes has no field layout "
+                             f"here to be placed in")
+        return x.assemble(sharding)
+    if isinstance(x, jax.Array) and (sharding is None or x.sharding.is_equivalent_to(sharding, x.ndim)):
+        return x
+    if sharding is None:
+        return jnp.asarray(x)
+    if isinstance(x, jax.Array):  # a device array in another layout: reshard on device
+        return jax.device_put(x, sharding)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 # ------------------------------------------------------------------------------------------------
 # The model
 
@@ -98,24 +119,7 @@ class FieldModel:
         e.g. a diagonal mass matrix) split like the PM field when the grid is sharded. ``x`` may
         also be this process's pieces of such an array (``checkpoint.LocalShards``, when the grid
         spans several processes)."""
-        from .checkpoint import LocalShards
-
-        sharding = self.sharding_for(tuple(x.shape))
-        if isinstance(x, LocalShards):
-            if sharding is None:
-                raise ValueError(f"a {list(x.shape)} array split over processes is not field-shaped "
-                                 f"here (field {list(self.field_shape)})")
-            return x.assemble(sharding)
-        x = np.asarray(x)
-        return jnp.asarray(x) if sharding is None else jax.device_put(x, sharding)
-
-    def white_noise(self, key: Array) -> Array:
-        """(field shape) float64 unit white noise from ``key``, laid out like the field: each
-        device draws only its block, and the values are the same on any device grid (JAX's
-        partitionable threefry) and equal ``jax.random.normal(key, field_shape, float64)``."""
-        draw = jax.jit(lambda k: jax.random.normal(k, self.field_shape, jnp.float64),
-                       out_shardings=self.sharding_for(self.field_shape))
-        return draw(key)
+        return place(x, self.sharding_for(tuple(x.shape)))
 
     def sharding_for(self, shape: tuple[int, ...]):
         """How ``put`` splits an array of this shape over the devices (None: it does not)."""
@@ -235,6 +239,7 @@ class LogDensity:
       transforms: θ name → transform from unconstrained to constrained values.
       theta_names, field_site, field_shape: the sites.
       init_theta: θ name → constrained start value.
+      field_sharding: how the field is split over the devices (a jax Sharding; None: one device).
     """
 
     potential_fn: Callable[[dict], Array]
@@ -243,6 +248,7 @@ class LogDensity:
     field_site: str
     field_shape: tuple[int, ...]
     init_theta: Mapping[str, float]
+    field_sharding: Any = None
 
     def logdensity(self, position: dict) -> Array:
         """log p(position) (scalar), unnormalised, on the unconstrained space."""
@@ -262,17 +268,32 @@ class LogDensity:
         return {n: jnp.asarray(self.transforms[n].inv(jnp.asarray(theta[n], jnp.float64)))
                 for n in self.theta_names}
 
-    def init_position(self, key: Array, field: Array | None = None) -> dict:
-        """Start position: θ at ``init_theta``; the field ``field`` if given, else
-        FIELD_INIT_SCALE × N(0, 1) drawn from ``key`` (see FIELD_INIT_SCALE for why)."""
+    def white_noise(self, key: Array) -> Array:
+        """(field_shape) float64 unit white noise from ``key``, laid out like the field: each
+        device draws only its block, and the values are the same on any device grid (JAX's
+        partitionable threefry) and equal ``jax.random.normal(key, field_shape, float64)``."""
+        return self._draw(key)
+
+    @cached_property
+    def _draw(self) -> Callable[[Array], Array]:
+        draw = partial(jax.random.normal, shape=self.field_shape, dtype=jnp.float64)
+        return jax.jit(draw, out_shardings=self.field_sharding)
+
+    def place_field(self, field) -> Array:
+        """A field (host or device array, or this process's ``checkpoint.LocalShards`` of it) as a
+        float64 device array laid out like the field. Raises ValueError for a wrong shape."""
+        if tuple(field.shape) != self.field_shape:
+            raise ValueError(f"the {self.field_site!r} field must have shape {self.field_shape}, "
+                             f"got {tuple(field.shape)}")
+        field = place(field, self.field_sharding)
+        return field if field.dtype == jnp.float64 else field.astype(jnp.float64)
+
+    def init_position(self, key: Array, field=None) -> dict:
+        """Start position: θ at ``init_theta``; the field ``field`` if given (see ``place_field``),
+        else FIELD_INIT_SCALE × ``white_noise(key)`` (see FIELD_INIT_SCALE for why)."""
         pos = self.unconstrain(self.init_theta)
-        if field is None:
-            field = FIELD_INIT_SCALE * jax.random.normal(key, self.field_shape, jnp.float64)
-        field = jnp.asarray(field, jnp.float64)
-        if field.shape != self.field_shape:
-            raise ValueError(f"init[{self.field_site!r}] must have shape {self.field_shape}, "
-                             f"got {field.shape}")
-        pos[self.field_site] = field
+        pos[self.field_site] = (FIELD_INIT_SCALE * self.white_noise(key) if field is None
+                                else self.place_field(field))
         return pos
 
 
@@ -316,7 +337,8 @@ def log_density(model: Callable[[], None], theta_names, *, field_site: str = FIE
       field_site: the latent field site.
       init: optional constrained start values of θ by name (default: each prior's mean, or its
         median where the mean is undefined).
-    Reads the model's sites by abstract evaluation (no simulation is run or compiled).
+    Reads the model's sites by abstract evaluation (no simulation is run or compiled). A model with
+    a ``sharding_for`` method (``FieldModel``) gives the field's device layout.
     Raises ValueError for a missing site, a non-scalar θ site or an invalid init value.
     """
     theta_names = tuple(theta_names)
@@ -345,5 +367,7 @@ def log_density(model: Callable[[], None], theta_names, *, field_site: str = FIE
     # initialisation (an eager gradient through a simulation costs many small compilations).
     potential_fn = partial(potential_energy, model, (), {})
     transforms = {n: biject_to(sites[n]["fn"].support) for n in theta_names}
-    return LogDensity(potential_fn, transforms, theta_names, field_site,
-                      sites[field_site]["shape"], init_theta)
+    shape = sites[field_site]["shape"]
+    sharding_for = getattr(model, "sharding_for", None)  # FieldModel: the PM device grid's layout
+    return LogDensity(potential_fn, transforms, theta_names, field_site, shape, init_theta,
+                      None if sharding_for is None else sharding_for(shape))

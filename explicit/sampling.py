@@ -31,7 +31,7 @@ from . import checkpoint as ckpt
 from .checkpoint import CheckpointError, ChainCheckpoint
 from .diagnostics import summarize
 from .kernels import make_segment, make_stepper
-from .model import FIELD_INIT_SCALE, FIELD_SITE, log_density
+from .model import FIELD_SITE, log_density
 from .settings import HMCSettings
 
 Array = jax.Array
@@ -256,13 +256,7 @@ def _sample(model, settings, out_dir, chains, theta_names, field_site, init, pro
                 continue
             chain_key = jax.random.fold_in(jax.random.PRNGKey(settings.seed), c)
             k_field, k_kernel = jax.random.split(chain_key)
-            field0 = init.get(field_site)
-            if isinstance(field0, ckpt.LocalShards):  # this process's pieces of a split start
-                field0 = put(field0)
-            elif field0 is None and hasattr(model, "white_noise"):
-                # init_position's default draw, made block by block where the field lives
-                field0 = FIELD_INIT_SCALE * model.white_noise(k_field)
-            position = ld.init_position(k_field, field0)
+            position = ld.init_position(k_field, init.get(field_site))
             path = ckpt.chain_path(out_dir, c)
             if ck is None or ck.leaves is None:
                 t0 = time.perf_counter()

@@ -64,11 +64,7 @@ def field_start(model, theta_names, *, seed: int = 0, steps: int = 100,
     perturbed = dataclasses.replace(
         model, data=jnp.asarray(data + sigma * rng.standard_normal(data.shape)))
     ld = log_density(perturbed, theta_names, field_site=field_site, init=init)
-    put = getattr(model, "put", jnp.asarray)
-    # ε drawn where it lives (split over the devices and processes like the field)
-    key = jax.random.key(seed)
-    eps = (model.white_noise(key) if hasattr(model, "white_noise")
-           else put(jax.random.normal(key, ld.field_shape, jnp.float64)))
+    eps = ld.white_noise(jax.random.key(seed))  # drawn where it lives, split like the field
     theta = ld.unconstrain(ld.init_theta)
 
     def objective(f, eps):  # -potential is log N(f; 0, I) + log L; + f·ε makes the prior N(ε, I)

@@ -40,10 +40,14 @@ def evaluate(grid: DeviceGrid, data=None):
     model = field_model(pm, PRIORS, lcc.COSMO, data, sigma)
     ld = log_density(model, model.theta_names, init={"Omega_c": 0.27, "sigma8": 0.85})
     pos = ld.init_position(jax.random.PRNGKey(0), field=0.9 * np.asarray(truth))
-    pos[ld.field_site] = model.put(np.asarray(pos[ld.field_site]))
     logp, grad = ld.value_and_grad(pos)
     g_field = grad[ld.field_site]
-    sharded = (grid.sharded and g_field.sharding.is_equivalent_to(grid.sharding(3), 3))
+    layout = grid.sharding(3) if grid.sharded else None
+
+    def laid_out(a):  # split like the grid's field (on one device: not split)
+        return bool(a.sharding.is_equivalent_to(layout, 3)) if grid.sharded else a.is_fully_replicated
+
+    default = ld.init_position(jax.random.PRNGKey(1))[ld.field_site]  # the default start draw
     # a short MCLMC run run (blackjax tuning differentiates the lightcone inside its own trace)
     run = run_hmc(model, HMCSettings(sampler="mclmc", num_warmup=20, num_samples=2, num_chains=1),
                   tempfile.mkdtemp(), theta_names=model.theta_names, progress=False,
@@ -51,7 +55,9 @@ def evaluate(grid: DeviceGrid, data=None):
                         ld.field_site: 0.9 * np.asarray(truth, np.float64)})
     results = {"mclmc_theta": np.asarray(run.theta)}
     results.update(logp=np.asarray(logp), grad_theta=np.array([grad[n] for n in ld.theta_names]),
-                   grad_field=np.asarray(g_field), grad_field_sharded=np.asarray(sharded))
+                   grad_field=np.asarray(g_field), grad_field_sharded=np.asarray(laid_out(g_field)),
+                   start_sharded=np.asarray(laid_out(pos[ld.field_site])),
+                   default_start=np.asarray(default), default_start_sharded=np.asarray(laid_out(default)))
     return data, results
 
 

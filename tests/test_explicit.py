@@ -474,6 +474,17 @@ def test_sharded_log_density_equals_single_device(sharded):
         np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * scale, err_msg=key)
 
 
+def test_start_fields_are_laid_out_like_the_field(sharded):
+    """init_position places a given start field, and draws its default one, where the field lives
+    (split over the 2x1 grid, each device drawing its block), and the default draw has the
+    single-device values exactly (JAX's partitionable threefry: the same bits on any layout)."""
+    for prefix in ("single_", "sharded_"):
+        assert bool(sharded[prefix + "start_sharded"]), prefix
+        assert bool(sharded[prefix + "default_start_sharded"]), prefix
+    np.testing.assert_array_equal(sharded["sharded_default_start"], sharded["single_default_start"])
+    assert np.std(sharded["single_default_start"]) > 0.05  # FIELD_INIT_SCALE × N(0, 1), not zeros
+
+
 def test_sharded_mclmc_follows_the_single_device_chain(sharded):
     """MCLMC (blackjax's tuning differentiates the lightcone inside its own trace, which a
     shard_map closing over θ-dependent tables broke) runs on the 2x1 grid, and its 20 tuning + 2

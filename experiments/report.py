@@ -125,17 +125,17 @@ def _bias(metrics: dict, keys: list[str]) -> list[str]:
 
 
 def _cost(metrics: dict, keys: list[str]) -> list[str]:
-    header = ["method", "wall time [s]", "simulations", "gradient evaluations", "chains",
-              "budget keys"]
+    header = ["method", "wall time [s]", "simulations", "gradient evaluations", "chains"]
     rows = []
     for k in keys:
         m = metrics["methods"][k]
-        b, src = m.get("budget") or {}, m.get("budget_from") or {}
-        used = "; ".join(f"{n}: {'+'.join(v)}" for n, v in src.items() if v) or _DASH
+        b = m.get("budget") or {}
         rows.append([_label(k, m), _fmt(b.get("wall_time_s"), ".1f"),
                      _fmt(b.get("n_simulations"), ".0f"), _fmt(b.get("n_gradients"), ".0f"),
-                     str(m.get("n_chains", _DASH)), used])
-    return ["## Cost", ""] + _table(header, rows)
+                     str(m.get("n_chains", _DASH))])
+    return (["## Cost", "",
+             "Wall time: every stage the method needed (simulations, training, sampling), the "
+             "observation excepted.", ""] + _table(header, rows))
 
 
 def _c2st(metrics: dict, keys: list[str]) -> list[str]:

@@ -123,6 +123,21 @@ def test_metrics_match_independent_computations(results):
                                   / metrics["methods"][ref]["fom"]["Omega_c,sigma8"], rel=1e-9)
 
 
+def test_a_stage_resumed_after_a_kill_counts_its_earlier_time(tmp_path):
+    """A stage's marker times only the invocation that finished it; HMC chains keep their own
+    sampling clock across resumes (wall_time_s), and the budget takes the larger: an HMC stage
+    killed after 3000 s of sampling and finished in 500 s more cost at least 3500 s, not 500 s."""
+    from experiments.compare import _write_marker, budgets
+
+    cfg = load_config("gaussian_check").with_(**{"compare.methods": ["hmc", "cl_analytic"]})
+    _write_marker(tmp_path, "hmc", {"wall_s": 500.0, "wall_time_s": 3500.0})
+    # cl_analytic's own clock (NUTS) misses its covariance simulations: the stage time wins
+    _write_marker(tmp_path, "cl_analytic", {"wall_s": 400.0, "wall_time_s": 30.0})
+    b = budgets(cfg, tmp_path)
+    assert b["hmc"]["wall_s"] == 3500.0 and b["hmc"]["stages"] == {"hmc": 3500.0}
+    assert b["cl_analytic"]["wall_s"] == 400.0
+
+
 def _moments(out, method):
     s = read_samples(out / "samples" / f"{method}.h5")
     return s.samples.mean(0), s.samples.std(0), s

@@ -46,6 +46,8 @@ JSON layout (format ``lensbench.metrics``, version 1)
        "S8": {"mean", "std"},
        "budget": {"wall_time_s", "n_simulations", "n_gradients"},   # null when unknown
        "budget_from": {budget key: [info keys used]},
+       "draws": {"ess": {param: float|null}, "r_hat": {param: float|null}},
+                                                      # sampled params, split R̂ (see ESS_MIN)
        "calibration": {"tarp_atc", "tarp_ks_pval", "sbc_ks_pvals": {param: p}, "n_test"} | null
                                                       # from Samples.info["calibration"], if any
    }},
@@ -354,7 +356,35 @@ def method_metrics(samples: Samples, *, base, truth, key: str | None = None,
             "params": params, "fom": foms,
             "S8": {"mean": params["S8"]["mean"], "std": params["S8"]["std"]},
             "budget": budget, "budget_from": used,
+            "draws": _draw_diagnostics(samples, key, warn),
             "calibration": _calibration_summary(samples.info.get("calibration"))}
+
+
+# Vehtari et al. 2021 (Bayesian Analysis 16, 667): report MCMC summaries when split R̂ < 1.01 and
+# the ESS > 400. Below that the moments, and more so the FoM (a determinant of the covariance)
+# and C2ST, carry Monte Carlo errors or a bias the tables do not show.
+ESS_MIN, R_HAT_MAX = 400, 1.01
+
+
+def _draw_diagnostics(samples: Samples, key: str, warn: list) -> dict:
+    """ESS and split R̂ per sampled parameter, from the draws in their saved order (chains cut to
+    the shortest); null when there are too few draws. Independent draws (NPE, the exact grid)
+    give ESS ≈ n and R̂ ≈ 1, so MCMC methods are the ones that can fall short, with a warning."""
+    from explicit.diagnostics import ess_rhat
+
+    chains = [samples.samples[samples.chain == c] for c in np.unique(samples.chain)]
+    m = min(len(c) for c in chains)
+    draws = np.stack([c[:m] for c in chains])  # (chains, draws, d)
+    ess, r_hat = {}, {}
+    for i, name in enumerate(samples.names):
+        ess[name], r_hat[name] = ess_rhat(draws[..., i])
+    short = [f"{n} ESS {ess[n]:.0f}, R̂ {r_hat[n]:.3f}" for n in samples.names
+             if ess[n] is not None and (ess[n] < ESS_MIN or r_hat[n] > R_HAT_MAX)]
+    if short:
+        warn.append(f"{key}: its draws are not converged enough for reliable moments, FoM and "
+                    f"C2ST ({'; '.join(short)}; want ESS >= {ESS_MIN} and split R̂ <= "
+                    f"{R_HAT_MAX}): run the chains longer")
+    return {"ess": ess, "r_hat": r_hat}
 
 
 # ---- pairwise -------------------------------------------------------------------------------

@@ -162,6 +162,35 @@ def _c2st(metrics: dict, keys: list[str]) -> list[str]:
     return ["## C2ST", "", text, ""] + _table(header, rows) + (notes + [""] if notes else [])
 
 
+def _draws(metrics: dict, keys: list[str]) -> list[str]:
+    """ESS and split R̂ of each method's draws (metrics["methods"][k]["draws"])."""
+    have = [k for k in keys if (metrics["methods"][k].get("draws") or {}).get("ess")]
+    if not have:
+        return []
+    params = sorted({p for k in have for p in metrics["methods"][k]["draws"]["ess"]},
+                    key=lambda p: (M.PARAM_ORDER.index(p) if p in M.PARAM_ORDER else 99, p))
+    header = (["method", "draws", "chains"] + [f"ESS {_plabel(p)}" for p in params]
+              + [f"split R̂ {_plabel(p)}" for p in params])
+    rows = []
+    for k in have:
+        m = metrics["methods"][k]
+        ess, r_hat = m["draws"]["ess"], m["draws"]["r_hat"]
+        rows.append([_label(k, m), str(m["n_samples"]), str(m["n_chains"])]
+                    + [_fmt(ess.get(p), ".0f") for p in params]
+                    + [_fmt(r_hat.get(p), ".3f") for p in params])
+    lines = ["## Draws", "",
+             f"Effective sample size and split R̂ of the saved draws. Independent draws (NPE, "
+             f"exact grid) have ESS ≈ draws; MCMC summaries are reliable from ESS ≥ "
+             f"{M.ESS_MIN} and R̂ ≤ {M.R_HAT_MAX} (Vehtari et al. 2021).", ""] + _table(header, rows)
+    diag = metrics.get("hmc_diagnostics")
+    if diag:
+        div = diag.get("divergences") or {}
+        lines += [f"Field-level HMC: {div.get('sampling', _DASH)} divergences after warm-up "
+                  f"({div.get('warmup', _DASH)} during), {_fmt(diag.get('grads_per_ess'), '.0f')} "
+                  f"gradients per effective sample; details in `hmc/diagnostics.json`.", ""]
+    return lines
+
+
 def _calibration(metrics: dict, keys: list[str], calibration) -> list[str]:
     cal = {k: M._calibration_summary(v) for k, v in (calibration or {}).items()}
     for k in keys:  # fall back to what the samples carried
@@ -215,6 +244,7 @@ def write_report(out_dir, metrics: dict, figures=None, *, title: str,
     lines += _bias(metrics, keys)
     lines += _cost(metrics, keys)
     lines += _c2st(metrics, keys)
+    lines += _draws(metrics, keys)
     lines += _calibration(metrics, keys, calibration)
     if metrics.get("warnings"):
         lines += ["## Warnings", ""] + [f"- {w}" for w in metrics["warnings"]] + [""]

@@ -149,6 +149,35 @@ def test_reference_fallback_nan_to_null_and_truth_mismatch(saved, tmp_path):
 # usually in the training folds, so the classifier leans the wrong way and the accuracy sits at
 # or below 0.5 (0.46–0.50 over seeds 3–5): the window there is [0.40, 0.55].
 
+def test_draw_diagnostics_flag_autocorrelated_chains():
+    """ESS and split R̂ of the saved draws. Two AR(1) chains (ρ = 0.9, 2 × 2000 draws) have the
+    ESS 2·2000·(1−ρ)/(1+ρ) = 211 (the AR(1) integrated autocorrelation time); the estimator's
+    scatter at this length is ~10 %, so 0.7–1.4× is allowed. They are flagged (ESS < 400); 4000
+    independent draws are not, and give ESS ≈ 4000 (within 10 %). A chain whose halves differ by
+    2σ gives split R̂ far above 1.01 whatever its ESS."""
+    rng = np.random.default_rng(3)
+    rho, n = 0.9, 2000
+    ar = np.empty((2, n, 2))
+    ar[:, 0] = rng.standard_normal((2, 2))
+    for t in range(1, n):
+        ar[:, t] = rho * ar[:, t - 1] + np.sqrt(1 - rho ** 2) * rng.standard_normal((2, 2))
+    mcmc = Samples(np.array([0.27, 0.83]) + 0.01 * ar.reshape(-1, 2), NAMES, "hmc",
+                   chain=np.repeat([0, 1], n))
+    iid = Samples(gaussian(rng, [0.27, 0.83], [0.01, 0.01], 0.0, 4000), NAMES, "npe_cl")
+    drift = iid.samples.copy()
+    drift[2000:] += 0.02  # second half 2σ away
+    m = compare_metrics({"hmc": mcmc, "npe_cl": iid, "npe_vmim": Samples(drift, NAMES, "npe_vmim")},
+                        base=BASE, truth=TRUTH, c2st=False)
+    theory = 2 * n * (1 - rho) / (1 + rho)
+    for name in NAMES:
+        assert 0.7 < m["methods"]["hmc"]["draws"]["ess"][name] / theory < 1.4
+        assert abs(m["methods"]["npe_cl"]["draws"]["ess"][name] / 4000 - 1) < 0.1
+        assert m["methods"]["npe_cl"]["draws"]["r_hat"][name] < 1.01
+        assert m["methods"]["npe_vmim"]["draws"]["r_hat"][name] > 1.5
+    flagged = {w.split(":")[0] for w in m["warnings"] if "not converged" in w}
+    assert flagged == {"hmc", "npe_vmim"}
+
+
 def test_c2st_same_distribution_is_half_and_separated_is_one():
     rng = np.random.default_rng(3)
     a = gaussian(rng, [0.27, 0.83], [0.02, 0.03], -0.5, 1000)

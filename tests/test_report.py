@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from experiments.io import Samples
-from experiments.metrics import compare_metrics, method_label, write_metrics
+from experiments.metrics import compare_metrics, method_label, param_label, write_metrics
 from experiments.plots import plot_cl_data_theory, plot_triangle
 from experiments.report import write_report
 
@@ -130,7 +130,7 @@ def test_report_tables_figures_and_calibration(samples, tmp_path):
     assert (path.parent / "../figs/triangle.png").is_file()
     assert "**Missing** *(file missing)*" in text
     keys = ["hmc", "cl_analytic", "npe_vmim"]
-    for section in ("Constraining power", "Cost", "C2ST"):
+    for section in ("Constraining power", "Cost", "C2ST", "Draws"):
         rows = _rows(text, section)
         assert [r.split(" | ")[0] for r in rows] == [f"| {method_label(k)} (`{k}`)" for k in keys]
     bias_rows = _rows(text, "Posterior means and bias")
@@ -155,6 +155,13 @@ def test_report_tables_figures_and_calibration(samples, tmp_path):
     assert c2st["hmc"].split(" | ")[1:] == ["—", f"{acc[('hmc', 'cl_analytic')]:.3f}",
                                             f"{acc[('hmc', 'npe_vmim')]:.3f} |"]
     assert "MLPClassifier" in text and "5-fold" in text
+    draws = dict(zip(keys, _rows(text, "Draws")))
+    header = text.split("## Draws\n", 1)[1].split("\n| ", 1)[1].split(" | ")
+    for k in keys:  # a parameter the method did not sample (Omega_b for HMC) has a dash
+        cells = dict(zip(header, draws[k].split(" | ")))
+        for p in ("Omega_c", "Omega_b", "sigma8"):
+            ess = m[k]["draws"]["ess"].get(p)
+            assert cells[f"ESS ${param_label(p)}$"] == ("—" if ess is None else f"{ess:.0f}")
     # calibration: given explicitly (full calibrate() dict) and carried by the NPE samples
     cal = dict(zip(["cl_analytic", "npe_vmim"], _rows(text, "Calibration")))
     assert cal["cl_analytic"].split(" | ")[1:] == ["+0.046", "0.90", "100", "0.11", "0.22 |"]

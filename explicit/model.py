@@ -282,6 +282,8 @@ class LogDensity:
     def place_field(self, field) -> Array:
         """A field (host or device array, or this process's ``checkpoint.LocalShards`` of it) as a
         float64 device array laid out like the field. Raises ValueError for a wrong shape."""
+        if not hasattr(field, "shape"):  # e.g. nested lists
+            field = np.asarray(field, np.float64)
         if tuple(field.shape) != self.field_shape:
             raise ValueError(f"the {self.field_site!r} field must have shape {self.field_shape}, "
                              f"got {tuple(field.shape)}")

@@ -389,6 +389,11 @@ def test_log_density_matches_numpyro_and_start(tmp_path):
         run_toy(tmp_path, NUTS_SMALL, init={"omega": 0.1})
     with pytest.raises(ValueError, match="lies outside the prior's support"):
         log_density(toy_model, ("theta",), init={"theta": float("inf")})
+    # a given start field: float64 whatever its input type; the wrong shape named
+    start = ld.init_position(jax.random.PRNGKey(0), [0.5] * TOY_N)["z"]
+    assert start.dtype == jnp.float64 and np.all(np.asarray(start) == 0.5)
+    with pytest.raises(ValueError, match=rf"'z' field must have shape \({TOY_N},\), got \(3,\)"):
+        ld.init_position(jax.random.PRNGKey(0), np.zeros(3, np.float32))
 
 
 # ------------------------------------------------------------------------------------------------

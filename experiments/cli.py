@@ -704,6 +704,10 @@ def hmc(
         help="With --distributed: the number of processes.", min=1)] = None,
     process_id: Annotated[Optional[int], typer.Option(
         help="With --distributed: this process's index, 0 .. num-processes - 1.", min=0)] = None,
+    chain: Annotated[Optional[list[int]], typer.Option(
+        "--chain", help="Run only this chain of the run (repeatable). Several `lensbench hmc "
+                        "--chain C` with the same OUT run chains in parallel and equal the "
+                        "sequential run; the one finishing last writes samples.h5.", min=0)] = None,
 ):
     """Explicit full-field inference: HMC (NUTS or MCLMC) over the cosmology and the initial field."""
     from .config import load_config, peek_pdims
@@ -716,7 +720,7 @@ def hmc(
         raise typer.BadParameter("--coordinator, --num-processes and --process-id need --distributed")
     else:
         _cpu_devices_for(pdims)
-    run_hmc(load_config(config), maps_file, out, resume=resume, progress=progress)
+    run_hmc(load_config(config), maps_file, out, resume=resume, progress=progress, chains=chain)
 
 
 def _start_distributed(pdims: tuple[int, int], coordinator: Optional[str],

@@ -447,11 +447,14 @@ def read_observation(cfg, maps_path):
 
 
 def run_hmc(config, maps_path, out, *, samples_out=None, resume: bool = True,
-            progress: bool = True):
+            progress: bool = True, chains=None):
     """Explicit full-field inference on an observed map file: numpyro/blackjax HMC over the
     [prior] parameters and the initial white-noise field, with the [hmc] settings (the PM gradient
     mode is ``hmc.gradient``). Chains, checkpoints and diagnostics go to ``out``; the θ samples
     to ``samples_out`` (default ``out``/samples.h5) in the posterior-samples format.
+
+    ``chains``: run only these chain indices (``explicit.run_hmc``); returns None, writing no
+    samples, while other chains of the run are unfinished.
 
     Under jax.distributed (``jax.distributed.initialize`` called first; every process runs this
     with the same arguments, ``out`` on a shared file system) the field stays split over the
@@ -481,7 +484,11 @@ def run_hmc(config, maps_path, out, *, samples_out=None, resume: bool = True,
          f"x ({settings.num_warmup} warm-up + {settings.num_samples}) -> {out}")
     init = {"z": _field_start(numpyro_model, prior.names, Path(out), settings.seed, resume)}
     result = run_chains(numpyro_model, settings, out, theta_names=prior.names, init=init,
-                        resume=resume, progress=progress)
+                        resume=resume, progress=progress, chains=chains)
+    if result is None:
+        _log(f"chain(s) {', '.join(map(str, chains))} finished; samples are written when every "
+             f"chain of {out} is (rerun with the other --chain values, or without --chain)")
+        return None
     theta = np.asarray(result.theta, np.float64)  # (chains, samples, d)
     chain = np.repeat(np.arange(theta.shape[0]), theta.shape[1])
     info = dict(result.diagnostics)

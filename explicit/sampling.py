@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -153,7 +153,8 @@ def _postfix(ck: ChainCheckpoint, chain: int) -> str:
 
 def run_hmc(model: Callable[[], None], settings: HMCSettings, out_dir, *,
             theta_names, field_site: str = FIELD_SITE, init: Mapping[str, Any] | None = None,
-            resume: bool = True, progress: bool = True) -> HMCResult:
+            resume: bool = True, progress: bool = True,
+            chains: Sequence[int] | None = None) -> HMCResult | None:
     """Sample p(θ, z | d) with NUTS or MCLMC in checkpointed segments (see module docstring).
 
     Args:
@@ -172,7 +173,11 @@ def run_hmc(model: Callable[[], None], settings: HMCSettings, out_dir, *,
       resume: continue the run found in out_dir (False: delete it and start over); with a
         larger ``num_samples`` than it was written with, extend it.
       progress: show a tqdm bar (iterations over all chains; step size, divergences, accept rate).
-    Returns: ``HMCResult``; also writes out_dir/diagnostics.json.
+      chains: run only these chains of the run (default: all, one after another). Separate
+        processes (or machines sharing ``out_dir``) can run different chains of one run at the same
+        time: every chain has its own key and file, so the result equals the sequential run.
+    Returns: ``HMCResult``, and writes out_dir/diagnostics.json, once every chain of the run is
+    finished; None while chains outside ``chains`` are not.
 
     Several processes (``jax.distributed``, the model's device grid spanning them) all call
     ``run_hmc`` with the same arguments and a shared ``out_dir``: each keeps and writes only its
@@ -194,6 +199,14 @@ def run_hmc(model: Callable[[], None], settings: HMCSettings, out_dir, *,
     if unknown:
         raise ValueError(f"init has unknown site(s) {sorted(unknown)}; valid: "
                          f"{list(theta_names) + [field_site]}")
+    if chains is not None:
+        chains = sorted({int(c) for c in chains})
+        if not chains or not all(0 <= c < settings.num_chains for c in chains):
+            raise ValueError(f"chains must be chain indices in [0, {settings.num_chains}), got "
+                             f"{chains}")
+        if not resume:
+            raise ValueError("resume=False with chains would delete the other chains' progress: "
+                             "restart the whole run without chains")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     s_dict = settings.to_dict()
@@ -220,12 +233,16 @@ def run_hmc(model: Callable[[], None], settings: HMCSettings, out_dir, *,
         ckpt.write_json(run_file, {"settings": s_dict, "identity": identity})
     ckpt.barrier("lensbench run.json")  # every process reads the chain files after this
 
-    chains = [ckpt.load_chain(out_dir, c, s_dict, extend=True)
-              for c in range(settings.num_chains)]
-    if not all(ck is not None and ck.complete for ck in chains):
-        _sample(model, settings, out_dir, chains, theta_names, field_site, init, progress, tqdm)
-    result = read_chains(out_dir, recompute=True)
-    return result
+    run_these = range(settings.num_chains) if chains is None else chains
+    loaded = {c: ckpt.load_chain(out_dir, c, s_dict, extend=True) for c in run_these}
+    if not all(ck is not None and ck.complete for ck in loaded.values()):
+        _sample(model, settings, out_dir, loaded, theta_names, field_site, init, progress, tqdm)
+    if chains is not None:  # the others may be running elsewhere: are they all done?
+        others = [ckpt.load_chain(out_dir, c, s_dict, extend=True)
+                  for c in range(settings.num_chains) if c not in loaded]
+        if not all(ck is not None and ck.complete for ck in others):
+            return None
+    return read_chains(out_dir, recompute=True)
 
 
 @functools.lru_cache(maxsize=2)
@@ -247,10 +264,10 @@ def _sample(model, settings, out_dir, chains, theta_names, field_site, init, pro
     ld, stepper, segment = _prepare(model, theta_names, field_site, init_theta, code_settings)
     put = getattr(model, "put", jnp.asarray)
     n_iter = settings.n_iterations
-    bar = tqdm(total=settings.num_chains * n_iter, disable=not (progress and ckpt.is_writer()),
+    bar = tqdm(total=len(chains) * n_iter, disable=not (progress and ckpt.is_writer()),
                file=sys.stderr, unit="it", dynamic_ncols=True)
     try:
-        for c, ck in enumerate(chains):
+        for c, ck in chains.items():
             if ck is not None and ck.complete:
                 bar.update(n_iter)
                 continue

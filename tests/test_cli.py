@@ -519,6 +519,53 @@ thin_field = 2
 """
 
 
+GAUSS_HMC_TOML = """
+name = "tiny_gauss_hmc"
+seed = 0
+[simulation]
+kind = "gaussian"
+n_chi = 16
+[maps]
+field_deg = 3.0
+npix = 8
+[sources]
+n_bins = 1
+[prior]
+params = ["Omega_c", "sigma8"]
+[hmc]
+num_warmup = 10
+num_samples = 10
+num_chains = 2
+max_tree_depth = 3
+segment = 10
+"""
+
+
+def test_hmc_chains_run_separately_equal_one_run(tmp_path):
+    """`lensbench hmc --chain C`: chain 1, then chain 0, into one directory (as two parallel
+    processes would) give the draws of the sequential two-chain run exactly (each chain has its
+    own key); samples.h5 appears only when the last chain is done."""
+    config = tmp_path / "gauss_hmc.toml"
+    config.write_text(GAUSS_HMC_TOML)
+    maps = tmp_path / "obs.h5"
+    assert invoke("maps", "--config", config, "--out", maps, "--no-progress").exit_code == 0
+    seq = invoke("hmc", "--config", config, "--maps", maps, "--out", tmp_path / "seq",
+                 "--no-progress")
+    assert seq.exit_code == 0, seq.output
+    part = tmp_path / "par"
+    first = invoke("hmc", "--config", config, "--maps", maps, "--out", part, "--no-progress",
+                   "--chain", 1)
+    assert first.exit_code == 0, first.output
+    assert "chain(s) 1 finished" in first.output and not (part / "samples.h5").exists()
+    last = invoke("hmc", "--config", config, "--maps", maps, "--out", part, "--no-progress",
+                  "--chain", 0)
+    assert last.exit_code == 0, last.output
+    a, b = read_samples(tmp_path / "seq" / "samples.h5"), read_samples(part / "samples.h5")
+    np.testing.assert_array_equal(a.samples, b.samples)
+    np.testing.assert_array_equal(a.chain, b.chain)
+    assert sorted(set(b.chain.tolist())) == [0, 1]
+
+
 def test_hmc_over_two_processes_equals_one_process(tmp_path):
     """`lensbench hmc --distributed` as two jax.distributed processes (one CPU device each, the
     2x1 grid split over them): the start field, the sampler state and the kept fields are written

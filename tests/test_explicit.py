@@ -167,6 +167,21 @@ def test_extending_a_finished_run_equals_one_longer_run(nuts_ref, tmp_path, monk
         run_toy(out, short)
 
 
+def test_chains_run_separately_equal_the_sequential_run(nuts_ref, tmp_path):
+    """chains=[...]: each chain run on its own (as separate processes sharing the directory would)
+    gives the chain of the sequential run bit for bit; the result comes once all are done."""
+    ref, ref_dir = nuts_ref
+    assert run_toy(tmp_path, NUTS_SMALL, chains=[1]) is None  # chain 0 not run yet
+    assert ckpt.load_chain(tmp_path, 0) is None and ckpt.load_chain(tmp_path, 1).complete
+    res = run_toy(tmp_path, NUTS_SMALL, chains=[0])
+    assert_same_run(ref_dir, tmp_path, NUTS_SMALL)
+    np.testing.assert_array_equal(res.theta, ref.theta)
+    with pytest.raises(ValueError, match=r"chain indices in \[0, 2\), got \[2\]"):
+        run_toy(tmp_path, NUTS_SMALL, chains=[2])
+    with pytest.raises(ValueError, match="delete the other chains' progress"):
+        run_toy(tmp_path, NUTS_SMALL, chains=[0], resume=False)
+
+
 def test_finished_run_is_read_back(nuts_ref):
     ref, out = nuts_ref
     again = read_chains(out)

@@ -494,6 +494,16 @@ def test_maps_from_random_field_models(tmp_path, kind):
     assert result.exit_code == 0, result.output
 
 
+# one 8² bin over 3 degrees, the two-parameter prior: the maps and posterior of the tiny HMC runs
+TINY_SKY = """
+[maps]
+field_deg = 3.0
+npix = 8
+[sources]
+n_bins = 1
+[prior]
+params = ["Omega_c", "sigma8"]
+"""
 HMC_TOML = """
 name = "tiny_hmc"
 seed = 0
@@ -503,13 +513,7 @@ mesh_shape = [16, 16, 32]
 box_size = [128.0, 128.0, 512.0]
 pdims = "2x1"
 halo = 4
-[maps]
-field_deg = 3.0
-npix = 8
-[sources]
-n_bins = 1
-[prior]
-params = ["Omega_c", "sigma8"]
+""" + TINY_SKY + """
 [hmc]
 num_warmup = 4
 num_samples = 4
@@ -525,13 +529,7 @@ seed = 0
 [simulation]
 kind = "gaussian"
 n_chi = 16
-[maps]
-field_deg = 3.0
-npix = 8
-[sources]
-n_bins = 1
-[prior]
-params = ["Omega_c", "sigma8"]
+""" + TINY_SKY + """
 [hmc]
 num_warmup = 10
 num_samples = 10

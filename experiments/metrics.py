@@ -171,6 +171,11 @@ def _param_rank(name: str) -> int:
     return PARAM_ORDER.index(name) if name in PARAM_ORDER else len(PARAM_ORDER)
 
 
+def param_order(names) -> list[str]:
+    """The distinct parameter names in table order: PARAM_ORDER first, then the others by name."""
+    return sorted(set(names), key=lambda n: (_param_rank(n), n))
+
+
 def pair_key(a: str, b: str) -> str:
     """Order-independent key "a,b" of a parameter pair (PARAM_ORDER order)."""
     a, b = sorted((a, b), key=lambda n: (_param_rank(n), n))
@@ -411,7 +416,7 @@ def c2st_pairs(samples: Mapping[str, Samples], *, max_samples: int = 2000, seed:
     out = []
     for a, b in combinations(keys, 2):
         sa, sb = samples[a], samples[b]
-        shared = sorted(set(sa.names) & set(sb.names), key=lambda p: (_param_rank(p), p))
+        shared = param_order(set(sa.names) & set(sb.names))
         n = min(len(sa.samples), len(sb.samples), int(max_samples))
         entry = {"a": a, "b": b, "params": shared, "n": n, "accuracy": None}
         if not shared:

@@ -163,8 +163,7 @@ def plot_triangle(out, samples: dict, *, base, truth: dict | None = None, method
         raise ValueError(f"method {missing[0]!r} has no samples here; have: "
                          f"{', '.join(M.order_methods(samples))}")
     if params is None:
-        params = sorted({p for k in keys for p in samples[k].names},
-                        key=lambda p: (M.PARAM_ORDER.index(p) if p in M.PARAM_ORDER else 99, p))
+        params = M.param_order(p for k in keys for p in samples[k].names)
     params = list(params)
     for p in params:
         if p not in M.PARAM_ORDER:

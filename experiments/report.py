@@ -101,8 +101,7 @@ def _power(metrics: dict, keys: list[str]) -> list[str]:
 
 
 def _bias(metrics: dict, keys: list[str]) -> list[str]:
-    params = sorted({p for k in keys for p in metrics["methods"][k]["params"]},
-                    key=lambda p: (M.PARAM_ORDER.index(p) if p in M.PARAM_ORDER else 99, p))
+    params = M.param_order(p for k in keys for p in metrics["methods"][k]["params"])
     truth = metrics.get("truth") or {}
     header = ["method"] + [_plabel(p) for p in params]
     rows = [["truth"] + [_sig(truth.get(p)) for p in params]]
@@ -167,8 +166,7 @@ def _draws(metrics: dict, keys: list[str]) -> list[str]:
     have = [k for k in keys if (metrics["methods"][k].get("draws") or {}).get("ess")]
     if not have:
         return []
-    params = sorted({p for k in have for p in metrics["methods"][k]["draws"]["ess"]},
-                    key=lambda p: (M.PARAM_ORDER.index(p) if p in M.PARAM_ORDER else 99, p))
+    params = M.param_order(p for k in have for p in metrics["methods"][k]["draws"]["ess"])
     header = (["method", "draws", "chains"] + [f"ESS {_plabel(p)}" for p in params]
               + [f"split R̂ {_plabel(p)}" for p in params])
     rows = []
@@ -200,8 +198,7 @@ def _calibration(metrics: dict, keys: list[str], calibration) -> list[str]:
     if not cal:
         return []
     order = [k for k in keys if k in cal] + sorted(k for k in cal if k not in keys)
-    params = sorted({p for v in cal.values() for p in (v.get("sbc_ks_pvals") or {})},
-                    key=lambda p: (M.PARAM_ORDER.index(p) if p in M.PARAM_ORDER else 99, p))
+    params = M.param_order(p for v in cal.values() for p in (v.get("sbc_ks_pvals") or {}))
     header = (["method", "TARP ATC", "TARP KS p", "test sims"]
               + [f"SBC KS p {_plabel(p)}" for p in params])
     rows = []

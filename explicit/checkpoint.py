@@ -362,8 +362,10 @@ def _split_leaves(out_dir: Path, chain: int, n_rows: int, n_processes: int, spli
 
 
 def load_chain(out_dir: Path, chain: int, settings: dict | None = None, *,
-               extend: bool = False) -> ChainCheckpoint | None:
-    """Chain ``chain``'s checkpoint; None when the file does not exist.
+               extend: bool = False, state: bool = True) -> ChainCheckpoint | None:
+    """Chain ``chain``'s checkpoint; None when the file does not exist. ``state=False`` leaves the
+    sampler state unread (``leaves`` None): enough to read the records or whether it is complete,
+    without the field-sized state arrays.
 
     Raises CheckpointError when the file is unreadable or inconsistent (truncated, corrupted, or
     not a chain file), or, with ``settings``, when it was written with other settings (with
@@ -384,7 +386,7 @@ def load_chain(out_dir: Path, chain: int, settings: dict | None = None, *,
                 complete=bool(f.attrs["complete"]), tuned=json.loads(f.attrs["tuned"]),
                 records={name: f["records"][name][()] for name in RECORDS})
             split, n_proc = [], int(f.attrs.get("n_processes", 1))
-            if "state" in f:
+            if state and "state" in f:
                 st = f["state"]
                 ck.treedef = str(st.attrs["treedef"])
                 ds = [st[f"{i:04d}"] for i in range(int(st.attrs["n_leaves"]))]

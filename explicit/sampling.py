@@ -238,7 +238,7 @@ def run_hmc(model: Callable[[], None], settings: HMCSettings, out_dir, *,
     if not all(ck is not None and ck.complete for ck in loaded.values()):
         _sample(model, settings, out_dir, loaded, theta_names, field_site, init, progress, tqdm)
     if chains is not None:  # the others may be running elsewhere: are they all done?
-        others = [ckpt.load_chain(out_dir, c, s_dict, extend=True)
+        others = [ckpt.load_chain(out_dir, c, s_dict, extend=True, state=False)
                   for c in range(settings.num_chains) if c not in loaded]
         if not all(ck is not None and ck.complete for ck in others):
             return None
@@ -335,7 +335,7 @@ def read_chains(out_dir, *, recompute: bool = False) -> HMCResult:
                               f"run directory to restart") from None
     chains = []
     for c in range(settings.num_chains):
-        ck = ckpt.load_chain(out_dir, c, settings.to_dict())
+        ck = ckpt.load_chain(out_dir, c, settings.to_dict(), state=False)  # records suffice
         if ck is None or not ck.complete:
             done = 0 if ck is None else ck.n_rows
             raise CheckpointError(f"{out_dir}: the run is unfinished (chain {c} has {done} of "

@@ -66,12 +66,16 @@ def measure_gradient(name: str, mesh: str | None, gradient: str, evals: int) -> 
     for _ in range(evals):
         jax.block_until_ready(ld.value_and_grad(pos))
     per = (time.perf_counter() - t0) / evals
+    # accelerator memory (None on CPU, where the RSS above is the measure)
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
     return {"config": name, "mesh_shape": list(cfg.simulation.mesh_shape),
             "n_steps": cfg.simulation.n_steps, "npix": cfg.maps.npix, "n_bins": model.bins.n_bins,
             "n_params": prior.dim, "field_cells": int(np.prod(model.latent_shape)),
             "gradient": gradient, "compile_plus_first_s": compile_s, "seconds_per_gradient": per,
             "gradients_per_s": 1.0 / per, "evals": evals, "rss_after_build_mb": base,
-            "peak_rss_mb": _rss_mb(), "devices": [str(d) for d in jax.devices()]}
+            "peak_rss_mb": _rss_mb(), "device_peak_mb": None if peak is None else peak / 2**20,
+            "devices": [str(d) for d in jax.devices()]}
 
 
 def run_grads(args) -> list[dict]:
@@ -83,7 +87,9 @@ def run_grads(args) -> list[dict]:
         row = json.loads(out.strip().splitlines()[-1])
         print(f"{row['config']} {row['mesh_shape']} {mode}: {row['gradients_per_s']:.3g} grad/s, "
               f"compile {row['compile_plus_first_s']:.1f} s, peak RSS {row['peak_rss_mb']:.0f} MB "
-              f"(after build {row['rss_after_build_mb']:.0f} MB)", flush=True)
+              f"(after build {row['rss_after_build_mb']:.0f} MB)"
+              + (f", device peak {row['device_peak_mb']:.0f} MB" if row.get("device_peak_mb") else ""),
+              flush=True)
         rows.append(row)
     return rows
 

@@ -711,7 +711,9 @@ def hmc(
 ):
     """Explicit full-field inference: HMC (NUTS or MCLMC) over the cosmology and the initial field."""
     from .config import load_config, peek_pdims
-    from .pipeline import run_hmc
+    from .pipeline import run_hmc, stop_with_parent
+
+    stop_with_parent()
 
     pdims = peek_pdims(config)
     if distributed:

@@ -278,8 +278,14 @@ def _report_stage(cfg, out: Path) -> dict:
 
 # ---- the runner -------------------------------------------------------------------------------------
 
+# keys that change how a stage runs but not what it writes: changing them reuses finished stages
+RUN_ONLY_KEYS = {"hmc": ("processes",)}
+
+
 def _fingerprint(cfg, stage: Stage, upstream_runs: dict) -> str:
     data = cfg.to_dict()
+    for section, keys in RUN_ONLY_KEYS.items():
+        data[section] = {k: v for k, v in data.get(section, {}).items() if k not in keys}
     picked = {}
     for s in stage.sections:
         section, _, leaf = s.partition(".")

@@ -149,7 +149,10 @@ Top level
                          "mclmc" (blackjax microcanonical Langevin) ["nuts"]
   num_warmup           : warm-up (NUTS adaptation / MCLMC tuning) steps [200]
   num_samples          : samples per chain [200]
-  num_chains           : chains, run one after another [1]
+  num_chains           : chains [1]
+  processes            : run the chains in this many OS processes at once on this machine (CPU:
+                         up to the number of cores; one GPU: keep 1); the draws do not depend on
+                         it. Ignored under jax.distributed, which splits each chain's field [1]
   max_tree_depth       : NUTS: at most 2^depth - 1 gradient evaluations per sample [6]
   target_accept        : NUTS: target acceptance probability of the step-size adaptation [0.8]
   segment              : iterations between checkpoints (the run resumes from the last one) [25]
@@ -764,12 +767,17 @@ class HmcSection:
                           check=_at_least(0))
     gradient: str = key("str", "adjoint", "PM gradient mode", choices=("adjoint", "checkpoint"))
     seed: int = key("int", 2, "seed of the chains", check=_at_least(0))
+    processes: int = key("int", 1, "processes running chains at once", check=_at_least(1))
+
+    # not explicit.HMCSettings fields: the PM gradient mode (set on the simulation) and how many
+    # processes run the chains
+    NOT_SAMPLER_KEYS = ("gradient", "processes")
 
     def settings(self):
         """The ``explicit.HMCSettings``."""
         from explicit import HMCSettings
 
-        values = {k: getattr(self, k) for k in _keys(type(self)) if k != "gradient"}
+        values = {k: getattr(self, k) for k in _keys(type(self)) if k not in self.NOT_SAMPLER_KEYS}
         return _wrap("hmc", _keys(type(self)), lambda: HMCSettings(**values))
 
 

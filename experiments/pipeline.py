@@ -23,6 +23,7 @@ uses ``npe.noise_copies`` noisy copies of each simulation, drawn from ``npe.seed
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import warnings
@@ -454,12 +455,15 @@ def run_hmc(config, maps_path, out, *, samples_out=None, resume: bool = True,
     to ``samples_out`` (default ``out``/samples.h5) in the posterior-samples format.
 
     ``chains``: run only these chain indices (``explicit.run_hmc``); returns None, writing no
-    samples, while other chains of the run are unfinished.
+    samples, while other chains of the run are unfinished. Without it, ``hmc.processes`` > 1 runs
+    the chains in that many child processes at once (``_chains_in_processes``).
 
     Under jax.distributed (``jax.distributed.initialize`` called first; every process runs this
     with the same arguments, ``out`` on a shared file system) the field stays split over the
     processes: each writes its own pieces of the start field, sampler state and kept fields, and
     process 0 the shared files."""
+    import jax
+
     from explicit import checkpoint as ckpt
     from explicit import field_model, run_hmc as run_chains
     from simulators.lensing import noise_sigma
@@ -482,7 +486,17 @@ def run_hmc(config, maps_path, out, *, samples_out=None, resume: bool = True,
     _log(f"{settings.sampler.upper()} over {prior.dim} parameters and the "
          f"{'x'.join(map(str, model.latent_shape))} latent field; {settings.num_chains} chain(s) "
          f"x ({settings.num_warmup} warm-up + {settings.num_samples}) -> {out}")
+    processes = min(cfg.hmc.processes, settings.num_chains)
+    if chains is None and processes > 1:
+        if jax.process_count() > 1:
+            raise ValueError(f"hmc.processes = {cfg.hmc.processes} runs chains as separate "
+                             f"one-process runs; under jax.distributed set it to 1")
+        if not resume:
+            ckpt.clear_run(Path(out))
     init = {"z": _field_start(numpyro_model, prior.names, Path(out), settings.seed, resume)}
+    if chains is None and processes > 1:
+        _chains_in_processes(cfg, settings, Path(maps_path), Path(out), processes, progress)
+        resume = True  # the processes ran every chain: what follows reads them
     result = run_chains(numpyro_model, settings, out, theta_names=prior.names, init=init,
                         resume=resume, progress=progress, chains=chains)
     if result is None:
@@ -503,6 +517,83 @@ def run_hmc(config, maps_path, out, *, samples_out=None, resume: bool = True,
         _report_samples(samples, path)
     ckpt.barrier("lensbench samples")
     return samples
+
+
+def _chains_in_processes(cfg, settings, maps_path: Path, out: Path, processes: int,
+                         progress: bool) -> None:
+    """Run the chains of ``run_hmc`` in ``processes`` child processes (``lensbench hmc --chain``,
+    the chains dealt round-robin), after the start field is saved in ``out`` so that none
+    recomputes it. Shows the iterations of all chains from their checkpoints; logs go to
+    out/logs/process_<i>.log. An interrupted parent stops its children; rerunning resumes them."""
+    import subprocess
+
+    from explicit import checkpoint as ckpt
+    from tqdm import tqdm
+
+    config_file = out / "config.toml"
+    config_file.write_text(cfg.to_toml())
+    (out / "logs").mkdir(exist_ok=True)
+    groups = [list(range(i, settings.num_chains, processes)) for i in range(processes)]
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",  # several may share a GPU
+               **{PARENT_PID_ENV: str(os.getpid())})
+    children = []
+    _log(f"{settings.num_chains} chains in {processes} processes (logs in {out / 'logs'})")
+    s_dict = settings.to_dict()
+    bar = tqdm(total=settings.num_chains * settings.n_iterations, disable=not progress,
+               file=sys.stderr, unit="it", dynamic_ncols=True)
+    try:
+        for i, group in enumerate(groups):
+            cmd = [sys.executable, "-m", "experiments.cli", "hmc", "--config", str(config_file),
+                   "--maps", str(maps_path), "--out", str(out), "--no-progress"]
+            for c in group:
+                cmd += ["--chain", str(c)]
+            log = open(out / "logs" / f"process_{i}.log", "a")
+            children.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
+                             log, group))
+        while any(p.poll() is None for p, _, _ in children):
+            time.sleep(2.0)
+            done = 0
+            for c in range(settings.num_chains):
+                try:
+                    ck = ckpt.load_chain(out, c, s_dict, extend=True, state=False)
+                except ckpt.CheckpointError:
+                    ck = None  # not written yet
+                done += 0 if ck is None else ck.n_rows
+            bar.update(done - bar.n)
+        failed = [(p, log, g) for p, log, g in children if p.returncode != 0]
+        if failed:
+            p, log, group = failed[0]
+            tail = Path(log.name).read_text()[-3000:]
+            raise RuntimeError(f"chain(s) {group} failed (exit {p.returncode}); the end of "
+                               f"{log.name}:\n{tail}")
+    finally:
+        bar.close()
+        for p, log, _ in children:
+            if p.poll() is None:
+                p.terminate()
+                p.wait()
+            log.close()
+
+
+PARENT_PID_ENV = "LENSBENCH_PARENT_PID"
+
+
+def stop_with_parent() -> None:
+    """In a chain process started by ``_chains_in_processes`` (Linux): get SIGTERM when the parent
+    dies, even by SIGKILL, so that a rerun never races orphans on the same chain files (each keeps
+    its last checkpoint). Called first thing by ``lensbench hmc``; a no-op elsewhere."""
+    import ctypes
+    import signal
+
+    parent = os.environ.get(PARENT_PID_ENV)
+    if parent is None:
+        return
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (AttributeError, OSError):  # not Linux: the parent's `finally` still stops us
+        return
+    if os.getppid() != int(parent):  # the parent died before prctl took effect
+        raise SystemExit(f"lensbench hmc: parent process {parent} is gone; stopping")
 
 
 # Adam steps of the field start (explicit.field_start): 100 bring the quick PM objective to within

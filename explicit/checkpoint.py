@@ -140,6 +140,20 @@ def is_writer() -> bool:
     return jax.process_index() == 0
 
 
+def clear_run(out_dir: Path) -> None:
+    """Remove a sampling run's files (chains, kept fields, sampler state, run.json,
+    diagnostics.json) from out_dir and nothing else; process 0 does it for all."""
+    out_dir = Path(out_dir)
+    if is_writer():
+        for p in list(out_dir.glob("chain_*.h5")) + [out_dir / "run.json",
+                                                     out_dir / "diagnostics.json"]:
+            p.unlink(missing_ok=True)
+        for p in [*(out_dir / "fields").glob("c*_*.npy"), *(out_dir / "fields").glob("c*_*.p*.h5"),
+                  *(out_dir / "state").glob("c*_*.p*.h5")]:
+            p.unlink()
+    barrier("lensbench clear")
+
+
 def state_path(out_dir: Path, chain: int, n_rows: int, process: int) -> Path:
     return Path(out_dir) / "state" / f"c{chain}_{n_rows}.p{process}.h5"
 

@@ -86,18 +86,6 @@ def _identity(theta_names, field_site, init) -> dict:
             "init": {k: float(v) for k, v in sorted(init.items())}, "init_field_sha256": digest}
 
 
-def _clear(out_dir: Path) -> None:
-    """Remove this package's files from out_dir (nothing else); process 0 does it for all."""
-    if ckpt.is_writer():
-        for p in list(out_dir.glob("chain_*.h5")) + [out_dir / "run.json",
-                                                     out_dir / "diagnostics.json"]:
-            p.unlink(missing_ok=True)
-        for p in [*(out_dir / "fields").glob("c*_*.npy"), *(out_dir / "fields").glob("c*_*.p*.h5"),
-                  *(out_dir / "state").glob("c*_*.p*.h5")]:
-            p.unlink()
-    ckpt.barrier("lensbench clear")
-
-
 def _field_like(model, shape) -> bool:
     """Whether the model lays out arrays of this shape like its field (split over devices): such
     arrays stay split over processes on the host, each keeping its pieces."""
@@ -213,7 +201,7 @@ def run_hmc(model: Callable[[], None], settings: HMCSettings, out_dir, *,
     identity = _identity(theta_names, field_site, init)
     run_file = out_dir / "run.json"
     if not resume:
-        _clear(out_dir)
+        ckpt.clear_run(out_dir)
     info = ckpt.read_json(run_file)
     if info is not None:
         saved = info.get("settings", {})

@@ -550,7 +550,9 @@ def _chains_in_processes(cfg, settings, maps_path: Path, out: Path, processes: i
             log = open(out / "logs" / f"process_{i}.log", "a")
             children.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
                              log, group))
-        while any(p.poll() is None for p, _, _ in children):
+        # until all are done, or one fails (the others' checkpoints are kept when stopped)
+        while any(p.poll() is None for p, _, _ in children) and \
+                not any(p.returncode for p, _, _ in children):
             time.sleep(2.0)
             done = 0
             for c in range(settings.num_chains):
@@ -560,11 +562,11 @@ def _chains_in_processes(cfg, settings, maps_path: Path, out: Path, processes: i
                     ck = None  # not written yet
                 done += 0 if ck is None else ck.n_rows
             bar.update(done - bar.n)
-        failed = [(p, log, g) for p, log, g in children if p.returncode != 0]
+        failed = [(p, log, g) for p, log, g in children if p.returncode]
         if failed:
             p, log, group = failed[0]
             tail = Path(log.name).read_text()[-3000:]
-            raise RuntimeError(f"chain(s) {group} failed (exit {p.returncode}); the end of "
+            raise ChildProcessError(f"chain(s) {group} failed (exit {p.returncode}); the end of "
                                f"{log.name}:\n{tail}")
     finally:
         bar.close()

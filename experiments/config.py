@@ -152,7 +152,7 @@ Top level
   num_chains           : chains [1]
   processes            : run the chains in this many OS processes at once on this machine (CPU:
                          up to the number of cores; one GPU: keep 1); the draws do not depend on
-                         it. Ignored under jax.distributed, which splits each chain's field [1]
+                         it. Must be 1 under jax.distributed, which splits each chain's field [1]
   max_tree_depth       : NUTS: at most 2^depth - 1 gradient evaluations per sample [6]
   target_accept        : NUTS: target acceptance probability of the step-size adaptation [0.8]
   segment              : iterations between checkpoints (the run resumes from the last one) [25]

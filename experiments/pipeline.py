@@ -487,14 +487,15 @@ def run_hmc(config, maps_path, out, *, samples_out=None, resume: bool = True,
          f"{'x'.join(map(str, model.latent_shape))} latent field; {settings.num_chains} chain(s) "
          f"x ({settings.num_warmup} warm-up + {settings.num_samples}) -> {out}")
     processes = min(cfg.hmc.processes, settings.num_chains)
-    if chains is None and processes > 1:
+    in_processes = chains is None and processes > 1
+    if in_processes:
         if jax.process_count() > 1:
             raise ValueError(f"hmc.processes = {cfg.hmc.processes} runs chains as separate "
                              f"one-process runs; under jax.distributed set it to 1")
         if not resume:
             ckpt.clear_run(Path(out))
     init = {"z": _field_start(numpyro_model, prior.names, Path(out), settings.seed, resume)}
-    if chains is None and processes > 1:
+    if in_processes:
         _chains_in_processes(cfg, settings, Path(maps_path), Path(out), processes, progress)
         resume = True  # the processes ran every chain: what follows reads them
     result = run_chains(numpyro_model, settings, out, theta_names=prior.names, init=init,
@@ -566,8 +567,8 @@ def _chains_in_processes(cfg, settings, maps_path: Path, out: Path, processes: i
         if failed:
             p, log, group = failed[0]
             tail = Path(log.name).read_text()[-3000:]
-            raise ChildProcessError(f"chain(s) {group} failed (exit {p.returncode}); the end of "
-                               f"{log.name}:\n{tail}")
+            raise ChildProcessError(f"chain(s) {group} failed (exit {p.returncode}); the end "
+                                    f"of {log.name}:\n{tail}")
     finally:
         bar.close()
         for p, log, _ in children:

@@ -38,6 +38,14 @@ such as ``typer.testing.CliRunner``). A device count the user chose through ``XL
 ``JAX_NUM_CPU_DEVICES`` is left alone; on GPU machines the option has no effect and the GPUs are
 used.
 
+Compiled programs are kept between runs. Unless ``JAX_COMPILATION_CACHE_DIR`` is set, every command
+uses JAX's persistent compilation cache in ``$XDG_CACHE_HOME/lensbench/xla/<host CPU signature>``
+(``~/.cache`` by default; at most 4 GiB, least recently used programs evicted). A resumed chain, a
+rerun of ``compare`` or a chain's child process then loads its compiled programs instead of
+compiling them again (minutes for the field-level HMC segment). ``JAX_ENABLE_COMPILATION_CACHE=false``
+turns it off. The directory is per CPU signature because a CPU program compiled for one
+instruction set must not be loaded on a node with another one sharing the same home directory.
+
 Errors. Bad input (invalid cosmology or configuration, an unreadable file, a usage error) ends with
 a single ``lensbench: error: ...`` line on stderr and a non-zero exit (2 for usage errors, 1 for
 everything else, 130 on Ctrl-C), never a traceback. Set ``LENSBENCH_DEBUG=1`` to get the traceback
@@ -78,10 +86,43 @@ def _fail(message: str, code: int, prefix: str = "lensbench") -> None:
     sys.exit(code)
 
 
+def _host_signature() -> str:
+    """A short hash of this machine's CPU type and instruction-set flags (Linux), or its
+    architecture name elsewhere: compiled CPU programs are only valid on matching hardware."""
+    import hashlib
+    import platform
+
+    text = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            text += next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return f"{platform.machine() or 'cpu'}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+
+
+def _use_compilation_cache() -> None:
+    """Point JAX's persistent compilation cache at lensbench's user cache directory, unless the
+    user chose one (or JAX is already imported in this process: then its configuration is the
+    caller's). Only environment variables are set, so JAX is not imported here; child processes
+    (``[hmc] processes``) inherit them and share the cache."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or "jax" in sys.modules:
+        return
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    path = base / "lensbench" / "xla" / _host_signature()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:  # read-only or missing home: run without the cache
+        return
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(path)
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+
+
 class _OneLineErrors(TyperGroup):
     """Run commands in non-standalone mode and turn every expected failure into one stderr line."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        _use_compilation_cache()
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:

@@ -531,9 +531,10 @@ def _chains_in_processes(cfg, settings, maps_path: Path, out: Path, processes: i
     from explicit import checkpoint as ckpt
     from tqdm import tqdm
 
-    config_file = out / "config.toml"
-    config_file.write_text(cfg.to_toml())
     (out / "logs").mkdir(exist_ok=True)
+    # next to the logs, not out/config.toml: that may be the user's own (commented) file
+    config_file = out / "logs" / "config.toml"
+    config_file.write_text(cfg.to_toml())
     groups = [list(range(i, settings.num_chains, processes)) for i in range(processes)]
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",  # several may share a GPU
                **{PARENT_PID_ENV: str(os.getpid())})

@@ -621,3 +621,23 @@ def test_hmc_over_two_processes_equals_one_process(tmp_path):
     two_processes()  # finished: nothing resampled, samples.h5 rewritten from the chain files
     np.testing.assert_array_equal(read_samples(two / "samples.h5").samples, b.samples)
     assert (two / "samples.h5").stat().st_mtime_ns > first
+
+
+def test_commands_use_a_persistent_compilation_cache(tmp_path):
+    """Without JAX_COMPILATION_CACHE_DIR, a command points JAX's cache at
+    $XDG_CACHE_HOME/lensbench/xla/<machine>-<hash> (created, 4 GiB limit); a directory the user
+    chose is kept. Run in a fresh interpreter: this session already set its own cache."""
+    probe = ("import os; from experiments.cli import _use_compilation_cache as u; u(); "
+             "print(os.environ.get('JAX_COMPILATION_CACHE_DIR')); "
+             "print(os.environ.get('JAX_COMPILATION_CACHE_MAX_SIZE'))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    path = Path(out[0])
+    assert path.parent == tmp_path / "xdg" / "lensbench" / "xla" and path.is_dir()
+    assert int(out[1]) == 4 << 30
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "mine")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == [str(tmp_path / "mine"), "None"]

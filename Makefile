@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: venv
 	$(VENV)/bin/lensbench demo
 
+# Two test files at a time (pytest-xdist; whole files, so module fixtures and their background
+# workers run once): one process mostly compiles on one core, which leaves the other idle.
 test: venv
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
 
 clean-venv:
 	rm -rf $(VENV)

@@ -23,6 +23,8 @@ from experiments.config import load_config_text
 from experiments.io import MAP_ATTRS, MAP_DATASETS, read_maps, read_run, read_samples, write_run
 from experiments.progress import StepProgress, step_callback
 
+from tests.procs import HANG
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--mesh", "16", "--box", "64", "--steps", "2"]
 runner = CliRunner()
@@ -416,7 +418,7 @@ def run_cli_subprocess(*args, cwd):
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return subprocess.run([sys.executable, "-m", "experiments.cli", *map(str, args)], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=HANG)
 
 
 def test_pdims_creates_cpu_devices(tmp_path, run_file):
@@ -599,7 +601,7 @@ def test_hmc_over_two_processes_equals_one_process(tmp_path):
         logs = []
         for p in procs:
             try:
-                logs.append(p.communicate(timeout=600)[0])
+                logs.append(p.communicate(timeout=HANG)[0])
             finally:
                 if p.poll() is None:
                     p.kill()

@@ -22,6 +22,8 @@ from experiments import cli
 from experiments.config import ConfigError, load_config
 from experiments.io import read_samples
 
+from tests.procs import HANG
+
 runner = CliRunner()
 
 REDUCED = {
@@ -60,7 +62,7 @@ def results(tmp_path_factory):
     env = {**os.environ, "LENSBENCH_COMPARE_KILL_AFTER": KILL_AFTER}
     killed = subprocess.run([sys.executable, "-m", "experiments.cli", "compare", "--config",
                              str(config), "--out", str(out)], env=env, capture_output=True,
-                            text=True, timeout=900)
+                            text=True, timeout=HANG)
     assert killed.returncode == 137, killed.stderr[-3000:]
     done = sorted(p.stem for p in (out / "stages").glob("*.json"))
     assert done == sorted(FIRST_STAGES)

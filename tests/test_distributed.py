@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.procs import HANG
+
 LAYOUTS = ["1x2", "2x2", "4x1", "2x4"]
 HERE = Path(__file__).parent
 
@@ -15,7 +17,7 @@ HERE = Path(__file__).parent
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist") / "results.npz"
     subprocess.run([sys.executable, str(HERE / "multidevice_worker.py"), "8", str(out), *LAYOUTS],
-                   check=True, cwd=HERE.parent, timeout=1500)
+                   check=True, cwd=HERE.parent, timeout=HANG)
     return dict(np.load(out))
 
 

@@ -27,6 +27,8 @@ from simulators.lensing import GaussianLensing, simulate_maps
 from simulators.lightcone import FlatSky
 from simulators.sources import RedshiftBins
 
+from tests.procs import HANG
+
 HERE = Path(__file__).parent
 
 # ------------------------------------------------------------------------------------------------
@@ -468,7 +470,7 @@ def multiprocess_workers(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def sharded(sharded_worker):
     proc, out = sharded_worker
-    proc.wait(timeout=1200)
+    proc.wait(timeout=HANG)
     log = out.with_suffix(".log").read_text()
     assert proc.returncode == 0, f"sharded worker failed:\n{log[-4000:]}"
     return dict(np.load(out))
@@ -528,7 +530,7 @@ def test_multiprocess_nuts_resumes_and_equals_one_process(multiprocess_workers, 
     collective sum (float32 round-off) but not for a misplaced or stale piece of the state."""
     procs, work, out = multiprocess_workers
     for i, proc in enumerate(procs):
-        proc.wait(timeout=1200)
+        proc.wait(timeout=HANG)
         assert proc.returncode == 0, (work / f"p{i}.log").read_text()[-4000:]
     got = dict(np.load(out))
     for name in ckpt.RECORDS:

@@ -24,6 +24,8 @@ from experiments.dataset import (CHUNK_DELAY_ENV, FORMAT, SIMS_ATTRS, generate, 
                                  read_sims)
 from experiments.priors import lsst_y10
 
+from tests.procs import HANG
+
 REPO = Path(__file__).resolve().parents[1]
 GAUSS = {"simulation.kind": "gaussian", "maps.npix": 16, "sources.n_bins": 2}
 CFG = load_config("quick").with_(**GAUSS)
@@ -173,7 +175,7 @@ def test_data_parallel_two_devices(reference, tmp_path):
     out = tmp_path / "dp.h5"
     proc = subprocess.run([sys.executable, "-c", child_script(2), str(out)], cwd=tmp_path,
                           env=child_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"),
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=HANG)
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info == {"n_devices": 2, "n_ok": N, "mode": "data-parallel"}

@@ -11,6 +11,8 @@ from simulators import SimConfig, white_noise
 from tests.procs import free_port
 from tests.sim_cases import BASE, COSMO, loss_fn
 
+from tests.procs import HANG
+
 HERE = Path(__file__).parent
 
 
@@ -20,7 +22,7 @@ def test_two_processes_equal_single_process(tmp_path):
                                str(port), str(out)], cwd=HERE.parent)
              for i in range(2)]
     for p in procs:
-        assert p.wait(timeout=900) == 0
+        assert p.wait(timeout=HANG) == 0
     got = dict(np.load(out))
 
     cfg = SimConfig(**BASE)

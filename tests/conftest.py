@@ -1,8 +1,8 @@
 """Test-session set-up: one persistent XLA compilation cache shared by the whole run.
 
-Most of the suite's time is XLA compiling the same programs again: the same tiny model in several
-tests, and every `lensbench` subprocess (chains in child processes, jax.distributed workers,
-fake-device workers) compiling from scratch. A cache directory named in the environment before JAX
+Much of the suite's time is XLA compiling: the same tiny model in several tests, and every
+`lensbench` subprocess (chains in child processes, jax.distributed workers, fake-device workers)
+compiling from scratch. A cache directory named in the environment before JAX
 is imported is seen by this process and inherited by every subprocess, so each distinct program
 (same HLO, options, devices and XLA flags: JAX's cache key) is compiled once per run.
 

@@ -1,4 +1,4 @@
-"""Helpers for tests that start jax.distributed processes on localhost."""
+"""Helpers for tests that start subprocesses (jax.distributed processes on localhost, workers)."""
 
 import socket
 
@@ -8,6 +8,7 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
+
 
 # Time limit [s] for a test's subprocess: a guard against hangs, not a speed target. `make test`
 # runs two test files at a time on two cores, each with its own subprocesses, so a worker that

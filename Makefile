@@ -21,9 +21,10 @@ demo: venv
 	$(VENV)/bin/lensbench demo
 
 # Two test files at a time (pytest-xdist; whole files, so module fixtures and their background
-# workers run once): one process mostly compiles on one core, which leaves the other idle.
+# workers run once): one process mostly compiles on one core, which leaves the other idle. Files
+# start in tests/conftest.py's order (the slowest first), not xdist's (the most tests first).
 test: venv
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 clean-venv:
 	rm -rf $(VENV)

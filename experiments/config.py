@@ -160,6 +160,10 @@ Top level
   gradient             : "adjoint" (reverse-time PM adjoint: memory independent of the number of
                          steps) or "checkpoint"; replaces simulation.gradient for HMC ["adjoint"]
   seed                 : seed of the chains [2]
+  start_steps          : Adam steps (one gradient each) of the start field, a draw of
+                         p(z | d, theta at the prior mean) by perturb-and-optimise
+                         (``explicit.field_start``); 100 bring the quick objective to within 1 of
+                         its optimum, 0 starts from the perturbed draw itself [100]
 
 [compare]              ``lensbench compare``: the methods run on one observation and compared
   methods              : any of "cl_analytic" (Gaussian C_ell likelihood + NUTS), "npe_cl" (NPE on
@@ -768,10 +772,11 @@ class HmcSection:
     gradient: str = key("str", "adjoint", "PM gradient mode", choices=("adjoint", "checkpoint"))
     seed: int = key("int", 2, "seed of the chains", check=_at_least(0))
     processes: int = key("int", 1, "processes running chains at once", check=_at_least(1))
+    start_steps: int = key("int", 100, "Adam steps of the start field", check=_at_least(0))
 
-    # not explicit.HMCSettings fields: the PM gradient mode (set on the simulation) and how many
-    # processes run the chains
-    NOT_SAMPLER_KEYS = ("gradient", "processes")
+    # not explicit.HMCSettings fields: the PM gradient mode (set on the simulation), how many
+    # processes run the chains, and how the start field is found (explicit.field_start)
+    NOT_SAMPLER_KEYS = ("gradient", "processes", "start_steps")
 
     def settings(self):
         """The ``explicit.HMCSettings``."""

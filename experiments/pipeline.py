@@ -494,7 +494,8 @@ def run_hmc(config, maps_path, out, *, samples_out=None, resume: bool = True,
                              f"one-process runs; under jax.distributed set it to 1")
         if not resume:
             ckpt.clear_run(Path(out))
-    init = {"z": _field_start(numpyro_model, prior.names, Path(out), settings.seed, resume)}
+    init = {"z": _field_start(numpyro_model, prior.names, Path(out), settings.seed,
+                              cfg.hmc.start_steps, resume)}
     if in_processes:
         _chains_in_processes(cfg, settings, Path(maps_path), Path(out), processes, progress)
         resume = True  # the processes ran every chain: what follows reads them
@@ -600,13 +601,10 @@ def stop_with_parent() -> None:
         raise SystemExit(f"lensbench hmc: parent process {parent} is gone; stopping")
 
 
-# Adam steps of the field start (explicit.field_start): 100 bring the quick PM objective to within
-# 1 of its optimum (-3236 -> -2953.7, the last 10 steps gain 0.5), ~30 s on one core.
-FIELD_START_STEPS = 100
-
-
-def _field_start(model, names, out: Path, seed: int, resume: bool):
-    """``explicit.field_start``, kept in ``out`` so that a resumed run starts from the same field:
+def _field_start(model, names, out: Path, seed: int, steps: int, resume: bool):
+    """``explicit.field_start`` (``steps`` Adam steps: ``hmc.start_steps``; 100 bring the quick
+    PM objective to within 1 of its optimum, -3236 -> -2953.7 with the last 10 steps gaining 0.5,
+    ~30 s on one core), kept in ``out`` so that a resumed run starts from the same field:
     a host array, or, where the field is split over jax.distributed processes, each process's
     pieces (``explicit.checkpoint.save_array``)."""
     from explicit import checkpoint as ckpt
@@ -618,14 +616,14 @@ def _field_start(model, names, out: Path, seed: int, resume: bool):
         if z is not None:
             return z
     t0 = time.perf_counter()
-    z = field_start(model, names, seed=seed, steps=FIELD_START_STEPS,
+    z = field_start(model, names, seed=seed, steps=steps,
                     progress=lambda i, val: _log(f"  start field: step {i}, objective {val:.6g}"))
     if ckpt.is_writer():
         path.unlink(missing_ok=True)  # a stale whole array would shadow new pieces
     ckpt.barrier("lensbench field start")
     ckpt.save_array(path, z)
     _log(f"start field: a draw of p(z | d, theta at the prior mean) by perturb-and-optimise "
-         f"({FIELD_START_STEPS} Adam steps, {time.perf_counter() - t0:.0f} s)")
+         f"({steps} Adam steps, {time.perf_counter() - t0:.0f} s)")
     return z
 
 

@@ -1,6 +1,18 @@
-"""Helpers for tests that start subprocesses (jax.distributed processes on localhost, workers)."""
+"""Helpers for tests that start subprocesses: `lensbench` commands in a fresh interpreter (a
+device count of their own) and jax.distributed processes on localhost."""
 
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Time limit [s] for a test's subprocess: a guard against hangs, not a speed target. `make test`
+# runs two test files at a time on two cores, each with its own subprocesses, so a worker that
+# takes 5 minutes alone may take 20 (the whole suite must fit in CI's 90 minutes anyway).
+HANG = 2400
 
 
 def free_port() -> int:
@@ -10,7 +22,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# Time limit [s] for a test's subprocess: a guard against hangs, not a speed target. `make test`
-# runs two test files at a time on two cores, each with its own subprocesses, so a worker that
-# takes 5 minutes alone may take 20 (the whole suite must fit in CI's 90 minutes anyway).
-HANG = 2400
+def cli_env() -> dict[str, str]:
+    """This environment for a `lensbench` subprocess: CPU only, the repository importable, and no
+    device count inherited (the command picks its own from --pdims or its configuration)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def run_cli_subprocess(*args, cwd) -> subprocess.CompletedProcess:
+    """`lensbench ARGS...` in a fresh interpreter; stdout and stderr captured as text."""
+    return subprocess.run([sys.executable, "-m", "experiments.cli", *map(str, args)], cwd=cwd,
+                          env=cli_env(), capture_output=True, text=True, timeout=HANG)

@@ -23,9 +23,8 @@ from experiments.config import load_config_text
 from experiments.io import MAP_ATTRS, MAP_DATASETS, read_maps, read_run, read_samples, write_run
 from experiments.progress import StepProgress, step_callback
 
-from tests.procs import HANG
+from tests.procs import REPO, run_cli_subprocess
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--mesh", "16", "--box", "64", "--steps", "2"]
 runner = CliRunner()
 
@@ -413,14 +412,6 @@ def test_bad_input_one_line_error(bad_files, args, code, message):
 
 # ---- several devices (fresh interpreter) --------------------------------------------------------
 
-def run_cli_subprocess(*args, cwd):
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return subprocess.run([sys.executable, "-m", "experiments.cli", *map(str, args)], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=HANG)
-
-
 def test_pdims_creates_cpu_devices(tmp_path, run_file):
     """--pdims 2x2 on CPU makes 4 host devices; same seed gives the same run as one device."""
     out = tmp_path / "sharded.h5"
@@ -494,135 +485,6 @@ def test_maps_from_random_field_models(tmp_path, kind):
     assert np.all(np.isfinite(data.kappa)) and np.std(data.kappa) > 0
     result = invoke("cl", out, "--out", tmp_path / "c.png")
     assert result.exit_code == 0, result.output
-
-
-# one 8² bin over 3 degrees, the two-parameter prior: the maps and posterior of the tiny HMC runs
-TINY_SKY = """
-[maps]
-field_deg = 3.0
-npix = 8
-[sources]
-n_bins = 1
-[prior]
-params = ["Omega_c", "sigma8"]
-"""
-HMC_TOML = """
-name = "tiny_hmc"
-seed = 0
-[simulation]
-kind = "lpt"
-mesh_shape = [16, 16, 32]
-box_size = [128.0, 128.0, 512.0]
-pdims = "2x1"
-halo = 4
-""" + TINY_SKY + """
-[hmc]
-num_warmup = 4
-num_samples = 4
-max_tree_depth = 3
-segment = 4
-thin_field = 2
-"""
-
-
-GAUSS_HMC_TOML = """
-name = "tiny_gauss_hmc"
-seed = 0
-[simulation]
-kind = "gaussian"
-n_chi = 16
-""" + TINY_SKY + """
-[hmc]
-num_warmup = 10
-num_samples = 10
-num_chains = 2
-max_tree_depth = 3
-segment = 10
-"""
-
-
-def test_hmc_chains_run_separately_equal_one_run(tmp_path):
-    """`lensbench hmc --chain 1` alone finishes its chain and writes no samples.h5; then
-    hmc.processes = 2 on the same directory (two child `--chain` processes: chain 1 found
-    finished, chain 0 run) gives the draws of the sequential two-chain run exactly (each chain has
-    its own key)."""
-    config = tmp_path / "gauss_hmc.toml"
-    config.write_text(GAUSS_HMC_TOML)
-    maps = tmp_path / "obs.h5"
-    assert invoke("maps", "--config", config, "--out", maps, "--no-progress").exit_code == 0
-    seq = invoke("hmc", "--config", config, "--maps", maps, "--out", tmp_path / "seq",
-                 "--no-progress")
-    assert seq.exit_code == 0, seq.output
-    part = tmp_path / "par"
-    first = invoke("hmc", "--config", config, "--maps", maps, "--out", part, "--no-progress",
-                   "--chain", 1)
-    assert first.exit_code == 0, first.output
-    assert "chain(s) 1 finished" in first.output and not (part / "samples.h5").exists()
-    two = tmp_path / "gauss_hmc_2proc.toml"
-    two.write_text(GAUSS_HMC_TOML + "processes = 2\n")
-    par = invoke("hmc", "--config", two, "--maps", maps, "--out", part, "--no-progress")
-    assert par.exit_code == 0, par.output
-    assert "2 chains in 2 processes" in par.output
-    a, b = read_samples(tmp_path / "seq" / "samples.h5"), read_samples(part / "samples.h5")
-    np.testing.assert_array_equal(a.samples, b.samples)
-    np.testing.assert_array_equal(a.chain, b.chain)
-    assert sorted(set(b.chain.tolist())) == [0, 1]
-
-
-def test_hmc_over_two_processes_equals_one_process(tmp_path):
-    """`lensbench hmc --distributed` as two jax.distributed processes (one CPU device each, the
-    2x1 grid split over them): the start field, the sampler state and the kept fields are written
-    as each process's pieces (never joined), process 0 writes samples.h5, and the draws equal the
-    one-process run of the same 2x1 grid. 1e-6: the partitioned programs are the same (bitwise in
-    explicit's own two-process test); the margin is for a reordered collective sum in float32.
-    Rerun, the processes find the finished run from their own pieces (same start-field hash)."""
-    from tests.procs import free_port
-
-    config = tmp_path / "tiny_hmc.toml"
-    config.write_text(HMC_TOML)
-    maps = tmp_path / "obs.h5"
-    proc = run_cli_subprocess("maps", "--config", config, "--out", maps, "--pdims", "1x1",
-                              cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    one = run_cli_subprocess("hmc", "--config", config, "--maps", maps, "--out", tmp_path / "one",
-                             "--no-progress", cwd=tmp_path)
-    assert one.returncode == 0, one.stderr[-3000:]
-
-    def two_processes():
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-        env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-        procs = [subprocess.Popen(
-            [sys.executable, "-m", "experiments.cli", "hmc", "--config", str(config), "--maps",
-             str(maps), "--out", str(tmp_path / "two"), "--no-progress", "--distributed",
-             "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
-            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for i in range(2)]
-        logs = []
-        for p in procs:
-            try:
-                logs.append(p.communicate(timeout=HANG)[0])
-            finally:
-                if p.poll() is None:
-                    p.kill()
-        for p, log in zip(procs, logs):
-            assert p.returncode == 0, log[-3000:]
-        return logs
-
-    logs = two_processes()
-    assert "start field:" in logs[0] and "start field" not in logs[1]  # progress from process 0
-    two = tmp_path / "two"
-    assert sorted(p.name for p in two.glob("field_start*")) == ["field_start.p0.h5",
-                                                                "field_start.p1.h5"]
-    assert sorted(p.name for p in (two / "fields").iterdir()) == [
-        f"c0_{s:07d}.p{r}.h5" for s in (1, 3) for r in (0, 1)]
-    a, b = read_samples(tmp_path / "one" / "samples.h5"), read_samples(two / "samples.h5")
-    assert a.samples.shape == (4, 2) and np.ptp(a.samples[:, 0]) > 0  # it moved
-    np.testing.assert_allclose(b.samples, a.samples, rtol=0, atol=1e-6)
-    first = (two / "samples.h5").stat().st_mtime_ns
-    two_processes()  # finished: nothing resampled, samples.h5 rewritten from the chain files
-    np.testing.assert_array_equal(read_samples(two / "samples.h5").samples, b.samples)
-    assert (two / "samples.h5").stat().st_mtime_ns > first
 
 
 def test_commands_use_a_persistent_compilation_cache(tmp_path):

@@ -180,11 +180,21 @@ class MCLMCStepper:
         return (1 + 2 * len(self.ld.theta_names) + round(n * f1) + n2
                 + (round(n2 / 3) if n2 > 1 else 0) + (n3 if n3 >= 2 else 0))
 
-    @cached_property
-    def _init(self) -> Callable:
-        import blackjax
+    def _init(self, position: dict, key: Array):
+        """``blackjax.mcmc.mclmc.init`` (the same state: log p, its gradient, a random unit
+        momentum) with the log-density's own compiled gradient, which the θ mass and the start
+        share: jitting blackjax's init compiles a second gradient program (~10 s on the test's
+        tiny PM model)."""
+        from blackjax.mcmc.integrators import IntegratorState
 
-        return jax.jit(lambda position, key: blackjax.mcmc.mclmc.init(position, self.ld.logdensity, key))
+        logp, grad = self.ld.value_and_grad(position)
+        return IntegratorState(position, self._unit_vector(key, position), logp, grad)
+
+    @cached_property
+    def _unit_vector(self) -> Callable:
+        from blackjax.util import generate_unit_vector
+
+        return jax.jit(generate_unit_vector)
 
     @cached_property
     def _tune(self) -> Callable:

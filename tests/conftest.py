@@ -18,7 +18,7 @@ import tempfile
 
 _OWN_CACHE: str | None = None
 
-# Files started first, longest first (measured: 470, 390, 260, 180, 100 and 60 s in a `make test`
+# Files started first, longest first (measured: 450, 440, 260, 200, 120 and 80 s in a `make test`
 # run). `make test` runs two files at a time; a long file started last would run alone at the end
 # while the other core idles, and xdist's own order (most tests first) starts these last.
 SLOW_FILES = ("test_explicit.py", "test_cli_hmc.py", "test_compare.py", "test_distributed.py",
@@ -46,26 +46,3 @@ def pytest_collection_modifyitems(config, items):
         return SLOW_FILES.index(name) if name in SLOW_FILES else len(SLOW_FILES)
 
     items.sort(key=rank)  # stable: the order within and among the other files is kept
-
-
-def pytest_xdist_make_scheduler(config, log):
-    """``--dist loadfile`` that sends a worker its next file only when one test of its files is
-    left. xdist's own sends it once two are left: a worker given a long file of one or two tests
-    (a sharded worker, HMC processes) was at once sent the next long file too, so long files piled
-    up on one worker (measured: 1147 s wall for 1850 s of tests on two workers).
-    Relies on the scheduler's internals of pytest-xdist 3.8 (pinned in constraints.txt)."""
-    if config.getoption("dist") != "loadfile":
-        return None
-    from xdist.scheduler import LoadFileScheduling
-
-    class OneFileAhead(LoadFileScheduling):
-        def _reschedule(self, node):
-            if node.shutting_down:
-                return
-            if not self.workqueue:
-                node.shutdown()
-                return
-            if self._pending_of(self.assigned_work[node]) <= 1:
-                self._assign_work_unit(node)
-
-    return OneFileAhead(config, log)

@@ -18,7 +18,7 @@ import tempfile
 
 _OWN_CACHE: str | None = None
 
-# Files started first, longest first (measured: 450, 440, 260, 200, 120 and 80 s in a `make test`
+# Files started first, longest first (measured: 470, 390, 260, 180, 100 and 60 s in a `make test`
 # run). `make test` runs two files at a time; a long file started last would run alone at the end
 # while the other core idles, and xdist's own order (most tests first) starts these last.
 SLOW_FILES = ("test_explicit.py", "test_cli_hmc.py", "test_compare.py", "test_distributed.py",

@@ -1,11 +1,13 @@
-"""Helpers for tests that start subprocesses: `lensbench` commands in a fresh interpreter (a
-device count of their own) and jax.distributed processes on localhost."""
+"""Helpers for tests that run `lensbench` commands, in this process (`invoke`) or in a fresh
+interpreter (a device count of their own), and jax.distributed processes on localhost."""
 
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from typer.testing import CliRunner, Result
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,3 +37,10 @@ def run_cli_subprocess(*args, cwd) -> subprocess.CompletedProcess:
     """`lensbench ARGS...` in a fresh interpreter; stdout and stderr captured as text."""
     return subprocess.run([sys.executable, "-m", "experiments.cli", *map(str, args)], cwd=cwd,
                           env=cli_env(), capture_output=True, text=True, timeout=HANG)
+
+
+def invoke(*args) -> Result:
+    """`lensbench ARGS...` in this process (typer's test runner); output captured, no exit."""
+    from experiments import cli  # here, not at import: tests that only start subprocesses skip it
+
+    return CliRunner().invoke(cli.app, [str(a) for a in args])

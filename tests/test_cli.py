@@ -16,21 +16,15 @@ from types import SimpleNamespace
 import h5py
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from experiments import cli
 from experiments.config import load_config_text
-from experiments.io import MAP_ATTRS, MAP_DATASETS, read_maps, read_run, read_samples, write_run
+from experiments.io import MAP_ATTRS, MAP_DATASETS, read_maps, read_run, write_run
 from experiments.progress import StepProgress, step_callback
 
-from tests.procs import REPO, run_cli_subprocess
+from tests.procs import REPO, invoke, run_cli_subprocess
 
 TINY = ["--mesh", "16", "--box", "64", "--steps", "2"]
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(cli.app, [str(a) for a in args])
 
 
 def assert_one_line_error(result, code=None):

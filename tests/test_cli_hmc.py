@@ -11,8 +11,7 @@ import sys
 import numpy as np
 
 from experiments.io import read_samples
-from tests.procs import HANG, cli_env, free_port, run_cli_subprocess
-from tests.test_cli import invoke
+from tests.procs import HANG, cli_env, free_port, invoke, run_cli_subprocess
 
 # one 8² bin over 3 degrees, the two-parameter prior: the maps and posterior of the tiny HMC runs
 TINY_SKY = """

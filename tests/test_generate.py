@@ -7,7 +7,6 @@ that need a killed process or two CPU devices go through a fresh interpreter.
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -24,9 +23,7 @@ from experiments.dataset import (CHUNK_DELAY_ENV, FORMAT, SIMS_ATTRS, generate, 
                                  read_sims)
 from experiments.priors import lsst_y10
 
-from tests.procs import HANG
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.procs import HANG, cli_env
 GAUSS = {"simulation.kind": "gaussian", "maps.npix": 16, "sources.n_bins": 2}
 CFG = load_config("quick").with_(**GAUSS)
 PRIOR = lsst_y10().select(["Omega_c", "sigma8"])
@@ -47,9 +44,7 @@ def assert_same_data(a, b):
 
 
 def child_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = cli_env()
     env.update(extra)
     return env
 

@@ -7,7 +7,6 @@ The networks and flows are tiny and trained for a few epochs, so these tests che
 problems in test_compressors / test_npe / test_cl_baseline.
 """
 
-from pathlib import Path
 
 import h5py
 import numpy as np

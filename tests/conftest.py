@@ -47,26 +47,3 @@ def pytest_collection_modifyitems(config, items):
 
     items.sort(key=rank)  # stable: the order within and among the other files is kept
 
-
-def pytest_xdist_make_scheduler(config, log):
-    """``--dist loadfile`` that sends a worker its next file only when one test of its files is
-    left. xdist's own sends it once two are left, so a worker given a long file of one or two tests
-    (sharded workers, HMC processes) was at once sent the next long file too and long files piled
-    up on one worker (measured: 1147 s wall for 1850 s of tests on two workers). One left is the
-    least that cannot stall: a worker holds its last test until it knows the next one.
-    Relies on the scheduler internals of pytest-xdist 3.8 (pinned in constraints.txt)."""
-    if config.getoption("dist") != "loadfile":
-        return None
-    from xdist.scheduler import LoadFileScheduling
-
-    class OneFileAhead(LoadFileScheduling):
-        def _reschedule(self, node):
-            if node.shutting_down:
-                return
-            if not self.workqueue:
-                node.shutdown()
-                return
-            if self._pending_of(self.assigned_work[node]) <= 1:
-                self._assign_work_unit(node)
-
-    return OneFileAhead(config, log)

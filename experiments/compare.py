@@ -23,7 +23,9 @@ runs of the stages it depends on. A rerun skips a stage whose marker matches, re
 inputs changed (and so everything downstream), and ``--force STAGE`` reruns that stage (and
 downstream). Stages that take long also resume inside themselves after a kill (``generate``,
 compressor training, HMC segments), so a killed ``compare`` loses at most the work since a stage's
-last checkpoint.
+last checkpoint. A stage redone because its inputs changed starts clean, except where the only
+change is a larger value of a key the stage can grow into (``Stage.grows``: a larger
+``hmc.num_samples`` continues the finished chains rather than sampling them again).
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class Stage:
     needs: tuple[str, ...]
     run: Callable[[Path], dict | None]
     outputs: tuple[str, ...] = ()
+    # "section.key"s whose increase the stage continues into from its finished outputs
+    grows: tuple[str, ...] = ()
 
 
 def _log(message: str) -> None:
@@ -103,7 +107,7 @@ def plan(cfg) -> list[Stage]:
                             lambda out: _meta(pipeline.run_hmc(cfg, obs(out), out / "hmc",
                                                                samples_out=out / "samples/hmc.h5",
                                                                progress=_progress())),
-                            ("hmc", "samples/hmc.h5")))
+                            ("hmc", "samples/hmc.h5"), grows=("hmc.num_samples",)))
     if "exact" in methods:
         stages.append(Stage("exact", ("prior",), ("observation",),
                             lambda out: _meta(pipeline.run_exact(cfg, obs(out),
@@ -282,9 +286,14 @@ def _report_stage(cfg, out: Path) -> dict:
 RUN_ONLY_KEYS = {"hmc": ("processes",)}
 
 
-def _fingerprint(cfg, stage: Stage, upstream_runs: dict) -> str:
+def _fingerprint(cfg, stage: Stage, upstream_runs: dict, *, without_grows: bool = False) -> str:
+    """Hash of what ``stage`` reads; ``without_grows`` leaves out its ``grows`` keys as well."""
     data = cfg.to_dict()
-    for section, keys in RUN_ONLY_KEYS.items():
+    drop = {s: set(keys) for s, keys in RUN_ONLY_KEYS.items()}
+    for dotted in stage.grows if without_grows else ():
+        section, _, key = dotted.partition(".")
+        drop.setdefault(section, set()).add(key)
+    for section, keys in drop.items():
         data[section] = {k: v for k, v in data.get(section, {}).items() if k not in keys}
     picked = {}
     for s in stage.sections:
@@ -352,8 +361,13 @@ def compare(cfg, out, *, force: tuple[str, ...] = ()) -> dict:
             continue
         why = ("forced" if stage.name in force else "first run" if marker is None
                else "outputs missing" if not outputs_there else "inputs changed")
+        grows = _grows(cfg, stage, upstream, marker) if why == "inputs changed" else None
+        if grows:
+            why = f"continuing: {grows}"
         _log(f"[{i + 1}/{len(stages)}] {stage.name}: running ({why})")
-        if marker is not None:
+        if grows:
+            _marker_path(out, stage.name).unlink()  # a kill from here on resumes the stage
+        elif marker is not None:
             # a finished stage being redone: start clean. Without a marker (first run, or a run
             # killed inside the stage) its partial outputs stay, so that the stage resumes.
             _remove_outputs(out, stage)
@@ -363,7 +377,10 @@ def compare(cfg, out, *, force: tuple[str, ...] = ()) -> dict:
         wall = time.perf_counter() - t0
         run_id = uuid.uuid4().hex[:12]
         _write_marker(out, stage.name, {"stage": stage.name, "fingerprint": fp, "run_id": run_id,
-                                        "wall_s": wall, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                        "base_fingerprint": _fingerprint(cfg, stage, upstream,
+                                                                         without_grows=True),
+                                        "grows": _grow_values(cfg, stage), "wall_s": wall,
+                                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                         "outputs": list(stage.outputs), **extra})
         runs[stage.name] = run_id
         _log(f"[{i + 1}/{len(stages)}] {stage.name}: finished in {wall:.0f} s")
@@ -371,6 +388,24 @@ def compare(cfg, out, *, force: tuple[str, ...] = ()) -> dict:
     _log(f"compare: all {len(stages)} stages done ({time.perf_counter() - t_all:.0f} s this run); "
          f"report: {out / 'report.md'}")
     return json.loads((out / "metrics.json").read_text())
+
+
+def _grow_values(cfg, stage: Stage) -> dict:
+    data = cfg.to_dict()
+    return {k: data.get(k.partition(".")[0], {}).get(k.partition(".")[2]) for k in stage.grows}
+
+
+def _grows(cfg, stage: Stage, upstream: dict, marker: dict) -> str | None:
+    """'key old → new, ...' when the only change since ``marker`` is larger ``stage.grows`` values
+    (the stage then continues from its outputs); None otherwise."""
+    if not stage.grows or marker.get("base_fingerprint") != _fingerprint(
+            cfg, stage, upstream, without_grows=True):
+        return None
+    old, new = marker.get("grows") or {}, _grow_values(cfg, stage)
+    if set(old) != set(new) or not all(
+            isinstance(old[k], int) and isinstance(new[k], int) and new[k] >= old[k] for k in new):
+        return None
+    return ", ".join(f"{k} {old[k]} → {new[k]}" for k in new if new[k] != old[k]) or None
 
 
 def _remove_outputs(out: Path, stage: Stage) -> None:

@@ -98,6 +98,44 @@ def test_finished_compare_is_skipped_and_force_redoes_a_stage(results):
     assert all((after[s] != runs[s]) == (s in rerun) for s in runs)
 
 
+def test_more_hmc_samples_continue_the_finished_chains(results, tmp_path):
+    """A larger hmc.num_samples reruns the hmc stage as a continuation: the finished draws are
+    kept bit for bit and only the new ones are sampled (a long chain is not thrown away); any
+    other change to what the stage reads, or fewer samples, still starts it clean."""
+    import shutil
+
+    from explicit import checkpoint as ckpt
+    from experiments.compare import _grows, _read_marker, plan
+
+    _, config, out, _ = results
+    more = tmp_path / "results"
+    shutil.copytree(out, more)
+    before = ckpt.load_chain(more / "hmc", 0, state=False)
+    n = REDUCED["hmc.num_warmup"] + REDUCED["hmc.num_samples"]
+    assert before.n_rows == n
+    cfg = load_config(config)
+    bigger = tmp_path / "more.toml"
+    bigger.write_text(cfg.with_(**{"hmc.num_samples": REDUCED["hmc.num_samples"] + 40}).to_toml())
+    log = invoke("compare", "--config", bigger, "--out", more)
+    assert log.exit_code == 0, log.output + repr(log.exception)
+    assert f"hmc: running (continuing: hmc.num_samples {REDUCED['hmc.num_samples']} → " \
+           f"{REDUCED['hmc.num_samples'] + 40})" in log.output
+    for stage in ("observation", "sims", "npe_cl", "cl_analytic", "exact"):
+        assert f"{stage}: done before" in log.output
+    after = ckpt.load_chain(more / "hmc", 0, state=False)
+    assert after.n_rows == n + 40
+    np.testing.assert_array_equal(after.records["theta"][:n], before.records["theta"])
+    assert len(read_samples(more / "samples" / "hmc.h5").samples) == REDUCED["hmc.num_samples"] + 40
+
+    stage = next(s for s in plan(cfg) if s.name == "hmc")
+    marker = _read_marker(more, "hmc")
+    upstream = {"observation": _read_marker(more, "observation")["run_id"]}
+    assert _grows(cfg.with_(**{"hmc.num_samples": 500}), stage, upstream, marker) is not None
+    for change in ({"hmc.num_samples": 100}, {"hmc.num_samples": 500, "hmc.max_tree_depth": 5},
+                   {"hmc.num_warmup": 500}):
+        assert _grows(cfg.with_(**change), stage, upstream, marker) is None, change
+
+
 def test_metrics_match_independent_computations(results):
     _, _, out, _ = results
     metrics = json.loads((out / "metrics.json").read_text())

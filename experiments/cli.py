@@ -59,10 +59,13 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from typer.core import TyperGroup
+
+if TYPE_CHECKING:
+    from .config import ExperimentConfig
 
 try:  # typer >= 0.20 ships its own copy of click
     from typer._click import exceptions as _click_exceptions
@@ -615,6 +618,28 @@ def cl(
 # ---- implicit inference and the C_ell baseline (experiments/pipeline.py) ---------------------------
 
 _CONFIG_HELP = "Experiment configuration: a TOML file, or a shipped name (quick, lsst_y10)."
+_SET_HELP = ("Override a configuration key, KEY=VALUE with a TOML value (repeatable), e.g. "
+             "--set hmc.num_samples=2000.")
+
+
+def _device_grid(config, changes: dict) -> tuple[int, int]:
+    """The device grid of a config file (or name) with ``--set`` changes, read without JAX."""
+    from .config import peek_pdims
+
+    pdims = changes.get("simulation.pdims")
+    return _pdims(pdims) if isinstance(pdims, str) else peek_pdims(config)
+
+
+def _configured(config, overrides) -> ExperimentConfig:
+    """The configuration ``config`` (name, path or ExperimentConfig) with ``--set`` overrides,
+    its CPU devices requested before JAX starts."""
+    from .config import ExperimentConfig, load_config, parse_overrides
+
+    changes = parse_overrides(overrides or ())
+    if not isinstance(config, ExperimentConfig):
+        _cpu_devices_for(_device_grid(config, changes))
+        config = load_config(config)
+    return config.with_(**changes) if changes else config
 
 
 @app.command()
@@ -749,21 +774,26 @@ def hmc(
         "--chain", help="Run only this chain of the run (repeatable). Several `lensbench hmc "
                         "--chain C` with the same OUT run chains in parallel and equal the "
                         "sequential run; the one finishing last writes samples.h5.", min=0)] = None,
+
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help=_SET_HELP)] = None,
 ):
     """Explicit full-field inference: HMC (NUTS or MCLMC) over the cosmology and the initial field."""
-    from .config import load_config, peek_pdims
+    from .config import load_config, parse_overrides
     from .pipeline import run_hmc, stop_with_parent
 
     stop_with_parent()
 
-    pdims = peek_pdims(config)
+    changes = parse_overrides(overrides or ())
+    pdims = _device_grid(config, changes)
     if distributed:
         _start_distributed(pdims, coordinator, num_processes, process_id)
     elif (coordinator, num_processes, process_id) != (None, None, None):
         raise typer.BadParameter("--coordinator, --num-processes and --process-id need --distributed")
     else:
         _cpu_devices_for(pdims)
-    run_hmc(load_config(config), maps_file, out, resume=resume, progress=progress, chains=chain)
+    cfg = load_config(config)
+    run_hmc(cfg.with_(**changes) if changes else cfg, maps_file, out, resume=resume,
+            progress=progress, chains=chain)
 
 
 def _start_distributed(pdims: tuple[int, int], coordinator: Optional[str],
@@ -791,15 +821,12 @@ def _start_distributed(pdims: tuple[int, int], coordinator: Optional[str],
                                process_id=process_id)
 
 
-def run_compare(config, out: Path, *, force: tuple[str, ...] = ()) -> dict:
-    """``lensbench compare`` (and ``demo``): all stages of ``experiments.compare``."""
-    from .config import ExperimentConfig, load_config, peek_pdims
-
-    if not isinstance(config, ExperimentConfig):
-        _cpu_devices_for(peek_pdims(config))
-        config = load_config(config)
-    else:
-        _cpu_devices_for(config.simulation.pdim_tuple)
+def run_compare(config, out: Path, *, force: tuple[str, ...] = (),
+                overrides: tuple[str, ...] = ()) -> dict:
+    """``lensbench compare`` (and ``demo``): all stages of ``experiments.compare``; ``overrides``
+    are ``--set KEY=VALUE`` items."""
+    config = _configured(config, overrides)
+    _cpu_devices_for(config.simulation.pdim_tuple)
     from .compare import compare as run
 
     return run(config, out, force=tuple(force))
@@ -813,10 +840,11 @@ def compare(
     force: Annotated[Optional[list[str]], typer.Option(
         "--force", help="Rerun this stage (and what depends on it) even if done; repeatable; "
                         "'all' reruns everything.")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help=_SET_HELP)] = None,
 ):
     """Run the C_ell baselines, implicit (NPE) and explicit (HMC) inference on one observation and
     compare them: metrics.json, contour plots, report.md."""
-    run_compare(config, out, force=tuple(force or ()))
+    run_compare(config, out, force=tuple(force or ()), overrides=tuple(overrides or ()))
 
 
 @app.command()

@@ -984,6 +984,22 @@ def resolve_config_path(name_or_path) -> Path:
                       f"({', '.join(sorted(shipped))}){_suggest(stem, shipped)}")
 
 
+def parse_overrides(items) -> dict[str, Any]:
+    """``["hmc.num_samples=2000", "compare.methods=['hmc']"]`` -> ``{"hmc.num_samples": 2000, ...}``
+    for ``ExperimentConfig.with_``: each value is a TOML literal, a bare word a string.
+    Raises ConfigError on an item without ``KEY=``."""
+    out = {}
+    for item in items:
+        k, sep, value = item.partition("=")
+        if not sep or not k.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. hmc.num_samples=2000")
+        try:
+            out[k.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[k.strip()] = value
+    return out
+
+
 def peek_pdims(source) -> tuple[int, int]:
     """The device grid of a config file without validating it or importing JAX; (1, 1) when it
     cannot tell (``load_config`` reports any problem)."""

@@ -393,6 +393,11 @@ def bad_files(tmp_path):
     (["pk", "{d}/other.h5"], 1, "not a lensbench run file"),
     (["pk", "{d}/other.h5", "--n-bins", "0"], 2, "--n-bins"),
     (["bogus"], 2, "No such command"),
+    # --set reaches the configuration, and a malformed one is named
+    (["compare", "--out", "{d}/r", "--set", "compare.methods=['hcm']"], 1, "unknown method 'hcm'"),
+    (["compare", "--out", "{d}/r", "--set", "hmc"], 1, "--set 'hmc': expected KEY=VALUE"),
+    (["hmc", "--maps", "{d}/notes.h5", "--out", "{d}/c", "--set", "hmc.num_chains=0"], 1,
+     "hmc.num_chains"),
 ])
 def test_bad_input_one_line_error(bad_files, args, code, message):
     args = [a.format(d=bad_files) for a in args]

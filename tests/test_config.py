@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from experiments.config import (ConfigError, ExperimentConfig, load_config, load_config_text,
-                                resolve_config_path, shipped_configs)
+                                parse_overrides, resolve_config_path, shipped_configs)
 from experiments.io import read_maps, write_maps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -253,6 +253,20 @@ def test_relative_nz_files_resolve_against_the_config_file(nz_files, tmp_path, m
     cfg = load_config(sub / "files.toml")
     assert cfg.sources.nz_files == tuple(nz_files) and cfg.name == "files"
     assert load_config_text(cfg.to_toml()) == cfg
+
+
+def test_set_overrides_are_toml_values():
+    got = parse_overrides(["hmc.num_samples=2000", "compare.methods=['hmc', 'npe_cl']",
+                           "simulation.pdims=2x2", "cosmology.sigma8=0.8", "hmc.sampler=mclmc",
+                           " lightcone.randomize = false"])
+    assert got == {"hmc.num_samples": 2000, "compare.methods": ["hmc", "npe_cl"],
+                   "simulation.pdims": "2x2", "cosmology.sigma8": 0.8, "hmc.sampler": "mclmc",
+                   "lightcone.randomize": False}
+    cfg = load_config("quick").with_(**got)
+    assert (cfg.hmc.num_samples, cfg.hmc.sampler, cfg.simulation.pdim_tuple) == (2000, "mclmc", (2, 2))
+    for bad in ("hmc", "=3", ""):
+        with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+            parse_overrides([bad])
 
 
 @pytest.mark.parametrize("change", [

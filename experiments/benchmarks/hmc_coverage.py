@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .implicit import _overrides
 
 LEVELS = (0.68, 0.95)
 
@@ -114,7 +113,7 @@ def main(argv=None):
     import jax
 
     jax.config.update("jax_enable_x64", True)
-    from experiments.config import load_config
+    from experiments.config import load_config, parse_overrides
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="gaussian_check")
@@ -130,7 +129,7 @@ def main(argv=None):
 
     cfg = load_config(args.config)
     if args.set:
-        cfg = cfg.with_(**_overrides(args.set))
+        cfg = cfg.with_(**parse_overrides(args.set))
     if cfg.simulation.kind != "gaussian":
         raise SystemExit("the coverage benchmark needs simulation.kind = 'gaussian' (exact posterior)")
     prior = cfg.prior()

@@ -64,23 +64,6 @@ def _metrics(samples, reference=None) -> dict:
     return out
 
 
-def _overrides(items) -> dict:
-    """["compressor.epochs=100", ...] -> {"compressor.epochs": 100}; values are TOML literals (a
-    bare word is taken as a string)."""
-    import tomllib
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
-        try:
-            out[key] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key] = value
-    return out
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="quick")
@@ -96,12 +79,12 @@ def main(argv=None):
 
     from experiments import pipeline
     from experiments.cli import run_maps
-    from experiments.config import load_config
+    from experiments.config import load_config, parse_overrides
     from experiments.io import read_samples
 
     cfg = load_config(args.config)
     if args.set:
-        cfg = cfg.with_(**_overrides(args.set))
+        cfg = cfg.with_(**parse_overrides(args.set))
     sizes = sorted(int(v) for v in args.n_train.split(","))
     losses = [v for v in args.losses.split(",") if v]
     work = args.work

@@ -774,7 +774,6 @@ def hmc(
         "--chain", help="Run only this chain of the run (repeatable). Several `lensbench hmc "
                         "--chain C` with the same OUT run chains in parallel and equal the "
                         "sequential run; the one finishing last writes samples.h5.", min=0)] = None,
-
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help=_SET_HELP)] = None,
 ):
     """Explicit full-field inference: HMC (NUTS or MCLMC) over the cosmology and the initial field."""

@@ -106,7 +106,7 @@ def plan(cfg) -> list[Stage]:
         stages.append(Stage("hmc", ("prior", "hmc"), ("observation",),
                             lambda out: _meta(pipeline.run_hmc(cfg, obs(out), out / "hmc",
                                                                samples_out=out / "samples/hmc.h5",
-                                                               progress=_progress())),
+                                                               progress=True)),  # lines off a tty
                             ("hmc", "samples/hmc.h5"), grows=("hmc.num_samples",)))
     if "exact" in methods:
         stages.append(Stage("exact", ("prior",), ("observation",),

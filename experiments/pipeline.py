@@ -525,8 +525,10 @@ def _chains_in_processes(cfg, settings, maps_path: Path, out: Path, processes: i
                          progress: bool) -> None:
     """Run the chains of ``run_hmc`` in ``processes`` child processes (``lensbench hmc --chain``,
     the chains dealt round-robin), after the start field is saved in ``out`` so that none
-    recomputes it. Shows the iterations of all chains from their checkpoints; logs go to
-    out/logs/process_<i>.log. An interrupted parent stops its children; rerunning resumes them."""
+    recomputes it. Shows the iterations of all chains from their checkpoints (a bar on a
+    terminal, else a line each time a segment is done); the children's logs, with their own
+    per-segment lines, go to out/logs/process_<i>.log. An interrupted parent stops its children;
+    rerunning resumes them."""
     import subprocess
 
     from explicit import checkpoint as ckpt
@@ -540,14 +542,18 @@ def _chains_in_processes(cfg, settings, maps_path: Path, out: Path, processes: i
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",  # several may share a GPU
                **{PARENT_PID_ENV: str(os.getpid())})
     children = []
+    logged = 0
     _log(f"{settings.num_chains} chains in {processes} processes (logs in {out / 'logs'})")
     s_dict = settings.to_dict()
-    bar = tqdm(total=settings.num_chains * settings.n_iterations, disable=not progress,
-               file=sys.stderr, unit="it", dynamic_ncols=True)
+    total = settings.num_chains * settings.n_iterations
+    lines = progress and not sys.stderr.isatty()  # in a log: a line per finished segment
+    bar = tqdm(total=total, disable=not progress or lines, file=sys.stderr, unit="it",
+               dynamic_ncols=True)
     try:
         for i, group in enumerate(groups):
             cmd = [sys.executable, "-m", "experiments.cli", "hmc", "--config", str(config_file),
-                   "--maps", str(maps_path), "--out", str(out), "--no-progress"]
+                   "--maps", str(maps_path), "--out", str(out),
+                   "--progress" if progress else "--no-progress"]  # per-segment lines, in its log
             for c in group:
                 cmd += ["--chain", str(c)]
             log = open(out / "logs" / f"process_{i}.log", "a")
@@ -564,6 +570,9 @@ def _chains_in_processes(cfg, settings, maps_path: Path, out: Path, processes: i
                 except ckpt.CheckpointError:
                     ck = None  # not written yet
                 done += 0 if ck is None else ck.n_rows
+            if lines and done > logged:  # (a disabled tqdm does not count: keep our own)
+                _log(f"hmc: {done}/{total} iterations over {settings.num_chains} chains")
+                logged = done
             bar.update(done - bar.n)
         failed = [(p, log, g) for p, log, g in children if p.returncode]
         if failed:

@@ -139,6 +139,14 @@ def _postfix(ck: ChainCheckpoint, chain: int) -> str:
     return (f"chain {chain} {phase} eps={eps:.3g} div={int(r['diverging'].sum())}{acc_txt}")
 
 
+def _segment_line(ck: ChainCheckpoint, chain: int, n_iter: int, seconds: float, n_new: int) -> str:
+    """One progress line per segment, for logs (no terminal to redraw a bar on)."""
+    per = seconds / max(n_new, 1)
+    left = (n_iter - ck.n_rows) * per
+    return (f"hmc {_postfix(ck, chain)}: {ck.n_rows}/{n_iter} iterations, {per:.3g} s/iteration, "
+            f"about {left / 60:.1f} min left in this chain")
+
+
 def run_hmc(model: Callable[[], None], settings: HMCSettings, out_dir, *,
             theta_names, field_site: str = FIELD_SITE, init: Mapping[str, Any] | None = None,
             resume: bool = True, progress: bool = True,
@@ -160,7 +168,8 @@ def run_hmc(model: Callable[[], None], settings: HMCSettings, out_dir, *,
         ``model.FIELD_INIT_SCALE``).
       resume: continue the run found in out_dir (False: delete it and start over); with a
         larger ``num_samples`` than it was written with, extend it.
-      progress: show a tqdm bar (iterations over all chains; step size, divergences, accept rate).
+      progress: show a tqdm bar (iterations over all chains; step size, divergences, accept rate)
+        on a terminal; elsewhere (a log file) a line per segment, with the time left per chain.
       chains: run only these chains of the run (default: all, one after another). Separate
         processes (or machines sharing ``out_dir``) can run different chains of one run at the same
         time: every chain has its own key and file, so the result equals the sequential run.
@@ -252,7 +261,9 @@ def _sample(model, settings, out_dir, chains, theta_names, field_site, init, pro
     ld, stepper, segment = _prepare(model, theta_names, field_site, init_theta, code_settings)
     put = getattr(model, "put", jnp.asarray)
     n_iter = settings.n_iterations
-    bar = tqdm(total=len(chains) * n_iter, disable=not (progress and ckpt.is_writer()),
+    show = progress and ckpt.is_writer()
+    lines = show and not sys.stderr.isatty()  # a redrawn bar would garble a log file
+    bar = tqdm(total=len(chains) * n_iter, disable=not show or lines,
                file=sys.stderr, unit="it", dynamic_ncols=True)
     try:
         for c, ck in chains.items():
@@ -300,6 +311,9 @@ def _sample(model, settings, out_dir, chains, theta_names, field_site, init, pro
                 state = _restore(state, leaves, put, path)
                 bar.update(n_new)
                 bar.set_postfix_str(_postfix(ck, c))
+                if lines:
+                    print(_segment_line(ck, c, n_iter, time.perf_counter() - t0, n_new),
+                          file=sys.stderr, flush=True)
     finally:
         bar.close()
 

@@ -64,7 +64,7 @@ def test_hmc_chains_run_separately_equal_one_run(tmp_path):
     """`lensbench hmc --chain 1` alone finishes its chain and writes no samples.h5; then
     hmc.processes = 2 on the same directory (two child `--chain` processes: chain 1 found
     finished, chain 0 run) gives the draws of the sequential two-chain run exactly (each chain has
-    its own key)."""
+    its own key). Off a terminal, the child processes log a progress line per segment."""
     config = tmp_path / "gauss_hmc.toml"
     config.write_text(GAUSS_HMC_TOML)
     maps = tmp_path / "obs.h5"
@@ -79,9 +79,12 @@ def test_hmc_chains_run_separately_equal_one_run(tmp_path):
     assert "chain(s) 1 finished" in first.output and not (part / "samples.h5").exists()
     two = tmp_path / "gauss_hmc_2proc.toml"
     two.write_text(GAUSS_HMC_TOML + "processes = 2\n")
-    par = invoke("hmc", "--config", two, "--maps", maps, "--out", part, "--no-progress")
+    par = invoke("hmc", "--config", two, "--maps", maps, "--out", part)  # progress, not a tty
     assert par.exit_code == 0, par.output
-    assert "2 chains in 2 processes" in par.output
+    assert "2 chains in 2 processes" in par.output and "it/s" not in par.output  # no bar
+    # the child that ran chain 0 logged a line per segment (20 iterations, segments of 10)
+    log = (part / "logs" / "process_0.log").read_text()
+    assert "hmc chain 0 warmup" in log and "20/20 iterations" in log, log[-2000:]
     a, b = read_samples(tmp_path / "seq" / "samples.h5"), read_samples(part / "samples.h5")
     np.testing.assert_array_equal(a.samples, b.samples)
     np.testing.assert_array_equal(a.chain, b.chain)

@@ -184,6 +184,22 @@ def test_chains_run_separately_equal_the_sequential_run(nuts_ref, tmp_path):
         run_toy(tmp_path, NUTS_SMALL, chains=[0], resume=False)
 
 
+def test_progress_off_a_terminal_is_a_line_per_segment(nuts_ref, tmp_path, capsys):
+    """Logged runs (stderr not a terminal, as under pytest) get one line per segment with the
+    phase, step size, iterations done and time left, not a redrawn bar; the draws are unchanged."""
+    ref, _ = nuts_ref
+    run_hmc(toy_model, NUTS_SMALL, tmp_path, theta_names=("theta",), progress=True, chains=[1])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("hmc chain 1")]
+    # 80 iterations in segments of 15: rows 15, 30, ..., 75, then 80 (the masked last segment)
+    assert [int(ln.split(": ")[1].split("/")[0]) for ln in lines] == [15, 30, 45, 60, 75, 80]
+    assert "warmup" in lines[1] and "sampling" in lines[-1] and "/80 iterations" in lines[-1]
+    assert "s/iteration" in lines[0] and lines[-1].endswith("about 0.0 min left in this chain")
+    assert "\r" not in err and "it/s" not in err  # no tqdm bar in the log
+    chain = ckpt.load_chain(tmp_path, 1)
+    np.testing.assert_array_equal(chain.records["theta"][40:], ref.theta[1])
+
+
 def test_finished_run_is_read_back(nuts_ref):
     ref, out = nuts_ref
     again = read_chains(out)

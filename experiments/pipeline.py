@@ -500,7 +500,8 @@ def run_hmc(config, maps_path, out, *, samples_out=None, resume: bool = True,
         _chains_in_processes(cfg, settings, Path(maps_path), Path(out), processes, progress)
         resume = True  # the processes ran every chain: what follows reads them
     result = run_chains(numpyro_model, settings, out, theta_names=prior.names, init=init,
-                        resume=resume, progress=progress, chains=chains)
+                        resume=resume, progress=progress, chains=chains,
+                        provenance=_hmc_provenance(cfg, obs))
     if result is None:
         _log(f"chain(s) {', '.join(map(str, chains))} finished; samples are written when every "
              f"chain of {out} is (rerun with the other --chain values, or without --chain)")
@@ -519,6 +520,31 @@ def run_hmc(config, maps_path, out, *, samples_out=None, resume: bool = True,
         _report_samples(samples, path)
     ckpt.barrier("lensbench samples")
     return samples
+
+
+# What defines the field-level posterior besides [prior] and [hmc]: a run resumed or extended
+# with any of these changed would mix chains of two posteriors. The device layout (pdims, halo)
+# and the gradient mode give the same posterior and are left out.
+_MODEL_SECTIONS = ("cosmology", "simulation", "lightcone", "maps", "sources")
+_LAYOUT_KEYS = ("pdims", "halo", "gradient")
+
+
+def _hmc_provenance(cfg, obs) -> dict[str, str]:
+    """Digests of the observed maps and of the map model's configuration, which a resumed or
+    extended HMC run must match (``explicit.run_hmc``'s ``provenance``)."""
+    import hashlib
+
+    from explicit import checkpoint as ckpt
+
+    d = cfg.to_dict()
+    model = {k: d.get(k) for k in _MODEL_SECTIONS}
+    model["simulation"] = {k: v for k, v in (model["simulation"] or {}).items()
+                           if k not in _LAYOUT_KEYS}
+    inferred = set(cfg.prior().names)  # their [cosmology] values are the truth, not the model
+    model["cosmology"] = {k: v for k, v in (model["cosmology"] or {}).items() if k not in inferred}
+    text = json.dumps(model, sort_keys=True)
+    return {"observation_sha256": ckpt.digest(obs.kappa_noisy),
+            "model_config_sha256": hashlib.sha256(text.encode()).hexdigest()}
 
 
 def _chains_in_processes(cfg, settings, maps_path: Path, out: Path, processes: int,

@@ -77,13 +77,14 @@ def kept_samples(settings: HMCSettings) -> np.ndarray:
     return np.arange(settings.thin_field - 1, settings.num_samples, settings.thin_field)
 
 
-def _identity(theta_names, field_site, init) -> dict:
+def _identity(theta_names, field_site, init, provenance) -> dict:
     """What besides the settings must match for a run to be resumed."""
     init = dict(init or {})
     field = init.pop(field_site, None)
     digest = None if field is None else ckpt.digest(field)
     return {"theta_names": list(theta_names), "field_site": field_site,
-            "init": {k: float(v) for k, v in sorted(init.items())}, "init_field_sha256": digest}
+            "init": {k: float(v) for k, v in sorted(init.items())}, "init_field_sha256": digest,
+            **{str(k): str(v) for k, v in sorted(dict(provenance or {}).items())}}
 
 
 def _field_like(model, shape) -> bool:
@@ -150,7 +151,8 @@ def _segment_line(ck: ChainCheckpoint, chain: int, n_iter: int, seconds: float, 
 def run_hmc(model: Callable[[], None], settings: HMCSettings, out_dir, *,
             theta_names, field_site: str = FIELD_SITE, init: Mapping[str, Any] | None = None,
             resume: bool = True, progress: bool = True,
-            chains: Sequence[int] | None = None) -> HMCResult | None:
+            chains: Sequence[int] | None = None,
+            provenance: Mapping[str, str] | None = None) -> HMCResult | None:
     """Sample p(θ, z | d) with NUTS or MCLMC in checkpointed segments (see module docstring).
 
     Args:
@@ -173,6 +175,9 @@ def run_hmc(model: Callable[[], None], settings: HMCSettings, out_dir, *,
       chains: run only these chains of the run (default: all, one after another). Separate
         processes (or machines sharing ``out_dir``) can run different chains of one run at the same
         time: every chain has its own key and file, so the result equals the sequential run.
+      provenance: strings that must also match to resume or extend the run, e.g. digests of
+        the observed data and of the model's configuration (the model function itself cannot be
+        compared); a run directory written without one of these keys accepts any value of it.
     Returns: ``HMCResult``, and writes out_dir/diagnostics.json, once every chain of the run is
     finished; None while chains outside ``chains`` are not.
 
@@ -207,7 +212,7 @@ def run_hmc(model: Callable[[], None], settings: HMCSettings, out_dir, *,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     s_dict = settings.to_dict()
-    identity = _identity(theta_names, field_site, init)
+    identity = _identity(theta_names, field_site, init, provenance)
     run_file = out_dir / "run.json"
     if not resume:
         ckpt.clear_run(out_dir)
@@ -218,7 +223,8 @@ def run_hmc(model: Callable[[], None], settings: HMCSettings, out_dir, *,
             diff = "; ".join(settings.differences(saved))
             raise CheckpointError(f"{run_file} was written with other settings ({diff}); "
                                   f"{ckpt.OTHER_SETTINGS_HINT}")
-        diff = [k for k in identity if info.get("identity", {}).get(k) != identity[k]]
+        saved_id = info.get("identity", {})
+        diff = [k for k in identity if saved_id.get(k, identity[k]) != identity[k]]
         if diff:
             raise CheckpointError(f"{run_file} belongs to another run (different {', '.join(diff)}); "
                                   f"use another out_dir or resume=False")

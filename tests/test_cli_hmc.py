@@ -64,7 +64,8 @@ def test_hmc_chains_run_separately_equal_one_run(tmp_path):
     """`lensbench hmc --chain 1` alone finishes its chain and writes no samples.h5; then
     hmc.processes = 2 on the same directory (two child `--chain` processes: chain 1 found
     finished, chain 0 run) gives the draws of the sequential two-chain run exactly (each chain has
-    its own key). Off a terminal, the child processes log a progress line per segment."""
+    its own key). Off a terminal, the child processes log a progress line per segment. Other
+    maps in the same directory are refused."""
     config = tmp_path / "gauss_hmc.toml"
     config.write_text(GAUSS_HMC_TOML)
     maps = tmp_path / "obs.h5"
@@ -89,6 +90,12 @@ def test_hmc_chains_run_separately_equal_one_run(tmp_path):
     np.testing.assert_array_equal(a.samples, b.samples)
     np.testing.assert_array_equal(a.chain, b.chain)
     assert sorted(set(b.chain.tolist())) == [0, 1]
+    # the same run directory on another observation is refused, not continued
+    other = tmp_path / "obs_seed1.h5"
+    assert invoke("maps", "--config", config, "--out", other, "--seed", 1,
+                  "--no-progress").exit_code == 0
+    wrong = invoke("hmc", "--config", config, "--maps", other, "--out", part, "--no-progress")
+    assert wrong.exit_code == 1 and "different observation_sha256" in wrong.output, wrong.output
 
 
 def test_hmc_over_two_processes_equals_one_process(tmp_path):
@@ -142,3 +149,27 @@ def test_hmc_over_two_processes_equals_one_process(tmp_path):
     two_processes()  # finished: nothing resampled, samples.h5 rewritten from the chain files
     np.testing.assert_array_equal(read_samples(two / "samples.h5").samples, b.samples)
     assert (two / "samples.h5").stat().st_mtime_ns > first
+
+
+def test_hmc_provenance_tracks_the_model_not_the_layout():
+    """The configuration digest that a resumed HMC run must match changes with the map model
+    (PM steps, sources, prior-independent model keys) but not with the device layout, the
+    gradient mode, the sampler settings (checked, or allowed, separately) or the true value of an
+    inferred parameter."""
+    from types import SimpleNamespace
+
+    from experiments.config import load_config
+    from experiments.pipeline import _hmc_provenance
+
+    cfg = load_config("quick")
+    obs = SimpleNamespace(kappa_noisy=np.zeros((3, 32, 32)))
+    base = _hmc_provenance(cfg, obs)
+    same = [{"simulation.pdims": "2x1"}, {"simulation.gradient": "adjoint"}, {"hmc.num_samples": 7},
+            {"cosmology.sigma8": 0.9}]  # an inferred parameter: its value here is the truth
+    for change in same:
+        assert _hmc_provenance(cfg.with_(**change), obs) == base, change
+    for change in [{"simulation.n_steps": 6}, {"sources.n_bins": 2}, {"cosmology.Omega_b": 0.05}]:
+        other = _hmc_provenance(cfg.with_(**change), obs)
+        assert other["model_config_sha256"] != base["model_config_sha256"], change
+    moved = _hmc_provenance(cfg, SimpleNamespace(kappa_noisy=np.ones((3, 32, 32))))
+    assert moved["observation_sha256"] != base["observation_sha256"]

@@ -361,6 +361,21 @@ def test_settings_mismatch_is_named(nuts_ref, tmp_path):
         run_toy(out, NUTS_SMALL, init={"theta": 0.3})
 
 
+def test_provenance_must_match_to_resume(nuts_ref, tmp_path):
+    """A run tagged with the digest of its data refuses to continue on other data, by name; a
+    directory written before provenance existed (the reference run) is still read back."""
+    ref, ref_dir = nuts_ref
+    out = tmp_path / "run"
+    tag = {"observation_sha256": "aaa"}
+    assert run_toy(out, NUTS_SMALL, chains=[1], provenance=tag) is None
+    with pytest.raises(CheckpointError, match=r"another run \(different observation_sha256\)"):
+        run_toy(out, NUTS_SMALL, chains=[0], provenance={"observation_sha256": "bbb"})
+    assert ckpt.load_chain(out, 0) is None  # refused before sampling anything
+    legacy = tmp_path / "legacy"
+    shutil.copytree(ref_dir, legacy)
+    np.testing.assert_array_equal(run_toy(legacy, NUTS_SMALL, provenance=tag).theta, ref.theta)
+
+
 @pytest.mark.parametrize("how", ["truncate", "garbage", "run_json"])
 def test_corrupted_checkpoint(nuts_ref, tmp_path, how):
     out = tmp_path / "run"

@@ -40,6 +40,8 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from experiments.files import save_figure, write_bytes, write_text
+
 from . import losses as L
 from .augment import add_shape_noise, augment_batch
 from .flow import ConditionalFlow
@@ -453,7 +455,7 @@ def _check_run_record(out_dir: Path, record: dict) -> None:
     """Write run.json, or check that the one there describes the same run."""
     path = out_dir / RUN_JSON
     if not path.exists():
-        path.write_text(json.dumps(record, indent=1))
+        write_text(path, json.dumps(record, indent=1))
         return
     old = json.loads(path.read_text())
     if old.get("config") != record["config"]:
@@ -467,7 +469,7 @@ def _check_run_record(out_dir: Path, record: dict) -> None:
 
 
 def _write_history(out_dir: Path, history: dict) -> None:
-    (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+    write_text(out_dir / "history.json", json.dumps(history, indent=1))
 
 
 def _plot_history(out_dir: Path, history: dict, loss: str, best_epoch: int | None) -> None:
@@ -487,7 +489,7 @@ def _plot_history(out_dir: Path, history: dict, loss: str, best_epoch: int | Non
     if min(history["train_loss"] + history["val_loss"], default=1.0) > 0:
         ax.set_yscale("log")
     ax.legend()
-    fig.savefig(out_dir / "loss.png", dpi=110)
+    save_figure(fig, out_dir / "loss.png", dpi=110)
 
 
 def _checkpoint_manager(out_dir: Path) -> ocp.CheckpointManager:
@@ -509,8 +511,8 @@ def _write_model(out_dir: Path, comp: Compressor) -> None:
         "best_epoch": comp.best_epoch, "epochs_trained": comp.epochs_trained,
         "complete": comp.complete, "history": comp.history,
     }
-    (out_dir / MODEL_PARAMS).write_bytes(flax.serialization.msgpack_serialize(comp.params))
-    (out_dir / MODEL_JSON).write_text(json.dumps(meta, indent=1))
+    write_bytes(out_dir / MODEL_PARAMS, flax.serialization.msgpack_serialize(comp.params))
+    write_text(out_dir / MODEL_JSON, json.dumps(meta, indent=1))
 
 
 def load_compressor(out_dir: str | Path) -> Compressor:
@@ -525,8 +527,19 @@ def load_compressor(out_dir: str | Path) -> Compressor:
         if not (out_dir / name).is_file():
             raise FileNotFoundError(f"{out_dir} holds no trained compressor ({out_dir / name} "
                                     "is missing); run train_compressor with this out_dir first")
-    meta = json.loads((out_dir / MODEL_JSON).read_text())
-    params = flax.serialization.msgpack_restore((out_dir / MODEL_PARAMS).read_bytes())
+    try:
+        meta = json.loads((out_dir / MODEL_JSON).read_text())
+        if not isinstance(meta, dict) or "config" not in meta:
+            raise ValueError("not a compressor description")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{out_dir / MODEL_JSON} is not a readable compressor description "
+                         f"(the JSON written by train-compressor): {e}") from None
+    try:
+        params = flax.serialization.msgpack_restore((out_dir / MODEL_PARAMS).read_bytes())
+    except (ValueError, TypeError) as e:  # msgpack's errors (truncated, corrupt) are ValueErrors
+        raise ValueError(f"{out_dir / MODEL_PARAMS} is not readable compressor weights (the "
+                         f"msgpack file written by train-compressor; truncated or corrupt?): "
+                         f"{e}") from None
     f32 = lambda v: np.asarray(v, np.float32)  # noqa: E731
     return Compressor(
         config=TrainConfig.from_dict(meta["config"]), params=params,

@@ -75,13 +75,14 @@ def calibrate(posterior: Any, theta_test: Any, x_test: Any, *, n_posterior_sampl
 def write_calibration(result: dict, out_dir: str | Path) -> Path:
     """Write ``calibration.json``, ``sbc_ranks.png`` and ``tarp.png`` for a ``calibrate``
     result into ``out_dir`` (created); returns the directory."""
-    d = Path(out_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / _JSON).write_text(json.dumps(result, indent=1))
-    plot_sbc_ranks(np.asarray(result["sbc"]["ranks"]), result["n_posterior_samples"],
-                   result["names"], result["sbc"]["ks_pvals"]).savefig(d / _SBC_PNG, dpi=100)
-    plot_tarp(result["tarp"]["ecp"], result["tarp"]["alpha"],
-              result["tarp"]["atc"]).savefig(d / _TARP_PNG, dpi=100)
+    from experiments.files import check_output_dir, save_figure, write_text
+
+    d = check_output_dir(out_dir)
+    write_text(d / _JSON, json.dumps(result, indent=1))
+    save_figure(plot_sbc_ranks(np.asarray(result["sbc"]["ranks"]), result["n_posterior_samples"],
+                               result["names"], result["sbc"]["ks_pvals"]), d / _SBC_PNG, dpi=100)
+    save_figure(plot_tarp(result["tarp"]["ecp"], result["tarp"]["alpha"], result["tarp"]["atc"]),
+                d / _TARP_PNG, dpi=100)
     return d
 
 

@@ -15,6 +15,7 @@ import copy
 import io
 import json
 import math
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,10 +182,11 @@ class NPEResult:
     def save(self, directory: str | Path) -> Path:
         """Write ``posterior.pt`` (the pickled sbi posterior: prior, flow, embedding net) and
         ``npe.json`` (names, density, x shape, fit record) into ``directory``; returns it."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        torch.save(self.posterior, d / _POSTERIOR_FILE)
-        (d / _META_FILE).write_text(json.dumps(self.meta(), indent=1))
+        from experiments.files import atomic_write, check_output_dir, write_text
+
+        d = check_output_dir(directory)
+        atomic_write(d / _POSTERIOR_FILE, lambda tmp: torch.save(self.posterior, tmp))
+        write_text(d / _META_FILE, json.dumps(self.meta(), indent=1))
         return d
 
 
@@ -199,8 +201,17 @@ def load_npe(directory: str | Path) -> NPEResult:
         if not f.is_file():
             raise FileNotFoundError(f"NPE posterior: {f} not found (expected files "
                                     f"{_POSTERIOR_FILE} and {_META_FILE} from NPEResult.save)")
-    meta = json.loads((d / _META_FILE).read_text())
-    posterior = torch.load(d / _POSTERIOR_FILE, weights_only=False)
+    try:
+        meta = json.loads((d / _META_FILE).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{d / _META_FILE} is not a readable NPE description (the JSON written "
+                         f"by fit-posterior): {e}") from None
+    try:
+        posterior = torch.load(d / _POSTERIOR_FILE, weights_only=False)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{d / _POSTERIOR_FILE} is not a readable NPE posterior (the torch file "
+                         f"written by fit-posterior; truncated or corrupt?): "
+                         f"{' '.join(str(e).split())[:200]}") from None
     return NPEResult(posterior=posterior, names=tuple(meta["names"]), density=meta["density"],
                      x_shape=tuple(meta["x_shape"]), fit_time_s=meta["fit_time_s"],
                      epochs=meta["epochs"], best_val_log_prob=meta["best_val_log_prob"],

@@ -64,6 +64,8 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
+from .config import MAX_SAMPLES, MAX_SIMS
+
 if TYPE_CHECKING:
     from .config import ExperimentConfig
 
@@ -121,11 +123,19 @@ def _use_compilation_cache() -> None:
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings as one ``lensbench: warning: ...`` line, without the source line."""
+    print(f"lensbench: warning: {_one_line(message)}", file=file or sys.stderr, flush=True)
+
+
 class _OneLineErrors(TyperGroup):
     """Run commands in non-standalone mode and turn every expected failure into one stderr line."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         _use_compilation_cache()
+        import warnings
+
+        warnings.showwarning = _show_warning
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
@@ -201,8 +211,18 @@ def _request_cpu_devices(n: int) -> None:
 def run_simulation(out: Path, *, mesh: str, box: str, steps: int, seed: int, a_init: float,
                    a_final: float, lpt_order: int, mesh_factor: int, pdims: str, halo: int,
                    dtype: str, ic: Optional[Path] = None, cosmology: Optional[dict] = None,
-                   progress: bool = True) -> Path:
-    """Simulate and write a run file; returns its path. Raises ValueError/OSError on bad input."""
+                   progress: bool = True, overwrite: bool = True) -> Path:
+    """Simulate and write a run file; returns its path. Raises ValueError/OSError on bad input
+    (before any work: the output path, the step count and the disk space are checked first)."""
+    from .config import MAX_STEPS
+    from .files import check_new_output, check_not_inputs, check_output, ensure_space
+
+    check_output(out, option="--out")
+    check_not_inputs(out, {"--ic": ic})
+    check_new_output(out, overwrite=overwrite)
+    if steps > MAX_STEPS:
+        raise ValueError(f"--steps must be <= {MAX_STEPS} (lensbench's limit: PM runs use 5-100 "
+                         f"steps), got {steps}")
     mesh_shape = _triple(mesh, "--mesh", int)
     box_size = _triple(box, "--box", float)
     px, py = _pdims(pdims)
@@ -236,6 +256,9 @@ def run_simulation(out: Path, *, mesh: str, box: str, steps: int, seed: int, a_i
         if not np.all(np.isfinite(linear)):
             raise ValueError(f"--ic: linear field in {ic} contains NaN or inf values")
 
+    # density on the mesh, positions and the linear field on the particle grid
+    ensure_space(out, np.dtype(dtype).itemsize * (np.prod(cfg.mesh_shape) + 4 * cfg.n_particles),
+                 what="the run file")
     n_steps = len(cfg.step_scale_factors) - 1
     source = f"linear field from {ic}" if ic is not None else f"seed {seed}"
     print(f"simulating {'x'.join(map(str, cfg.mesh_shape))} mesh, "
@@ -258,8 +281,11 @@ def run_simulation(out: Path, *, mesh: str, box: str, steps: int, seed: int, a_i
 
 def run_power_spectrum(run: Path, out: Path, n_bins: Optional[int] = None, rows: int = 8) -> Path:
     """Measure P(k) of a run file's density, plot it against linear theory, save a PNG."""
+    from .files import check_figure_path, check_not_inputs, save_figure
     from .io import read_run
 
+    check_figure_path(out, option="--out")
+    check_not_inputs(out, {"RUN": run})
     data = read_run(run)
 
     import jax.numpy as jnp
@@ -306,9 +332,7 @@ def run_power_spectrum(run: Path, out: Path, n_bins: Optional[int] = None, rows:
                  f"$\\Omega_c$={cosmo.Omega_c:.3g}, $\\sigma_8$={cosmo.sigma8:.3g}", fontsize=10)
     ax.legend(fontsize=9)
     ax.grid(True, which="both", alpha=0.25)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    out = save_figure(fig, out, dpi=120, option="--out")
     plt.close(fig)
 
     print(f"{'k [h/Mpc]':>10} {'P(k) [(Mpc/h)^3]':>17} {'P_lin [(Mpc/h)^3]':>18} {'P/P_lin':>8}")
@@ -328,13 +352,28 @@ def _cpu_devices_for(pdims: tuple[int, int]) -> None:
 
 
 def run_maps(config, out: Path, *, seed: Optional[int] = None, pdims: Optional[str] = None,
-             png: Optional[Path] = None, progress: bool = True, fits: Optional[Path] = None) -> Path:
+             png: Optional[Path] = None, progress: bool = True, fits: Optional[Path] = None,
+             overwrite: bool = True) -> Path:
     """Simulate one realisation of the κ maps of a configuration and write a map file.
 
     config: a TOML path, a shipped config name, or an ``ExperimentConfig``. seed/pdims override
     the configuration's (the file records the values used). Raises ValueError/OSError on bad input.
     """
     from .config import ExperimentConfig, load_config, peek_pdims
+    from .files import check_figure_path, check_new_output, check_output, ensure_space
+
+    outputs = {"--out": out, "--png": png, "--fits": fits}
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        if option == "--png":
+            check_figure_path(path, option=option)
+        else:
+            check_output(path, option=option)
+        check_new_output(path, overwrite=overwrite, option=option)
+    given = [Path(p).resolve() for p in outputs.values() if p is not None]
+    if len(set(given)) < len(given):
+        raise ValueError("--out, --png and --fits must be different files")
 
     if pdims is not None or not isinstance(config, ExperimentConfig):
         # XLA reads its log level when JAX loads, which loading the configuration does: hide the
@@ -374,6 +413,8 @@ def run_maps(config, out: Path, *, seed: Optional[int] = None, pdims: Optional[s
                 f"{'x'.join(map(str, sim.mesh_shape))} mesh, "
                 f"{'x'.join(f'{b:g}' for b in sim.box_size)} Mpc/h box, depth {chi_max:.0f} Mpc/h, "
                 f"device grid {sim.pdims}")
+    n_pix = sky.npix ** 2 if sky.sky == "flat" else 12 * sky.nside ** 2
+    ensure_space(out, 8 * bins.n_bins * n_pix * (2 if fits is None else 4), what="the map file")
     print(f"{cfg.name}: {bins.n_bins} tomographic bins, {geometry}; {what}; seed {cfg.seed} "
           f"(first run compiles)", file=sys.stderr, flush=True)
     start = time.perf_counter()
@@ -435,8 +476,14 @@ def _binned_theory(data, edges, nodes, cl_nodes):
 
 def run_cl(maps: Path, out: Path, *, noisy: bool = False, rows: int = 8) -> Path:
     """Tomographic C_ell of a map file against Limber theory: a PNG triangle and an .npz next to it."""
+    from .files import check_figure_path, check_not_inputs, check_output, save_npz
     from .io import read_maps
 
+    out = check_figure_path(out, option="--out")
+    npz = out.with_suffix(".npz")
+    check_output(npz, option="--out (.npz)")
+    check_not_inputs(out, {"MAPS": maps})
+    check_not_inputs(npz, {"MAPS": maps}, option="--out (.npz)")
     data = read_maps(maps)
 
     import jax
@@ -481,11 +528,8 @@ def run_cl(maps: Path, out: Path, *, noisy: bool = False, rows: int = 8) -> Path
         if noisy else np.zeros(len(i))
     theory = signal + noise[:, None]
 
-    out = Path(out)
-    npz = out.with_suffix(".npz")
-    npz.parent.mkdir(parents=True, exist_ok=True)
     pairs = np.stack([i, j], axis=1)
-    np.savez(npz, ell=ell, ell_edges=edges, cl=cl, theory=theory, theory_signal=signal,
+    save_npz(npz, ell=ell, ell_edges=edges, cl=cl, theory=theory, theory_signal=signal,
              noise=noise, n_modes=n_modes, pairs=pairs, noisy=np.bool_(noisy),
              ell_fine=ell_fine, theory_fine=theory_fine)
     which = "noisy" if noisy else "noise-free"
@@ -551,12 +595,14 @@ def simulate(
     halo: Annotated[int, typer.Option(help="Halo width in mesh cells for sharded painting.")] = DEMO["halo"],
     dtype: Annotated[str, typer.Option(help="Field and particle dtype: float32 or float64.")] = DEMO["dtype"],
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    overwrite: Annotated[bool, typer.Option(help=_OVERWRITE_HELP)] = False,
 ):
-    """Run a PM simulation and write density, positions and the linear field to an HDF5 file."""
+    """Run a PM simulation and write density, positions and the linear field to an HDF5 file.
+    An existing --out is refused unless --overwrite is given."""
     cosmology = dict(Omega_c=omega_c, Omega_b=omega_b, h=h, n_s=n_s, sigma8=sigma8, w0=w0, wa=wa)
     run_simulation(out, mesh=mesh, box=box, steps=steps, seed=seed, a_init=a_init, a_final=a_final,
                    lpt_order=lpt_order, mesh_factor=mesh_factor, pdims=pdims, halo=halo, dtype=dtype,
-                   ic=ic, cosmology=cosmology, progress=progress)
+                   ic=ic, cosmology=cosmology, progress=progress, overwrite=overwrite)
 
 
 @app.command()
@@ -591,11 +637,14 @@ def maps(
     fits: Annotated[Optional[Path], typer.Option(
         help="HEALPix only: also write the maps as a FITS table with healpy (columns "
              "KAPPA_1.., KAPPA_NOISY_1..).", dir_okay=False)] = None,
+    overwrite: Annotated[bool, typer.Option(help=_OVERWRITE_HELP)] = False,
 ):
-    """Simulate tomographic convergence maps (noise-free and noisy) and write them to HDF5."""
+    """Simulate tomographic convergence maps (noise-free and noisy) and write them to HDF5.
+    Existing output files are refused unless --overwrite is given."""
     if pdims is not None:
         _pdims(pdims)  # a usage error (exit 2) before anything else
-    run_maps(config, out, seed=seed, pdims=pdims, png=png, progress=progress, fits=fits)
+    run_maps(config, out, seed=seed, pdims=pdims, png=png, progress=progress, fits=fits,
+             overwrite=overwrite)
 
 
 @app.command()
@@ -617,6 +666,7 @@ def cl(
 
 # ---- implicit inference and the C_ell baseline (experiments/pipeline.py) ---------------------------
 
+_OVERWRITE_HELP = "Replace an existing output file (without it, an existing one is refused)."
 _CONFIG_HELP = "Experiment configuration: a TOML file, or a shipped name (quick, lsst_y10)."
 _SET_HELP = ("Override a configuration key, KEY=VALUE with a TOML value (repeatable), e.g. "
              "--set hmc.num_samples=2000.")
@@ -648,7 +698,7 @@ def generate(
                                       "the same arguments to finish an interrupted one.", dir_okay=False)],
     config: Annotated[str, typer.Option("--config", "-c", help=_CONFIG_HELP)] = "quick",
     n: Annotated[Optional[int], typer.Option("--n", help="Simulations (default: training_set.n_sims).",
-                                            min=1)] = None,
+                                            min=1, max=MAX_SIMS)] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Simulations per batch (default: "
                                                       "training_set.batch_size or automatic).", min=1)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed (default: training_set.seed).", min=0)] = None,
@@ -687,11 +737,13 @@ def compress(
     noisy: Annotated[bool, typer.Option("--noisy/--no-noise", help="Compress noisy maps (a map file's "
                                         "kappa_noisy; sims get one shape-noise draw).")] = True,
     seed: Annotated[int, typer.Option(help="Seed of the noise added to sims.", min=0)] = 0,
+    overwrite: Annotated[bool, typer.Option(help=_OVERWRITE_HELP)] = False,
 ):
-    """Apply a trained compressor to maps or to a training set."""
+    """Apply a trained compressor to maps or to a training set. An existing --out is refused
+    unless --overwrite is given; --out may never be the input."""
     from .pipeline import run_compress
 
-    run_compress(compressor, inputs, out, noisy=noisy, seed=seed)
+    run_compress(compressor, inputs, out, noisy=noisy, seed=seed, overwrite=overwrite)
 
 
 @app.command("fit-posterior")
@@ -723,13 +775,16 @@ def sample(
     maps_file: Annotated[Path, typer.Option("--maps", help="Observed map file ('lensbench maps').",
                                             exists=True, dir_okay=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output samples file (HDF5).", dir_okay=False)],
-    n: Annotated[Optional[int], typer.Option("--n", help="Samples (default: npe.n_samples).", min=1)] = None,
+    n: Annotated[Optional[int], typer.Option("--n", help="Samples (default: npe.n_samples).",
+                                            min=1, max=MAX_SAMPLES)] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed.", min=0)] = 0,
+    overwrite: Annotated[bool, typer.Option(help=_OVERWRITE_HELP)] = False,
 ):
-    """Draw posterior samples for an observation from a fitted NPE posterior."""
+    """Draw posterior samples for an observation from a fitted NPE posterior. An existing --out
+    is refused unless --overwrite is given."""
     from .pipeline import run_sample
 
-    run_sample(posterior, maps_file, out, n=n, seed=seed)
+    run_sample(posterior, maps_file, out, n=n, seed=seed, overwrite=overwrite)
 
 
 @app.command("cl-baseline")
@@ -791,8 +846,15 @@ def hmc(
     else:
         _cpu_devices_for(pdims)
     cfg = load_config(config)
-    run_hmc(cfg.with_(**changes) if changes else cfg, maps_file, out, resume=resume,
-            progress=progress, chains=chain)
+    try:
+        run_hmc(cfg.with_(**changes) if changes else cfg, maps_file, out, resume=resume,
+                progress=progress, chains=chain)
+    except ValueError as e:  # the library's words (explicit.run_hmc) in this command's options
+        message = str(e).replace("resume=False", "--restart").replace("another out_dir",
+                                                                       "another --out")
+        if message == str(e):
+            raise
+        raise ValueError(message) from None
 
 
 def _start_distributed(pdims: tuple[int, int], coordinator: Optional[str],

@@ -43,6 +43,8 @@ from typing import Callable
 
 import numpy as np
 
+from .files import atomic_write, write_json, write_text
+
 # The sections each kind of stage reads (besides its upstream stages' outputs).
 _MAPS = ("cosmology", "simulation", "lightcone", "maps", "sources")
 
@@ -149,9 +151,7 @@ def _observation(cfg, out: Path) -> dict:
         run_maps(cfg, target, png=out / "figures" / "maps.png", progress=_progress())
     else:
         obs = read_observation(cfg, src)
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, target)
+        atomic_write(target, lambda tmp: shutil.copyfile(src, tmp))
         from .plots import plot_maps
 
         plot_maps(out / "figures" / "maps.png", obs.kappa_noisy, sky=obs.sky,
@@ -321,11 +321,7 @@ def _read_marker(out: Path, name: str) -> dict | None:
 
 
 def _write_marker(out: Path, name: str, marker: dict) -> None:
-    path = _marker_path(out, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(marker, indent=1, default=str))
-    os.replace(tmp, path)
+    write_json(_marker_path(out, name), marker)
 
 
 def compare(cfg, out, *, force: tuple[str, ...] = ()) -> dict:
@@ -345,7 +341,7 @@ def compare(cfg, out, *, force: tuple[str, ...] = ()) -> dict:
     if "all" in force:
         force = set(names)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(cfg.to_toml())
+    write_text(out / "config.toml", cfg.to_toml())
     runs: dict[str, str] = {}
     t_all = time.perf_counter()
     for i, stage in enumerate(stages):

@@ -334,6 +334,30 @@ def _at_least(n):
     return lambda v: None if (min(v) if isinstance(v, tuple) else v) >= n else f"must be >= {n}"
 
 
+# Hard limits on the counts that size a run's memory, disk or time, so that a typo (an extra
+# three zeros) is refused at once instead of filling the disk or running for days. Each is far
+# beyond what the method needs (README, "Bad input"); the command-line options use the same ones.
+MAX_STEPS = 10_000                # PM time steps (simulators.config.MAX_STEPS is the same limit)
+MAX_SIMS = 100_000_000            # simulations in one training set
+MAX_SAMPLES = 10_000_000          # posterior samples of one method (per chain for MCMC)
+MAX_WARMUP = 1_000_000            # MCMC warm-up iterations per chain
+MAX_CHAINS = 1024                 # MCMC chains
+MAX_NOISE_COPIES = 1000           # shape-noise copies per training simulation
+MAX_CALIBRATION_SAMPLES = 100_000  # posterior samples per held-out simulation (SBC/TARP)
+MAX_EPOCHS = 1_000_000            # training epochs
+
+
+def _count(low, high):
+    """An integer count in [low, high]: ``high`` is one of the limits above."""
+    def check(v):
+        if v < low:
+            return f"must be >= {low}"
+        if v > high:
+            return f"must be <= {high} (lensbench's limit for this count)"
+        return None
+    return check
+
+
 def _keys(cls) -> dict[str, Key]:
     return {f.name: f.metadata["key"] for f in fields(cls) if "key" in f.metadata}
 
@@ -406,7 +430,7 @@ class SimulationSection:
     mesh_factor: int = key("int", 1, "force-mesh cells per particle spacing", check=_at_least(1))
     a_init: float = key("float", 0.2, "initial scale factor",
                         check=lambda v: None if 0 < v < 1 else "must be in (0, 1)")
-    n_steps: int = key("int", 10, "time steps", check=_at_least(1))
+    n_steps: int = key("int", 10, "time steps", check=_count(1, MAX_STEPS))
     lpt_order: int = key("int", 2, "LPT order", choices=(1, 2))
     deconvolve: bool = key("bool", False, "CIC-compensated force (needs mesh_factor = 1)")
     dtype: str = key("str", "float32", "field dtype", choices=("float32", "float64"))
@@ -685,7 +709,7 @@ class PriorSection:
 class TrainingSetSection:
     """The simulated (θ, κ) training set of the implicit pipeline (``lensbench generate``)."""
 
-    n_sims: int = key("int", 1000, "simulations", check=_at_least(1))
+    n_sims: int = key("int", 1000, "simulations", check=_count(1, MAX_SIMS))
     batch_size: int | None = key("int", None, "simulations per batch", check=_at_least(1))
     seed: int = key("int", 1, "seed of θ and the latent fields", check=_at_least(0))
     n_calibration: int = key("int", 100, "last simulations held out for calibration",
@@ -706,7 +730,7 @@ class CompressorSection:
     network: str = key("str", "resnet", "architecture", choices=("resnet", "cnn"))
     width: int = key("int", 16, "channels of the first stage", check=_at_least(1))
     depth: int = key("int", 3, "stages", check=_at_least(1))
-    epochs: int = key("int", 30, "maximum epochs", check=_at_least(2))
+    epochs: int = key("int", 30, "maximum epochs", check=_count(2, MAX_EPOCHS))
     batch_size: int = key("int", 32, "maps per step", check=_at_least(1))
     learning_rate: float = key("float", 1e-3, "peak learning rate", check=_positive)
     patience: int = key("int", 8, "early-stopping patience in epochs", check=_at_least(1))
@@ -727,12 +751,14 @@ class NpeSection:
     """Neural posterior estimation with sbi (``lensbench fit-posterior``)."""
 
     density: str = key("str", "nsf", "sbi density estimator", choices=("nsf", "maf"))
-    max_epochs: int = key("int", 300, "maximum training epochs", check=_at_least(1))
+    max_epochs: int = key("int", 300, "maximum training epochs", check=_count(1, MAX_EPOCHS))
     batch_size: int = key("int", 128, "training batch size", check=_at_least(1))
-    noise_copies: int = key("int", 4, "noise realisations per simulation", check=_at_least(1))
-    n_samples: int = key("int", 20000, "posterior samples drawn by `sample`", check=_at_least(1))
+    noise_copies: int = key("int", 4, "noise realisations per simulation",
+                            check=_count(1, MAX_NOISE_COPIES))
+    n_samples: int = key("int", 20000, "posterior samples drawn by `sample`",
+                         check=_count(1, MAX_SAMPLES))
     calibration_samples: int = key("int", 500, "posterior samples per held-out simulation",
-                                   check=_at_least(10))
+                                   check=_count(10, MAX_CALIBRATION_SAMPLES))
     seed: int = key("int", 0, "seed", check=_at_least(0))
 
 
@@ -740,12 +766,13 @@ class NpeSection:
 class ClBaselineSection:
     """The power-spectrum baseline (``lensbench cl-baseline``)."""
 
-    n_cov: int = key("int", 200, "fiducial simulations for the covariance", check=_at_least(3))
+    n_cov: int = key("int", 200, "fiducial simulations for the covariance",
+                     check=_count(3, MAX_SIMS))
     likelihood: str = key("str", "gaussian", "likelihood",
                           choices=("gaussian", "sellentin_heavens"))
-    num_warmup: int = key("int", 500, "NUTS warm-up steps", check=_at_least(1))
-    num_samples: int = key("int", 2000, "NUTS samples per chain", check=_at_least(1))
-    num_chains: int = key("int", 2, "NUTS chains", check=_at_least(1))
+    num_warmup: int = key("int", 500, "NUTS warm-up steps", check=_count(1, MAX_WARMUP))
+    num_samples: int = key("int", 2000, "NUTS samples per chain", check=_count(1, MAX_SAMPLES))
+    num_chains: int = key("int", 2, "NUTS chains", check=_count(1, MAX_CHAINS))
     n_chi: int = key("int", 64, "Limber quadrature nodes", check=_at_least(16))
     seed: int = key("int", 10000, "first seed of the covariance simulations, and of NUTS",
                     check=_at_least(0))
@@ -760,9 +787,9 @@ class HmcSection:
     """Explicit full-field inference (``lensbench hmc``; ``explicit.HMCSettings``)."""
 
     sampler: str = key("str", "nuts", "sampler", choices=("nuts", "mclmc"))
-    num_warmup: int = key("int", 200, "warm-up steps", check=_at_least(1))
-    num_samples: int = key("int", 200, "samples per chain", check=_at_least(1))
-    num_chains: int = key("int", 1, "chains", check=_at_least(1))
+    num_warmup: int = key("int", 200, "warm-up steps", check=_count(1, MAX_WARMUP))
+    num_samples: int = key("int", 200, "samples per chain", check=_count(1, MAX_SAMPLES))
+    num_chains: int = key("int", 1, "chains", check=_count(1, MAX_CHAINS))
     max_tree_depth: int = key("int", 6, "NUTS tree depth", check=_at_least(1))
     target_accept: float = key("float", 0.8, "NUTS target acceptance",
                                check=lambda v: None if 0 < v < 1 else "must be in (0, 1)")
@@ -792,7 +819,8 @@ class CompareSection:
 
     methods: tuple = key("strs", ("cl_analytic", "npe_cl", "npe_vmim", "hmc"), "methods")
     observation: str | None = key("path", None, "observed map file")
-    c2st_samples: int = key("int", 2000, "samples per method in a C2ST", check=_at_least(10))
+    c2st_samples: int = key("int", 2000, "samples per method in a C2ST",
+                              check=_count(10, MAX_SAMPLES))
     seed: int = key("int", 0, "seed of the C2ST", check=_at_least(0))
 
     def _check(self, given):

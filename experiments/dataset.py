@@ -89,7 +89,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .io import _atomic_h5, _provenance
+from .files import atomic_write, check_output, ensure_space
+from .io import _provenance
 from .priors import Prior
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "GenerateReport", "SIMS_ATTRS", "SIMS_DATASETS", "SimSet",
@@ -423,14 +424,24 @@ def _create(path: Path, identity: dict, cfg, prior: Prior, model, batch: int,
         "kappa": ((n,) + map_shape, np.float32, (1,) + map_shape, None),
         "status": ((n,), np.int8, (min(n, 1 << 16),), STATUS_PENDING),
     }
-    with _atomic_h5(path) as f:
-        for name, (shape, dtype, chunks, fill) in specs.items():
-            f.create_dataset(name, shape, dtype, chunks=chunks,
-                             fillvalue=None if fill is None else np.array(fill, dtype),
-                             dcpl=_dcpl(fill is not None))
-            f[name].attrs["description"] = SIMS_DATASETS[name]
-        for key, value in attrs.items():
-            f.attrs[key] = value
+    # The whole file is allocated now (chunk writes later never grow it), so the space check here
+    # is the one that matters; HDF5 does not survive a full disk (see experiments.files).
+    ensure_space(path, sum(math.prod(shape) * np.dtype(dtype).itemsize
+                           for shape, dtype, _, _ in specs.values()),
+                 what=f"the sims file for {n} simulations,")
+
+    def write(tmp):
+        with h5py.File(tmp, "w") as f:
+            for name, (shape, dtype, chunks, fill) in specs.items():
+                f.create_dataset(name, shape, dtype, chunks=chunks,
+                                 fillvalue=None if fill is None else np.array(fill, dtype),
+                                 dcpl=_dcpl(fill is not None))
+                f[name].attrs["description"] = SIMS_DATASETS[name]
+            for key, value in attrs.items():
+                f.attrs[key] = value
+
+    # exclusive: of two runs started at once, one creates the file, the other resumes it
+    atomic_write(path, write, exclusive=True, option="--out")
 
 
 _MODELS: OrderedDict = OrderedDict()  # configuration -> map model, so that reruns reuse compilations
@@ -737,13 +748,19 @@ def generate(cfg, prior: Prior, n: int, out, *, batch_size: int | None = None,
     identity = _identity(cfg, prior, n, seed, model)
     sharded = _model_sharded(model)
 
-    if out.exists():
-        with _open_sims(out) as f:
-            batch = _check_resumable(out, f, identity, batch_size)
-    else:
+    check_output(out, option="--out")
+    created = False
+    if not out.exists():
         n_dev = 1 if sharded else jax.device_count()
         batch = batch_size if batch_size is not None else _default_batch(model, n, n_dev, sharded)
-        _create(out, identity, cfg, prior, model, batch, noise_sigma(model.bins, model.sky))
+        try:
+            _create(out, identity, cfg, prior, model, batch, noise_sigma(model.bins, model.sky))
+            created = True
+        except FileExistsError:  # another generate created it in the meantime: resume that
+            pass
+    if not created:
+        with _open_sims(out) as f:
+            batch = _check_resumable(out, f, identity, batch_size)
 
     runner = (_Sharded if sharded else _DataParallel)(model, prior, base, batch)
     key = jax.random.key(seed)

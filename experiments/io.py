@@ -1,7 +1,7 @@
 """lensbench's HDF5 files: run files (``lensbench simulate``) and map files (``lensbench maps``).
 
-Both are written to a temporary file in the target directory and renamed into place, so an
-interrupted run never leaves a partial file under the requested name.
+Both are written by ``experiments.files`` (atomically: an interrupted run never leaves a partial
+file under the requested name; outputs that are not regular files are refused).
 
 Run files
 ---------
@@ -43,16 +43,15 @@ lightcone (``chi_max`` in Mpc/h, ``observer``), the sources (``n_bins``, ``sigma
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
+
+from .files import atomic_h5, atomic_write, ensure_space
 
 FORMAT = "lensbench.run"
 FORMAT_VERSION = 1
@@ -104,25 +103,6 @@ def _provenance() -> dict:
     return {"lensbench_version": lb_version, "jax_version": jax.__version__}
 
 
-@contextlib.contextmanager
-def _atomic_h5(path: Path):
-    """Yield an open h5py.File on a temporary file next to ``path``; rename it into place on
-    success, delete it on any failure (the previous file at ``path``, if any, is untouched)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            yield f
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_run(path, result, cosmo, *, seed: int | None = None, ic_file: str | None = None) -> Path:
     """Write a ``SimResult`` (and the cosmology it was run with) to ``path`` atomically.
 
@@ -165,7 +145,7 @@ def write_run(path, result, cosmo, *, seed: int | None = None, ic_file: str | No
 
 def _write_h5(path: Path, attrs: dict, datasets: dict) -> Path:
     """Write datasets {name: (array, {attribute: value})} and file attributes atomically."""
-    with _atomic_h5(path) as f:
+    with atomic_h5(path) as f:
         for name, (array, ds_attrs) in datasets.items():
             f.create_dataset(name, data=array)
             for key, value in ds_attrs.items():
@@ -204,16 +184,37 @@ _KINDS = {FORMAT: "a run file (lensbench simulate)",
           "lensbench.samples": "a posterior-samples file"}
 
 
+def _h5_reason(err: OSError) -> str:
+    """HDF5's long open error in a few words."""
+    text = str(err)
+    for pattern, reason in (("truncated file", "the file is truncated (an interrupted copy or write?)"),
+                            ("file signature not found", "it is not an HDF5 file"),
+                            ("No such file", "no such file"),
+                            ("Permission denied", "permission denied"),
+                            ("unable to lock file", "another process holds it open for writing")):
+        if pattern in text:
+            return reason
+    return " ".join(text.split())
+
+
+def open_h5(path, kind: str) -> h5py.File:
+    """``h5py.File(path, "r")``; an OSError naming the file and the ``kind`` of file expected
+    (e.g. "map file") when it cannot be opened."""
+    path = Path(path)
+    if path.is_dir():
+        raise OSError(f"cannot read {path} as a {kind}: it is a directory")
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise OSError(f"cannot read {path} as a {kind} (HDF5): {_h5_reason(e)}") from None
+
+
 def _read_h5(path: Path, fmt: str, kind: str, datasets, required_attrs=()):
     """Open a lensbench HDF5 file of format ``fmt``; returns ({dataset: array}, {attr: value}).
 
     Raises OSError if it is not HDF5, ValueError if it is another kind of file or incomplete.
     """
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise OSError(f"cannot read {path} as HDF5: {e}") from None
-    with f:
+    with open_h5(path, f"lensbench {kind} file") as f:
         found = f.attrs.get("format")
         if found != fmt:
             what = (f"{_KINDS[found]}, not a {kind} file" if found in _KINDS
@@ -323,10 +324,10 @@ def write_healpix_fits(path, maps, bins) -> Path:
         raise ValueError("--fits needs HEALPix maps (maps.sky = 'healpix'); these are flat-sky maps")
     n = bins.n_bins
     names = [f"KAPPA_{i + 1}" for i in range(n)] + [f"KAPPA_NOISY_{i + 1}" for i in range(n)]
-    path = Path(path)
-    healpy.write_map(str(path), np.concatenate([kappa, np.asarray(maps.kappa_noisy)]), nest=False,
-                     column_names=names, overwrite=True, dtype=np.float64)
-    return path
+    data = np.concatenate([kappa, np.asarray(maps.kappa_noisy)])
+    ensure_space(path, data.nbytes)
+    return atomic_write(path, lambda tmp: healpy.write_map(
+        str(tmp), data, nest=False, column_names=names, overwrite=True, dtype=np.float64))
 
 
 @dataclass

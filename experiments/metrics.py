@@ -77,7 +77,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import zlib
 from dataclasses import fields, is_dataclass
 from itertools import combinations
@@ -493,21 +492,10 @@ def compare_metrics(samples: Mapping[str, Samples], *, base, truth, c2st: bool =
 
 def write_metrics(path, metrics: dict) -> Path:
     """Write ``metrics`` as JSON (NaN/inf -> null) to ``path`` atomically; returns the path."""
-    path = Path(path)
+    from .files import write_text
+
     text = json.dumps(_jsonable_tree(metrics), indent=1, allow_nan=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text(path, text + "\n")
 
 
 def read_metrics(path) -> dict:

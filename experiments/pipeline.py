@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import save_npz, write_json, write_text
+
 SUMMARIES = ("compressor", "cl", "maps")
 # nflows (inside sbi) calls a torch function deprecated in torch 2.x on every MAF/NSF inverse
 warnings.filterwarnings("ignore", message=r"torch\.triangular_solve is deprecated")
@@ -45,6 +47,19 @@ def _log(message: str) -> None:
     if jax is not None and jax.distributed.is_initialized() and jax.process_index() != 0:
         return
     print(message, file=sys.stderr, flush=True)
+
+
+def _check_ram(nbytes: int, what: str) -> None:
+    """Refuse work whose arrays cannot fit in this machine's memory, naming what sizes them."""
+    from .files import format_bytes
+
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: no check
+        return
+    if nbytes > total:
+        raise ValueError(f"{what} need about {format_bytes(nbytes)} of memory, more than this "
+                         f"machine's {format_bytes(total)}")
 
 
 def _config(config):
@@ -132,7 +147,10 @@ def run_train_compressor(config, sims_path, out, *, loss: str | None = None,
     when given); resumes from ``out``'s checkpoints. Returns the ``compressors.Compressor``."""
     from compressors import train_compressor
 
+    from .files import check_output_dir
+
     cfg = _config(config)
+    check_output_dir(out, option="--out")
     sims = _read_sims(sims_path)
     _check_sims_match(sims, cfg)
     split = split_sims(sims, cfg.training_set.n_calibration, n_train)
@@ -174,19 +192,22 @@ def summarise(kind: str, maps: np.ndarray, *, compressor=None, field_deg=None, e
     raise ValueError(f"unknown summary {kind!r}; valid: {', '.join(SUMMARIES)}")
 
 
-def run_compress(compressor_dir, inputs, out, *, noisy: bool = True, seed: int = 0) -> Path:
+def run_compress(compressor_dir, inputs, out, *, noisy: bool = True, seed: int = 0,
+                 overwrite: bool = True) -> Path:
     """Apply a trained compressor to a map file (its noisy maps, or noise-free with noisy=False)
     or to a sims file (noise-free maps plus one shape-noise draw from ``seed`` when noisy).
     Writes HDF5 ``summaries`` (n, d) [+ ``theta``, ``indices`` for sims]."""
-    import h5py
-
     from compressors import load_compressor
 
-    from .io import _write_h5
+    from .files import check_new_output, check_not_inputs, check_output
+    from .io import _write_h5, open_h5
 
-    comp = load_compressor(compressor_dir)
-    with h5py.File(inputs, "r") as f:
+    check_output(out, option="--out")
+    check_not_inputs(out, {"--in": inputs, "--compressor": compressor_dir})
+    check_new_output(out, overwrite=overwrite)
+    with open_h5(inputs, "map file or sims file") as f:
         fmt = f.attrs.get("format")
+    comp = load_compressor(compressor_dir)
     datasets = {}
     if fmt == "lensbench.maps":
         from .io import read_maps
@@ -221,7 +242,14 @@ def run_fit_posterior(config, sims_path, out, *, compressor=None, summary: str |
     """
     from estimators.npe import MapEmbedding, fit_npe
 
+    from .files import check_output_dir
+
     cfg = _config(config)
+    check_output_dir(out, option="--out")
+    if summary in ("cl", "maps") and compressor is not None:
+        raise ValueError(f"--summary {summary} and --compressor contradict each other: NPE on "
+                         f"{'the C_ell data vector' if summary == 'cl' else 'the maps'} uses no "
+                         f"compressor; give one of them")
     summary = summary or ("compressor" if compressor is not None else None)
     if summary not in SUMMARIES:
         raise ValueError(f"choose the summary: --compressor DIR, or --summary cl|maps "
@@ -239,6 +267,9 @@ def run_fit_posterior(config, sims_path, out, *, compressor=None, summary: str |
     npe = cfg.npe
     prior = cfg.prior()
     t0 = time.perf_counter()
+    _check_ram(len(split.train) * npe.noise_copies * sims.kappa[0].nbytes,
+               f"npe.noise_copies = {npe.noise_copies} noisy copies of {len(split.train)} "
+               f"training maps")
     # noisy copies of the training maps, then their summaries
     theta, maps = _noisy(sims.kappa[split.train], sims.theta[split.train], sims.sigma_n,
                          npe.noise_copies, npe.seed)
@@ -261,7 +292,7 @@ def run_fit_posterior(config, sims_path, out, *, compressor=None, summary: str |
             "n_train_sims": int(len(split.train)), "noise_copies": npe.noise_copies,
             "fit_time_s": result.fit_time_s, "epochs": result.epochs,
             "best_val_log_prob": result.best_val_log_prob, "config_toml": cfg.to_toml()}
-    (out / _META).write_text(json.dumps(meta, indent=1))
+    write_json(out / _META, meta)
     print(f"fitted NPE in {result.fit_time_s:.1f} s ({result.epochs} epochs, best validation "
           f"log q = {result.best_val_log_prob:.3f}); wrote {out}")
     if calibrate and len(split.held_out):
@@ -281,7 +312,7 @@ def run_fit_posterior(config, sims_path, out, *, compressor=None, summary: str |
               f"{cal['tarp']['atc']:+.3f} (KS p {cal['tarp']['ks_pval']:.2f}); SBC rank KS p: {ks}; "
               f"plots in {out / 'calibration'}")
     meta["wall_s"] = time.perf_counter() - t0
-    (out / _META).write_text(json.dumps(meta, indent=1))
+    write_json(out / _META, meta)
     return out
 
 
@@ -290,7 +321,14 @@ def _posterior_meta(posterior_dir) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {posterior_dir} is not a posterior directory "
                                 f"written by `lensbench fit-posterior`")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+        if not isinstance(meta, dict) or "summary" not in meta:
+            raise ValueError("not a posterior description")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a readable posterior description (the JSON written by "
+                         f"`lensbench fit-posterior`): {e}") from None
+    return meta
 
 
 def method_name(summary: str, compressor=None) -> str:
@@ -298,13 +336,20 @@ def method_name(summary: str, compressor=None) -> str:
     return f"npe_{compressor.config.loss}" if summary == "compressor" else f"npe_{summary}"
 
 
-def run_sample(posterior_dir, maps_path, out, *, n: int | None = None, seed: int = 0):
+def run_sample(posterior_dir, maps_path, out, *, n: int | None = None, seed: int = 0,
+               overwrite: bool = True):
     """Posterior samples for an observed map file (its noisy maps) -> samples file."""
     from estimators.npe import load_npe
 
-    from .config import load_config_text
+    from .config import MAX_SAMPLES, load_config_text
+    from .files import check_new_output, check_not_inputs, check_output, ensure_space
     from .io import Samples, write_samples
 
+    check_output(out, option="--out")
+    check_not_inputs(out, {"--maps": maps_path})
+    check_new_output(out, overwrite=overwrite)
+    if n is not None and not 1 <= int(n) <= MAX_SAMPLES:
+        raise ValueError(f"--n must be between 1 and {MAX_SAMPLES} (lensbench's limit), got {n}")
     meta = _posterior_meta(posterior_dir)
     cfg = load_config_text(meta["config_toml"], where=f"{posterior_dir}/{_META}")
     obs = read_observation(cfg, maps_path)  # the configuration the posterior was trained on
@@ -317,6 +362,8 @@ def run_sample(posterior_dir, maps_path, out, *, n: int | None = None, seed: int
                   field_deg=cfg.maps.field_deg, ell_edges=cfg.ell_edges())[0]
     post = load_npe(Path(posterior_dir) / "npe")
     n = cfg.npe.n_samples if n is None else int(n)
+    ensure_space(out, 8 * n * (len(meta["names"]) + 1), what="the samples file")
+    _log(f"drawing {n} samples from {posterior_dir}")
     t0 = time.perf_counter()
     theta = post.sample(x, n, seed=seed)
     truth = [float(obs.attrs[k]) for k in meta["names"]]
@@ -392,8 +439,7 @@ def run_cl_baseline(config, maps_path, out, *, progress: bool = True):
              f"(seeds {cb.seed}..{cb.seed + cb.n_cov - 1})")
         dvs = fiducial_data_vectors(model, cfg.cosmology(), sigma_n, cfg.maps.field_deg, edges,
                                     cb.n_cov, seed=cb.seed, batch=8)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, key=key, data_vectors=dvs)
+        save_npz(cache, key=key, data_vectors=dvs)
     cov_time = time.perf_counter() - t0
     est = estimate_covariance(dvs)
     like = ClLikelihood(bins=model.bins, field_deg=cfg.maps.field_deg, npix=cfg.maps.npix,
@@ -407,7 +453,7 @@ def run_cl_baseline(config, maps_path, out, *, progress: bool = True):
     names = cfg.prior().names
     truth = np.array([float(obs.attrs[k]) for k in names])
     # the data vector against the theory at the truth, for the report's C_ell figure
-    np.savez(cl_data_path(out), ell_edges=edges, ell=np.asarray(like.ell_mean),
+    save_npz(cl_data_path(out), ell_edges=edges, ell=np.asarray(like.ell_mean),
              data=data.reshape(like.n_pairs, -1),
              theory=np.asarray(like.mean(jnp.asarray(truth))).reshape(like.n_pairs, -1),
              noise=np.asarray(like.noise_vector).reshape(like.n_pairs, -1),
@@ -470,7 +516,19 @@ def run_hmc(config, maps_path, out, *, samples_out=None, resume: bool = True,
 
     from .io import Samples, write_samples
 
+    from .files import check_output_dir
+
     cfg = _config(config)
+    check_output_dir(out, option="--out")
+    if chains is not None:  # before any work: the start field alone takes many seconds
+        n = cfg.hmc.num_chains
+        bad = [int(c) for c in chains if not 0 <= int(c) < n]
+        if bad:
+            raise ValueError(f"--chain {bad[0]}: this run has hmc.num_chains = {n}, so chains "
+                             f"0 to {n - 1}")
+        if not resume:
+            raise ValueError("--restart with --chain would delete the other chains' progress: "
+                             "restart the whole run without --chain")
     obs = read_observation(cfg, maps_path)
     if cfg.simulation.kind in ("pm", "lpt"):
         cfg = cfg.with_(**{"simulation.gradient": cfg.hmc.gradient})
@@ -563,7 +621,7 @@ def _chains_in_processes(cfg, settings, maps_path: Path, out: Path, processes: i
     (out / "logs").mkdir(exist_ok=True)
     # next to the logs, not out/config.toml: that may be the user's own (commented) file
     config_file = out / "logs" / "config.toml"
-    config_file.write_text(cfg.to_toml())
+    write_text(config_file, cfg.to_toml())
     groups = [list(range(i, settings.num_chains, processes)) for i in range(processes)]
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",  # several may share a GPU
                **{PARENT_PID_ENV: str(os.getpid())})

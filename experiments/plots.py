@@ -22,11 +22,12 @@ def _pyplot():
 
 def _save(fig, out) -> Path:
     """Write a figure (creating its folder) and close it."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    _pyplot().close(fig)
-    return out
+    from .files import save_figure
+
+    try:
+        return save_figure(fig, out, dpi=110)
+    finally:
+        _pyplot().close(fig)
 
 
 def _bin_label(mean_z: float, i: int) -> str:

@@ -27,6 +27,12 @@ LABELS = {"Omega_c": r"\Omega_c", "Omega_b": r"\Omega_b", "h": "h", "n_s": "n_s"
           "sigma8": r"\sigma_8", "w0": "w_0", "wa": "w_a"}
 
 
+# Standard deviations of an unbounded normal side that must lie inside a parameter's range: at
+# most 0.13% of the prior mass then falls outside (such draws fail and are counted as failed
+# simulations); the LSST-Y10 preset's Omega_c ~ TN(0.2664, 0.2, low=0) is 3.7 sigma from Omega_c = 1.
+NORMAL_TAIL = 3.0
+
+
 class PriorError(ValueError):
     """An invalid prior declaration; the message names the parameter."""
 
@@ -75,6 +81,29 @@ class ParamPrior:
                 raise PriorError(f"{n}: a uniform prior takes low and high only")
         if self.low is not None and self.high is not None and not self.low < self.high:
             raise PriorError(f"{n}: low must be < high, got [{self.low}, {self.high}]")
+        self._check_physical()
+
+    def _check_physical(self) -> None:
+        """The prior's support must lie in the parameter's physical range (simulators'
+        ``PARAM_RANGES``): bounds inside it, and an unbounded normal side at least
+        ``NORMAL_TAIL`` standard deviations from the range's edge."""
+        from simulators.cosmology import PARAM_RANGES
+
+        lo, hi = PARAM_RANGES[self.name]
+        low, high = self.bounds
+        if self.dist != "uniform":
+            if self.low is None:
+                low = self.loc - NORMAL_TAIL * self.scale
+            if self.high is None:
+                high = self.loc + NORMAL_TAIL * self.scale
+        if low < lo or high > hi:
+            span = f"[{low:g}, {high:g}]"
+            what = (f"the {self.dist} support {span}" if self.dist == "uniform" else
+                    f"{self.dist}({self.loc:g}, {self.scale:g}) spans {span} (bounds, or "
+                    f"{NORMAL_TAIL:g} sigma where unbounded)")
+            hint = "" if self.dist == "uniform" else "; bound it with truncated_normal low/high"
+            raise PriorError(f"{self.name}: {what}, outside the physical range ({lo:g}, {hi:g}) "
+                             f"of {self.name}{hint}")
 
     @classmethod
     def from_table(cls, name: str, table) -> "ParamPrior":

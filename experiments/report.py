@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Mapping
 
 from . import metrics as M
+from .files import write_text
 
 _DASH = "—"
 
@@ -248,11 +249,7 @@ def write_report(out_dir, metrics: dict, figures=None, *, title: str,
     if config_toml:
         lines += ["## Configuration", "", "<details><summary>config.toml</summary>", "",
                   "```toml", config_toml.rstrip(), "```", "", "</details>", ""]
-    path = out_dir / "report.md"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
-    return path
+    return write_text(out_dir / "report.md", "\n".join(lines))
 
 
 def plot_results(results, out=None, *, methods=None, params=None) -> Path:

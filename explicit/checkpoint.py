@@ -8,8 +8,9 @@ out_dir/
   fields/c<c>_<s>.npy kept field samples (sample index s), one file each, written atomically
   diagnostics.json    written when every chain has finished
 
-Every file is written to a temporary name in the same directory and moved into place with
-``os.replace`` (atomic on POSIX), so a reader sees the old or the new file, never half of one.
+Every file is written by ``experiments.files.atomic_write`` (a temporary name in the same
+directory, flushed to disk, then renamed into place), so a reader sees the old or the new file,
+never half of one.
 The chain file is the commit point: field files past its row count are simply rewritten on resume.
 
 With several processes (``jax.distributed``), arrays split over processes (the field and its
@@ -32,6 +33,8 @@ from typing import Callable
 import h5py
 import jax
 import numpy as np
+
+from experiments.files import atomic_write, h5_file
 
 FORMAT = "lensbench-explicit-chain/1"
 RECORDS = ("theta", "potential_energy", "num_grads", "diverging", "accept_prob", "step_size",
@@ -191,16 +194,9 @@ def field_path(out_dir: Path, chain: int, sample: int) -> Path:
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """The project's atomic writer, flushed to disk before the rename: a checkpoint must survive
+    a crash of the machine, not only of the process."""
+    atomic_write(path, write, fsync=True)
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -233,7 +229,7 @@ def save_array(path: Path, value: np.ndarray | LocalShards) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(value, LocalShards):
         def write(tmp):
-            with h5py.File(tmp, "w") as f:
+            with h5_file(tmp) as f:
                 f.attrs["n_processes"] = jax.process_count()
                 _write_pieces(f, value)
 
@@ -322,7 +318,7 @@ def save_chain(out_dir: Path, chain: int, ck: ChainCheckpoint, settings: dict) -
         here.parent.mkdir(parents=True, exist_ok=True)
 
         def write_state(tmp):
-            with h5py.File(tmp, "w") as f:
+            with h5_file(tmp) as f:
                 for i in split:
                     _write_pieces(f.create_group(f"{i:04d}"), leaves[i])
 
@@ -330,7 +326,7 @@ def save_chain(out_dir: Path, chain: int, ck: ChainCheckpoint, settings: dict) -
         barrier(f"lensbench state {chain} {ck.n_rows}")
 
     def write(tmp):
-        with h5py.File(tmp, "w") as f:
+        with h5_file(tmp) as f:
             f.attrs["format"] = FORMAT
             f.attrs["settings"] = json.dumps(settings, sort_keys=True)
             f.attrs["chain"] = chain

@@ -11,6 +11,9 @@ from .grid import DeviceGrid
 
 GRADIENT_MODES = ("checkpoint", "adjoint")
 DTYPES = ("float32", "float64")
+# Largest number of time steps; a typo such as --steps 100000000 is refused at once (it would run
+# for hours and exhaust memory). experiments.config.MAX_STEPS is the same number for configurations.
+MAX_STEPS = 10_000
 
 
 def _triple(value, name, cast):
@@ -89,6 +92,9 @@ class SimConfig:
             raise ValueError(f"a_final must be <= 1 (growth tables end today), got {self.a_final}")
         if int(self.n_steps) < 1:
             raise ValueError(f"n_steps must be >= 1, got {self.n_steps}")
+        if int(self.n_steps) > MAX_STEPS:
+            raise ValueError(f"n_steps must be <= {MAX_STEPS} (lensbench's limit: PM lensing runs "
+                             f"use 5-100 steps), got {self.n_steps}")
         snaps = tuple(sorted(float(a) for a in self.snapshots))
         for a in snaps:
             if not self.a_init <= a <= self.a_final:

@@ -55,6 +55,12 @@ def _is_int_or_none(v) -> bool:
     return v is None or (isinstance(v, (int, np.integer)) and not isinstance(v, bool))
 
 
+# The range of each parameter for which the background, growth and power spectrum are defined
+# (Omega_c + Omega_b < 1 and w0 + wa < 0 are checked jointly); priors must lie inside them.
+PARAM_RANGES = {"Omega_c": (0.0, 1.0), "Omega_b": (0.0, 1.0), "h": (0.2, 2.0), "n_s": (0.0, 2.0),
+                "sigma8": (0.0, math.inf), "w0": (-3.0, 0.0), "wa": (-3.0, 3.0)}
+
+
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class Cosmology:
@@ -108,11 +114,10 @@ class Cosmology:
 
         check("Omega_c", lambda v: v > 0, "> 0")
         check("Omega_b", lambda v: v >= 0, ">= 0")
-        check("h", lambda v: (v > 0.2) & (v < 2.0), "in (0.2, 2)")
-        check("n_s", lambda v: (v > 0.0) & (v < 2.0), "in (0, 2)")
+        for name in ("h", "n_s", "w0", "wa"):
+            lo, hi = PARAM_RANGES[name]
+            check(name, lambda v: (v > lo) & (v < hi), f"in ({lo:g}, {hi:g})")
         check("sigma8", lambda v: v > 0, "> 0")
-        check("w0", lambda v: (v > -3.0) & (v < 0.0), "in (-3, 0)")
-        check("wa", lambda v: (v > -3.0) & (v < 3.0), "in (-3, 3)")
         if "Omega_c" in vals and "Omega_b" in vals:
             om = vals["Omega_c"] + vals["Omega_b"]
             if not np.all(om < 1.0):

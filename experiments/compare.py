@@ -203,7 +203,8 @@ def _metrics(cfg, out: Path) -> dict:
         # like-for-like cost: every stage the method needed (simulations, training, sampling)
         s.info.update(wall_time_s=budget[m]["wall_s"], n_simulations=budget[m]["n_simulations"])
     metrics = compare_metrics(samples, base=base, truth=truth, max_samples=cfg.compare.c2st_samples,
-                              seed=cfg.compare.seed)
+                              seed=cfg.compare.seed, ess_min=cfg.compare.ess_min,
+                              r_hat_max=cfg.compare.r_hat_max)
     metrics["stages"] = budget
     write_metrics(out / "metrics.json", metrics)
     return {}

@@ -935,13 +935,12 @@ def demo(
 ):
     """The main job: `lensbench compare` on the shipped quick configuration (PM lightcone maps;
     C_ell baselines, NPE on VMIM summaries, field-level HMC), then where the report is."""
+    from .report import summary_lines
+
     start = time.perf_counter()
     metrics = run_compare(DEMO_MAPS_CONFIG, out_dir)
-    for m, v in metrics["methods"].items():
-        fom = v["fom"].get("Omega_c,sigma8")
-        ratio = (metrics.get("fom_ratio") or {}).get("values", {}).get(m, {}).get("Omega_c,sigma8")
-        print(f"  {m:12s} FoM(Omega_c, sigma8) = {fom if fom is not None else float('nan'):8.1f}"
-              + (f"   ({ratio:.2f} x C_ell)" if ratio is not None else ""))
+    for line in summary_lines(metrics):
+        print(f"  {line}")
     print(f"demo done in {time.perf_counter() - start:.0f} s; report: {out_dir / 'report.md'}")
 
 

@@ -203,7 +203,8 @@ def _metrics(cfg, out: Path) -> dict:
         # like-for-like cost: every stage the method needed (simulations, training, sampling)
         s.info.update(wall_time_s=budget[m]["wall_s"], n_simulations=budget[m]["n_simulations"])
     metrics = compare_metrics(samples, base=base, truth=truth, max_samples=cfg.compare.c2st_samples,
-                              seed=cfg.compare.seed)
+                              seed=cfg.compare.seed, ess_min=cfg.compare.ess_min,
+                              r_hat_max=cfg.compare.r_hat_max)
     metrics["stages"] = budget
     write_metrics(out / "metrics.json", metrics)
     return {}
@@ -246,7 +247,7 @@ def _stage_seconds(marker: dict | None) -> float | None:
 
 def _report_stage(cfg, out: Path) -> dict:
     """Figures (contours, observed maps, C_ℓ data vs theory, calibration) and report.md."""
-    from .metrics import read_metrics
+    from .metrics import converged_flags, read_metrics
     from .plots import plot_cl_data_theory, plot_triangle
     from .report import write_report
 
@@ -256,7 +257,7 @@ def _report_stage(cfg, out: Path) -> dict:
     fig = out / "figures"
     figures = {"Posterior contours (truth marked)":
                plot_triangle(fig / "contours.png", samples, base=base, truth=truth,
-                             title=f"{cfg.name}: posteriors"),
+                             title=f"{cfg.name}: posteriors", converged=converged_flags(metrics)),
                "Observed convergence maps": fig / "maps.png"}
     if "cl_analytic" in samples:
         from .pipeline import cl_data_path

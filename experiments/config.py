@@ -175,6 +175,11 @@ Top level
                          with the top-level seed]; relative paths are relative to the config file
   c2st_samples         : at most this many samples per method enter each C2ST [2000]
   seed                 : seed of the C2ST subsampling and classifier [0]
+  ess_min              : least effective sample size of every sampled parameter for a method to
+                         count as converged (int >= 1) [400]
+  r_hat_max            : largest split R-hat of every sampled parameter for a method to count as
+                         converged (> 1) [1.01]. The console, report.md and the contour legend
+                         flag methods that miss either as "unconverged"
 
 Adding a section (e.g. [prior], [compressor], [npe], [hmc] later): write a frozen dataclass whose
 fields are declared with ``key(...)`` (type, default, doc, optional check), optionally a
@@ -813,15 +818,26 @@ class HmcSection:
         return _wrap("hmc", _keys(type(self)), lambda: HMCSettings(**values))
 
 
+# Vehtari et al. 2021 (Bayesian Analysis 16, 667): report MCMC summaries when split R̂ < 1.01 and
+# the ESS > 400. Below that the moments, and more so the FoM (a determinant of the covariance)
+# and C2ST, carry Monte Carlo errors or a bias the tables do not show. The defaults of
+# [compare] ess_min / r_hat_max, and of experiments.metrics.compare_metrics.
+ESS_MIN, R_HAT_MAX = 400, 1.01
+
+
 @dataclass(frozen=True)
 class CompareSection:
-    """``lensbench compare``: which methods run, on which observation."""
+    """``lensbench compare``: which methods run, on which observation, what counts as converged."""
 
     methods: tuple = key("strs", ("cl_analytic", "npe_cl", "npe_vmim", "hmc"), "methods")
     observation: str | None = key("path", None, "observed map file")
     c2st_samples: int = key("int", 2000, "samples per method in a C2ST",
                               check=_count(10, MAX_SAMPLES))
     seed: int = key("int", 0, "seed of the C2ST", check=_at_least(0))
+    ess_min: int = key("int", ESS_MIN, "least ESS per parameter of a converged method",
+                       check=_at_least(1))
+    r_hat_max: float = key("float", R_HAT_MAX, "largest split R-hat of a converged method",
+                           check=lambda v: None if v > 1 else "must be > 1")
 
     def _check(self, given):
         if not self.methods:

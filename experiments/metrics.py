@@ -48,16 +48,26 @@ JSON layout (format ``lensbench.metrics``, version 1)
        "budget_from": {budget key: [info keys used]},
        "draws": {"ess": {param: float|null}, "r_hat": {param: float|null}},
                                                       # sampled params, split R̂ (see ESS_MIN)
+       "converged": bool,                             # every sampled param has ESS >= ess_min
+                                                      # and split R̂ <= r_hat_max ("convergence")
        "calibration": {"tarp_atc", "tarp_ks_pval", "sbc_ks_pvals": {param: p}, "n_test"} | null
                                                       # from Samples.info["calibration"], if any
    }},
    "fom_ratio": {"reference": "cl_analytic"|"npe_cl"|null,
                  "values": {key: {"a,b": FoM / FoM_reference}}},     # pairs the reference has
+   "convergence": {"ess_min": int, "r_hat_max": float},   # the thresholds of "converged"
    "c2st": {"classifier": str, "n_folds": int, "max_samples": int, "seed": int,
             "pairs": [{"a": key, "b": key, "params": [...], "n": int, "accuracy": float|null,
                        "note": str (only when accuracy is null)}]}   # every unordered pair, or
            | null                                                    # null when not computed
    "warnings": [str, ...]}
+
+Convergence: ``converged`` certifies a method's draws: ESS >= ``ess_min`` and split R̂ <=
+``r_hat_max`` (defaults ``ESS_MIN``, ``R_HAT_MAX``; ``[compare] ess_min, r_hat_max``) for every
+sampled parameter; a parameter whose ESS or R̂ is undefined (too few draws, a stuck chain) fails.
+Independent draws (NPE, the exact grid) pass with enough samples. ``unconverged_note`` is the flag
+the console and report.md print for the others (the contour legend adds "(unconverged)"); files
+written before ``converged`` existed have no flags (unknown, not unconverged).
 
 Budget: ``wall_time_s``, ``n_simulations``, ``n_gradients`` are read from ``Samples.info`` under
 those names; when absent, from the names the pipeline writes today: wall time = ``fit_time_s`` +
@@ -85,6 +95,7 @@ from typing import Mapping
 
 import numpy as np
 
+from .config import ESS_MIN, R_HAT_MAX  # the thresholds' one definition, with its reason
 from .io import Samples, _jsonable_tree
 from .priors import COSMOLOGY_PARAMS, LABELS
 
@@ -306,9 +317,10 @@ def _calibration_summary(cal) -> dict | None:
 
 
 def method_metrics(samples: Samples, *, base, truth, key: str | None = None,
-                   warn: list | None = None) -> dict:
+                   warn: list | None = None, ess_min=ESS_MIN, r_hat_max=R_HAT_MAX) -> dict:
     """Metrics of one method's samples (the ``methods[key]`` entry of the module docstring)."""
     key = validate_method(samples.method if key is None else key)
+    limits = convergence_thresholds(ess_min, r_hat_max)
     base, truth = _as_params(base, "base"), _as_params(truth, "truth")
     warn = [] if warn is None else warn
     s = samples.samples
@@ -355,22 +367,86 @@ def method_metrics(samples: Samples, *, base, truth, key: str | None = None,
         if math.isnan(foms[k]) and n >= 3:
             warn.append(f"{key}: FoM({a}, {b}) undefined (singular covariance: degenerate samples)")
     budget, used = _budget(samples.info)
+    draws = _draw_diagnostics(samples, key, warn, **limits)
     return {"method": samples.method, "label": method_label(key), "n_samples": int(n),
             "n_chains": int(len(np.unique(samples.chain))), "names": list(samples.names),
             "params": params, "fom": foms,
             "S8": {"mean": params["S8"]["mean"], "std": params["S8"]["std"]},
-            "budget": budget, "budget_from": used,
-            "draws": _draw_diagnostics(samples, key, warn),
+            "budget": budget, "budget_from": used, "draws": draws,
+            "converged": is_converged(draws, **limits),
             "calibration": _calibration_summary(samples.info.get("calibration"))}
 
 
-# Vehtari et al. 2021 (Bayesian Analysis 16, 667): report MCMC summaries when split R̂ < 1.01 and
-# the ESS > 400. Below that the moments, and more so the FoM (a determinant of the covariance)
-# and C2ST, carry Monte Carlo errors or a bias the tables do not show.
-ESS_MIN, R_HAT_MAX = 400, 1.01
+def convergence_thresholds(ess_min=ESS_MIN, r_hat_max=R_HAT_MAX) -> dict:
+    """{"ess_min": int, "r_hat_max": float}, checked: ess_min a whole number >= 1 (ESS values are
+    shown rounded down to integers, so a whole threshold keeps "shown < ess_min" = "fails"),
+    r_hat_max > 1 (split R̂ of converged chains scatters around 1: a threshold at or below 1
+    would fail about half of them)."""
+    try:
+        e, r = float(ess_min), float(r_hat_max)
+    except (TypeError, ValueError):
+        raise ValueError(f"ess_min and r_hat_max must be numbers, got {ess_min!r}, "
+                         f"{r_hat_max!r}") from None
+    if isinstance(ess_min, bool) or not (math.isfinite(e) and e >= 1 and e.is_integer()):
+        raise ValueError(f"ess_min must be a whole number >= 1, got {ess_min!r}")
+    if not (math.isfinite(r) and r > 1):
+        raise ValueError(f"r_hat_max must be > 1, got {r_hat_max!r}")
+    return {"ess_min": int(e), "r_hat_max": r}
 
 
-def _draw_diagnostics(samples: Samples, key: str, warn: list) -> dict:
+def is_converged(draws: Mapping, *, ess_min=ESS_MIN, r_hat_max=R_HAT_MAX) -> bool:
+    """Whether every sampled parameter of a ``draws`` entry has ESS >= ess_min and split R̂ <=
+    r_hat_max. An undefined ESS or R̂ (too few draws, a constant parameter: a stuck chain)
+    fails: the certificate needs evidence, not its absence."""
+    ess, r_hat = draws.get("ess") or {}, draws.get("r_hat") or {}
+    if not ess:
+        return False
+    return all(ess[p] is not None and r_hat.get(p) is not None and ess[p] >= ess_min
+               and r_hat[p] <= r_hat_max for p in ess)
+
+
+def _fmt_r_hat(r: float, r_hat_max: float) -> str:
+    """R̂ with 2 decimals, more when rounding would put it on the other side of r_hat_max
+    (1.012 against 1.01 must not read "1.01")."""
+    for decimals in range(2, 8):
+        text = f"{r:.{decimals}f}"
+        if (float(text) > r_hat_max) == (r > r_hat_max):
+            return text
+    return repr(r)
+
+
+def unconverged_note(metrics: Mapping, key: str) -> str | None:
+    """"unconverged (ESS 10/5, R̂ 1.35)" for a method that failed the convergence thresholds:
+    its ESS per sampled parameter (rounded down, so a failing value never reads as passing)
+    and its worst split R̂; "—" where undefined. None when the method is certified, or when the
+    file predates the certificate (no "converged" key: unknown, not flagged)."""
+    m = metrics["methods"][key]
+    if m.get("converged") is not False:
+        return None
+    limits = metrics.get("convergence") or {}
+    r_hat_max = limits.get("r_hat_max", R_HAT_MAX)
+    draws = m.get("draws") or {}
+    ess = draws.get("ess") or {}
+    r_hats = [r for r in (draws.get("r_hat") or {}).values() if r is not None]
+    ess_text = "/".join("—" if ess[p] is None else str(math.floor(ess[p])) for p in ess) or "—"
+    r_text = _fmt_r_hat(max(r_hats), r_hat_max) if r_hats else "—"
+    return f"unconverged (ESS {ess_text}, R̂ {r_text})"
+
+
+def converged_flags(metrics: Mapping) -> dict:
+    """Method key -> its certificate: True, False, or None for a file that predates it."""
+    return {k: m.get("converged") for k, m in metrics["methods"].items()}
+
+
+def unconverged_reference(metrics: Mapping) -> str | None:
+    """The C_ℓ reference of the FoM ratios when it is flagged unconverged (then no ratio to it is
+    a result), else None."""
+    ref = (metrics.get("fom_ratio") or {}).get("reference")
+    return ref if ref in metrics["methods"] and unconverged_note(metrics, ref) else None
+
+
+def _draw_diagnostics(samples: Samples, key: str, warn: list, *, ess_min: int,
+                      r_hat_max: float) -> dict:
     """ESS and split R̂ per sampled parameter, from the draws in their saved order (chains cut to
     the shortest); null when there are too few draws. Independent draws (NPE, the exact grid)
     give ESS ≈ n and R̂ ≈ 1, so MCMC methods are the ones that can fall short, with a warning."""
@@ -383,11 +459,11 @@ def _draw_diagnostics(samples: Samples, key: str, warn: list) -> dict:
     for i, name in enumerate(samples.names):
         ess[name], r_hat[name] = ess_rhat(draws[..., i])
     short = [f"{n} ESS {ess[n]:.0f}, R̂ {r_hat[n]:.3f}" for n in samples.names
-             if ess[n] is not None and (ess[n] < ESS_MIN or r_hat[n] > R_HAT_MAX)]
+             if ess[n] is not None and (ess[n] < ess_min or r_hat[n] > r_hat_max)]
     if short:
         warn.append(f"{key}: its draws are not converged enough for reliable moments, FoM and "
-                    f"C2ST ({'; '.join(short)}; want ESS >= {ESS_MIN} and split R̂ <= "
-                    f"{R_HAT_MAX}): run the chains longer")
+                    f"C2ST ({'; '.join(short)}; want ESS >= {ess_min} and split R̂ <= "
+                    f"{r_hat_max}): run the chains longer")
     return {"ess": ess, "r_hat": r_hat}
 
 
@@ -447,7 +523,7 @@ def fom_ratios(methods: Mapping[str, dict]) -> dict:
 
 def compare_metrics(samples: Mapping[str, Samples], *, base, truth, c2st: bool = True,
                     max_samples: int = 2000, seed: int = 0, n_folds: int = 5,
-                    classifier: str = "mlp") -> dict:
+                    classifier: str = "mlp", ess_min=ESS_MIN, r_hat_max=R_HAT_MAX) -> dict:
     """Per-method and pairwise metrics of several methods' posteriors (layout: module docstring).
 
     Args:
@@ -458,6 +534,7 @@ def compare_metrics(samples: Mapping[str, Samples], *, base, truth, c2st: bool =
         samples' own truth when they have one.
       c2st: compute the pairwise C2ST (the expensive part; ``null`` when False).
       max_samples, seed, n_folds, classifier: C2ST settings (``c2st_pairs``).
+      ess_min, r_hat_max: the convergence thresholds of ``methods[key]["converged"]``.
     """
     if not samples:
         raise ValueError("compare_metrics: no methods given")
@@ -472,9 +549,10 @@ def compare_metrics(samples: Mapping[str, Samples], *, base, truth, c2st: bool =
     if unknown:
         raise ValueError(f"unknown cosmological parameter {unknown[0]!r} in base/truth; valid: "
                          f"{', '.join(COSMOLOGY_PARAMS)}")
+    limits = convergence_thresholds(ess_min, r_hat_max)
     warn: list[str] = []
     keys = order_methods(samples)
-    methods = {k: method_metrics(samples[k], base=base_d, truth=truth_d, key=k, warn=warn)
+    methods = {k: method_metrics(samples[k], base=base_d, truth=truth_d, key=k, warn=warn, **limits)
                for k in keys}
     full_truth = {p: truth_d[p] for p in sorted(truth_d, key=_param_rank)}
     full_truth.update(derived_truth(truth_d, base_d))
@@ -485,7 +563,8 @@ def compare_metrics(samples: Mapping[str, Samples], *, base, truth, c2st: bool =
                            n_folds=n_folds, classifier=classifier) if c2st else None)
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "methods_order": keys,
             "base": base_d, "truth": full_truth, "fom_pairs": [list(p) for p in FOM_PAIRS],
-            "methods": methods, "fom_ratio": ratios, "c2st": pairwise, "warnings": warn}
+            "methods": methods, "fom_ratio": ratios, "convergence": limits, "c2st": pairwise,
+            "warnings": warn}
 
 
 # ---- files ----------------------------------------------------------------------------------
@@ -507,7 +586,10 @@ def read_metrics(path) -> dict:
     return data
 
 
-__all__ = ["METHODS", "PARAM_ORDER", "FOM_PAIRS", "DERIVED", "validate_method", "method_base",
-           "method_label", "order_methods", "param_label", "pair_key", "derived_columns",
-           "with_derived", "derived_truth", "method_metrics", "subsample", "c2st_pairs",
-           "fom_ratios", "compare_metrics", "write_metrics", "read_metrics"]
+__all__ = ["METHODS", "PARAM_ORDER", "FOM_PAIRS", "DERIVED", "ESS_MIN", "R_HAT_MAX",
+           "validate_method", "method_base", "method_label", "order_methods", "param_label",
+           "pair_key", "derived_columns", "with_derived", "derived_truth", "method_metrics",
+           "convergence_thresholds", "is_converged", "converged_flags", "unconverged_note",
+           "unconverged_reference",
+           "subsample", "c2st_pairs", "fom_ratios", "compare_metrics", "write_metrics",
+           "read_metrics"]

@@ -133,8 +133,18 @@ def plot_cl_triangle(out, ell: np.ndarray, cl: np.ndarray, theory: np.ndarray, p
 
 # ---- posterior comparison ------------------------------------------------------------------------
 
+def legend_label(key: str, converged: bool | None = None) -> str:
+    """A method's legend entry: its label, with " (unconverged)" when its draws failed the
+    convergence thresholds (``converged`` False), so that contours are not read as a result;
+    None (unknown: no metrics, or an older metrics file) adds nothing."""
+    from .metrics import method_label
+
+    return method_label(key) + (" (unconverged)" if converged is False else "")
+
+
 def plot_triangle(out, samples: dict, *, base, truth: dict | None = None, methods=None,
-                  params=None, title: str = "", min_samples: int = 10) -> Path:
+                  params=None, title: str = "", min_samples: int = 10,
+                  converged: dict | None = None) -> Path:
     """getdist triangle plot overlaying several methods' posteriors, truth marked.
 
     Args:
@@ -145,6 +155,8 @@ def plot_triangle(out, samples: dict, *, base, truth: dict | None = None, method
       params: parameters to draw, sampled ones or the derived "Omega_m", "S8" (default: every
         parameter sampled by any drawn method, in ``metrics.PARAM_ORDER``).
       min_samples: a method with fewer samples is left out (getdist cannot smooth it).
+      converged: method key -> its ``metrics.json`` certificate (``methods[k]["converged"]``);
+        False labels the method unconverged in the legend (``legend_label``).
     A parameter a method holds (nearly) constant is dropped from that method only (drawn for
     the others); a method constant in every drawn parameter is left out; each case warns
     (``UserWarning``). Parameters no drawn method varies are dropped; none left is a ValueError.
@@ -205,7 +217,8 @@ def plot_triangle(out, samples: dict, *, base, truth: dict | None = None, method
             continue
         used.update(kept)
         roots.append(MCSamples(samples=np.column_stack(cols), names=kept,
-                               labels=[M.param_label(p) for p in kept], label=M.method_label(k),
+                               labels=[M.param_label(p) for p in kept],
+                               label=legend_label(k, (converged or {}).get(k)),
                                settings={"ignore_rows": 0}))
     drawn = [p for p in params if p in used]
     if not roots or not drawn:

@@ -7,6 +7,11 @@ headline pairs, their ratio to the C_ℓ reference, S_8), posterior mean ± std 
 parameter (in posterior σ), cost (wall time, simulations, gradient evaluations), the C2ST matrix,
 calibration (TARP ATC and KS p, SBC rank KS p per parameter) when known, warnings, and the
 configuration (TOML) when given. Missing values print as "—".
+
+A method whose draws fail the convergence thresholds (``metrics["methods"][k]["converged"]``) is
+flagged in its constraining-power row ("— unconverged (ESS 10/5, R̂ 1.35)"), and its FoM ratio,
+like every ratio to an unconverged C_ℓ reference, is shown as no result. ``summary_lines`` gives
+the same verdicts for the console (``lensbench demo``).
 """
 
 from __future__ import annotations
@@ -79,6 +84,20 @@ def _figures(out_dir: Path, figures) -> list[str]:
     return lines
 
 
+def _thresholds_text(metrics: Mapping) -> str:
+    c = metrics.get("convergence") or {}
+    return (f"ESS ≥ {c.get('ess_min', M.ESS_MIN)} and split R̂ ≤ {c.get('r_hat_max', M.R_HAT_MAX)}"
+            " for every sampled parameter")
+
+
+def _ratio_cell(metrics: Mapping, key: str, value) -> str:
+    """A FoM ratio, or why it is no result (the method or the C_ℓ reference is unconverged)."""
+    if M.unconverged_note(metrics, key):
+        return f"{_DASH} (unconverged)"
+    ref = M.unconverged_reference(metrics)
+    return f"{_DASH} (reference {ref} unconverged)" if ref else _fmt(value, ".2f")
+
+
 def _power(metrics: dict, keys: list[str]) -> list[str]:
     pairs = [M.pair_key(*p) for p in metrics.get("fom_pairs", M.FOM_PAIRS)]
     ratio = metrics.get("fom_ratio") or {}
@@ -91,13 +110,20 @@ def _power(metrics: dict, keys: list[str]) -> list[str]:
     rows = []
     for k in keys:
         m = metrics["methods"][k]
-        rows.append([_label(k, m), str(m.get("n_samples", _DASH))]
+        flag = M.unconverged_note(metrics, k)
+        rows.append([_label(k, m) + (f" {_DASH} {flag}" if flag else ""),
+                     str(m.get("n_samples", _DASH))]
                     + [_fmt(m["fom"].get(p), ".0f") for p in pairs]
-                    + [_fmt(values.get(k, {}).get(p), ".2f") for p in pairs]
+                    + [_ratio_cell(metrics, k, values.get(k, {}).get(p)) for p in pairs]
                     + [_sig(m["S8"]["mean"]), _sig(m["S8"]["std"], 3)])
     note = (f"FoM = 1/sqrt(det Cov) of the posterior samples. Ratios are to the C_ℓ reference "
             f"`{ref}`." if ref else "FoM = 1/sqrt(det Cov) of the posterior samples. No C_ℓ "
             "method (cl_analytic or npe_cl), so no ratios.")
+    if any("converged" in metrics["methods"][k] for k in keys):  # not in older metrics files
+        note += (f" A method counts as converged with {_thresholds_text(metrics)} (Vehtari et al. "
+                 f"2021); the others are marked unconverged, their numbers carry Monte Carlo "
+                 f"errors the table does not show, and their FoM ratios (and every ratio to an "
+                 f"unconverged reference) are no result.")
     return ["## Constraining power", "", note, ""] + _table(header, rows)
 
 
@@ -179,8 +205,8 @@ def _draws(metrics: dict, keys: list[str]) -> list[str]:
                     + [_fmt(r_hat.get(p), ".3f") for p in params])
     lines = ["## Draws", "",
              f"Effective sample size and split R̂ of the saved draws. Independent draws (NPE, "
-             f"exact grid) have ESS ≈ draws; MCMC summaries are reliable from ESS ≥ "
-             f"{M.ESS_MIN} and R̂ ≤ {M.R_HAT_MAX} (Vehtari et al. 2021).", ""] + _table(header, rows)
+             f"exact grid) have ESS ≈ draws; MCMC summaries are reliable from "
+             f"{_thresholds_text(metrics)} (Vehtari et al. 2021).", ""] + _table(header, rows)
     diag = metrics.get("hmc_diagnostics")
     if diag:
         div = diag.get("divergences") or {}
@@ -213,6 +239,31 @@ def _calibration(metrics: dict, keys: list[str], calibration) -> list[str]:
              "TARP ATC > 0: under-confident, < 0: over-confident or biased (0 ideal); "
              "KS p-values small when ranks / coverage are not uniform.", ""]
             + _table(header, rows))
+
+
+def summary_lines(metrics: Mapping, pair: tuple[str, str] = ("Omega_c", "sigma8")) -> list[str]:
+    """The console summary (``lensbench demo``): per method its FoM(``pair``) and either its ratio
+    to the C_ℓ reference or why that is no result (the method's ``metrics.unconverged_note``, or
+    an unconverged reference), then, if any method is flagged, the thresholds it missed."""
+    p = M.pair_key(*pair)
+    values = (metrics.get("fom_ratio") or {}).get("values") or {}
+    bad_ref = M.unconverged_reference(metrics)
+    lines, flagged = [], False
+    for k in metrics.get("methods_order") or M.order_methods(metrics["methods"]):
+        if k not in metrics["methods"]:
+            continue
+        fom = _num(metrics["methods"][k]["fom"].get(p))
+        ratio = _num(values.get(k, {}).get(p))
+        own = M.unconverged_note(metrics, k)
+        flagged |= own is not None
+        tail = (f"   {own}" if own else f"   (no C_ell ratio: {bad_ref} unconverged)" if bad_ref
+                else f"   ({ratio:.2f} x C_ell)" if ratio is not None else "")
+        lines.append(f"{k:12s} FoM({pair[0]}, {pair[1]}) = "
+                     f"{fom if fom is not None else math.nan:8.1f}{tail}")
+    if flagged:
+        lines.append(f"converged means {_thresholds_text(metrics)} ([compare] ess_min, "
+                     f"r_hat_max); an unconverged method's FoM is no result: run its chains longer")
+    return lines
 
 
 def write_report(out_dir, metrics: dict, figures=None, *, title: str,
@@ -258,6 +309,7 @@ def plot_results(results, out=None, *, methods=None, params=None) -> Path:
     results: a ``lensbench compare`` directory (samples in ``results/samples/``) or a directory of
     samples files; out: the image (default ``results/figures/contours.png``); methods / params:
     what to draw (default everything found / every sampled parameter; "Omega_m" and "S8" allowed).
+    With a ``metrics.json`` in ``results``, methods it flags unconverged say so in the legend.
     Raises FileNotFoundError when no samples are found, ValueError for a method or parameter
     that is not there.
     """
@@ -291,5 +343,7 @@ def plot_results(results, out=None, *, methods=None, params=None) -> Path:
     truth = ({n: float(v) for n, v in zip(first.names, first.truth)}
              if first.truth is not None else None)
     out = Path(out) if out is not None else results / "figures" / "contours.png"
+    metrics_file = results / "metrics.json"
+    converged = M.converged_flags(M.read_metrics(metrics_file)) if metrics_file.is_file() else None
     return plot_triangle(out, samples, base=base, truth=truth, methods=methods, params=params,
-                         title=f"{results.name}: posteriors")
+                         title=f"{results.name}: posteriors", converged=converged)

@@ -193,6 +193,10 @@ CASES = [
     (dict(cl={"ell_edges": [100.0, 50.0, 200.0], "n_ell_bins": None, "spacing": None}),
      "cl.ell_edges: must be >= 2 increasing values"),
     (dict(cl={"spacing": "cubic"}), "cl.spacing: must be one of 'log', 'linear'"),
+    (dict(compare={"ess_min": 0}), "compare.ess_min: must be >= 1, got 0"),
+    (dict(compare={"ess_min": 400.5}), "compare.ess_min: must be an integer, got 400.5 (float)"),
+    (dict(compare={"r_hat_max": 1.0}), "compare.r_hat_max: must be > 1, got 1"),
+    (dict(compare={"r_hat_max": "1.01"}), "compare.r_hat_max: must be a number"),
 ]
 
 
@@ -267,6 +271,19 @@ def test_set_overrides_are_toml_values():
     for bad in ("hmc", "=3", ""):
         with pytest.raises(ConfigError, match="expected KEY=VALUE"):
             parse_overrides([bad])
+
+
+def test_convergence_thresholds_default_to_the_metrics_ones_and_can_be_set():
+    """[compare] ess_min / r_hat_max: unset, the thresholds experiments.metrics certifies with
+    (ESS >= 400, split R-hat <= 1.01); set, they survive a TOML round trip."""
+    from experiments import metrics
+
+    cfg = load_config(changed(compare={"ess_min": None, "r_hat_max": None}))
+    assert (cfg.compare.ess_min, cfg.compare.r_hat_max) == (metrics.ESS_MIN, metrics.R_HAT_MAX)
+    assert (metrics.ESS_MIN, metrics.R_HAT_MAX) == (400, 1.01)
+    cfg = load_config(changed(compare={"ess_min": 1000, "r_hat_max": 1.05}))
+    assert (cfg.compare.ess_min, cfg.compare.r_hat_max) == (1000, 1.05)
+    assert load_config_text(cfg.to_toml()) == cfg
 
 
 @pytest.mark.parametrize("change", [

@@ -13,7 +13,7 @@ import pytest
 
 from experiments.io import Samples, read_samples, write_samples
 from experiments.metrics import (METHODS, compare_metrics, method_label, order_methods,
-                                 read_metrics, validate_method, write_metrics)
+                                 read_metrics, unconverged_note, validate_method, write_metrics)
 
 NAMES = ("Omega_c", "sigma8")
 BASE = {"Omega_c": 0.2664, "Omega_b": 0.0492, "h": 0.6727, "n_s": 0.9645, "sigma8": 0.831,
@@ -176,6 +176,69 @@ def test_draw_diagnostics_flag_autocorrelated_chains():
         assert m["methods"]["npe_vmim"]["draws"]["r_hat"][name] > 1.5
     flagged = {w.split(":")[0] for w in m["warnings"] if "not converged" in w}
     assert flagged == {"hmc", "npe_vmim"}
+
+
+def random_walk(rng, n_chains, n, scale=0.001, start=(0.27, 0.83)):
+    """(n_chains * n, 2) draws, chain by chain, of a Gaussian random walk: the extreme of an
+    autocorrelated, unmixed chain (its ESS does not grow with n, its chains disagree)."""
+    steps = scale * rng.standard_normal((n_chains, n, 2))
+    return (np.asarray(start) + np.cumsum(steps, axis=1)).reshape(-1, 2)
+
+
+def test_convergence_certificate_per_method_and_its_thresholds(tmp_path):
+    """methods[k]["converged"]: True only when every sampled parameter has ESS >= ess_min and
+    split R̂ <= r_hat_max. Two 1000-step random walks have an ESS of a few (far below 400 at
+    any seed: a random walk's autocorrelation does not decay) and split R̂ >> 1.01; 4000 i.i.d.
+    draws have ESS ≈ 4000 and R̂ within ~1e-3 of 1 (the halves' means differ by ~σ/√2000), so
+    they pass with a wide margin. A constant parameter (a stuck chain) has no ESS and fails."""
+    rng = np.random.default_rng(11)
+    walk = Samples(random_walk(rng, 2, 1000), NAMES, "hmc", chain=np.repeat([0, 1], 1000))
+    iid = Samples(gaussian(rng, [0.26, 0.84], [0.03, 0.04], -0.6, 4000), NAMES, "cl_analytic")
+    stuck = iid.samples.copy()
+    stuck[:, 1] = 0.8
+    m = compare_metrics({"hmc": walk, "cl_analytic": iid,
+                         "npe_cl": Samples(stuck, NAMES, "npe_cl")},
+                        base=BASE, truth=TRUTH, c2st=False)
+    assert m["convergence"] == {"ess_min": 400, "r_hat_max": 1.01}
+    assert m["methods"]["hmc"]["converged"] is False
+    assert all(e < 400 for e in m["methods"]["hmc"]["draws"]["ess"].values())
+    assert m["methods"]["cl_analytic"]["converged"] is True
+    assert m["methods"]["npe_cl"]["converged"] is False
+    assert m["methods"]["npe_cl"]["draws"]["ess"]["sigma8"] is None
+    # the certificate survives the file round trip, as a JSON boolean
+    back = read_metrics(write_metrics(tmp_path / "m.json", m))
+    assert back["methods"]["hmc"]["converged"] is False
+    assert back["methods"]["cl_analytic"]["converged"] is True
+    # thresholds the config states: 300 i.i.d. draws (ESS ≈ 300) fail ESS >= 400 and pass
+    # ESS >= 100; a looser R̂ does not rescue the random walk (ESS of a few, below 100)
+    few = Samples(iid.samples[:300], NAMES, "npe_cl")
+    assert compare_metrics({"npe_cl": few}, base=BASE, truth=TRUTH,
+                           c2st=False)["methods"]["npe_cl"]["converged"] is False
+    loose = compare_metrics({"npe_cl": few, "hmc": walk}, base=BASE, truth=TRUTH, c2st=False,
+                            ess_min=100, r_hat_max=1.1)
+    assert loose["convergence"] == {"ess_min": 100, "r_hat_max": 1.1}
+    assert loose["methods"]["npe_cl"]["converged"] is True
+    assert loose["methods"]["hmc"]["converged"] is False
+    for bad in (dict(ess_min=0), dict(ess_min=400.5), dict(r_hat_max=1.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            compare_metrics({"npe_cl": few}, base=BASE, truth=TRUTH, c2st=False, **bad)
+
+
+def test_unconverged_note_and_older_files():
+    """unconverged_note: the per-parameter ESS rounded down (a failing 399.7 must not read 400)
+    joined by "/", and the worst R̂ with enough decimals to stay on its side of r_hat_max; None
+    for a certified method and for a metrics file from before the certificate (unknown)."""
+    entry = {"converged": False, "draws": {"ess": {"Omega_c": 10.9, "sigma8": 5.2},
+                                           "r_hat": {"Omega_c": 1.3501, "sigma8": 1.2}}}
+    metrics = {"methods": {"hmc": entry}, "convergence": {"ess_min": 400, "r_hat_max": 1.01}}
+    assert unconverged_note(metrics, "hmc") == "unconverged (ESS 10/5, R̂ 1.35)"
+    entry["draws"] = {"ess": {"Omega_c": 399.7, "sigma8": None},
+                      "r_hat": {"Omega_c": 1.012, "sigma8": None}}
+    assert unconverged_note(metrics, "hmc") == "unconverged (ESS 399/—, R̂ 1.012)"
+    entry["converged"] = True
+    assert unconverged_note(metrics, "hmc") is None
+    del entry["converged"]
+    assert unconverged_note(metrics, "hmc") is None
 
 
 def test_c2st_same_distribution_is_half_and_separated_is_one():

@@ -1,15 +1,16 @@
 """experiments.report and the comparison plots of experiments.plots (Agg, files only)."""
 
+import copy
 import re
 import warnings
 
 import numpy as np
 import pytest
 
-from experiments.io import Samples
+from experiments.io import Samples, write_samples
 from experiments.metrics import compare_metrics, method_label, param_label, write_metrics
-from experiments.plots import plot_cl_data_theory, plot_triangle
-from experiments.report import write_report
+from experiments.plots import legend_label, plot_cl_data_theory, plot_triangle
+from experiments.report import plot_results, summary_lines, write_report
 
 NAMES = ("Omega_c", "sigma8")
 BASE = {"Omega_c": 0.2664, "Omega_b": 0.0492, "h": 0.6727, "n_s": 0.9645, "sigma8": 0.831,
@@ -168,3 +169,97 @@ def test_report_tables_figures_and_calibration(samples, tmp_path):
     assert cal["npe_vmim"].split(" | ")[1:] == ["-0.012", "0.40", "200", "0.31", "0.72 |"]
     assert "```toml\n[cosmology]\nsigma8 = 0.831\n```" in text
     assert not re.search(r"\bnan\b|\bNone\b", text)
+
+
+# ---- convergence flags ------------------------------------------------------------------------
+# "hmc" below is two 1000-step Gaussian random walks: ESS of a few and split R̂ >> 1.01 at any
+# seed (see tests/test_metrics.py), so it fails the default thresholds by orders of magnitude;
+# the fixture's i.i.d. methods (1500-2000 draws: ESS ≈ n, R̂ within ~1e-3 of 1) pass.
+
+def _walk(rng, n=1000):
+    steps = 0.001 * rng.standard_normal((2, n, 2))
+    return Samples((np.array([0.27, 0.83]) + np.cumsum(steps, axis=1)).reshape(-1, 2), NAMES,
+                   "hmc", chain=np.repeat([0, 1], n), info={"wall_time_s": 3600.0})
+
+
+@pytest.fixture(scope="module")
+def unconverged(samples):
+    """Metrics of the fixture's C_ell and NPE methods with an unconverged HMC."""
+    return compare_metrics({**samples, "hmc": _walk(np.random.default_rng(5))}, base=BASE,
+                           truth=TRUTH, c2st=False)
+
+
+def _note(m):
+    """The expected flag, from the metrics' own ESS (rounded down) and worst R̂."""
+    d = m["draws"]
+    return (f"unconverged (ESS {'/'.join(str(int(e)) for e in d['ess'].values())}, "
+            f"R̂ {max(d['r_hat'].values()):.2f}")
+
+
+def test_console_summary_flags_an_unconverged_method(unconverged):
+    assert unconverged["methods"]["hmc"]["converged"] is False
+    lines = dict(zip(unconverged["methods_order"], summary_lines(unconverged)))
+    assert "unconverged" in lines["hmc"] and "x C_ell" not in lines["hmc"]
+    assert _note(unconverged["methods"]["hmc"]) in lines["hmc"]
+    assert lines["hmc"].startswith("hmc          FoM(Omega_c, sigma8) = ")  # the FoM stays
+    assert lines["cl_analytic"].endswith("(1.00 x C_ell)")  # certified: printed as before
+    ratio = unconverged["fom_ratio"]["values"]["npe_vmim"]["Omega_c,sigma8"]
+    assert lines["npe_vmim"].endswith(f"({ratio:.2f} x C_ell)")
+    last = summary_lines(unconverged)[-1]
+    assert "ESS ≥ 400" in last and "R̂ ≤ 1.01" in last  # the thresholds, with the flag
+
+
+def test_no_ratio_to_an_unconverged_c_ell_reference(samples, tmp_path):
+    """With the C_ell reference itself unconverged, no method's FoM ratio is presented."""
+    walk = _walk(np.random.default_rng(6))
+    m = compare_metrics({"cl_analytic": Samples(walk.samples, NAMES, "cl_analytic",
+                                                chain=walk.chain),
+                         "npe_vmim": samples["npe_vmim"]}, base=BASE, truth=TRUTH, c2st=False)
+    assert m["methods"]["npe_vmim"]["converged"] is True
+    lines = dict(zip(m["methods_order"], summary_lines(m)))
+    assert "x C_ell" not in " ".join(lines.values())
+    assert "no C_ell ratio: cl_analytic unconverged" in lines["npe_vmim"]
+    text = write_report(tmp_path, m, title="t").read_text()
+    power = dict(zip(m["methods_order"], _rows(text, "Constraining power")))
+    assert power["npe_vmim"].split(" | ")[4:6] == ["— (reference cl_analytic unconverged)"] * 2
+
+
+def test_report_flags_an_unconverged_method_in_the_fom_table(unconverged, tmp_path):
+    text = write_report(tmp_path, unconverged, title="t").read_text()
+    power = dict(zip(unconverged["methods_order"], _rows(text, "Constraining power")))
+    cells = power["hmc"].split(" | ")
+    assert cells[0] == f"| {method_label('hmc')} (`hmc`) — {_note(unconverged['methods']['hmc'])})"
+    assert cells[4:6] == ["— (unconverged)"] * 2  # the FoM ratios: no result
+    for k in ("cl_analytic", "npe_vmim"):  # certified rows as before
+        assert power[k].split(" | ")[0] == f"| {method_label(k)} (`{k}`)"
+        assert "unconverged" not in power[k]
+    note = text.split("## Constraining power\n", 1)[1].split("\n| ", 1)[0]
+    assert "ESS ≥ 400 and split R̂ ≤ 1.01" in note  # the thresholds are stated
+
+
+def test_older_metrics_without_the_certificate_are_not_flagged(unconverged, tmp_path):
+    """A metrics.json written before "converged" existed: no flags (unknown), no crash."""
+    old = copy.deepcopy(unconverged)
+    del old["convergence"]
+    for m in old["methods"].values():
+        del m["converged"]
+    text = write_report(tmp_path, old, title="t").read_text()
+    assert "unconverged" not in text
+    assert "unconverged" not in " ".join(summary_lines(old))
+    assert any("x C_ell" in line for line in summary_lines(old))
+
+
+def test_legend_labels_unconverged_methods(samples, unconverged, tmp_path, monkeypatch):
+    assert legend_label("hmc", False) == f"{method_label('hmc')} (unconverged)"
+    for unknown_or_certified in (True, None):
+        assert "unconverged" not in legend_label("hmc", unknown_or_certified)
+    # `lensbench plot` hands metrics.json's certificates to the triangle plot
+    (tmp_path / "samples").mkdir()
+    write_samples(tmp_path / "samples" / "hmc.h5", _walk(np.random.default_rng(5)))
+    write_samples(tmp_path / "samples" / "cl_analytic.h5", samples["cl_analytic"])
+    write_metrics(tmp_path / "metrics.json", unconverged)
+    got = {}
+    monkeypatch.setattr("experiments.plots.plot_triangle",
+                        lambda out, samples, **kw: got.update(kw) or out)
+    plot_results(tmp_path)
+    assert got["converged"]["hmc"] is False and got["converged"]["cl_analytic"] is True

@@ -42,8 +42,8 @@ __all__ = ["OutputError", "check_output", "check_output_dir", "check_not_inputs"
 
 # Errors of the file system that a user can act on; everything else is a bug and keeps its traceback.
 _DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
-# Free space kept beyond a file's estimated size (metadata, rounding to blocks).
-SPACE_MARGIN = 1 << 20
+# Free space asked beyond a file's estimated size (HDF5 metadata, rounding to blocks).
+SPACE_MARGIN = (1.02, 64 << 10)  # factor, bytes
 
 
 class OutputError(OSError):
@@ -138,13 +138,14 @@ def _existing_parent(path: Path) -> Path:
 
 
 def ensure_space(path, nbytes: float, *, what: str = "the output") -> None:
-    """Refuse (OutputError, ENOSPC) when ``nbytes`` (plus a small margin) exceed the free space of
-    the file system that would hold ``path``."""
+    """Refuse (OutputError, ENOSPC) when ``nbytes`` (plus ``SPACE_MARGIN``) exceed the free space
+    of the file system that would hold ``path``."""
     where = _existing_parent(Path(path))
     free = shutil.disk_usage(where).free
-    if nbytes + SPACE_MARGIN > free:
+    need = nbytes * SPACE_MARGIN[0] + SPACE_MARGIN[1]
+    if need > free:
         raise OutputError(errno.ENOSPC,
-                          f"{what} {path} needs about {format_bytes(nbytes)} but its file system "
+                          f"{what} {path} needs about {format_bytes(need)} but its file system "
                           f"({where}) has {format_bytes(free)} free")
 
 

@@ -134,7 +134,7 @@ def test_generate_refuses_a_training_set_larger_than_the_free_space(tmp_path):
 
 def test_ensure_space_names_sizes(tmp_path, monkeypatch):
     monkeypatch.setattr(files.shutil, "disk_usage", lambda p: SimpleNamespace(free=5_000_000))
-    with pytest.raises(files.OutputError, match=r"needs about 10.0 MB .* has 5.0 MB free") as e:
+    with pytest.raises(files.OutputError, match=r"needs about 10.3 MB .* has 5.0 MB free") as e:
         files.ensure_space(tmp_path / "x", 10_000_000)
     assert e.value.errno == errno.ENOSPC
     files.ensure_space(tmp_path / "x", 1000)  # fits

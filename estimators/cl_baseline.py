@@ -11,8 +11,10 @@ Likelihood
   mean(θ) = binned Limber theory (halofit) averaged over exactly the FFT modes the estimator uses
   in each bin (``flatsky.binned_model_cl``), plus the white shape-noise power σ_n,i² A_pix on the
   auto spectra. An optional ``power_filter`` (e.g. ``lensing.mesh_power_window(cell)``) multiplies
-  P(k) for data from the PM simulator. The covariance is fixed (fiducial), estimated from n_cov
-  simulations (``fiducial_data_vectors``, ``estimate_covariance``):
+  P(k) for data from the PM simulator. The covariance is fixed (fiducial): either the analytic
+  Gaussian covariance (``gaussian_covariance``: exact for Gaussian maps, no sampling noise; it
+  omits the non-Gaussian terms of PM maps), used as N(d | mean(θ), C) with ``n_cov = None``, or
+  estimated from n_cov simulations (``fiducial_data_vectors``, ``estimate_covariance``):
     - "gaussian": N(d | mean(θ), S / h), the Hartlap et al. (2007) debiased precision
       h S⁻¹ with h = (n_cov - k - 2) / (n_cov - 1);
     - "sellentin_heavens": the Sellentin & Heavens (2016) marginal over the unknown true
@@ -49,7 +51,7 @@ from simulators.sources import RedshiftBins
 __all__ = [
     "ClLikelihood", "CovarianceEstimate", "LIKELIHOODS", "cl_data_vector", "cl_likelihood_for_model",
     "data_vector_layout", "data_vector_names", "estimate_covariance", "fiducial_data_vectors",
-    "hartlap_factor", "sample_cl_posterior", "sellentin_heavens_scale",
+    "analytic_covariance", "gaussian_covariance", "hartlap_factor", "sample_cl_posterior", "sellentin_heavens_scale",
 ]
 
 LIKELIHOODS = ("gaussian", "sellentin_heavens")
@@ -177,6 +179,70 @@ def sellentin_heavens_scale(cov: np.ndarray, n_sims: int) -> tuple[float, np.nda
     return nu, np.asarray(cov) * (n_sims - 1) / nu
 
 
+def _bin_modes_matrix(field_deg: float, npix: int, edges: np.ndarray):
+    """The estimator's Fourier modes per bin (flatsky conventions: bin b holds the FFT modes with
+    edges[b] <= |ell| < edges[b + 1], both ell and -ell counted): (distinct |ell| (n_u,),
+    counts (n_ell, n_u) of modes at each distinct |ell| in each bin)."""
+    n_ell = edges.size - 1
+    flat = flatsky.mode_ell(field_deg, npix).reshape(-1)
+    b = np.searchsorted(edges, flat, side="right") - 1
+    used = (b >= 0) & (b < n_ell)
+    ell_unique, inverse = np.unique(flat[used], return_inverse=True)
+    counts = np.zeros((n_ell, ell_unique.size))
+    np.add.at(counts, (b[used], inverse), 1.0)
+    return ell_unique, counts
+
+
+def gaussian_covariance(cl_pairs, counts, noise) -> np.ndarray:
+    """Analytic covariance of the binned C_ℓ data vector of Gaussian maps with white shape noise.
+
+    Each FFT mode ℓ of a Gaussian field with spectra C_ab(|ℓ|) (noise included) contributes
+    Re(κ_a κ_b*) with Cov[Re(κ_a κ_b*), Re(κ_c κ_d*)] = (C_ac C_bd + C_ad C_bc) / 2 for a complex
+    mode, counted twice (ℓ and −ℓ are both in the estimator's mean), and C_ac C_bd + C_ad C_bc for
+    the real (self-conjugate) modes, counted once: either way
+    Cov[Ĉ_ab(b), Ĉ_cd(b)] = Σ_{ℓ in b} (C_ac C_bd + C_ad C_bc)(ℓ) / n_b², and bins are independent.
+
+    Args:
+      cl_pairs: (n_pairs, n_u) signal C_ℓ at the distinct mode |ℓ| (``flatsky.pair_indices`` order).
+      counts: (n_ell, n_u) modes per bin at each distinct |ℓ| (``_bin_modes_matrix``).
+      noise: (n_bins,) shape-noise power per mode σ_n² A_pix.
+    Returns: (k, k) covariance, k = n_pairs * n_ell, ordered as the data vector (pair-major).
+    """
+    cl_pairs = np.asarray(cl_pairs, np.float64)
+    counts = np.asarray(counts, np.float64)
+    n_pairs, n_u = cl_pairs.shape
+    n_bins = int(round((np.sqrt(8 * n_pairs + 1) - 1) / 2))
+    i, j = flatsky.pair_indices(n_bins)
+    full = np.zeros((n_bins, n_bins, n_u))
+    full[i, j] = cl_pairs
+    full[j, i] = cl_pairs
+    full[np.arange(n_bins), np.arange(n_bins)] += np.asarray(noise, np.float64)[:, None]
+    # (C_ac C_bd + C_ad C_bc) for every pair of pairs p = (a, b), q = (c, d), at each |ℓ|
+    prod = (full[i[:, None], i[None, :]] * full[j[:, None], j[None, :]]
+            + full[i[:, None], j[None, :]] * full[j[:, None], i[None, :]])  # (n_pairs, n_pairs, n_u)
+    n_b = counts.sum(axis=1)
+    per_bin = np.einsum("pqu,bu->pqb", prod, counts) / n_b**2  # (n_pairs, n_pairs, n_ell)
+    n_ell = counts.shape[0]
+    cov = np.zeros((n_pairs, n_ell, n_pairs, n_ell))
+    cov[:, np.arange(n_ell), :, np.arange(n_ell)] = per_bin.transpose(2, 0, 1)
+    return cov.reshape(n_pairs * n_ell, n_pairs * n_ell)
+
+
+def analytic_covariance(bins: RedshiftBins, fiducial: Cosmology, field_deg: float, npix: int,
+                        ell_edges, sigma_n, *, power_filter=None, n_chi: int = 256,
+                        nonlinear: bool = True) -> np.ndarray:
+    """``gaussian_covariance`` of the binned C_ℓ of flat-sky maps: Limber C_ℓ at the fiducial
+    cosmology (``flatsky.limber_cl`` with these settings) at every distinct mode |ℓ| of the
+    estimator, white shape noise of rms ``sigma_n`` (n_bins,) per pixel. (k, k) float64."""
+    edges = np.asarray(ell_edges, np.float64)
+    ell_unique, counts = _bin_modes_matrix(float(field_deg), int(npix), edges)
+    cl = flatsky.limber_cl(fiducial, bins, jnp.asarray(ell_unique), n_chi=n_chi,
+                           nonlinear=nonlinear, power_filter=power_filter)
+    noise = (np.broadcast_to(np.asarray(sigma_n, np.float64), (bins.n_bins,)) ** 2
+             * flatsky.pixel_area_sr(float(field_deg), int(npix)))
+    return gaussian_covariance(np.asarray(cl), counts, noise)
+
+
 # ------------------------------------------------------------------------------------------------
 # Fiducial simulations
 
@@ -253,8 +319,10 @@ class ClLikelihood:
       field_deg, npix: map geometry (square flat-sky field).
       ell_edges: (n_ell + 1,) ℓ bin edges.
       sigma_n: (n_bins,) per-pixel shape-noise rms of the maps (``lensing.noise_sigma``).
-      cov: (k, k) sample covariance S of the data vector at the fiducial cosmology.
-      n_cov: number of simulations S was estimated from.
+      cov: (k, k) covariance of the data vector at the fiducial cosmology: the sample
+        covariance S of n_cov simulations, or the analytic one (``gaussian_covariance``).
+      n_cov: number of simulations S was estimated from; None for an analytic covariance (no
+        Hartlap factor; "gaussian" likelihood only).
       prior: ``experiments.priors.Prior`` over θ; base: ``Cosmology`` supplying the other parameters.
       kind: "gaussian" (Hartlap-debiased) or "sellentin_heavens" (t-distribution).
       power_filter: optional k -> factor multiplying P(k) (e.g. ``lensing.mesh_power_window``).
@@ -272,7 +340,7 @@ class ClLikelihood:
     ell_edges: np.ndarray
     sigma_n: np.ndarray
     cov: np.ndarray = field(repr=False)
-    n_cov: int
+    n_cov: int | None
     prior: object
     base: Cosmology
     kind: str = "gaussian"
@@ -306,8 +374,14 @@ class ClLikelihood:
         if not np.all(np.isfinite(cov)):
             raise ValueError("cov contains NaN or inf")
         object.__setattr__(self, "cov", cov)
-        object.__setattr__(self, "n_cov", int(self.n_cov))
-        h = hartlap_factor(self.n_cov, k)
+        if self.n_cov is None:  # an analytic covariance: known, not estimated
+            if self.kind != "gaussian":
+                raise ValueError("the Sellentin-Heavens likelihood needs a simulated covariance "
+                                 "(n_cov); an analytic covariance has no sampling noise")
+            h = 1.0
+        else:
+            object.__setattr__(self, "n_cov", int(self.n_cov))
+            h = hartlap_factor(self.n_cov, k)
         if self.kind == "gaussian":
             df, tril = None, _cholesky(cov / h, "the covariance")
         else:
@@ -318,17 +392,12 @@ class ClLikelihood:
         # Limber C(|ell|) over them, i.e. W (n_ell, n_unique) @ C(distinct |ell|).
         if edges[0] <= 0:
             raise ValueError(f"ell_edges[0] must be > 0 (the ell = 0 mode is the map mean), got {edges[0]}")
-        flat = flatsky.mode_ell(self.field_deg, self.npix).reshape(-1)
-        b = np.searchsorted(edges, flat, side="right") - 1
-        used = (b >= 0) & (b < n_ell)
-        ell_unique, inverse = np.unique(flat[used], return_inverse=True)
-        n_modes = np.bincount(b[used], minlength=n_ell)
+        ell_unique, counts = _bin_modes_matrix(self.field_deg, self.npix, edges)
+        n_modes = counts.sum(axis=1).astype(int)
         if np.any(n_modes == 0):
             raise ValueError(f"ell bins {np.flatnonzero(n_modes == 0).tolist()} contain no Fourier "
                              f"mode of a {self.field_deg} deg / {self.npix}^2 map (edges {edges})")
-        weights = np.zeros((n_ell, ell_unique.size))
-        np.add.at(weights, (b[used], inverse), 1.0)
-        weights /= n_modes[:, None]
+        weights = counts / n_modes[:, None]
         ell_mean = weights @ ell_unique
         noise = np.zeros((len(i), n_ell))
         a_pix = flatsky.pixel_area_sr(self.field_deg, self.npix)
@@ -430,17 +499,18 @@ class ClLikelihood:
                 "ell_mean": self.ell_mean.tolist()}
 
 
-def cl_likelihood_for_model(model, prior, ell_edges, *, n_cov: int, base: Cosmology | None = None,
-                            fiducial: Cosmology | None = None, sigma_n=None, seed: int = 0,
-                            batch: int = 16, kind: str = "gaussian", power_filter=None,
-                            n_chi: int = 256, nonlinear: bool = True
-                            ) -> tuple[ClLikelihood, CovarianceEstimate]:
+def cl_likelihood_for_model(model, prior, ell_edges, *, n_cov: int | None,
+                            base: Cosmology | None = None, fiducial: Cosmology | None = None,
+                            sigma_n=None, seed: int = 0, batch: int = 16, kind: str = "gaussian",
+                            power_filter=None, n_chi: int = 256, nonlinear: bool = True
+                            ) -> tuple[ClLikelihood, CovarianceEstimate | None]:
     """A ``ClLikelihood`` for a flat-sky map model, its covariance from n_cov fiducial simulations
-    (seeds seed .. seed + n_cov - 1; keep the observation's seed outside that range).
+    (seeds seed .. seed + n_cov - 1; keep the observation's seed outside that range), or with
+    n_cov None the analytic Gaussian covariance (``analytic_covariance``) at the fiducial.
 
     base: the cosmology supplying the parameters not in the prior (default fiducial); fiducial: the
     covariance cosmology (default base); sigma_n: default ``lensing.noise_sigma(bins, sky)``.
-    Returns (likelihood, covariance estimate).
+    Returns (likelihood, covariance estimate, None for the analytic covariance).
     """
     base = Cosmology.fiducial() if base is None else base
     fiducial = base if fiducial is None else fiducial
@@ -448,14 +518,22 @@ def cl_likelihood_for_model(model, prior, ell_edges, *, n_cov: int, base: Cosmol
     if not hasattr(sky, "field_deg"):
         raise ValueError("the C_ell likelihood is flat-sky only: the model needs a FlatSky")
     sigma_n = noise_sigma(model.bins, sky) if sigma_n is None else sigma_n
+    settings = dict(prior=prior, base=base, kind=kind, power_filter=power_filter, n_chi=n_chi,
+                    nonlinear=nonlinear)
+    if n_cov is None:
+        cov = analytic_covariance(model.bins, fiducial, sky.field_deg, sky.npix, ell_edges,
+                                  sigma_n, power_filter=power_filter, n_chi=n_chi,
+                                  nonlinear=nonlinear)
+        return ClLikelihood(bins=model.bins, field_deg=sky.field_deg, npix=sky.npix,
+                            ell_edges=ell_edges, sigma_n=sigma_n, cov=cov, n_cov=None,
+                            **settings), None
     _check_n_sims(n_cov, model.bins.n_bins * (model.bins.n_bins + 1) // 2 * (len(ell_edges) - 1))
     dvs = fiducial_data_vectors(model, fiducial, sigma_n, sky.field_deg, ell_edges, n_cov, seed,
                                 batch)
     est = estimate_covariance(dvs)
     like = ClLikelihood(bins=model.bins, field_deg=sky.field_deg, npix=sky.npix,
                         ell_edges=ell_edges, sigma_n=sigma_n, cov=est.cov, n_cov=est.n_sims,
-                        prior=prior, base=base, kind=kind, power_filter=power_filter, n_chi=n_chi,
-                        nonlinear=nonlinear)
+                        **settings)
     return like, est
 
 

@@ -389,6 +389,9 @@ def run_maps(config, out: Path, *, seed: Optional[int] = None, pdims: Optional[s
         changes["simulation.pdims"] = "x".join(map(str, _pdims(pdims)))
     if changes:
         cfg = cfg.with_(**changes)
+    if fits is not None and cfg.maps.sky != "healpix":
+        raise ValueError("--fits needs HEALPix maps (maps.sky = 'healpix'); this configuration "
+                         "makes flat-sky maps")
     if cfg.simulation.kind not in ("gaussian", "lognormal"):
         _cpu_devices_for(cfg.simulation.pdim_tuple)
 

@@ -228,7 +228,8 @@ def budgets(cfg, out: Path) -> dict:
         stages = sorted(upstream(m, {m}) - {"observation"})
         walls = {s: _stage_seconds(done[s]) for s in stages}
         n_sims = (cfg.training_set.n_sims if m.startswith("npe_")
-                  else cfg.cl_baseline.n_cov if m == "cl_analytic" else 0)
+                  else cfg.cl_baseline.n_cov if m == "cl_analytic"
+                  and cfg.cl_baseline.covariance == "simulated" else 0)
         result[m] = {"stages": walls, "wall_s": float(sum(v for v in walls.values() if v)),
                      "n_simulations": n_sims}
     return result

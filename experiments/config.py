@@ -135,8 +135,13 @@ Top level
   seed                 : seed of the noise and of training [0]
 
 [cl_baseline]          the power-spectrum baseline (analytic Gaussian likelihood + NUTS)
-  n_cov                : fiducial simulations for the covariance (Hartlap-corrected) [200]
-  likelihood           : "gaussian" or "sellentin_heavens" ["gaussian"]
+  covariance           : "simulated" (the sample covariance of n_cov simulations of the map
+                         model at [cosmology], Hartlap-corrected) or "gaussian" (the analytic
+                         Gaussian covariance of the binned C_ell at [cosmology], per Fourier mode
+                         with shape noise: exact for Gaussian maps, no sampling noise; it omits
+                         the non-Gaussian terms of PM maps) ["simulated"]
+  n_cov                : fiducial simulations for the simulated covariance [200]
+  likelihood           : "gaussian" or "sellentin_heavens" (simulated covariance only) ["gaussian"]
   num_warmup, num_samples, num_chains : NUTS settings [500, 2000, 2]
   n_chi                : Limber quadrature nodes in chi (64 changes the binned C_ell by < 0.2%
                          against 256, at a quarter of the cost per gradient) [64]
@@ -651,7 +656,7 @@ def _param_prior(name: str):
         from .priors import ParamPrior, PriorError
 
         try:
-            ParamPrior.from_table(name, table)
+            ParamPrior.from_table(name, table).check_physical()
         except PriorError as e:
             return str(e).removeprefix(f"{name}: ")
         return None
@@ -693,9 +698,9 @@ class PriorSection:
                 _fail("prior.params", f"unknown parameter {n!r}{_suggest(n, COSMOLOGY_PARAMS)}; "
                                       f"valid: {', '.join(COSMOLOGY_PARAMS)}")
             if n in declared:
-                params.append(ParamPrior.from_table(n, declared[n]))
+                params.append(ParamPrior.from_table(n, declared[n]).check_physical())
             elif n in preset:
-                params.append(preset[n])
+                params.append(preset[n].check_physical())
             else:
                 _fail("prior.params", f"{n!r} has no prior: declare prior.{n} = {{dist = ...}} "
                                       f"(preset {self.preset!r} does not have it)")
@@ -771,6 +776,7 @@ class NpeSection:
 class ClBaselineSection:
     """The power-spectrum baseline (``lensbench cl-baseline``)."""
 
+    covariance: str = key("str", "simulated", "covariance", choices=("simulated", "gaussian"))
     n_cov: int = key("int", 200, "fiducial simulations for the covariance",
                      check=_count(3, MAX_SIMS))
     likelihood: str = key("str", "gaussian", "likelihood",
@@ -781,6 +787,12 @@ class ClBaselineSection:
     n_chi: int = key("int", 64, "Limber quadrature nodes", check=_at_least(16))
     seed: int = key("int", 10000, "first seed of the covariance simulations, and of NUTS",
                     check=_at_least(0))
+
+    def _check(self, given):
+        if self.covariance == "gaussian" and self.likelihood == "sellentin_heavens":
+            _fail("cl_baseline.likelihood", "'sellentin_heavens' marginalises a simulated "
+                                            "covariance's noise: it needs covariance = 'simulated'")
+        return self
 
 
 COMPARE_METHODS = ("cl_analytic", "npe_cl", "npe_mse", "npe_mae", "npe_gnll", "npe_vmim",

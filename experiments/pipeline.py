@@ -402,8 +402,9 @@ def run_cl_baseline(config, maps_path, out, *, progress: bool = True):
     the configuration matches."""
     import jax.numpy as jnp
 
-    from estimators.cl_baseline import (ClLikelihood, cl_data_vector, estimate_covariance,
-                                        fiducial_data_vectors, sample_cl_posterior)
+    from estimators.cl_baseline import (ClLikelihood, analytic_covariance, cl_data_vector,
+                                        estimate_covariance, fiducial_data_vectors,
+                                        sample_cl_posterior)
     from simulators.lensing import PMLensing, mesh_power_window, noise_sigma
 
     from .io import Samples, write_samples
@@ -414,8 +415,9 @@ def run_cl_baseline(config, maps_path, out, *, progress: bool = True):
     obs = read_observation(cfg, maps_path)
     model = cfg.build_model()
     cb = cfg.cl_baseline
+    simulated = cb.covariance == "simulated"
     obs_seed = int(obs.attrs["seed"])
-    if cb.seed <= obs_seed < cb.seed + cb.n_cov:
+    if simulated and cb.seed <= obs_seed < cb.seed + cb.n_cov:
         raise ValueError(f"the observation's seed {obs_seed} is one of the covariance simulations' "
                          f"seeds [{cb.seed}, {cb.seed + cb.n_cov}): change cl_baseline.seed")
     edges = np.asarray(cfg.ell_edges())
@@ -429,21 +431,26 @@ def run_cl_baseline(config, maps_path, out, *, progress: bool = True):
     key = json.dumps({**{k: v for k, v in cfg.to_dict().items() if k in shaping},
                       "n_cov": cb.n_cov, "seed": cb.seed}, sort_keys=True)
     dvs = None
-    if cache.is_file():
+    t0 = time.perf_counter()
+    if not simulated:
+        cov = analytic_covariance(model.bins, cfg.cosmology(), cfg.maps.field_deg, cfg.maps.npix,
+                                  edges, sigma_n, power_filter=window, n_chi=cb.n_chi)
+    elif cache.is_file():
         with np.load(cache) as z:
             if str(z["key"]) == key:
                 dvs = z["data_vectors"]
-    t0 = time.perf_counter()
-    if dvs is None:
+    if simulated and dvs is None:
         _log(f"simulating {cb.n_cov} fiducial realisations for the C_ell covariance "
              f"(seeds {cb.seed}..{cb.seed + cb.n_cov - 1})")
         dvs = fiducial_data_vectors(model, cfg.cosmology(), sigma_n, cfg.maps.field_deg, edges,
                                     cb.n_cov, seed=cb.seed, batch=8)
         save_npz(cache, key=key, data_vectors=dvs)
+    if simulated:
+        cov = estimate_covariance(dvs).cov
     cov_time = time.perf_counter() - t0
-    est = estimate_covariance(dvs)
+    n_cov = cb.n_cov if simulated else None
     like = ClLikelihood(bins=model.bins, field_deg=cfg.maps.field_deg, npix=cfg.maps.npix,
-                        ell_edges=edges, sigma_n=sigma_n, cov=est.cov, n_cov=est.n_sims,
+                        ell_edges=edges, sigma_n=sigma_n, cov=cov, n_cov=n_cov,
                         prior=cfg.prior(), base=cfg.cosmology(), kind=cb.likelihood,
                         power_filter=window, n_chi=cb.n_chi)
     data = np.asarray(cl_data_vector(jnp.asarray(obs.kappa_noisy), cfg.maps.field_deg, edges))
@@ -457,15 +464,18 @@ def run_cl_baseline(config, maps_path, out, *, progress: bool = True):
              data=data.reshape(like.n_pairs, -1),
              theory=np.asarray(like.mean(jnp.asarray(truth))).reshape(like.n_pairs, -1),
              noise=np.asarray(like.noise_vector).reshape(like.n_pairs, -1),
-             cov=est.cov, n_cov=cb.n_cov, names=np.array(names), truth=truth)
-    info.update(covariance_time_s=cov_time, n_cov=cb.n_cov, observation=str(maps_path))
+             cov=cov, n_cov=-1 if n_cov is None else n_cov, names=np.array(names),
+             truth=truth)
+    info.update(covariance_time_s=cov_time, n_cov=n_cov, n_simulations=n_cov or 0,
+                covariance=cb.covariance, observation=str(maps_path))
     chain = np.repeat(np.arange(cb.num_chains), cb.num_samples)
     samples = Samples(theta, names, "cl_analytic", chain=chain,
                       truth=[float(obs.attrs[k]) for k in names], info=info,
                       config_toml=cfg.to_toml())
     path = write_samples(out, samples)
-    print(f"C_ell likelihood: {like.n_data} data ({cb.likelihood}, covariance from {cb.n_cov} "
-          f"simulations, Hartlap factor {like.hartlap:.3f}); NUTS {info['wall_time_s']:.1f} s, "
+    source = (f"covariance from {cb.n_cov} simulations, Hartlap factor {like.hartlap:.3f}"
+              if simulated else "analytic Gaussian covariance")
+    print(f"C_ell likelihood: {like.n_data} data ({cb.likelihood}, {source}); NUTS {info['wall_time_s']:.1f} s, "
           f"{info['divergences']} divergences, ESS "
           + ", ".join(f"{k} {v:.0f}" for k, v in info["ess"].items()))
     _report_samples(samples, path)

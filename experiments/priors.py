@@ -81,12 +81,13 @@ class ParamPrior:
                 raise PriorError(f"{n}: a uniform prior takes low and high only")
         if self.low is not None and self.high is not None and not self.low < self.high:
             raise PriorError(f"{n}: low must be < high, got [{self.low}, {self.high}]")
-        self._check_physical()
 
-    def _check_physical(self) -> None:
-        """The prior's support must lie in the parameter's physical range (simulators'
+    def check_physical(self) -> "ParamPrior":
+        """This prior, if its support lies in the parameter's physical range (simulators'
         ``PARAM_RANGES``): bounds inside it, and an unbounded normal side at least
-        ``NORMAL_TAIL`` standard deviations from the range's edge."""
+        ``NORMAL_TAIL`` standard deviations from the range's edge; PriorError otherwise.
+        Configurations check it when they load (a prior that feeds the simulator); a prior used
+        as an abstract distribution (tests of the estimators) need not."""
         from simulators.cosmology import PARAM_RANGES
 
         lo, hi = PARAM_RANGES[self.name]
@@ -104,6 +105,7 @@ class ParamPrior:
             hint = "" if self.dist == "uniform" else "; bound it with truncated_normal low/high"
             raise PriorError(f"{self.name}: {what}, outside the physical range ({lo:g}, {hi:g}) "
                              f"of {self.name}{hint}")
+        return self
 
     @classmethod
     def from_table(cls, name: str, table) -> "ParamPrior":

@@ -396,3 +396,10 @@ def test_generate_resumes_a_file_created_by_a_concurrent_run(tmp_path, monkeypat
     assert report.n_ok == 4
     with h5py.File(out, "r") as f:
         assert f.attrs["winner"] == "other"
+
+
+def test_maps_refuses_fits_for_flat_maps_before_simulating(tmp_path):
+    line = assert_one_line_error(invoke("maps", "--config", "quick", "--out", tmp_path / "m.h5",
+                                        "--fits", tmp_path / "m.fits"), 1)
+    assert "--fits needs HEALPix maps" in line
+    assert _listing(tmp_path) == []

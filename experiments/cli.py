@@ -9,6 +9,8 @@
 Implicit inference and the C_ell baseline (experiments/pipeline.py):
 
     lensbench generate --config quick --n 1000 --out sims.h5
+    lensbench generate --config quick --n 1000 --part 3/8 --out part3.h5   # one part of it
+    lensbench merge part1.h5 ... part8.h5 --out sims.h5                   # all 8 parts -> sims.h5
     lensbench train-compressor --config quick --sims sims.h5 --loss vmim --out compressor/
     lensbench compress --compressor compressor/ --in maps.h5 --out summaries.h5
     lensbench fit-posterior --config quick --sims sims.h5 --compressor compressor/ --out posterior/
@@ -189,6 +191,23 @@ def _pdims(text: str) -> tuple[int, int]:
     if px < 1 or py < 1:
         raise typer.BadParameter(f"device grid needs positive counts, got {text!r}")
     return px, py
+
+
+def _part(text: str) -> tuple[int, int]:
+    """``--part`` '3/8' -> (3, 8): part 3 of 8, 1-based (whether N parts fit the n simulations is
+    checked later, when n is known)."""
+    def bad(message):
+        return typer.BadParameter(message, param_hint="'--part'")
+
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if match is None:
+        raise bad(f"must look like I/N, e.g. 3/8 for part 3 of 8, got {text!r}")
+    index, count = int(match[1]), int(match[2])
+    if count < 1:
+        raise bad(f"{text!r}: the number of parts N of I/N must be at least 1")
+    if not 1 <= index <= count:
+        raise bad(f"{text!r}: the part number I of I/N must be between 1 and N = {count}")
+    return index, count
 
 
 def _request_cpu_devices(n: int) -> None:
@@ -706,11 +725,33 @@ def generate(
                                                       "training_set.batch_size or automatic).", min=1)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed (default: training_set.seed).", min=0)] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    part: Annotated[Optional[str], typer.Option(
+        "--part", metavar="I/N",
+        help="Only part I of N (1-based) of the n simulations, into its own --out; the same "
+             "simulations as in a whole run. Join the parts with 'lensbench merge'.")] = None,
 ):
     """Simulate (theta, kappa) pairs, theta drawn from the prior, noise-free maps, into HDF5."""
     from .pipeline import run_generate
 
-    run_generate(config, out, n=n, batch_size=batch_size, seed=seed, progress=progress)
+    run_generate(config, out, n=n, batch_size=batch_size, seed=seed, progress=progress,
+                 part=None if part is None else _part(part))
+
+
+@app.command()
+def merge(
+    parts: Annotated[list[Path], typer.Argument(
+        metavar="PART...", help="Part files from 'lensbench generate --part I/N', all N of them, "
+                                "in any order.", dir_okay=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output sims file (HDF5).",
+                                      dir_okay=False)],
+    overwrite: Annotated[bool, typer.Option(help=_OVERWRITE_HELP)] = False,
+):
+    """Join the parts of a training set into one sims file, the file a single 'lensbench
+    generate' of all simulations writes. An existing --out is refused unless --overwrite is
+    given; --out may never be a part."""
+    from .dataset import merge_parts
+
+    print(merge_parts(parts, out, overwrite=overwrite).summary())
 
 
 @app.command("train-compressor")

@@ -1,6 +1,7 @@
 """The implicit-inference and C_ℓ-baseline stages, one function per ``lensbench`` command.
 
     generate          config -> sims.h5                (θ ~ prior, noise-free κ; resumable)
+                      [--part I/N: part I of N -> its own file; `merge` joins the parts]
     train-compressor  config + sims.h5 -> compressor/  (flax network, loss mse|mae|gnll|vmim)
     compress          compressor/ + maps or sims -> summaries.h5
     fit-posterior     config + sims.h5 [+ compressor/] -> posterior/  (sbi NPE + calibration)
@@ -71,16 +72,22 @@ def _config(config):
 # ---- generate ------------------------------------------------------------------------------------
 
 def run_generate(config, out, *, n: int | None = None, batch_size: int | None = None,
-                 seed: int | None = None, progress: bool = True):
-    """Simulate the training set of ``config`` ([training_set] gives the defaults) into ``out``;
-    rerunning finishes an interrupted file. Returns the ``dataset.GenerateReport``."""
-    from .dataset import generate
+                 seed: int | None = None, progress: bool = True,
+                 part: tuple[int, int] | None = None):
+    """Simulate the training set of ``config`` ([training_set] gives the defaults) into ``out``,
+    or only its part ``part`` = (I, N), 1-based (``lensbench generate --part I/N``; ``lensbench
+    merge`` joins the parts); rerunning finishes an interrupted file. Returns the
+    ``dataset.GenerateReport``."""
+    from .dataset import Part, generate
 
     cfg = _config(config)
     ts = cfg.training_set
-    report = generate(cfg, cfg.prior(), ts.n_sims if n is None else n, out,
+    n = ts.n_sims if n is None else n
+    if part is not None:  # checked against n here, where the message can name the option
+        part = Part.split(n, *part, option="--part")
+    report = generate(cfg, cfg.prior(), n, out,
                       batch_size=ts.batch_size if batch_size is None else batch_size,
-                      seed=ts.seed if seed is None else seed, progress=progress)
+                      seed=ts.seed if seed is None else seed, progress=progress, part=part)
     print(report.summary())
     return report
 

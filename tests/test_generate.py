@@ -1,5 +1,6 @@
 """Training-set generation (experiments.dataset): determinism, kill and resume, failed simulations,
-data parallelism over devices, the PM path, and the errors.
+data parallelism over devices, the PM path, the errors, and training sets made of parts
+(generate --part I/N, merge).
 
 Most cases use the Gaussian map model on 16² pixels, 2 bins and a 2-parameter prior (10
 simulations): compiling the batched simulator (~5–10 s per batch size and model) dominates. Runs
@@ -7,6 +8,7 @@ that need a killed process or two CPU devices go through a fresh interpreter.
 """
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,11 +21,12 @@ import numpy as np
 import pytest
 
 from experiments.config import load_config, load_config_text
-from experiments.dataset import (CHUNK_DELAY_ENV, FORMAT, SIMS_ATTRS, generate, prior_from_file,
-                                 read_sims)
+from experiments.dataset import (CHUNK_DELAY_ENV, FORMAT, PART_ATTRS, SIMS_ATTRS, generate,
+                                 merge_parts, prior_from_file, read_sims)
+from experiments.files import OutputError
 from experiments.priors import lsst_y10
 
-from tests.procs import HANG, cli_env
+from tests.procs import HANG, cli_env, invoke
 GAUSS = {"simulation.kind": "gaussian", "maps.npix": 16, "sources.n_bins": 2}
 CFG = load_config("quick").with_(**GAUSS)
 PRIOR = lsst_y10().select(["Omega_c", "sigma8"])
@@ -328,3 +331,259 @@ def test_missing_file_and_bad_arguments(tmp_path):
         with pytest.raises(ValueError, match=next(iter(bad))):
             generate(CFG, PRIOR, args.pop("n"), tmp_path / "x.h5", progress=False, **args)
     assert not (tmp_path / "x.h5").exists()
+
+
+# ---- parts (generate --part I/N) and merge ------------------------------------------------------
+
+# N = 10 in 3 parts of 4, 3, 3 simulations (rows [0, 4), [4, 7), [7, 10)): batch 2 splits part 1
+# evenly but not parts 2 and 3, whose chunks then start at odd indices (7 runs first in its batch
+# here, second in the reference's); part 3's single chunk of batch 4 is padded with simulations
+# beyond n. Batches 2 and 4 are the compilations the tests above use.
+PART_BATCH = {1: 2, 2: 2, 3: 4}
+PART_ROWS = {1: (0, 4), 2: (4, 7), 3: (7, 10)}
+
+
+def attrs_of(path):
+    """Root attributes with their HDF5 types: {name: (value, dtype, shape)}."""
+    with h5py.File(path, "r", locking=False) as f:
+        return {k: (f.attrs[k], f.attrs.get_id(k).dtype, f.attrs.get_id(k).shape) for k in f.attrs}
+
+
+def assert_same_attrs(a, b):
+    """The same attribute names, values, HDF5 types and shapes (bitwise for numbers)."""
+    got, want = attrs_of(a), attrs_of(b)
+    assert sorted(got) == sorted(want)
+    for k, (value, dtype, shape) in want.items():
+        assert (got[k][1], got[k][2]) == (dtype, shape), k
+        np.testing.assert_array_equal(np.asarray(got[k][0]), np.asarray(value), err_msg=k)
+
+
+def listing(directory):
+    return sorted(p.name for p in directory.iterdir())
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """The 3 part files of the reference run (seed 0, n = N), made in this process."""
+    d = tmp_path_factory.mktemp("parts")
+    paths = []
+    for i, batch in PART_BATCH.items():
+        paths.append(d / f"sims_{i}.h5")
+        report = generate(CFG, PRIOR, N, paths[-1], batch_size=batch, part=(i, 3), progress=False)
+        assert (report.n_requested, report.n_ok, report.part.label) == (
+            PART_ROWS[i][1] - PART_ROWS[i][0], PART_ROWS[i][1] - PART_ROWS[i][0], f"{i}/3")
+    return paths
+
+
+def test_parts_merge_into_the_whole_run(reference, parts, tmp_path):
+    """Each part file holds its rows of the whole run, bitwise, and the whole run's identity;
+    merged (given in any order) they are the whole run's file: θ, κ, status and every attribute,
+    bit for bit and with the same HDF5 types."""
+    ref, _ = reference
+    want, want_attrs = data(ref), attrs_of(ref)
+    for i, path in enumerate(parts, 1):
+        start, stop = PART_ROWS[i]
+        got = data(path)
+        for k in got:
+            np.testing.assert_array_equal(got[k], want[k][start:stop], err_msg=f"part {i} {k}")
+        a = attrs_of(path)
+        assert {k: a[k][0] for k in PART_ATTRS} == dict(part_index=i, part_count=3,
+                                                         part_start=start, part_stop=stop)
+        for k in ("n", "seed", "prior", "config_toml", "model"):
+            assert a[k][0] == want_attrs[k][0], k
+    with pytest.raises(ValueError, match=r"sims_2.h5 is part 2/3 \(simulations 4-6 of 10\) of a "
+                                         r"training set, not a whole one: .*lensbench merge"):
+        read_sims(parts[1])
+
+    out = tmp_path / "sims.h5"
+    report = merge_parts([parts[2], parts[0], parts[1]], out)
+    assert (report.path, report.n, report.n_ok, report.n_failed) == (out, N, N, 0)
+    assert report.n_parts == 3
+    assert report.summary() == f"wrote {out}: {N} simulations ({N} ok, 0 failed) from 3 parts"
+    assert_same_data(out, ref)
+    assert_same_attrs(out, ref)
+    with h5py.File(out, "r") as f, h5py.File(ref, "r") as g:
+        for k in ("theta", "kappa", "status"):  # the same layout (chunks, fill, descriptions)
+            assert (f[k].dtype, f[k].chunks, dict(f[k].attrs)) == (g[k].dtype, g[k].chunks,
+                                                                   dict(g[k].attrs)), k
+    merged, whole = read_sims(out), read_sims(ref)
+    for k in ("theta", "kappa", "indices", "status"):
+        np.testing.assert_array_equal(getattr(merged, k), getattr(whole, k), err_msg=k)
+    assert merged.attrs == whole.attrs and merged.n_pending == 0
+    # a finished merged file is a finished whole run: generate finds nothing to do
+    again = generate(CFG, PRIOR, N, out, progress=False)
+    assert (again.n_resumed, again.n_simulated) == (N, 0)
+    assert listing(tmp_path) == ["sims.h5"]  # no temporary file left
+
+
+def test_an_interrupted_part_resumes_and_merges_the_same(reference, parts, tmp_path, monkeypatch):
+    """Part 2 interrupted after its first chunk (of 2) is on disk: merge refuses it (naming the
+    file and its pending count), a rerun of its generate finishes it, and the merge is then the
+    whole run's file."""
+    from experiments import dataset
+
+    ref, _ = reference
+    out = tmp_path / "sims_2.h5"
+    real_run = dataset._DataParallel.run
+    calls = []
+
+    def run_then_die(self, key, start, stop):
+        if calls:
+            raise KeyboardInterrupt  # as a Ctrl-C, after the first chunk is written
+        calls.append(start)
+        return real_run(self, key, start, stop)
+
+    monkeypatch.setattr(dataset._DataParallel, "run", run_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        generate(CFG, PRIOR, N, out, batch_size=2, part=(2, 3), progress=False)
+    monkeypatch.undo()
+    assert calls == [4] and np.count_nonzero(data(out)["status"]) == 2
+
+    merged = tmp_path / "sims.h5"
+    with pytest.raises(ValueError, match=rf"unfinished parts: {out} \(1 of its 3 simulations not "
+                                         rf"done\); rerun their `lensbench generate --part`"):
+        merge_parts([parts[0], out, parts[2]], merged)
+    assert listing(tmp_path) == ["sims_2.h5"]
+
+    report = generate(CFG, PRIOR, N, out, part=(2, 3), progress=False)  # the file's batch size
+    assert (report.n_resumed, report.n_simulated, report.n_ok, report.batch_size) == (2, 1, 3, 2)
+    merge_parts([parts[0], out, parts[2]], merged)
+    assert_same_data(merged, ref)
+    assert_same_attrs(merged, ref)
+
+
+def test_merge_refuses_parts_that_are_not_one_whole_run(reference, parts, tmp_path):
+    """Parts of another run, of another split, missing, given twice, or a whole file: one line
+    naming the files or parts, and nothing written."""
+    ref, _ = reference
+    p1, p2, p3 = parts
+    out = tmp_path / "sims.h5"
+
+    def copy_with(name, **changes):
+        path = tmp_path / name
+        shutil.copy(p2, path)
+        with h5py.File(path, "r+") as f:
+            for k, v in changes.items():
+                f.attrs[k] = v
+        return path
+
+    other_seed = copy_with("seed1.h5", seed=1)
+    cfg = load_config_text(attrs_of(p2)["config_toml"][0]).with_(**{"maps.field_deg": 4.0})
+    other_config = copy_with("field4.h5", config_toml=cfg.to_toml())
+    damaged = copy_with("damaged.h5", part_index=3, part_start=7, part_stop=9)
+    half = tmp_path / "half_1.h5"
+    generate(CFG, PRIOR, N, half, batch_size=2, part=(1, 2), progress=False)
+
+    cases = [
+        ([p1, other_seed, p3], rf"cannot merge parts of different runs: {other_seed} and {p1} hold "
+                               rf"other simulations \(seed = 0 in {p1}, 1 in {other_seed}\)"),
+        ([p1, other_config, p3], r"different runs: .*config maps.field_deg = 5.0 in .*sims_1.h5, "
+                                 r"4.0 in .*field4.h5"),
+        ([half, p2, p3], rf"different splits: {half} is part 1/2, {p2} part 2/3"),
+        ([p1, p3], r"missing part 2 of 3 \(of 10 simulations, .*\): generate it with --part I/3"),
+        ([p3], r"missing parts 1, 2 of 3"),
+        ([p1, p2, p3, p2], rf"overlapping parts: part 2/3 given 2 times \({p2}, {p2}\)"),
+        ([p1, p2, damaged], rf"{damaged} is an inconsistent part file: part_index = 3, "
+                            rf"part_count = 3, part_start = 7, part_stop = 9 for n = 10"),
+        ([ref, p2], rf"{ref} is a whole training set, not a part"),
+    ]
+    before = listing(tmp_path)
+    for given, message in cases:
+        with pytest.raises(ValueError, match=message):
+            merge_parts(given, out)
+        assert listing(tmp_path) == before, message
+    with pytest.raises(FileNotFoundError, match="nowhere.h5"):
+        merge_parts([p1, p2, tmp_path / "nowhere.h5"], out)
+    assert listing(tmp_path) == before
+
+
+def test_merge_never_overwrites_a_part_or_an_existing_file(reference, parts, tmp_path):
+    """An existing --out is refused unless overwrite=True; --out may never be one of the parts
+    (by any name); nothing is changed by a refusal."""
+    ref, _ = reference
+    out = tmp_path / "sims.h5"
+    out.write_text("keep")
+    with pytest.raises(OutputError, match=rf"--out {out} exists; pass --overwrite"):
+        merge_parts(parts, out)
+    assert out.read_text() == "keep"
+    merge_parts(parts, out, overwrite=True)
+    assert_same_data(out, ref)
+
+    link = tmp_path / "link.h5"
+    link.symlink_to(parts[1])
+    before = parts[1].read_bytes()
+    for target in (parts[1], link):
+        for overwrite in (False, True):
+            with pytest.raises(OutputError, match=r"is the input PART .*sims_2.h5: writing it "
+                                                  r"would replace the input"):
+                merge_parts(parts, target, overwrite=overwrite)
+    assert parts[1].read_bytes() == before
+    assert listing(tmp_path) == ["link.h5", "sims.h5"]
+
+
+def test_a_part_file_resumes_only_as_the_same_part(parts, tmp_path):
+    """generate on a part file with another part, or the whole run, is refused (it would write
+    other rows into it)."""
+    path = tmp_path / "sims_2.h5"
+    shutil.copy(parts[1], path)
+    before = path.read_bytes()
+    for part, message in (((3, 3), "part 2/3 in the file, part 3/3 now"),
+                          (None, "part 2/3 in the file, the whole run now"),
+                          ((2, 4), "part 2/3 in the file, part 2/4 now")):
+        with pytest.raises(ValueError, match=f"holds other simulations.*{message}"):
+            generate(CFG, PRIOR, N, path, part=part, progress=False)
+    assert path.read_bytes() == before
+    report = generate(CFG, PRIOR, N, path, part=(2, 3), progress=False)  # the same part: done
+    assert (report.n_resumed, report.n_simulated) == (3, 0)
+    with pytest.raises(ValueError, match="part 4/3: the part number must be between 1 and 3"):
+        generate(CFG, PRIOR, N, tmp_path / "x.h5", part=(4, 3), progress=False)
+    with pytest.raises(ValueError, match="part 1/11: 11 parts of 10 simulations would leave"):
+        generate(CFG, PRIOR, N, tmp_path / "x.h5", part=(1, 11), progress=False)
+    assert not (tmp_path / "x.h5").exists()
+
+
+@pytest.mark.parametrize("value, code, message", [
+    ("0/4", 2, "Invalid value for '--part': '0/4': the part number I of I/N must be between 1 "
+               "and N = 4"),
+    ("5/4", 2, "'--part': '5/4': the part number I of I/N must be between 1 and N = 4"),
+    ("x", 2, "'--part': must look like I/N, e.g. 3/8 for part 3 of 8, got 'x'"),
+    ("11/11", 1, "--part 11/11: 11 parts of 10 simulations would leave parts empty; split into "
+                 "at most 10 parts"),
+])
+def test_bad_part_options(tmp_path, value, code, message):
+    from tests.test_cli import assert_one_line_error
+
+    line = assert_one_line_error(invoke("generate", "--n", "10", "--part", value, "--out",
+                                        tmp_path / "p.h5", "--no-progress"), code)
+    assert message in line
+    assert listing(tmp_path) == []
+
+
+def test_parts_as_separate_processes_merge_into_the_whole_run(reference, tmp_path):
+    """The cluster recipe on one machine: the 3 parts run as concurrent `lensbench generate --part
+    I/3` processes, then `lensbench merge` (one line) writes the whole run's file, bitwise."""
+    from tests.test_cli import assert_one_line_error
+
+    ref, _ = reference
+    config = tmp_path / "g.toml"
+    config.write_text(CFG.to_toml())
+    (tmp_path / "parts").mkdir()
+    paths = [tmp_path / "parts" / f"sims_{i}.h5" for i in (1, 2, 3)]
+    procs = [subprocess.Popen([sys.executable, "-m", "experiments.cli", "generate", "--config",
+                               str(config), "--n", str(N), "--seed", "0", "--batch-size", "2",
+                               "--part", f"{i}/3", "--out", str(path), "--no-progress"],
+                              cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for i, path in enumerate(paths, 1)]
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=HANG)
+        assert proc.returncode == 0, stderr
+        assert "part" in stdout and "0 failed" in stdout
+    out = tmp_path / "sims.h5"
+    result = invoke("merge", *paths, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"wrote {out}: {N} simulations ({N} ok, 0 failed) from 3 parts"
+    assert_same_data(out, ref)
+    assert_same_attrs(out, ref)
+    line = assert_one_line_error(invoke("merge", *paths[:2], "--out", tmp_path / "x.h5"), 1)
+    assert "missing part 3 of 3" in line

@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
-from .config import MAX_SAMPLES, MAX_SIMS
+from .config import MAX_SAMPLES, MAX_SIMS, parse_pdims
 
 if TYPE_CHECKING:
     from .config import ExperimentConfig
@@ -184,13 +184,11 @@ def _triple(text: str, what: str, cast):
 
 
 def _pdims(text: str) -> tuple[int, int]:
+    """``config.parse_pdims`` as a usage error (exit 2)."""
     try:
-        px, py = (int(t) for t in text.lower().split("x"))
-    except ValueError:
-        raise typer.BadParameter(f"device grid must look like 2x2, got {text!r}") from None
-    if px < 1 or py < 1:
-        raise typer.BadParameter(f"device grid needs positive counts, got {text!r}")
-    return px, py
+        return parse_pdims(text)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 def _part(text: str) -> tuple[int, int]:

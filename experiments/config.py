@@ -208,7 +208,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 __all__ = ["ConfigError", "ExperimentConfig", "SECTIONS", "load_config", "load_config_text",
-           "peek_pdims", "resolve_config_path", "shipped_configs"]
+           "parse_pdims", "peek_pdims", "resolve_config_path", "shipped_configs"]
 
 
 class ConfigError(ValueError):
@@ -446,7 +446,7 @@ class SimulationSection:
     dtype: str = key("str", "float32", "field dtype", choices=("float32", "float64"))
     gradient: str = key("str", "checkpoint", "gradient mode", choices=("checkpoint", "adjoint"))
     pdims: str = key("str", "1x1", "device grid PXxPY",
-                     check=lambda v: None if PDIMS_RE.match(v) and min(_pdims(v)) >= 1
+                     check=lambda v: None if min(_pdims(v)) >= 1
                      else "must look like '2x2' (positive device counts along x and y)")
     halo: int = key("int", 8, "halo width, mesh cells", check=_at_least(2))
     n_chi: int = key("int", 256, "Limber chi nodes of the gaussian/lognormal models",
@@ -480,9 +480,23 @@ class SimulationSection:
                          dtype=self.dtype, grid=grid)
 
 
+def parse_pdims(text: str) -> tuple[int, int]:
+    """The device grid ``"2x2"`` (or ``"2×2"``) -> (2, 2): the one parser of the ``PXxPY`` text of
+    ``--pdims`` and ``simulation.pdims`` (JAX-free, so the command line can read it before JAX
+    starts). ValueError unless both counts are positive integers."""
+    m = PDIMS_RE.match(text) if isinstance(text, str) else None
+    if m is None or min(int(m.group(1)), int(m.group(2))) < 1:
+        raise ValueError(f"device grid must look like 2x2 (positive device counts along x and y), "
+                         f"got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
 def _pdims(text: str) -> tuple[int, int]:
-    m = PDIMS_RE.match(text)
-    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    """``parse_pdims``, or (0, 0) for text that is not a device grid (checked where it matters)."""
+    try:
+        return parse_pdims(text)
+    except ValueError:
+        return (0, 0)
 
 
 @dataclass(frozen=True)

@@ -62,15 +62,6 @@ class DeviceGrid:
                 f"{n_avail} are available (on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N "
                 f"before importing jax)")
 
-    @classmethod
-    def parse(cls, text: str, halo: int = 8) -> "DeviceGrid":
-        """Build from a string like ``"2x2"``."""
-        try:
-            px, py = (int(t) for t in text.lower().split("x"))
-        except ValueError:
-            raise ValueError(f"device grid must look like '2x2', got {text!r}") from None
-        return cls((px, py), halo=halo)
-
     @property
     def n_devices(self) -> int:
         return self.pdims[0] * self.pdims[1]

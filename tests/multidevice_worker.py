@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 
 from simulators import DeviceGrid, HaloOverflowError, SimConfig, simulate, white_noise  # noqa: E402
 from simulators.grid import pad_shard, unpad_shard  # noqa: E402
+from experiments.config import parse_pdims  # noqa: E402
 from sim_cases import BASE, COSMO, loss_fn  # noqa: E402
 import lightcone_cases as lcc  # noqa: E402
 
@@ -71,7 +72,7 @@ def main():
     run(SimConfig(**BASE), "single_", results)
     run_lightcone(SimConfig(**lcc.BASE, dtype="float64"), "single_", results)
     for text in layouts:
-        grid = DeviceGrid.parse(text, halo=4)
+        grid = DeviceGrid(parse_pdims(text), halo=4)
         run(SimConfig(**BASE, grid=grid), f"{text}_", results)
         halo_dot_test(grid, results, f"{text}_")
         if text in LIGHTCONE_LAYOUTS:

@@ -27,9 +27,13 @@ def test_too_many_devices():
         DeviceGrid((2, 2))
 
 
-def test_bad_device_grid_text():
-    with pytest.raises(ValueError, match="must look like '2x2'"):
-        DeviceGrid.parse("2by2")
+@pytest.mark.parametrize("text", ["2by2", "0x2", "2x", "x"])
+def test_bad_device_grid_text(text):
+    from experiments.config import parse_pdims
+
+    with pytest.raises(ValueError, match="device grid must look like 2x2"):
+        parse_pdims(text)
+    assert parse_pdims(" 2 × 4 ") == (2, 4)
 
 
 def test_halo_overflow_is_reported():

@@ -67,12 +67,13 @@ def main():
     import jax
     import jax.numpy as jnp
 
+    from experiments.config import parse_pdims
     from simulators import (Cosmology, DeviceGrid, SimConfig, evolve, linear_field, paint_density,
                             pm_force, white_noise)
 
     n = args.n
     mesh = tuple(int(v) for v in args.mesh.split("x")) if args.mesh else (n, n, n)
-    grid = DeviceGrid.parse(args.pdims, halo=8)
+    grid = DeviceGrid(parse_pdims(args.pdims), halo=8)
     cfg = SimConfig(mesh_shape=mesh, box_size=tuple(256.0 * m / n for m in mesh), a_init=0.1,
                     a_final=1.0, n_steps=args.steps, lpt_order=2, gradient=args.gradient,
                     dtype="float32", grid=grid)

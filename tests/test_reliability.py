@@ -403,3 +403,21 @@ def test_maps_refuses_fits_for_flat_maps_before_simulating(tmp_path):
                                         "--fits", tmp_path / "m.fits"), 1)
     assert "--fits needs HEALPix maps" in line
     assert _listing(tmp_path) == []
+
+
+def test_healpix_fits_goes_through_the_atomic_writer(tmp_path):
+    """healpy writes the temporary file (no .fits suffix), which then replaces the output."""
+    import healpy
+
+    from experiments.io import write_healpix_fits
+
+    rng = np.random.default_rng(0)
+    kappa = rng.normal(size=(2, 12 * 4**2))
+    maps = SimpleNamespace(kappa=kappa, kappa_noisy=kappa + 1.0)
+    out = tmp_path / "m.fits"
+    out.write_text("old")
+    assert write_healpix_fits(out, maps, SimpleNamespace(n_bins=2)) == out
+    back = healpy.read_map(out, field=(0, 1, 2, 3))
+    np.testing.assert_array_equal(back[:2], kappa)
+    np.testing.assert_array_equal(back[2:], kappa + 1.0)
+    assert _listing(tmp_path) == ["m.fits"]

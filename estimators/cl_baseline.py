@@ -190,6 +190,11 @@ def _bin_modes_matrix(field_deg: float, npix: int, edges: np.ndarray):
     ell_unique, inverse = np.unique(flat[used], return_inverse=True)
     counts = np.zeros((n_ell, ell_unique.size))
     np.add.at(counts, (b[used], inverse), 1.0)
+    empty = np.flatnonzero(counts.sum(axis=1) == 0)
+    if empty.size:
+        raise ValueError(f"ell bins {empty.tolist()} contain no Fourier mode of a {field_deg} deg / "
+                         f"{npix}^2 map (edges {np.round(edges, 1).tolist()}): use fewer or "
+                         f"linearly spaced bins")
     return ell_unique, counts
 
 
@@ -394,9 +399,6 @@ class ClLikelihood:
             raise ValueError(f"ell_edges[0] must be > 0 (the ell = 0 mode is the map mean), got {edges[0]}")
         ell_unique, counts = _bin_modes_matrix(self.field_deg, self.npix, edges)
         n_modes = counts.sum(axis=1).astype(int)
-        if np.any(n_modes == 0):
-            raise ValueError(f"ell bins {np.flatnonzero(n_modes == 0).tolist()} contain no Fourier "
-                             f"mode of a {self.field_deg} deg / {self.npix}^2 map (edges {edges})")
         weights = counts / n_modes[:, None]
         ell_mean = weights @ ell_unique
         noise = np.zeros((len(i), n_ell))

@@ -360,3 +360,12 @@ def test_analytic_covariance_likelihood(setup):
                                like.cov, rtol=1e-10, atol=1e-30)
     with pytest.raises(ValueError, match="Sellentin-Heavens likelihood needs a simulated"):
         dataclasses.replace(like, kind="sellentin_heavens")
+
+
+def test_bins_without_modes_are_named(setup):
+    from estimators.cl_baseline import analytic_covariance
+
+    model, sigma = setup
+    edges = np.geomspace(2 * ELL_FUND, 16 * ELL_FUND, 25)  # log bins narrower than the mode spacing
+    with pytest.raises(ValueError, match=r"ell bins \[2\] contain no Fourier mode .* linearly"):
+        analytic_covariance(model.bins, FID, FIELD, NPIX, edges, sigma)

@@ -10,7 +10,7 @@ Hartlap factor of a simulated one). This measures how much, per variant:
         --variant gaussian_16:covariance=gaussian,n_ell_bins=16
 
 Each variant is a name and comma-separated ``cl_baseline`` / ``cl`` keys (``covariance``,
-``n_cov``, ``n_ell_bins``, ``spacing``). The configuration is ``gaussian_check`` (``--config``);
+``n_cov``, ``n_ell_bins``, ``spacing``, ``ell_max``). The configuration is ``gaussian_check`` (``--config``);
 the exact posterior is computed once per seed. Results (FoM ratio, mean offsets in exact σ,
 std ratios, C2ST against the exact samples, NUTS ESS) go to ``--out`` as JSON and a table to stdout.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 CL_KEYS = {"covariance": "cl_baseline", "n_cov": "cl_baseline", "n_ell_bins": "cl",
-           "spacing": "cl", "likelihood": "cl_baseline"}
+           "spacing": "cl", "ell_max": "cl", "likelihood": "cl_baseline"}
 
 
 def _variant(text: str) -> tuple[str, dict]:
@@ -36,7 +36,11 @@ def _variant(text: str) -> tuple[str, dict]:
         key, _, value = item.partition("=")
         if key not in CL_KEYS:
             raise SystemExit(f"--variant {text!r}: unknown key {key!r}; valid: {', '.join(CL_KEYS)}")
-        changes[f"{CL_KEYS[key]}.{key}"] = int(value) if value.isdigit() else value
+        try:
+            value = float(value) if "." in value else int(value)
+        except ValueError:
+            pass
+        changes[f"{CL_KEYS[key]}.{key}"] = value
     return name, changes
 
 

@@ -18,6 +18,7 @@ from simulators.cosmology import (
     Background,
     Cosmology,
     E,
+    N_GROWTH,
     GrowthTable,
     Omega_m_of_a,
     a_of_chi,
@@ -117,7 +118,7 @@ def test_table_shapes_and_dtypes():
     a = np.full((2, 3), 0.5, dtype=np.float32)
     assert bg.comoving_distance(a).shape == (2, 3) and bg.comoving_distance(a).dtype == jnp.float64
     g = _gt(FID)
-    assert isinstance(g, GrowthTable) and g.D1.shape == g.D2.shape == g.f1.shape == (1024,)
+    assert isinstance(g, GrowthTable) and g.D1.shape == g.D2.shape == g.f1.shape == (N_GROWTH,)
     for out in _eval_growth(g, a):
         assert out.shape == (2, 3) and out.dtype == jnp.float64
     assert float(g.D1_at(1.0)) == pytest.approx(1.0, abs=1e-14)
@@ -159,9 +160,10 @@ def test_growth_matches_scipy(name):
     c = COSMOS[name]
     got = [np.asarray(x) for x in _growth(c, A_GROWTH)]
     ref = _reference_growth(c, A_GROWTH)
-    # Fixed-step RK4 with 1023 steps (error ~ h^4 ~ 1e-9) plus cubic interpolation; measured
-    # <= 1.3e-9 (worst: D2 of w0wa_early, whose dark-energy fraction at a_min is 2e-7; with
-    # uncorrected EdS initial conditions it is 2e-7 and fails). The reference is good to ~1e-10.
+    # Fixed-step RK4, 255 intervals of 2 steps each, plus cubic Hermite interpolation (error
+    # ~ h^4 / 384 with h = ln(1000)/255); measured <= 2.5e-8 against an n = 8192 table
+    # (test_growth_table_resolution). With uncorrected EdS initial conditions D2 of w0wa_early
+    # (dark-energy fraction 2e-7 at a_min) is off by 2e-7 and fails. The reference is good to ~1e-10.
     # A wrong drag or source term, or D2 normalised by D1(1) instead of D1(1)^2, gives >= 1e-3.
     # At a = 1e-4 the tables are extrapolated as power laws from a_min, which drops the O(x(a_min))
     # dark-energy curvature (4e-7 for w0wa_early, 1e-9 for LCDM), hence 1e-6 there.
@@ -169,6 +171,24 @@ def test_growth_matches_scipy(name):
         np.testing.assert_allclose(g[1:], r[1:], rtol=1e-7, err_msg=label)
         np.testing.assert_allclose(g[0], r[0], rtol=1e-6, err_msg=label)
     assert np.all(got[1] < 0)  # D2 < 0 convention
+
+
+@pytest.mark.parametrize("name", ["lcdm", "w0wa_early"])
+def test_growth_table_resolution(name):
+    # The default table (N_GROWTH = 256 nodes, 2 RK4 steps per interval, cubic Hermite between
+    # nodes) against converged ones: 8192 nodes, and the 1024-node single-step table used before
+    # (itself <= 1.5e-9 from the 8192 one), over the whole table range a in [a_min, 1]. Measured
+    # <= 2.5e-8 for D1, D2, f1, f2 over six cosmologies (RESULTS 7l): below float32's round-off
+    # 6e-8, in which the PM uses them. 4e-8 leaves room for other platforms' libm; one RK4 step
+    # per interval (6e-8..7e-8 measured) or 4-point Lagrange interpolation of 256 nodes (2.2e-7,
+    # RESULTS 7i) fail.
+    c = COSMOS[name]
+    a = np.geomspace(1e-3, 1.0, 2001)
+    got = [np.asarray(x) for x in _eval_growth(_gt(c), a)]
+    for n, substeps in ((8192, 1), (1024, 1)):
+        ref = [np.asarray(x) for x in _eval_growth(growth_table(c, 1e-3, n, substeps), a)]
+        for g, r, label in zip(got, ref, ("D1", "D2", "f1", "f2")):
+            np.testing.assert_allclose(g, r, rtol=4e-8, atol=0, err_msg=f"{label} vs n = {n}")
 
 
 def test_D1_matches_lcdm_integral_solution():

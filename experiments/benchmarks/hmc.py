@@ -9,7 +9,10 @@ gradient and per hour) of NUTS against MCLMC on one observation.
 
 ``grads`` runs every gradient mode in its own subprocess, so that each peak resident set size
 (``ru_maxrss``) belongs to one mode alone; it reports the RSS after building the model (imports,
-tables) and at the end (compilation and gradients included). The data are zero maps: the cost of
+tables) and at the end (compilation and gradients included), the mean and median time per
+gradient, and the "FFT floor" measured in the same process (``fft_floor``: median time of one
+rfftn and three irfftn at 128³, float32) with the ratio median gradient / FFT floor, a number
+that depends less on the machine and on what else shares it. The data are zero maps: the cost of
 a gradient does not depend on their values. ``chains`` runs ``lensbench hmc`` per sampler on the
 observation with the config's ``[hmc]`` settings (sampler replaced) and reads ESS, R̂ and
 wall time from each run's diagnostics.
@@ -41,6 +44,30 @@ def _config(name: str, mesh: str | None, gradient: str):
     return cfg.with_(**changes)
 
 
+def fft_floor(n: int = 128, repeats: int = 20) -> float:
+    """Median seconds of one rfftn and three irfftn of an n³ float32 field (a PM force's FFTs at
+    that size), in this process: the unit that makes gradient times comparable across machines
+    and across loads of a shared one."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(n, n, n)), jnp.float32)
+
+    @jax.jit
+    def f(x):
+        k = jnp.fft.rfftn(x)
+        return [jnp.fft.irfftn(k * (i + 1.0), s=x.shape) for i in range(3)]  # 3 distinct inverses
+
+    jax.block_until_ready(f(x))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(x))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
 def measure_gradient(name: str, mesh: str | None, gradient: str, evals: int) -> dict:
     """One gradient mode, in this process: compile time, gradients/s, RSS (MB) before and after."""
     import jax
@@ -62,10 +89,14 @@ def measure_gradient(name: str, mesh: str | None, gradient: str, evals: int) -> 
     t0 = time.perf_counter()
     jax.block_until_ready(ld.value_and_grad(pos))
     compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    times = []
     for _ in range(evals):
+        t0 = time.perf_counter()
         jax.block_until_ready(ld.value_and_grad(pos))
-    per = (time.perf_counter() - t0) / evals
+        times.append(time.perf_counter() - t0)
+    per = float(np.mean(times))
+    median = float(np.median(times))
+    fft = fft_floor()
     # accelerator memory (None on CPU, where the RSS above is the measure)
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
@@ -73,7 +104,9 @@ def measure_gradient(name: str, mesh: str | None, gradient: str, evals: int) -> 
             "n_steps": cfg.simulation.n_steps, "npix": cfg.maps.npix, "n_bins": model.bins.n_bins,
             "n_params": prior.dim, "field_cells": int(np.prod(model.latent_shape)),
             "gradient": gradient, "compile_plus_first_s": compile_s, "seconds_per_gradient": per,
-            "gradients_per_s": 1.0 / per, "evals": evals, "rss_after_build_mb": base,
+            "gradients_per_s": 1.0 / per, "median_seconds_per_gradient": median,
+            "fft_floor_s": fft, "gradient_over_fft_floor": median / fft, "evals": evals,
+            "rss_after_build_mb": base,
             "peak_rss_mb": _rss_mb(), "device_peak_mb": None if peak is None else peak / 2**20,
             "devices": [str(d) for d in jax.devices()]}
 
@@ -86,6 +119,9 @@ def run_grads(args) -> list[dict]:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         row = json.loads(out.strip().splitlines()[-1])
         print(f"{row['config']} {row['mesh_shape']} {mode}: {row['gradients_per_s']:.3g} grad/s, "
+              f"median {1e3 * row['median_seconds_per_gradient']:.1f} ms per gradient, "
+              f"FFT floor {1e3 * row['fft_floor_s']:.1f} ms (gradient / floor "
+              f"{row['gradient_over_fft_floor']:.2f}), "
               f"compile {row['compile_plus_first_s']:.1f} s, peak RSS {row['peak_rss_mb']:.0f} MB "
               f"(after build {row['rss_after_build_mb']:.0f} MB)"
               + (f", device peak {row['device_peak_mb']:.0f} MB" if row.get("device_peak_mb") else ""),

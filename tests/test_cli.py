@@ -333,7 +333,8 @@ def test_demo_runs_compare_and_says_where_the_report_is(tmp_path, monkeypatch):
     from experiments.config import load_config
 
     cfg = load_config("gaussian_check").with_(**{
-        "maps.npix": 8, "simulation.n_chi": 16, "cl.n_ell_bins": 2, "compare.methods": ["exact"],
+        "maps.npix": 8, "simulation.n_chi": 16, "cl.n_ell_bins": 2, "cl.ell_max": 410.0,
+        "compare.methods": ["exact"],
         "npe.n_samples": 500})
     (tmp_path / "tiny.toml").write_text(cfg.to_toml())
     monkeypatch.setattr(cli, "DEMO_MAPS_CONFIG", str(tmp_path / "tiny.toml"))

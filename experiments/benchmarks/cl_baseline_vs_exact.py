@@ -18,7 +18,6 @@ std ratios, C2ST against the exact samples, NUTS ESS) go to ``--out`` as JSON an
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -53,6 +52,7 @@ def main(argv=None) -> None:
     from estimators.metrics import c2st
     from experiments.cli import run_maps
     from experiments.config import load_config
+    from experiments.files import write_json
     from experiments.io import read_samples
     from experiments.pipeline import run_cl_baseline, run_exact
 
@@ -96,6 +96,7 @@ def main(argv=None) -> None:
                   f"{r['fom_ratio']:.3f}; offsets {np.round(r['mean_offset_sigma'], 2).tolist()} "
                   f"sigma; std ratios {np.round(r['std_ratio'], 3).tolist()}; C2ST {r['c2st']:.3f}",
                   flush=True)
+            write_json(args.out, {"config": args.config, "rows": rows})  # each row kept
     summary = {}
     for name, _ in variants:
         mine = [r for r in rows if r["variant"] == name]
@@ -104,8 +105,7 @@ def main(argv=None) -> None:
                          "seeds": [r["seed"] for r in mine]}
         print(f"{name:16s} mean FoM ratio {summary[name]['fom_ratio_mean']:.3f}, mean C2ST "
               f"{summary[name]['c2st_mean']:.3f} over seeds {summary[name]['seeds']}")
-    args.out.write_text(json.dumps({"config": args.config, "rows": rows, "summary": summary},
-                                   indent=1))
+    write_json(args.out, {"config": args.config, "rows": rows, "summary": summary})
 
 
 if __name__ == "__main__":

@@ -150,8 +150,10 @@ Top level
 
 [hmc]                  explicit full-field inference over theta and the initial white noise
                        (``lensbench hmc``; ``explicit``)
-  sampler              : "nuts" (dense mass block over theta, diagonal over the field) or
-                         "mclmc" (blackjax microcanonical Langevin) ["nuts"]
+  sampler              : "nuts" (dense mass block over theta, diagonal over the field),
+                         "mclmc" (blackjax microcanonical Langevin; unadjusted, so biased by its
+                         step size) or "mams" (Metropolis-adjusted microcanonical HMC: MCLMC's
+                         tuning, then the step size adapted to target_accept; unbiased) ["nuts"]
   num_warmup           : warm-up (NUTS adaptation / MCLMC tuning) steps [200]
   num_samples          : samples per chain [200]
   num_chains           : chains [1]
@@ -159,7 +161,12 @@ Top level
                          up to the number of cores; one GPU: keep 1); the draws do not depend on
                          it. Must be 1 under jax.distributed, which splits each chain's field [1]
   max_tree_depth       : NUTS: at most 2^depth - 1 gradient evaluations per sample [6]
-  target_accept        : NUTS: target acceptance probability of the step-size adaptation [0.8]
+  target_accept        : NUTS and MAMS: target acceptance probability of the step-size
+                         adaptation [0.8]
+  precondition         : "none" or "fourier": sample the latent field with each Fourier mode
+                         scaled by its linearised posterior width, estimated once at the start
+                         from 8 Hessian-vector probes (16 gradients); an exact change of
+                         variables, for any sampler (``explicit.precondition``) ["none"]
   segment              : iterations between checkpoints (the run resumes from the last one) [25]
   thin_field           : keep the latent field every N samples (0: never); theta is always kept [50]
   gradient             : "adjoint" (reverse-time PM adjoint: memory independent of the number of
@@ -817,13 +824,14 @@ COMPARE_METHODS = ("cl_analytic", "npe_cl", "npe_mse", "npe_mae", "npe_gnll", "n
 class HmcSection:
     """Explicit full-field inference (``lensbench hmc``; ``explicit.HMCSettings``)."""
 
-    sampler: str = key("str", "nuts", "sampler", choices=("nuts", "mclmc"))
+    sampler: str = key("str", "nuts", "sampler", choices=("nuts", "mclmc", "mams"))
     num_warmup: int = key("int", 200, "warm-up steps", check=_count(1, MAX_WARMUP))
     num_samples: int = key("int", 200, "samples per chain", check=_count(1, MAX_SAMPLES))
     num_chains: int = key("int", 1, "chains", check=_count(1, MAX_CHAINS))
     max_tree_depth: int = key("int", 6, "NUTS tree depth", check=_at_least(1))
-    target_accept: float = key("float", 0.8, "NUTS target acceptance",
+    target_accept: float = key("float", 0.8, "NUTS / MAMS target acceptance",
                                check=lambda v: None if 0 < v < 1 else "must be in (0, 1)")
+    precondition: str = key("str", "none", "field preconditioner", choices=("none", "fourier"))
     segment: int = key("int", 25, "iterations per checkpoint", check=_at_least(1))
     thin_field: int = key("int", 50, "keep the field every N samples (0: never)",
                           check=_at_least(0))

@@ -35,6 +35,7 @@ import jax
 import numpy as np
 
 from experiments.files import atomic_write, h5_file
+from .settings import HMCSettings
 
 FORMAT = "lensbench-explicit-chain/1"
 RECORDS = ("theta", "potential_energy", "num_grads", "diverging", "accept_prob", "step_size",
@@ -143,13 +144,19 @@ def is_writer() -> bool:
     return jax.process_index() == 0
 
 
+# The run's field preconditioner (``precondition.FourierScale.to_dict``), estimated once at the
+# first start; every chain and every resume reads it, so all sample the same variables.
+FIELD_SCALE_FILE = "field_scale.json"
+
+
 def clear_run(out_dir: Path) -> None:
     """Remove a sampling run's files (chains, kept fields, sampler state, run.json,
-    diagnostics.json) from out_dir and nothing else; process 0 does it for all."""
+    diagnostics.json, the field preconditioner) from out_dir and nothing else; process 0 does it for all."""
     out_dir = Path(out_dir)
     if is_writer():
         for p in list(out_dir.glob("chain_*.h5")) + [out_dir / "run.json",
-                                                     out_dir / "diagnostics.json"]:
+                                                     out_dir / "diagnostics.json",
+                                                     out_dir / FIELD_SCALE_FILE]:
             p.unlink(missing_ok=True)
         for p in [*(out_dir / "fields").glob("c*_*.npy"), *(out_dir / "fields").glob("c*_*.p*.h5"),
                   *(out_dir / "state").glob("c*_*.p*.h5")]:
@@ -389,7 +396,7 @@ def load_chain(out_dir: Path, chain: int, settings: dict | None = None, *,
         with h5py.File(path, "r") as f:
             if f.attrs.get("format") != FORMAT:
                 raise ValueError(f"not a {FORMAT} file")
-            saved = json.loads(f.attrs["settings"])
+            saved = HMCSettings.with_later_keys(json.loads(f.attrs["settings"]))
             ck = ChainCheckpoint(
                 n_rows=int(f.attrs["n_rows"]), first_sample_row=int(f.attrs["first_sample_row"]),
                 tuning_grads=int(f.attrs["tuning_grads"]), wall_s=float(f.attrs["wall_s"]),
@@ -412,8 +419,6 @@ def load_chain(out_dir: Path, chain: int, settings: dict | None = None, *,
         raise CheckpointError(f"{path}: corrupted or truncated checkpoint ({err}); "
                               f"{_RESTART}") from None
     if settings is not None and saved != settings:
-        from .settings import HMCSettings
-
         wanted = HMCSettings(**settings)
         if not (extend and wanted.extends(saved)):
             raise CheckpointError(f"{path} was written with other settings "

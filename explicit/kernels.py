@@ -170,10 +170,10 @@ class MCLMCStepper:
     def first_sample_row(self) -> int:
         return 0  # tuning happens before the segmented loop
 
-    def tuning_steps(self) -> int:
-        """Gradient evaluations of ``start``: init, the θ Hessian, blackjax's two stages as it runs
-        them, then the L stage."""
-        n = self.settings.num_warmup
+    def tuning_steps(self, n: int | None = None) -> int:
+        """Gradient evaluations of ``start`` with n (default num_warmup) tuning steps: init, the θ
+        Hessian, blackjax's two stages as it runs them, then the L stage."""
+        n = self.settings.num_warmup if n is None else n
         f1, f2, f3 = MCLMC_FRACS
         n2 = round(n * f2)
         n3 = round(n * f3)
@@ -198,22 +198,23 @@ class MCLMCStepper:
 
     @cached_property
     def _tune(self) -> Callable:
+        """jit: (key, state, initial params, n) → (state, params) after n tuning steps (n static)."""
         # One jit around blackjax's tuning: its inner jits are rebuilt on every call (never cached),
         # so without this each chain would recompile its stages.
         import blackjax
 
-        def tune(key, state, initial):
+        def tune(key, state, initial, n):
             f1, f2, f3 = MCLMC_FRACS
             k12, k3 = jax.random.split(key)
             state, params, _ = blackjax.mclmc_find_L_and_step_size(
-                mclmc_kernel=self.kernel, num_steps=self.settings.num_warmup, state=state,
+                mclmc_kernel=self.kernel, num_steps=n, state=state,
                 rng_key=k12, logdensity_fn=self.ld.logdensity, frac_tune1=f1, frac_tune2=f2,
                 frac_tune3=0.0, diagonal_preconditioning=True, params=initial)
             params = type(params)(*(jnp.asarray(p, jnp.float64) for p in params))
-            n3 = round(self.settings.num_warmup * f3)
+            n3 = round(n * f3)
             return self._tune_L(k3, state, params, n3) if n3 >= 2 else (state, params)
 
-        return jax.jit(tune)
+        return jax.jit(tune, static_argnums=3)
 
     def _tune_L(self, key, state, params, n: int):
         """blackjax's third tuning stage, L = MCLMC_L_FACTOR × step × n / ESS over n steps, with
@@ -255,7 +256,8 @@ class MCLMCStepper:
     def start(self, key: Array, position: dict) -> tuple[Any, int]:
         k_init, k_tune, k_sample = jax.random.split(key, 3)
         state = self._init(position, k_init)
-        state, params = self._tune(k_tune, state, self.initial_params(position))
+        state, params = self._tune(k_tune, state, self.initial_params(position),
+                                   self.settings.num_warmup)
         return {"state": state, "params": params, "key": k_sample}, self.tuning_steps()
 
     def template(self, key: Array, position: dict) -> Any:
@@ -289,9 +291,145 @@ class MCLMCStepper:
                 "energy_change": jnp.asarray(info.energy_change, jnp.float64)}
 
 
+# MAMS warm-up: this fraction of num_warmup runs MCLMC's tuning (unadjusted, cheap: it brings the
+# chain to the typical set and sets L and the diagonal preconditioner), the rest adapts the
+# adjusted kernel's step size by dual averaging at that L.
+MAMS_MCLMC_FRAC = 0.6
+# Gradient evaluations per step of the isokinetic McLachlan integrator (two force stages; the last
+# gradient is the next step's first). The MAMS paper's integrator: at equal cost its energy error
+# is smaller than velocity Verlet's in high dimension, which is what the acceptance test sees.
+MCLACHLAN_GRADS = 2
+# Step sizes the adaptation may reach, relative to L: at least 2 and at most 1024 integration steps
+# per trajectory on average. At 1 step the trajectory is a Langevin step and MAMS a random walk
+# (on gaussian_check the step then grew to L, acceptance stayed ~0.9 and two chains had ESS 1);
+# blackjax's own tuner keeps 2 for the same reason (its issue #940). The cap keeps an unlucky
+# warm-up from making one iteration unboundedly long.
+MAMS_MIN_STEPS, MAMS_MAX_STEPS = 2, 1024
+# MAMS trajectory length per MCLMC L. MCLMC's L (MCLMC_L_FACTOR × the path length per effective θ
+# sample) suits its partial momentum refresh; MAMS refreshes fully once per trajectory, which must
+# then span the path length of one effective sample. On the 13-d linear-Gaussian toy of the tests:
+# 144 gradients per effective θ sample at factor 1, 27 at 2.5, 16 at 5.
+MAMS_L_FACTOR = 1.0 / MCLMC_L_FACTOR
+
+
+@dataclass(frozen=True, eq=False)
+class MAMSStepper:
+    """Metropolis-adjusted microcanonical HMC (Robnik et al. 2025; blackjax
+    ``adjusted_mclmc_dynamic``): isokinetic McLachlan trajectories of a random number of steps
+    (uniform, mean L / step size), full momentum refresh, and a Metropolis test, so the chain is
+    unbiased at any step size. Warm-up: MCLMC's tuning (``MCLMCStepper``) for L, the step size
+    and the diagonal preconditioner, then dual averaging of the step size towards
+    ``target_accept``. State: {"state": DynamicHMCState, "params": MCLMCAdaptationState, "key"}."""
+
+    model: Callable[[], None]
+    ld: LogDensity
+    settings: HMCSettings
+
+    @cached_property
+    def mclmc(self) -> MCLMCStepper:
+        return MCLMCStepper(self.model, self.ld, self.settings)
+
+    @cached_property
+    def kernel(self):
+        from blackjax.mcmc import adjusted_mclmc_dynamic as amd
+        from blackjax.mcmc.integrators import isokinetic_mclachlan
+
+        return amd.build_kernel(
+            integration_steps_fn=amd.make_random_trajectory_length_fn(True),
+            integrator=isokinetic_mclachlan)
+
+    @property
+    def first_sample_row(self) -> int:
+        return 0
+
+    def _n_warmup(self) -> tuple[int, int]:
+        n = self.settings.num_warmup
+        n1 = round(n * MAMS_MCLMC_FRAC)
+        return n1, n - n1
+
+    def _move(self, key, state, params):
+        """One adjusted transition at ``params``; returns (state, info)."""
+        return self.kernel(key, state, self.ld.logdensity, params.step_size,
+                           inverse_mass_matrix=params.inverse_mass_matrix,
+                           integration_steps_params=(params.L / params.step_size,))
+
+    @cached_property
+    def _adapt(self) -> Callable:
+        """jit: (key, state, params, n) → (state, params, gradients spent): n dual-averaging steps
+        of the step size at fixed L (n static)."""
+        from blackjax.adaptation.step_size import dual_averaging_adaptation
+
+        init_da, update_da, _ = dual_averaging_adaptation(target=self.settings.target_accept)
+
+        def adapt(key, state, params, n):
+            low, high = params.L / MAMS_MAX_STEPS, params.L / MAMS_MIN_STEPS
+
+            def body(carry, k):
+                st, da, grads = carry
+                eps = jnp.clip(jnp.exp(da.log_step_size), low, high)
+                st, info = self._move(k, st, params._replace(step_size=eps))
+                acc = jnp.where(jnp.isfinite(info.acceptance_rate), info.acceptance_rate, 0.0)
+                grads = grads + MCLACHLAN_GRADS * info.num_integration_steps.astype(jnp.int64)
+                return (st, update_da(da, acc), grads), None
+
+            carry = (state, init_da(params.step_size), jnp.asarray(0, jnp.int64))
+            (state, da, grads), _ = jax.lax.scan(body, carry, jax.random.split(key, n))
+            eps = jnp.clip(jnp.exp(da.log_step_size_avg), low, high)
+            return state, params._replace(step_size=jnp.asarray(eps, jnp.float64)), grads
+
+        return jax.jit(adapt, static_argnums=3)
+
+    def start(self, key: Array, position: dict) -> tuple[Any, int]:
+        from blackjax.mcmc.dynamic_hmc import DynamicHMCState
+
+        k_init, k_tune, k_adapt, k_arg, k_sample = jax.random.split(key, 5)
+        n1, n2 = self._n_warmup()
+        mc = self.mclmc
+        st = mc._init(position, k_init)
+        st, params = mc._tune(k_tune, st, mc.initial_params(position), n1)
+        params = params._replace(L=MAMS_L_FACTOR * params.L)
+        state = DynamicHMCState(st.position, st.logdensity, st.logdensity_grad, k_arg)
+        grads = 0
+        if n2 > 0:
+            state, params, grads = self._adapt(k_adapt, state, params, n2)
+        return ({"state": state, "params": params, "key": k_sample},
+                mc.tuning_steps(n1) + int(grads))
+
+    def template(self, key: Array, position: dict) -> Any:
+        from blackjax.mcmc.dynamic_hmc import DynamicHMCState
+
+        t = self.mclmc.template(key, position)
+        st = t["state"]
+        state = DynamicHMCState(st.position, st.logdensity, st.logdensity_grad, t["key"])
+        return {**t, "state": state}
+
+    def tuned(self, st) -> dict:
+        p = st["params"]
+        return {"L": float(p.L), "step_size": float(p.step_size),
+                "mean_steps": float(p.L / p.step_size)}
+
+    def step(self, st, it):
+        new, info = self._move(jax.random.fold_in(st["key"], it), st["state"], st["params"])
+        return {**st, "state": new}, info
+
+    def position(self, st) -> dict:
+        return st["state"].position
+
+    def record(self, st, info) -> dict:
+        return {"theta": _theta_vector(self.ld, st["state"].position),
+                "potential_energy": -st["state"].logdensity.astype(jnp.float64),
+                "num_grads": MCLACHLAN_GRADS * info.num_integration_steps.astype(jnp.int64),
+                "diverging": info.is_divergent,
+                "accept_prob": jnp.asarray(info.acceptance_rate, jnp.float64),
+                "step_size": st["params"].step_size,
+                "energy_change": jnp.asarray(jnp.nan, jnp.float64)}
+
+
 def make_stepper(model, ld: LogDensity, settings: HMCSettings):
     if settings.sampler == "nuts":
         return NUTSStepper.build(model, ld, settings)
+    if settings.sampler == "mams":
+        return MAMSStepper(model, ld, settings)
     return MCLMCStepper(model, ld, settings)
 
 
@@ -329,7 +467,7 @@ def make_segment(stepper, settings: HMCSettings, field_dtype) -> Callable:
             it, act, kp, sl = xs
             s, info = _run_if(act, lambda c: stepper.step(c[0], it), (s, no_info))
             if n_keep:
-                field = stepper.position(s)[ld.field_site].astype(field_dtype)
+                field = ld.to_model(stepper.position(s))[ld.field_site].astype(field_dtype)
                 buf = _run_if(kp, lambda b: jax.lax.dynamic_update_index_in_dim(b, field, sl, 0), buf)
             return (s, buf), stepper.record(s, info)
 

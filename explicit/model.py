@@ -103,6 +103,12 @@ class FieldModel:
         return tuple(self.map_model.latent_shape)
 
     @property
+    def field_on_sky(self) -> bool:
+        """True when the latent field is a (n_bins, *sky.shape) stack of sky fields (Gaussian and
+        lognormal maps), False for a 3-D white-noise field of a PM or LPT mesh."""
+        return getattr(self.map_model, "cfg", None) is None
+
+    @property
     def field_dtype(self):
         """The map model's field dtype (PM: ``cfg.dtype``, float32 by default; others float64)."""
         cfg = getattr(self.map_model, "cfg", None)
@@ -240,6 +246,9 @@ class LogDensity:
       theta_names, field_site, field_shape: the sites.
       init_theta: θ name → constrained start value.
       field_sharding: how the field is split over the devices (a jax Sharding; None: one device).
+      field_scale: None, or a ``precondition.FourierScale`` S: the position's field is then the
+        sampler's w, the model's field is z = S w, and ``potential_fn`` already composes S (see
+        ``preconditioned``). ``to_model`` / ``init_position`` convert between the two.
     """
 
     potential_fn: Callable[[dict], Array]
@@ -249,6 +258,25 @@ class LogDensity:
     field_shape: tuple[int, ...]
     init_theta: Mapping[str, float]
     field_sharding: Any = None
+    field_scale: Any = None
+
+    def preconditioned(self, scale) -> "LogDensity":
+        """This log-density over w with z = S w (``scale``: a ``precondition.FourierScale``); the
+        log-determinant of S is a constant and left out."""
+        if self.field_scale is not None:
+            raise ValueError("this log-density is already preconditioned")
+        base, site = self.potential_fn, self.field_site
+
+        def potential(position):
+            return base({**position, site: scale.to_model(position[site])})
+
+        return dataclasses.replace(self, potential_fn=potential, field_scale=scale)
+
+    def to_model(self, position: dict) -> dict:
+        """A sampler position with the model's field z (the identity without a preconditioner)."""
+        if self.field_scale is None:
+            return position
+        return {**position, self.field_site: self.field_scale.to_model(position[self.field_site])}
 
     def logdensity(self, position: dict) -> Array:
         """log p(position) (scalar), unnormalised, on the unconstrained space."""
@@ -291,11 +319,12 @@ class LogDensity:
         return field if field.dtype == jnp.float64 else field.astype(jnp.float64)
 
     def init_position(self, key: Array, field=None) -> dict:
-        """Start position: θ at ``init_theta``; the field ``field`` if given (see ``place_field``),
-        else FIELD_INIT_SCALE × ``white_noise(key)`` (see FIELD_INIT_SCALE for why)."""
+        """Start position: θ at ``init_theta``; the model's field ``field`` if given (see
+        ``place_field``), else FIELD_INIT_SCALE × ``white_noise(key)`` (see FIELD_INIT_SCALE for
+        why); with a preconditioner, the field as the sampler's w = S^{-1} z."""
         pos = self.unconstrain(self.init_theta)
-        pos[self.field_site] = (FIELD_INIT_SCALE * self.white_noise(key) if field is None
-                                else self.place_field(field))
+        z = FIELD_INIT_SCALE * self.white_noise(key) if field is None else self.place_field(field)
+        pos[self.field_site] = z if self.field_scale is None else self.field_scale.from_model(z)
         return pos
 
 

@@ -218,7 +218,7 @@ def run_hmc(model: Callable[[], None], settings: HMCSettings, out_dir, *,
         ckpt.clear_run(out_dir)
     info = ckpt.read_json(run_file)
     if info is not None:
-        saved = info.get("settings", {})
+        saved = HMCSettings.with_later_keys(info.get("settings", {}))
         if saved != s_dict and not settings.extends(saved):
             diff = "; ".join(settings.differences(saved))
             raise CheckpointError(f"{run_file} was written with other settings ({diff}); "
@@ -249,13 +249,43 @@ def run_hmc(model: Callable[[], None], settings: HMCSettings, out_dir, *,
 
 
 @functools.lru_cache(maxsize=2)
-def _prepare(model, theta_names, field_site, init_theta, settings: HMCSettings):
-    """(log-density, stepper, jitted segment) of a run. Cached (keyed on the model object and the
-    settings that shape the compiled code) so that resuming in the same process, e.g. after a
-    KeyboardInterrupt in a notebook, does not recompile a simulation's gradient."""
+def _prepare(model, theta_names, field_site, init_theta, settings: HMCSettings, scale=None):
+    """(log-density, stepper, jitted segment) of a run. Cached (keyed on the model object, the
+    settings that shape the compiled code and the field preconditioner) so that resuming in the
+    same process, e.g. after a KeyboardInterrupt in a notebook, does not recompile a simulation's
+    gradient."""
     ld = log_density(model, theta_names, field_site=field_site, init=dict(init_theta))
+    if scale is not None:
+        ld = ld.preconditioned(scale)
     stepper = make_stepper(model, ld, settings)
     return ld, stepper, make_segment(stepper, settings, getattr(model, "field_dtype", jnp.float64))
+
+
+# fold_in stream of the preconditioner's probes (chains use 0 .. num_chains - 1)
+_SCALE_STREAM = 2**31 - 1
+
+
+def _field_scale(model, settings, out_dir, theta_names, field_site, init, init_theta):
+    """The run's ``FourierScale``: read from the run directory, else estimated at chain 0's start
+    (``precondition.estimate_scale``) and written there before any chain starts."""
+    from .precondition import FourierScale, estimate_scale
+
+    path = Path(out_dir) / ckpt.FIELD_SCALE_FILE
+    saved = ckpt.read_json(path)
+    if saved is not None:
+        try:
+            return FourierScale.from_dict(saved)
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{path}: not a field preconditioner ({err}); restart the run "
+                                  f"(resume=False)") from None
+    ld = log_density(model, theta_names, field_site=field_site, init=dict(init_theta))
+    k_field = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(settings.seed), 0))[0]
+    position = ld.init_position(k_field, init.get(field_site))
+    key = jax.random.fold_in(jax.random.PRNGKey(settings.seed), _SCALE_STREAM)
+    scale = estimate_scale(ld, position, key, sky_fields=getattr(model, "field_on_sky", False))
+    ckpt.write_json(path, scale.to_dict())
+    ckpt.barrier("lensbench field scale")
+    return scale
 
 
 def _sample(model, settings, out_dir, chains, theta_names, field_site, init, progress, tqdm):
@@ -264,7 +294,11 @@ def _sample(model, settings, out_dir, chains, theta_names, field_site, init, pro
     init_theta = tuple(sorted((k, float(v)) for k, v in init.items() if k != field_site))
     # seed, num_samples and num_chains do not enter the compiled code: share it across them
     code_settings = dataclasses.replace(settings, seed=0, num_samples=1, num_chains=1)
-    ld, stepper, segment = _prepare(model, theta_names, field_site, init_theta, code_settings)
+    scale = None
+    if settings.precondition == "fourier":
+        scale = _field_scale(model, settings, out_dir, theta_names, field_site, init, init_theta)
+    ld, stepper, segment = _prepare(model, theta_names, field_site, init_theta, code_settings,
+                                    scale)
     put = getattr(model, "put", jnp.asarray)
     n_iter = settings.n_iterations
     show = progress and ckpt.is_writer()

@@ -520,11 +520,8 @@ def run_cl(maps: Path, out: Path, *, noisy: bool = False, rows: int = 8) -> Path
     if data.sky == "flat":
         cl, ell, n_modes = flatsky.cl_estimate(kappa, float(data.attrs["field_deg"]), edges)
     else:
-        try:
-            from simulators.fullsky import cl_estimate_healpix
-        except ImportError:
-            raise ValueError(f"{maps} holds HEALPix maps, and the full-sky C_ell estimator "
-                             f"(simulators.fullsky.cl_estimate_healpix) is not available yet") from None
+        from simulators.fullsky import cl_estimate_healpix
+
         cl, ell, n_modes = cl_estimate_healpix(kappa, edges)
     cl, ell, n_modes = (np.asarray(x) for x in (cl, ell, n_modes))
 

@@ -93,19 +93,17 @@ def _fail(message: str, code: int, prefix: str = "lensbench") -> None:
     sys.exit(code)
 
 
-def _host_signature() -> str:
-    """A short hash of this machine's CPU type and instruction-set flags (Linux), or its
-    architecture name elsewhere: compiled CPU programs are only valid on matching hardware."""
-    import hashlib
-    import platform
+def _cpu_signature() -> str:
+    """``simulators.cpu.cpu_signature()``, computed without importing JAX: that module is loaded
+    from its file, because importing it as ``simulators.cpu`` would run ``simulators/__init__``,
+    which imports JAX before the cache directory is set (JAX reads it at import)."""
+    import importlib.util
 
-    text = platform.machine() + platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            text += next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
-    return f"{platform.machine() or 'cpu'}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+    path = Path(importlib.util.find_spec("simulators").origin).with_name("cpu.py")
+    spec = importlib.util.spec_from_file_location("_lensbench_cpu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.cpu_signature()
 
 
 def _use_compilation_cache() -> None:
@@ -116,7 +114,7 @@ def _use_compilation_cache() -> None:
     if os.environ.get("JAX_COMPILATION_CACHE_DIR") or "jax" in sys.modules:
         return
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    path = base / "lensbench" / "xla" / _host_signature()
+    path = base / "lensbench" / "xla" / _cpu_signature()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError:  # read-only or missing home: run without the cache

@@ -44,6 +44,8 @@ from typing import Callable
 import numpy as np
 
 from .files import atomic_write, write_json, write_text
+from .jaxsetup import configured, cpu_devices_for
+from .maps import run_maps
 
 # The sections each kind of stage reads (besides its upstream stages' outputs).
 _MAPS = ("cosmology", "simulation", "lightcone", "maps", "sources")
@@ -142,7 +144,6 @@ def _meta(samples) -> dict:
 # ---- stage bodies ----------------------------------------------------------------------------------
 
 def _observation(cfg, out: Path) -> dict:
-    from .cli import run_maps
     from .pipeline import read_observation
 
     target = out / "observation.h5"
@@ -386,6 +387,16 @@ def compare(cfg, out, *, force: tuple[str, ...] = ()) -> dict:
     _log(f"compare: all {len(stages)} stages done ({time.perf_counter() - t_all:.0f} s this run); "
          f"report: {out / 'report.md'}")
     return json.loads((out / "metrics.json").read_text())
+
+
+def run_compare(config, out: Path, *, force: tuple[str, ...] = (),
+                overrides: tuple[str, ...] = ()) -> dict:
+    """``compare`` of a configuration given as a shipped name, a TOML path or an
+    ``ExperimentConfig``, with ``--set KEY=VALUE`` ``overrides``: the CPU devices of its device
+    grid are asked for before JAX starts (``lensbench compare`` and ``demo``)."""
+    config = configured(config, overrides)
+    cpu_devices_for(config.simulation.pdim_tuple)
+    return compare(config, out, force=tuple(force))
 
 
 def _grow_values(cfg, stage: Stage) -> dict:

@@ -214,12 +214,18 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-__all__ = ["ConfigError", "ExperimentConfig", "SECTIONS", "load_config", "load_config_text",
-           "parse_pdims", "peek_pdims", "resolve_config_path", "shipped_configs"]
+__all__ = ["ConfigError", "ExperimentConfig", "OptionError", "SECTIONS", "load_config",
+           "load_config_text", "parse_pdims", "peek_pdims", "resolve_config_path",
+           "shipped_configs"]
 
 
 class ConfigError(ValueError):
     """An invalid configuration; the message starts with the key it is about."""
+
+
+class OptionError(ValueError):
+    """Option text that does not parse (a device grid, a mesh shape) or options that do not go
+    together: the command line reports it as a usage error (exit 2), like a bad option type."""
 
 
 def _fail(key: str, message: str):
@@ -490,11 +496,11 @@ class SimulationSection:
 def parse_pdims(text: str) -> tuple[int, int]:
     """The device grid ``"2x2"`` (or ``"2×2"``) -> (2, 2): the one parser of the ``PXxPY`` text of
     ``--pdims`` and ``simulation.pdims`` (JAX-free, so the command line can read it before JAX
-    starts). ValueError unless both counts are positive integers."""
+    starts). OptionError (a ValueError) unless both counts are positive integers."""
     m = PDIMS_RE.match(text) if isinstance(text, str) else None
     if m is None or min(int(m.group(1)), int(m.group(2))) < 1:
-        raise ValueError(f"device grid must look like 2x2 (positive device counts along x and y), "
-                         f"got {text!r}")
+        raise OptionError(f"device grid must look like 2x2 (positive device counts along x and "
+                          f"y), got {text!r}")
     return int(m.group(1)), int(m.group(2))
 
 

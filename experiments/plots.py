@@ -1,5 +1,5 @@
-"""Figures: κ maps (one panel per tomographic bin), the tomographic C_ℓ triangle, C_ℓ data with
-error bars against theory, and getdist triangle plots comparing methods' posteriors.
+"""Figures: κ maps (one panel per tomographic bin), the tomographic C_ℓ triangle, a PM run's P(k),
+C_ℓ data with error bars against theory, and getdist triangle plots comparing methods' posteriors.
 
 Matplotlib runs with the Agg backend (files only, no display needed).
 """
@@ -129,6 +129,37 @@ def plot_cl_triangle(out, ell: np.ndarray, cl: np.ndarray, theory: np.ndarray, p
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, out)
+
+
+def plot_power_spectrum(out, spectra: dict, *, a_final: float, n_steps: int, mesh_factor: int = 1,
+                        title: str = "", option: str | None = None) -> Path:
+    """P(k) of a PM run on log-log axes: linear theory (dashed), the run's linear field grown to
+    a_final (grey), the PM density (points), and the mesh Nyquist wavenumber (and the particle
+    grid's, which is mesh_factor times lower). ``spectra`` as ``runs.power_spectra`` returns it
+    (k in h/Mpc, P in (Mpc/h)^3); ``option`` names ``out`` in error messages."""
+    from .files import save_figure
+
+    plt = _pyplot()
+    k_nyq = spectra["k_nyq"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), constrained_layout=True)
+    ax.loglog(spectra["k_fine"], spectra["p_lin_fine"], "k--", lw=1.2,
+              label=f"linear theory $P_{{lin}}(k)\\,D^2(a={a_final:g})$")
+    ax.loglog(spectra["k_lin"], spectra["pk_lin"], "-", lw=1, color="0.55",
+              label="this run's linear field $\\times\\,D^2$")
+    ax.loglog(spectra["k"], spectra["pk"], "o-", ms=3.5, lw=1.2, color="C0",
+              label=f"PM density, {n_steps} steps")
+    ax.axvline(k_nyq, color="0.6", ls=":", lw=1, label="mesh Nyquist")
+    if mesh_factor > 1:  # the particle lattice is coarser than the mesh
+        ax.axvline(k_nyq / mesh_factor, color="0.6", ls="-.", lw=1, label="particle-grid Nyquist")
+    ax.set_xlabel(r"$k$ [$h\,\mathrm{Mpc}^{-1}$]")
+    ax.set_ylabel(r"$P(k)$ [$h^{-3}\,\mathrm{Mpc}^{3}$]")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=9)
+    ax.grid(True, which="both", alpha=0.25)
+    try:
+        return save_figure(fig, out, dpi=120, option=option)
+    finally:
+        plt.close(fig)
 
 
 # ---- posterior comparison ------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Full-sky (HEALPix) tomographic power spectra: a binned C_ell estimator and the pixel window.
 
 Host-side numpy on top of healpy's spherical-harmonic transforms: nothing here is jit-able or
-differentiable (use ``simulators.healpix`` for the differentiable pixelization).
+differentiable. (HEALPix maps are made by reading the mesh along healpy's pixel-centre directions,
+``lightcone.HealpixSky``; no pixelization code of our own is involved.)
 
 Conventions match the flat-sky estimator ``simulators.flatsky.cl_estimate``:
   - maps are (n_bins, npix) RING-ordered HEALPix maps, npix = 12 nside^2;
@@ -19,7 +20,19 @@ import healpy as hp
 import numpy as np
 
 from .flatsky import pair_indices
-from .healpix import check_nside
+
+NSIDE_MAX = 2**29  # the largest nside whose pixel indices fit in int64 (healpy's limit too)
+
+
+def check_nside(nside) -> int:
+    """nside as a Python int; ValueError unless it is a power of 2 between 1 and 2^29 (bools,
+    floats and strings are refused even when they look like one)."""
+    if isinstance(nside, (bool, np.bool_)) or not isinstance(nside, (int, np.integer)):
+        raise ValueError(f"nside must be a power of 2 (an integer 1, 2, 4, ...), got {nside!r}")
+    n = int(nside)
+    if n < 1 or n & (n - 1) or n > NSIDE_MAX:
+        raise ValueError(f"nside must be a power of 2 between 1 and 2^29, got {n}")
+    return n
 
 
 def _nside_of(npix: int) -> int:

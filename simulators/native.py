@@ -24,9 +24,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from .cpu import cpu_signature
+
 SOURCE = Path(__file__).parent / "_native" / "cic.cc"
 # -march=native: hardware floor/FMA make the kernels ~1.5x faster than generic x86-64; the cache
-# key includes this CPU's feature flags, so a cache shared between machines rebuilds per CPU type.
+# key includes the CPU signature (its feature flags), so a cache shared between machines rebuilds
+# per CPU type.
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread"]
 _SUFFIX = {jnp.dtype("float32"): "f32", jnp.dtype("float64"): "f64"}
 
@@ -36,23 +39,11 @@ def _cache_dir() -> Path:
     return Path(root) / "lensbench"
 
 
-def _cpu_signature() -> str:
-    """The CPU's architecture and feature flags (Linux), which ``-march=native`` depends on."""
-    import platform
-
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        flags = ""
-    return platform.machine() + flags
-
-
 def _build() -> Path:
     import jaxlib
 
     key = hashlib.sha256(SOURCE.read_bytes() + jaxlib.__version__.encode() + " ".join(FLAGS).encode()
-                         + _cpu_signature().encode())
+                         + cpu_signature().encode())
     lib = _cache_dir() / f"cic-{key.hexdigest()[:16]}.so"
     if lib.exists():
         return lib

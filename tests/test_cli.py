@@ -505,3 +505,18 @@ def test_commands_use_a_persistent_compilation_cache(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == [str(tmp_path / "mine"), "None"]
+
+
+def test_compilation_cache_is_named_by_the_simulators_cpu_signature(tmp_path):
+    """The cache directory is named by simulators.cpu.cpu_signature (the signature the compiled
+    CIC kernels are keyed by too), found without importing JAX or simulators."""
+    from simulators.cpu import cpu_signature
+
+    probe = ("import sys; from experiments.cli import _use_compilation_cache as u; u(); "
+             "import os; print(os.environ['JAX_COMPILATION_CACHE_DIR']); "
+             "print(sorted(m for m in ('jax', 'simulators') if m in sys.modules))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert Path(out[0]).name == cpu_signature() and out[1] == "[]"

@@ -50,7 +50,7 @@ def _fom(x: np.ndarray) -> float:
 def main(argv=None) -> None:
     import simulators  # noqa: F401  (float64)
     from estimators.metrics import c2st
-    from experiments.cli import run_maps
+    from experiments.maps import run_maps
     from experiments.config import load_config
     from experiments.files import write_json
     from experiments.io import read_samples

@@ -68,7 +68,7 @@ def summarise(q: np.ndarray, names) -> dict:
 
 def run_one(cfg, i: int, theta: np.ndarray, seed: int, work: Path) -> dict:
     """Maps at θ, then HMC and the exact posterior on them (each skipped when already there)."""
-    from experiments.cli import run_maps
+    from experiments.maps import run_maps
     from experiments.io import read_samples
     from experiments.pipeline import run_exact, run_hmc
 

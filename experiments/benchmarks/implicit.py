@@ -78,7 +78,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from experiments import pipeline
-    from experiments.cli import run_maps
+    from experiments.maps import run_maps
     from experiments.config import load_config, parse_overrides
     from experiments.io import read_samples
 

@@ -1,0 +1,282 @@
+"""Convergence map files: simulate one realisation of a configuration's κ maps, and measure their
+tomographic C_ell against Limber theory.
+
+The library side of ``lensbench maps`` and ``lensbench cl`` (``compare`` makes its observation with
+``run_maps`` too); map files are written and read by ``experiments.io`` (``write_maps``,
+``read_maps``). Error messages name the command-line options the arguments come from. JAX is
+imported inside the functions, after the device count is chosen (``experiments.jaxsetup``).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from .config import parse_pdims
+from .jaxsetup import cpu_devices_for, hide_partitioner_warnings
+
+# map models that are drawn without a particle mesh (no device grid, no mesh window)
+_MESHLESS = ("gaussian", "lognormal")
+
+
+def _check_outputs(outputs: dict, overwrite: bool) -> None:
+    """The map file, image and FITS outputs ({option: path or None}): writable, new unless
+    ``overwrite``, and all different."""
+    from .files import check_figure_path, check_new_output, check_output
+
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        if option == "--png":
+            check_figure_path(path, option=option)
+        else:
+            check_output(path, option=option)
+        check_new_output(path, overwrite=overwrite, option=option)
+    given = [Path(p).resolve() for p in outputs.values() if p is not None]
+    if len(set(given)) < len(given):
+        raise ValueError("--out, --png and --fits must be different files")
+
+
+def _describe(cfg, model) -> tuple[str, str, float | None, tuple | None]:
+    """(sky geometry, simulation) in words for the start-up line, and the lightcone depth chi_max
+    (Mpc/h) and observer position (Mpc/h, box coordinates) that the map file records (None for
+    mesh-less map models)."""
+    sky, sim = cfg.maps, cfg.simulation
+    geometry = (f"{sky.field_deg:g}x{sky.field_deg:g} deg, {sky.npix}^2 pixels" if sky.sky == "flat"
+                else f"HEALPix nside {sky.nside}")
+    if sim.kind in _MESHLESS:
+        return geometry, f"{sim.kind} random field (Limber C_ell)", None, None
+    cone = model.lightcone
+    chi_max, observer = cone.chi_max, tuple(cone.observer_position(sim.box_size))
+    what = (f"{'PM, ' + str(sim.n_steps) + ' steps' if sim.kind == 'pm' else 'LPT lightcone'}, "
+            f"{'x'.join(map(str, sim.mesh_shape))} mesh, "
+            f"{'x'.join(f'{b:g}' for b in sim.box_size)} Mpc/h box, depth {chi_max:.0f} Mpc/h, "
+            f"device grid {sim.pdims}")
+    return geometry, what, chi_max, observer
+
+
+def run_maps(config, out: Path, *, seed: Optional[int] = None, pdims: Optional[str] = None,
+             png: Optional[Path] = None, progress: bool = True, fits: Optional[Path] = None,
+             overwrite: bool = True) -> Path:
+    """Simulate one realisation of the κ maps of a configuration and write a map file.
+
+    config: a TOML path, a shipped config name, or an ``ExperimentConfig``. seed/pdims override
+    the configuration's (the file records the values used); png: also draw the noise-free maps;
+    fits: also write HEALPix maps as a healpy FITS table. Raises OptionError for pdims text that
+    does not parse, ValueError/OSError on other bad input (the outputs are checked first).
+    """
+    from .config import ExperimentConfig, load_config, peek_pdims
+    from .files import ensure_space
+
+    _check_outputs({"--out": out, "--png": png, "--fits": fits}, overwrite)
+    if pdims is not None or not isinstance(config, ExperimentConfig):
+        # loading the configuration imports JAX, which is when XLA reads its log level
+        px, py = parse_pdims(pdims) if pdims is not None else peek_pdims(config)
+        if px * py > 1:
+            hide_partitioner_warnings()
+    cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
+    changes = {}
+    if seed is not None:
+        changes["seed"] = int(seed)
+    if pdims is not None:
+        changes["simulation.pdims"] = "x".join(map(str, parse_pdims(pdims)))
+    if changes:
+        cfg = cfg.with_(**changes)
+    if fits is not None and cfg.maps.sky != "healpix":
+        raise ValueError("--fits needs HEALPix maps (maps.sky = 'healpix'); this configuration "
+                         "makes flat-sky maps")
+    if cfg.simulation.kind not in _MESHLESS:
+        cpu_devices_for(cfg.simulation.pdim_tuple)
+
+    from simulators import HaloOverflowError
+    from simulators.lensing import simulate_maps
+
+    from .io import write_maps
+    from .progress import StepProgress, step_callback
+
+    model = cfg.build_model()
+    sky, sim, bins = cfg.maps, cfg.simulation, cfg.bins()
+    geometry, what, chi_max, observer = _describe(cfg, model)
+    n_pix = sky.npix ** 2 if sky.sky == "flat" else 12 * sky.nside ** 2
+    ensure_space(out, 8 * bins.n_bins * n_pix * (2 if fits is None else 4), what="the map file")
+    print(f"{cfg.name}: {bins.n_bins} tomographic bins, {geometry}; {what}; seed {cfg.seed} "
+          f"(first run compiles)", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    try:
+        with StepProgress(sim.n_steps, desc="PM steps", enabled=progress and sim.kind == "pm"):
+            maps = simulate_maps(model, cfg.cosmology(), cfg.seed, progress=step_callback)
+    except HaloOverflowError as e:  # say it in configuration terms
+        message, n = re.subn(r"DeviceGrid\(halo=(\d+)\)", r"simulation.halo = \1", str(e))
+        raise HaloOverflowError(message if n else f"{e} (raise simulation.halo)") from None
+    elapsed = time.perf_counter() - start
+    path = write_maps(out, maps, cfg, bins, chi_max=chi_max, observer=observer)
+    print(f"wrote {path} ({elapsed:.1f} s)")
+    if fits is not None:
+        from .io import write_healpix_fits
+
+        print(f"wrote {write_healpix_fits(fits, maps, bins)}")
+    if png is not None:
+        from .plots import plot_maps
+
+        img = plot_maps(png, maps.kappa, sky=sky.sky, field_deg=sky.field_deg,
+                        mean_z=bins.mean_z, title=f"{cfg.name}: noise-free convergence, seed {cfg.seed}")
+        print(f"wrote {img}")
+    return path
+
+
+# ---- C_ell against theory -----------------------------------------------------------------------
+
+def _theory_nodes(data, edges):
+    """The multipoles at which Limber theory is needed to bin it as the estimator bins the maps:
+    a ln(ell) table over all FFT modes (flat sky; cheaper than Limber at each of the npix^2
+    modes), or every integer multipole in the bins (HEALPix)."""
+    import numpy as np
+
+    from simulators import flatsky
+
+    if data.sky == "flat":
+        modes = flatsky.mode_ell(float(data.attrs["field_deg"]), int(data.attrs["npix"]))
+        lo, hi = modes[modes > 0].min(), modes.max()
+        return np.geomspace(lo * (1 - 1e-9), hi * (1 + 1e-9), 256)
+    return np.arange(1, int(np.ceil(edges[-1])), dtype=np.float64)  # 1 <= ell < last edge
+
+
+def _binned_theory(data, edges, nodes, cl_nodes):
+    """Limber C_ell (n_pairs, n_ell) averaged as the estimator averages: over the same FFT modes
+    (flat sky) or with 2l+1 weights over the integer multipoles of each bin (HEALPix)."""
+    import numpy as np
+
+    from simulators import flatsky
+
+    if data.sky == "flat":
+        return np.asarray(flatsky.binned_model_cl((nodes, cl_nodes), float(data.attrs["field_deg"]),
+                                                  int(data.attrs["npix"]), edges)[0])
+    from simulators.fullsky import bin_cl
+
+    per_ell = np.zeros((cl_nodes.shape[0], len(nodes) + 1))  # index = ell; Limber has no ell = 0
+    per_ell[:, 1:] = cl_nodes
+    return bin_cl(per_ell, edges)[0]
+
+
+def _has_mesh(data) -> bool:
+    """Whether a map file's maps were read off a PM/LPT mesh (rather than drawn mesh-less)."""
+    return data.attrs.get("kind") in ("pm", "lpt")
+
+
+def _mesh_window(data):
+    """Theory factor for maps read off a PM/LPT mesh (CIC painting + trilinear reading smooth the
+    density, ``lensing.mesh_power_window``); None for Gaussian maps, which have no mesh."""
+    if not _has_mesh(data):
+        return None
+    from simulators.lensing import mesh_power_window
+
+    return mesh_power_window(data.config().simulation.sim_config(sharded=False).cell_size)
+
+
+def _measured_cl(data, kappa, edges):
+    """(cl (n_pairs, n_ell), ell (n_ell,), n_modes (n_ell,)) numpy: the flat-sky or the full-sky
+    estimator, whichever the map file's sky needs."""
+    import numpy as np
+
+    from simulators import flatsky
+    from simulators.fullsky import cl_estimate_healpix
+
+    if data.sky == "flat":
+        measured = flatsky.cl_estimate(kappa, float(data.attrs["field_deg"]), edges)
+    else:
+        measured = cl_estimate_healpix(kappa, edges)
+    return tuple(np.asarray(x) for x in measured)
+
+
+def _limber(data, ells):
+    """Limber C_ell (n_pairs, len(ells)) of the map file's cosmology and bins, times the mesh
+    window for mesh maps: one compiled evaluation (eager halofit is much slower), padded to a
+    power of two >= 512 multipoles so that one compilation serves most map files."""
+    import jax
+    import numpy as np
+
+    from simulators import flatsky
+
+    size = max(512, 1 << (len(ells) - 1).bit_length())
+    padded = np.concatenate([ells, np.full(size - len(ells), ells[-1])])
+    window = _mesh_window(data)
+    limber = jax.jit(lambda c, b, l: flatsky.limber_cl(c, b, l, power_filter=window))
+    return np.asarray(limber(data.cosmology(), data.bins(), padded))[:, :len(ells)]
+
+
+def cl_against_theory(data, noisy: bool = False) -> dict:
+    """Tomographic C_ell of a map file (``io.read_maps``) and Limber theory binned the same way.
+
+    noisy: measure the noisy maps, theory then including the shape-noise power of the
+    auto-spectra. Returns the arrays ``run_cl`` writes to its .npz, in steradians: ``ell``
+    (n_ell,) mean multipole of each bin, ``ell_edges`` (n_ell + 1,), ``cl``, ``theory``,
+    ``theory_signal`` (n_pairs, n_ell), ``noise`` (n_pairs,) (0 for cross pairs or noise-free
+    maps), ``n_modes`` (n_ell,), ``pairs`` (n_pairs, 2) bin indices (i <= j), ``noisy``,
+    ``ell_fine`` (128,) and ``theory_fine`` (n_pairs, 128), a smooth theory curve.
+    """
+    import numpy as np
+
+    from simulators import flatsky
+
+    edges = np.asarray(data.ell_edges, np.float64)
+    cl, ell, n_modes = _measured_cl(data, data.kappa_noisy if noisy else data.kappa, edges)
+    nodes = _theory_nodes(data, edges)
+    ell_lo = max(edges[0], 1.0) if data.sky != "flat" else max(edges[0], float(
+        flatsky.mode_ell(float(data.attrs["field_deg"]), int(data.attrs["npix"]))[0, 1]))
+    ell_fine = np.geomspace(ell_lo, edges[-1], 128)
+    cl_all = _limber(data, np.concatenate([nodes, ell_fine]))
+    signal = _binned_theory(data, edges, nodes, cl_all[:, :len(nodes)])
+    i, j = flatsky.pair_indices(data.n_bins)
+    sigma_n = np.asarray(data.sigma_n)
+    noise = np.where(i == j, np.asarray(flatsky.noise_cl(sigma_n[i], data.pixel_area)), 0.0) \
+        if noisy else np.zeros(len(i))
+    return dict(ell=ell, ell_edges=edges, cl=cl, theory=signal + noise[:, None],
+                theory_signal=signal, noise=noise, n_modes=n_modes, pairs=np.stack([i, j], axis=1),
+                noisy=np.bool_(noisy), ell_fine=ell_fine, theory_fine=cl_all[:, len(nodes):])
+
+
+def _print_ratios(result: dict, rows: int) -> None:
+    """C_ell / theory of the auto-spectra, at ``rows`` ell bins spread over the filled ones."""
+    import numpy as np
+
+    ell, cl, theory, n_modes = (result[k] for k in ("ell", "cl", "theory", "n_modes"))
+    i, j = result["pairs"].T
+    autos = np.flatnonzero(i == j)
+    print(f"C_ell of the {'noisy' if result['noisy'] else 'noise-free'} maps / theory"
+          f"{' (+ noise)' if result['noisy'] else ''}, auto-spectra:")
+    print(f"{'ell':>8} {'modes':>6} " + " ".join(f"{f'({b + 1},{b + 1})':>7}" for b in i[autos]))
+    keep = np.flatnonzero(n_modes > 0)
+    for r in keep[np.unique(np.linspace(0, len(keep) - 1, min(rows, len(keep))).round().astype(int))] \
+            if keep.size else []:
+        print(f"{ell[r]:8.1f} {int(n_modes[r]):6d} "
+              + " ".join(f"{cl[p, r] / theory[p, r]:7.3f}" for p in autos))
+
+
+def run_cl(maps: Path, out: Path, *, noisy: bool = False, rows: int = 8) -> Path:
+    """Tomographic C_ell of a map file against Limber theory: a PNG triangle and an .npz next to it."""
+    from .files import check_figure_path, check_not_inputs, check_output, save_npz
+    from .io import read_maps
+    from .plots import plot_cl_triangle
+
+    out = check_figure_path(out, option="--out")
+    npz = out.with_suffix(".npz")
+    check_output(npz, option="--out (.npz)")
+    check_not_inputs(out, {"MAPS": maps})
+    check_not_inputs(npz, {"MAPS": maps}, option="--out (.npz)")
+    data = read_maps(maps)
+
+    result = cl_against_theory(data, noisy)
+    save_npz(npz, **result)
+    cosmo = data.cosmology()
+    title = (f"{data.attrs['name']}: {'noisy' if noisy else 'noise-free'} maps "
+             f"(seed {data.attrs['seed']}) vs {'Limber x mesh window' if _has_mesh(data) else 'Limber'}, "
+             f"$\\Omega_c$={cosmo.Omega_c:.3g}, $\\sigma_8$={cosmo.sigma8:.3g}")
+    plot_cl_triangle(out, result["ell"], result["cl"], result["theory"], result["pairs"],
+                     ell_fine=result["ell_fine"], theory_fine=result["theory_fine"],
+                     noise=result["noise"] if noisy else None, title=title)
+    _print_ratios(result, rows)
+    print(f"wrote {out} and {npz}")
+    return out

@@ -64,7 +64,7 @@ def against_reference(x: np.ndarray, ref: np.ndarray, seed: int = 0) -> dict:
 
 def main(argv=None) -> None:
     import simulators  # noqa: F401  (float64)
-    from experiments.cli import run_maps
+    from experiments.maps import run_maps
     from experiments.config import load_config
     from experiments.files import write_json
     from experiments.io import read_samples

@@ -291,10 +291,11 @@ class MCLMCStepper:
                 "energy_change": jnp.asarray(info.energy_change, jnp.float64)}
 
 
-# MAMS warm-up: this fraction of num_warmup runs MCLMC's tuning (unadjusted, cheap: it brings the
-# chain to the typical set and sets L and the diagonal preconditioner), the rest adapts the
-# adjusted kernel's step size by dual averaging at that L.
-MAMS_MCLMC_FRAC = 0.6
+# MAMS warm-up, in fractions of num_warmup: MCLMC's tuning (unadjusted, cheap: it brings the chain
+# to the typical set and sets L and the diagonal preconditioner), dual averaging of the adjusted
+# kernel's step size at that L, then the L stage (``MAMSStepper._lengthen``); the rest of
+# num_warmup.
+MAMS_FRACS = (0.5, 0.3)
 # Gradient evaluations per step of the isokinetic McLachlan integrator (two force stages; the last
 # gradient is the next step's first). The MAMS paper's integrator: at equal cost its energy error
 # is smaller than velocity Verlet's in high dimension, which is what the acceptance test sees.
@@ -307,9 +308,14 @@ MCLACHLAN_GRADS = 2
 MAMS_MIN_STEPS, MAMS_MAX_STEPS = 2, 1024
 # MAMS trajectory length per MCLMC L. MCLMC's L (MCLMC_L_FACTOR × the path length per effective θ
 # sample) suits its partial momentum refresh; MAMS refreshes fully once per trajectory, which must
-# then span the path length of one effective sample. On the 13-d linear-Gaussian toy of the tests:
-# 144 gradients per effective θ sample at factor 1, 27 at 2.5, 16 at 5.
+# then span the path length of one effective sample: the L stage's starting point. On the 13-d
+# linear-Gaussian toy of the tests, without the L stage: 144 gradients per effective θ sample at
+# factor 1, 27 at 2.5, 16 at 5; at 2.5 with the L stage, 17.
 MAMS_L_FACTOR = 1.0 / MCLMC_L_FACTOR
+# The L stage lengthens trajectories that are still diffusive for θ: with τ adjusted draws per
+# effective θ sample, L grows by √τ (in the ballistic regime ESS per draw goes as L²), at most by
+# this factor, and never shrinks.
+MAMS_L_GROWTH = 4.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -318,8 +324,8 @@ class MAMSStepper:
     ``adjusted_mclmc_dynamic``): isokinetic McLachlan trajectories of a random number of steps
     (uniform, mean L / step size), full momentum refresh, and a Metropolis test, so the chain is
     unbiased at any step size. Warm-up: MCLMC's tuning (``MCLMCStepper``) for L, the step size
-    and the diagonal preconditioner, then dual averaging of the step size towards
-    ``target_accept``. State: {"state": DynamicHMCState, "params": MCLMCAdaptationState, "key"}."""
+    and the diagonal preconditioner, dual averaging of the step size towards ``target_accept``,
+    then longer trajectories where θ still moves diffusively (``_lengthen``). State: {"state": DynamicHMCState, "params": MCLMCAdaptationState, "key"}."""
 
     model: Callable[[], None]
     ld: LogDensity
@@ -342,10 +348,10 @@ class MAMSStepper:
     def first_sample_row(self) -> int:
         return 0
 
-    def _n_warmup(self) -> tuple[int, int]:
+    def _n_warmup(self) -> tuple[int, int, int]:
         n = self.settings.num_warmup
-        n1 = round(n * MAMS_MCLMC_FRAC)
-        return n1, n - n1
+        n1, n2 = (round(n * f) for f in MAMS_FRACS)
+        return n1, n2, n - n1 - n2
 
     def _move(self, key, state, params):
         """One adjusted transition at ``params``; returns (state, info)."""
@@ -379,21 +385,47 @@ class MAMSStepper:
 
         return jax.jit(adapt, static_argnums=3)
 
+    @cached_property
+    def _lengthen(self) -> Callable:
+        """jit: (key, state, params, n) → (state, params, gradients spent): n adjusted steps at
+        ``params``, then L × clip(√τ, 1, MAMS_L_GROWTH), τ the adjusted draws per effective sample
+        of the slowest θ over those steps (n static)."""
+        from blackjax.diagnostics import effective_sample_size
+
+        def lengthen(key, state, params, n):
+            def body(carry, k):
+                st, grads = carry
+                st, info = self._move(k, st, params)
+                grads = grads + MCLACHLAN_GRADS * info.num_integration_steps.astype(jnp.int64)
+                return (st, grads), _theta_vector(self.ld, st.position)
+
+            (state, grads), trace = jax.lax.scan(body, (state, jnp.asarray(0, jnp.int64)),
+                                                 jax.random.split(key, n))
+            tau = n / effective_sample_size(trace[None])
+            tau = jnp.max(jnp.where(jnp.isfinite(tau), tau, 1.0))
+            growth = jnp.clip(jnp.sqrt(tau), 1.0, MAMS_L_GROWTH)
+            return state, params._replace(L=params.L * growth), grads
+
+        return jax.jit(lengthen, static_argnums=3)
+
     def start(self, key: Array, position: dict) -> tuple[Any, int]:
         from blackjax.mcmc.dynamic_hmc import DynamicHMCState
 
-        k_init, k_tune, k_adapt, k_arg, k_sample = jax.random.split(key, 5)
-        n1, n2 = self._n_warmup()
+        k_init, k_tune, k_adapt, k_len, k_arg, k_sample = jax.random.split(key, 6)
+        n1, n2, n3 = self._n_warmup()
         mc = self.mclmc
         st = mc._init(position, k_init)
         st, params = mc._tune(k_tune, st, mc.initial_params(position), n1)
         params = params._replace(L=MAMS_L_FACTOR * params.L)
         state = DynamicHMCState(st.position, st.logdensity, st.logdensity_grad, k_arg)
-        grads = 0
+        grads = mc.tuning_steps(n1)
         if n2 > 0:
-            state, params, grads = self._adapt(k_adapt, state, params, n2)
-        return ({"state": state, "params": params, "key": k_sample},
-                mc.tuning_steps(n1) + int(grads))
+            state, params, g = self._adapt(k_adapt, state, params, n2)
+            grads += int(g)
+        if n3 >= 10:  # fewer draws say nothing about the autocorrelation
+            state, params, g = self._lengthen(k_len, state, params, n3)
+            grads += int(g)
+        return {"state": state, "params": params, "key": k_sample}, grads
 
     def template(self, key: Array, position: dict) -> Any:
         from blackjax.mcmc.dynamic_hmc import DynamicHMCState

@@ -257,9 +257,12 @@ def summarize_trace(path: str | Path, calls: int, top: int = TOP_OPS) -> dict:
                 continue  # spans that contain the ops: counting them too would double the time
             for e in ln.events:
                 stats = dict(e.stats)
-                if "hlo_op" in stats:
-                    source = "device kernels by hlo_op"
-                    events.append((stats["hlo_op"], e.duration_ns, stats))
+                # the HLO op a kernel belongs to: "hlo_op" if the tracer parsed its annotation,
+                # else the raw annotation, else the kernel's own name (untested on this jaxlib's
+                # GPU tracer: hence the fallbacks, and ``stat_names`` below to tell which held)
+                key = next((k for k in ("hlo_op", "kernel_annotation") if stats.get(k)), None)
+                source = source or (f"device kernels by {key}" if key else "device kernel names")
+                events.append((str(stats[key]) if key else e.name, e.duration_ns, stats))
     if not events:  # CPU: thunks on the host plane
         for plane in planes:
             if plane.name.startswith("/host:"):
@@ -285,7 +288,9 @@ def summarize_trace(path: str | Path, calls: int, top: int = TOP_OPS) -> dict:
     for o in ops.values():  # without a category, the op's name without its ".N" suffix
         key = o["category"] or o["op"].split(".")[0]
         categories[key] = categories.get(key, 0.0) + o["ns"]
-    return {"parser": "jax.profiler.ProfileData", "source": source,
+    stat_names = sorted({k for _, _, st in events[:200] for k in st})
+    return {"parser": "jax.profiler.ProfileData", "source": source, "stat_names": stat_names,
+            "layout": {p: lines for p, lines in layout.items() if lines},
             "device_planes": [p.name for p in device], "n_ops": len(ops), "n_events": len(events),
             "op_ms_per_call": total / 1e6 / calls,
             "top_ops": [{"op": o["op"], "ms_per_call": o["ns"] / 1e6 / calls,

@@ -159,3 +159,10 @@ def test_cpu_smoke_one_real_item(tmp_path):
     assert g["mesh_shape"] == [8, 8, 16] and g["backend"] == "cpu"
     assert g["device_peak_bytes"] is None and g["median_seconds_per_gradient"] > 0
     assert "grads/quick/adjoint" in proc.stdout and "2/2 items ok" in proc.stdout
+
+
+def test_nested_spans_count_once():
+    """A CPU while thunk spans its body's thunks: it keeps only its own time."""
+    ev = gc._exclusive([("while", 0, 100, {}), ("a", 10, 30, {}), ("b", 50, 20, {}),
+                        ("c", 200, 5, {})])
+    assert [(n, t) for n, t, _ in ev] == [("while", 50), ("a", 30), ("b", 20), ("c", 5)]

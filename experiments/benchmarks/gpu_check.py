@@ -229,6 +229,23 @@ def _short(value, n: int = 160):
     return value if not isinstance(value, str) or len(value) <= n else value[:n] + "…"
 
 
+def _exclusive(found: list) -> list:
+    """(name, start, duration, stats) events of one line → (name, exclusive duration, stats): a
+    span that contains others (a CPU ``while`` thunk around its body's thunks) keeps only its own
+    time, so that nothing is counted twice."""
+    order = sorted(range(len(found)), key=lambda i: (found[i][1], -found[i][2]))
+    own = [float(ev[2]) for ev in found]
+    stack = []  # (end, index) of the spans open at the current start
+    for i in order:
+        start, dur = found[i][1], found[i][2]
+        while stack and stack[-1][0] <= start:
+            stack.pop()
+        if stack:
+            own[stack[-1][1]] -= dur
+        stack.append((start + dur, i))
+    return [(ev[0], max(own[i], 0.0), ev[3]) for i, ev in enumerate(found)]
+
+
 def summarize_trace(path: str | Path, calls: int, top: int = TOP_OPS) -> dict:
     """The ``top`` ops by total duration in a ``*.xplane.pb``, per traced call.
 
@@ -250,11 +267,13 @@ def summarize_trace(path: str | Path, calls: int, top: int = TOP_OPS) -> dict:
         ops_lines = [ln for ln in lines if ln.name == "XLA Ops"]
         if ops_lines:
             source = "device XLA Ops line"
-            events += [(e.name, e.duration_ns, dict(e.stats)) for ln in ops_lines for e in ln.events]
+            events += _exclusive([(e.name, e.start_ns, e.duration_ns, dict(e.stats))
+                                  for ln in ops_lines for e in ln.events])
             continue
         for ln in lines:
             if ln.name in ("XLA Modules", "Steps", "Framework Ops", "Source code"):
                 continue  # spans that contain the ops: counting them too would double the time
+            found = []
             for e in ln.events:
                 stats = dict(e.stats)
                 # the HLO op a kernel belongs to: "hlo_op" if the tracer parsed its annotation,
@@ -262,16 +281,19 @@ def summarize_trace(path: str | Path, calls: int, top: int = TOP_OPS) -> dict:
                 # GPU tracer: hence the fallbacks, and ``stat_names`` below to tell which held)
                 key = next((k for k in ("hlo_op", "kernel_annotation") if stats.get(k)), None)
                 source = source or (f"device kernels by {key}" if key else "device kernel names")
-                events.append((str(stats[key]) if key else e.name, e.duration_ns, stats))
+                found.append((str(stats[key]) if key else e.name, e.start_ns, e.duration_ns, stats))
+            events += _exclusive(found)
     if not events:  # CPU: thunks on the host plane
         for plane in planes:
             if plane.name.startswith("/host:"):
                 for ln in plane.lines:
+                    found = []
                     for e in ln.events:
                         stats = dict(e.stats)
                         if "hlo_op" in stats and not e.name.startswith("end:"):
                             source = "host thunks by hlo_op"
-                            events.append((stats["hlo_op"], e.duration_ns, stats))
+                            found.append((stats["hlo_op"], e.start_ns, e.duration_ns, stats))
+                    events += _exclusive(found)
     layout = {p.name: {ln.name: sum(1 for _ in ln.events) for ln in p.lines} for p in planes}
     if not events:
         raise ValueError(f"no op events in {Path(path).name}; planes and lines: {layout}")

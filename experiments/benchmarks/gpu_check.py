@@ -29,13 +29,18 @@ item that was running; items not yet run stay ``"pending"``. Items, smallest fir
 
 Without a GPU the check refuses in one line (exit 1); ``--cpu-smoke`` runs every item on CPU at
 tiny sizes (quick at 8×8×16, lsst_y10 at 16×16×64 and 16×16×128 with 32² pixels, K = 1, 4), which
-is how the script is tested. Budget: every item runs under its own timeout, clipped to what is left
-of ``--budget`` (default 450 s; the shell script adds a hard 480 s limit around it). Children get
-``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (as in RESULTS 7i, so that a process holds only what it
-uses) and a fresh persistent compilation cache shared by the items: the model's tables, and the
-profile's gradient (the same program as
-``grads/lsst_y10_128x128x1024/adjoint``), are compiled once; every
-``grads`` and ``vmap`` program is distinct, so their compile times are first compiles.
+is how the script is tested: on the project's shared 2-core VM each item is a few minutes of XLA
+compiling (the vmap, profile and parts items took 330, 178 and 72 s, a quick gradient 180 s), so
+the whole smoke run takes about half an hour there; ``--only`` runs a subset.
+
+Budget: every item runs under its own timeout, clipped to what is left of ``--budget`` (default
+450 s, 4500 s with ``--cpu-smoke``; on the GPU the shell script adds a hard 480 s limit around
+it). Children get ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (as in RESULTS 7i, so that a process
+holds only what it uses) and a fresh persistent compilation cache shared by the items: the model's
+tables, and the profile's gradient (the same program as ``grads/lsst_y10_128x128x1024/adjoint``),
+are compiled once; every ``grads`` and ``vmap`` program is distinct, so their compile times are
+first compiles. Expected on an H200 (RESULTS 7i: compiles of 13-23 s, 3.9 s per gradient at
+128×128×1024): about 7 minutes in all, the last item the one at risk.
 """
 
 from __future__ import annotations

@@ -582,13 +582,13 @@ def describe(name: str, row: dict) -> str:
     try:
         return _describe(name, row)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
-        return (f"{name:32s} {row.get('status', '?'):8s} {row.get('wall_s', 0):6.0f} s  "
+        return (f"{name:40s} {row.get('status', '?'):8s} {row.get('wall_s', 0):6.0f} s  "
                 f"{row.get('error') or ''} (partial result: {type(e).__name__} {e})")
 
 
 def _describe(name: str, row: dict) -> str:
     r = row.get("result") or {}
-    head = f"{name:32s} {row['status']:8s} {row.get('wall_s', 0):6.0f} s"
+    head = f"{name:40s} {row['status']:8s} {row.get('wall_s', 0):6.0f} s"
     if row["status"] != "ok" and not r:
         return f"{head}  {row.get('error') or ''}"
     kind = row["kind"]
@@ -606,7 +606,7 @@ def _describe(name: str, row: dict) -> str:
     if kind == "vmap":
         lines = [head + tail]
         for b in r.get("batches", []):
-            lines.append(f"{'':32s}   K={b['K']:<3d} {b['gradients_per_s']:8.2f} grad/s  "
+            lines.append(f"{'':40s}   K={b['K']:<3d} {b['gradients_per_s']:8.2f} grad/s  "
                          f"{1e3 * b['median_seconds']:9.1f} ms/call  peak {_mb(b['device_peak_bytes'])}"
                          + (f"  ×{b['speedup_over_K1']:.2f} vs K=1" if b["speedup_over_K1"] else ""))
         return "\n".join(lines)
@@ -616,15 +616,15 @@ def _describe(name: str, row: dict) -> str:
                  + tail]
         trace = r.get("trace") or {}
         if trace.get("error"):
-            lines.append(f"{'':32s}   trace not parsed: {trace['error'][:200]}")
+            lines.append(f"{'':40s}   trace not parsed: {trace['error'][:200]}")
         for o in r.get("top_ops") or []:
-            lines.append(f"{'':32s}   {o['ms_per_call']:9.2f} ms {100 * o['fraction']:5.1f}%"
+            lines.append(f"{'':40s}   {o['ms_per_call']:9.2f} ms {100 * o['fraction']:5.1f}%"
                          f"  {o['op'][:40]:40s} {(o.get('category') or '')[:20]}")
         return "\n".join(lines)
     if kind == "parts":
         lines = [head + tail]
         for n, p in r.get("parts", {}).items():
-            lines.append(f"{'':32s}   {n:14s} forward {1e3 * p['forward_s']:8.2f} ms  "
+            lines.append(f"{'':40s}   {n:14s} forward {1e3 * p['forward_s']:8.2f} ms  "
                          f"gradient {1e3 * p['gradient_s']:8.2f} ms")
         return "\n".join(lines)
     return head + tail

@@ -34,14 +34,46 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _config(name: str, mesh: str | None, gradient: str):
+def _config(name: str, mesh: str | None, gradient: str, changes: dict | None = None):
+    """The named config with the gradient mode, the mesh ("nx,ny,nz") and any other dotted-key
+    ``changes`` (e.g. {"maps.npix": 32}: gpu_check's CPU smoke shrinks the maps too)."""
     from experiments.config import load_config
 
     cfg = load_config(name)
-    changes = {"simulation.gradient": gradient}
+    all_changes = {"simulation.gradient": gradient, **(changes or {})}
     if mesh:
-        changes["simulation.mesh_shape"] = [int(n) for n in mesh.split(",")]
-    return cfg.with_(**changes)
+        all_changes["simulation.mesh_shape"] = [int(n) for n in mesh.split(",")]
+    return cfg.with_(**all_changes)
+
+
+def build_log_density(name: str, mesh: str | None, gradient: str, changes: dict | None = None):
+    """(cfg, model, prior, log density, start position) of the field-level posterior on zero maps
+    (the cost of a gradient does not depend on the data's values). Call with x64 enabled."""
+    import jax
+    import numpy as np
+
+    from explicit import field_model, log_density
+    from simulators.lensing import noise_sigma
+
+    cfg = _config(name, mesh, gradient, changes)
+    model = cfg.build_model()
+    prior = cfg.prior()
+    data = np.zeros((model.bins.n_bins,) + tuple(model.sky.shape))
+    fm = field_model(model, prior.numpyro_dists(), cfg.cosmology(), data,
+                     noise_sigma(model.bins, model.sky))
+    ld = log_density(fm, prior.names)
+    return cfg, model, prior, ld, ld.init_position(jax.random.PRNGKey(0))
+
+
+def device_peak_bytes() -> int | None:
+    """Peak bytes the first device's allocator has handed out in this process (None on CPU,
+    whose client keeps no such statistics: there the RSS is the measure). Per process: there is
+    no reset, which is why every mode runs in its own subprocess."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else int(peak)
 
 
 def fft_floor(n: int = 128, repeats: int = 20) -> float:
@@ -68,23 +100,17 @@ def fft_floor(n: int = 128, repeats: int = 20) -> float:
     return float(np.median(times))
 
 
-def measure_gradient(name: str, mesh: str | None, gradient: str, evals: int) -> dict:
-    """One gradient mode, in this process: compile time, gradients/s, RSS (MB) before and after."""
+def measure_gradient(name: str, mesh: str | None, gradient: str, evals: int,
+                     changes: dict | None = None) -> dict:
+    """One gradient mode, in this process: compile time, gradients/s, RSS (MB) before and after,
+    and on an accelerator its peak memory (``device_peak_bytes``: after the gradients, before
+    the FFT floor, whose arrays would otherwise count; ``device_peak_mb``: at the end, FFT floor
+    included, as measured before this key existed) and that peak per mesh cell."""
     import jax
     import numpy as np
 
     jax.config.update("jax_enable_x64", True)
-    from explicit import field_model, log_density
-    from simulators.lensing import noise_sigma
-
-    cfg = _config(name, mesh, gradient)
-    model = cfg.build_model()
-    prior = cfg.prior()
-    data = np.zeros((model.bins.n_bins,) + tuple(model.sky.shape))
-    fm = field_model(model, prior.numpyro_dists(), cfg.cosmology(), data,
-                     noise_sigma(model.bins, model.sky))
-    ld = log_density(fm, prior.names)
-    pos = ld.init_position(jax.random.PRNGKey(0))
+    cfg, model, prior, ld, pos = build_log_density(name, mesh, gradient, changes)
     base = _rss_mb()
     t0 = time.perf_counter()
     jax.block_until_ready(ld.value_and_grad(pos))
@@ -96,10 +122,11 @@ def measure_gradient(name: str, mesh: str | None, gradient: str, evals: int) -> 
         times.append(time.perf_counter() - t0)
     per = float(np.mean(times))
     median = float(np.median(times))
+    grad_peak = device_peak_bytes()
     fft = fft_floor()
     # accelerator memory (None on CPU, where the RSS above is the measure)
-    stats = jax.devices()[0].memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use")
+    peak = device_peak_bytes()
+    mesh_cells = int(np.prod(cfg.simulation.mesh_shape))
     return {"config": name, "mesh_shape": list(cfg.simulation.mesh_shape),
             "n_steps": cfg.simulation.n_steps, "npix": cfg.maps.npix, "n_bins": model.bins.n_bins,
             "n_params": prior.dim, "field_cells": int(np.prod(model.latent_shape)),
@@ -108,7 +135,10 @@ def measure_gradient(name: str, mesh: str | None, gradient: str, evals: int) -> 
             "fft_floor_s": fft, "gradient_over_fft_floor": median / fft, "evals": evals,
             "rss_after_build_mb": base,
             "peak_rss_mb": _rss_mb(), "device_peak_mb": None if peak is None else peak / 2**20,
-            "devices": [str(d) for d in jax.devices()]}
+            "devices": [str(d) for d in jax.devices()],
+            "backend": jax.default_backend(), "mesh_cells": mesh_cells,
+            "device_peak_bytes": grad_peak,
+            "device_bytes_per_mesh_cell": None if grad_peak is None else grad_peak / mesh_cells}
 
 
 def run_grads(args) -> list[dict]:
@@ -124,7 +154,9 @@ def run_grads(args) -> list[dict]:
               f"{row['gradient_over_fft_floor']:.2f}), "
               f"compile {row['compile_plus_first_s']:.1f} s, peak RSS {row['peak_rss_mb']:.0f} MB "
               f"(after build {row['rss_after_build_mb']:.0f} MB)"
-              + (f", device peak {row['device_peak_mb']:.0f} MB" if row.get("device_peak_mb") else ""),
+              + (f", device peak {row['device_peak_bytes'] / 2**20:.0f} MB "
+                 f"({row['device_bytes_per_mesh_cell']:.0f} B per mesh cell)"
+                 if row.get("device_peak_bytes") else ""),
               flush=True)
         rows.append(row)
     return rows

@@ -300,6 +300,11 @@ MAMS_FRACS = (0.5, 0.3)
 # gradient is the next step's first). The MAMS paper's integrator: at equal cost its energy error
 # is smaller than velocity Verlet's in high dimension, which is what the acceptance test sees.
 MCLACHLAN_GRADS = 2
+
+
+def _mams_grads(info) -> Array:
+    """Gradient evaluations of one MAMS transition (int64)."""
+    return MCLACHLAN_GRADS * info.num_integration_steps.astype(jnp.int64)
 # Step sizes the adaptation may reach, relative to L: at least 2 and at most 1024 integration steps
 # per trajectory on average. At 1 step the trajectory is a Langevin step and MAMS a random walk
 # (on gaussian_check the step then grew to L, acceptance stayed ~0.9 and two chains had ESS 1);
@@ -375,7 +380,7 @@ class MAMSStepper:
                 eps = jnp.clip(jnp.exp(da.log_step_size), low, high)
                 st, info = self._move(k, st, params._replace(step_size=eps))
                 acc = jnp.where(jnp.isfinite(info.acceptance_rate), info.acceptance_rate, 0.0)
-                grads = grads + MCLACHLAN_GRADS * info.num_integration_steps.astype(jnp.int64)
+                grads = grads + _mams_grads(info)
                 return (st, update_da(da, acc), grads), None
 
             carry = (state, init_da(params.step_size), jnp.asarray(0, jnp.int64))
@@ -396,7 +401,7 @@ class MAMSStepper:
             def body(carry, k):
                 st, grads = carry
                 st, info = self._move(k, st, params)
-                grads = grads + MCLACHLAN_GRADS * info.num_integration_steps.astype(jnp.int64)
+                grads = grads + _mams_grads(info)
                 return (st, grads), _theta_vector(self.ld, st.position)
 
             (state, grads), trace = jax.lax.scan(body, (state, jnp.asarray(0, jnp.int64)),
@@ -450,7 +455,7 @@ class MAMSStepper:
     def record(self, st, info) -> dict:
         return {"theta": _theta_vector(self.ld, st["state"].position),
                 "potential_energy": -st["state"].logdensity.astype(jnp.float64),
-                "num_grads": MCLACHLAN_GRADS * info.num_integration_steps.astype(jnp.int64),
+                "num_grads": _mams_grads(info),
                 "diverging": info.is_divergent,
                 "accept_prob": jnp.asarray(info.acceptance_rate, jnp.float64),
                 "step_size": st["params"].step_size,

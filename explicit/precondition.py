@@ -31,7 +31,6 @@ import numpy as np
 
 Array = jax.Array
 
-PRECONDITIONERS = ("none", "fourier")
 # Random probes of the Hessian (2 gradients each). Each probe measures every Fourier mode once; the
 # shell average then pools the tens to hundreds of modes per shell on the quick mesh, so 8 probes
 # leave a few percent of noise on each shell's precision, well below what a sampler notices.
@@ -61,7 +60,7 @@ class FourierScale:
 
     def __post_init__(self):
         shells = np.asarray(self.shells, np.float64)
-        n = len(np.unique(shell_labels(self.shape, self.axes)))
+        n = int(shell_index(self.shape, self.axes).max()) + 1
         if shells.shape != (n,) or not np.all(np.isfinite(shells) & (shells > 0)):
             raise ValueError(f"a Fourier preconditioner of a {list(self.shape)} field needs {n} "
                              f"finite factors > 0, got shape {list(shells.shape)}")
@@ -79,9 +78,7 @@ class FourierScale:
     @cached_property
     def scale(self) -> Array:
         """Per-mode factors in the rfftn layout, float64."""
-        labels = shell_labels(self.shape, self.axes)
-        _, inverse = np.unique(labels.ravel(), return_inverse=True)
-        return jnp.asarray(self.shells[inverse].reshape(labels.shape))
+        return jnp.asarray(self.shells[shell_index(self.shape, self.axes)])
 
     def _apply(self, x: Array, factor: Array) -> Array:
         sizes = [self.shape[a] for a in self.axes]
@@ -134,13 +131,19 @@ def shell_labels(shape: Sequence[int], axes: tuple[int, ...]) -> np.ndarray:
     return np.broadcast_to(label[tuple(expand)] + offset, full)
 
 
+def shell_index(shape: Sequence[int], axes: tuple[int, ...]) -> np.ndarray:
+    """Per rfftn mode, the index of its shell: the rank of its ``shell_labels`` label among the
+    sorted distinct labels (0 .. n_shells - 1), in the rfftn layout."""
+    labels = shell_labels(shape, axes)
+    return np.unique(labels.ravel(), return_inverse=True)[1].reshape(labels.shape)
+
+
 def pooled_precision(numerator: np.ndarray, denominator: np.ndarray,
-                     labels: np.ndarray) -> np.ndarray:
-    """Per-shell precision Σ Re(conj(V) HV) / Σ |V|² over the modes of each label, in the order of
-    the sorted labels."""
-    _, inverse = np.unique(labels.ravel(), return_inverse=True)
-    num = np.bincount(inverse, numerator.ravel())
-    den = np.bincount(inverse, denominator.ravel())
+                     index: np.ndarray) -> np.ndarray:
+    """Per-shell precision Σ Re(conj(V) HV) / Σ |V|² over the modes of each shell (``index``:
+    ``shell_index``), in shell order."""
+    num = np.bincount(index.ravel(), numerator.ravel())
+    den = np.bincount(index.ravel(), denominator.ravel())
     return num / np.maximum(den, np.finfo(float).tiny)
 
 
@@ -170,7 +173,7 @@ def estimate_scale(ld, position: dict, key: Array, *, sky_fields: bool,
         hk = np.asarray(jnp.fft.rfftn(hv, axes=axes))
         num = num + np.real(np.conj(vk) * hk)
         den = den + np.abs(vk) ** 2
-    h = pooled_precision(num, den, shell_labels(shape, axes))
+    h = pooled_precision(num, den, shell_index(shape, axes))
     if not np.all(np.isfinite(h)):
         raise FloatingPointError("the field Hessian probes returned NaN or inf: the start position "
                                  "is outside the model's valid range")

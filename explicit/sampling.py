@@ -265,6 +265,11 @@ def _prepare(model, theta_names, field_site, init_theta, settings: HMCSettings, 
 _SCALE_STREAM = 2**31 - 1
 
 
+def _chain_keys(seed: int, chain: int) -> tuple[Array, Array]:
+    """(key of the chain's start field, key of its sampler) from the run's seed."""
+    return tuple(jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), chain)))
+
+
 def _field_scale(model, settings, out_dir, theta_names, field_site, init, init_theta):
     """The run's ``FourierScale``: read from the run directory, else estimated at chain 0's start
     (``precondition.estimate_scale``) and written there before any chain starts."""
@@ -279,7 +284,7 @@ def _field_scale(model, settings, out_dir, theta_names, field_site, init, init_t
             raise CheckpointError(f"{path}: not a field preconditioner ({err}); restart the run "
                                   f"(resume=False)") from None
     ld = log_density(model, theta_names, field_site=field_site, init=dict(init_theta))
-    k_field = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(settings.seed), 0))[0]
+    k_field, _ = _chain_keys(settings.seed, 0)
     position = ld.init_position(k_field, init.get(field_site))
     key = jax.random.fold_in(jax.random.PRNGKey(settings.seed), _SCALE_STREAM)
     scale = estimate_scale(ld, position, key, sky_fields=getattr(model, "field_on_sky", False))
@@ -310,8 +315,7 @@ def _sample(model, settings, out_dir, chains, theta_names, field_site, init, pro
             if ck is not None and ck.complete:
                 bar.update(n_iter)
                 continue
-            chain_key = jax.random.fold_in(jax.random.PRNGKey(settings.seed), c)
-            k_field, k_kernel = jax.random.split(chain_key)
+            k_field, k_kernel = _chain_keys(settings.seed, c)
             position = ld.init_position(k_field, init.get(field_site))
             path = ckpt.chain_path(out_dir, c)
             if ck is None or ck.leaves is None:

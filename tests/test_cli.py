@@ -487,23 +487,28 @@ def test_maps_from_random_field_models(tmp_path, kind):
     assert result.exit_code == 0, result.output
 
 
+def _cache_probe(tmp_path, code: str, **env_extra) -> str:
+    """stdout of ``code`` run in a fresh interpreter after the CLI's cache set-up, with no
+    JAX_COMPILATION_CACHE_* of this session and XDG_CACHE_HOME under tmp_path."""
+    probe = ("import os, sys; from experiments.cli import _use_compilation_cache as u; u(); "
+             + code)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), PYTHONPATH=str(REPO), **env_extra)
+    return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                          check=True).stdout
+
+
 def test_commands_use_a_persistent_compilation_cache(tmp_path):
     """Without JAX_COMPILATION_CACHE_DIR, a command points JAX's cache at
     $XDG_CACHE_HOME/lensbench/xla/<machine>-<hash> (created, 4 GiB limit); a directory the user
     chose is kept. Run in a fresh interpreter: this session already set its own cache."""
-    probe = ("import os; from experiments.cli import _use_compilation_cache as u; u(); "
-             "print(os.environ.get('JAX_COMPILATION_CACHE_DIR')); "
+    probe = ("print(os.environ.get('JAX_COMPILATION_CACHE_DIR')); "
              "print(os.environ.get('JAX_COMPILATION_CACHE_MAX_SIZE'))")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-    env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), PYTHONPATH=str(REPO))
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
-                         check=True).stdout.split()
+    out = _cache_probe(tmp_path, probe).split()
     path = Path(out[0])
     assert path.parent == tmp_path / "xdg" / "lensbench" / "xla" and path.is_dir()
     assert int(out[1]) == 4 << 30
-    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "mine")
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
-                         check=True).stdout.split()
+    out = _cache_probe(tmp_path, probe, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "mine")).split()
     assert out == [str(tmp_path / "mine"), "None"]
 
 
@@ -512,11 +517,7 @@ def test_compilation_cache_is_named_by_the_simulators_cpu_signature(tmp_path):
     CIC kernels are keyed by too), found without importing JAX or simulators."""
     from simulators.cpu import cpu_signature
 
-    probe = ("import sys; from experiments.cli import _use_compilation_cache as u; u(); "
-             "import os; print(os.environ['JAX_COMPILATION_CACHE_DIR']); "
+    probe = ("print(os.environ['JAX_COMPILATION_CACHE_DIR']); "
              "print(sorted(m for m in ('jax', 'simulators') if m in sys.modules))")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-    env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), PYTHONPATH=str(REPO))
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
-                         check=True).stdout.splitlines()
+    out = _cache_probe(tmp_path, probe).splitlines()
     assert Path(out[0]).name == cpu_signature() and out[1] == "[]"

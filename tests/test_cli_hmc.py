@@ -2,13 +2,17 @@
 jax.distributed processes equal the sequential one-process run.
 
 Apart from test_cli.py (same helpers) because these two tests are most of the command line's test
-time: as a file of their own, `make test` runs them beside the rest instead of after it.
+time: as a file of their own, `make test` runs them beside the rest instead of after it. Both are
+marked slow: what they test is the child processes themselves (hmc.processes, --distributed); the
+sampler's own resume, per-chain and two-process equalities are proven in-process (or with its own
+lighter workers) in test_explicit.py.
 """
 
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from experiments.io import read_samples
 from tests.procs import HANG, cli_env, free_port, invoke, run_cli_subprocess
@@ -60,6 +64,7 @@ start_steps = 10
 """
 
 
+@pytest.mark.slow
 def test_hmc_chains_run_separately_equal_one_run(tmp_path):
     """`lensbench hmc --chain 1` alone finishes its chain and writes no samples.h5; then
     hmc.processes = 2 on the same directory (two child `--chain` processes: chain 1 found
@@ -98,6 +103,7 @@ def test_hmc_chains_run_separately_equal_one_run(tmp_path):
     assert wrong.exit_code == 1 and "different observation_sha256" in wrong.output, wrong.output
 
 
+@pytest.mark.slow
 def test_hmc_over_two_processes_equals_one_process(tmp_path):
     """`lensbench hmc --distributed` as two jax.distributed processes (one CPU device each, the
     2x1 grid split over them): the start field, the sampler state and the kept fields are written
@@ -107,10 +113,9 @@ def test_hmc_over_two_processes_equals_one_process(tmp_path):
     Rerun, the processes find the finished run from their own pieces (same start-field hash)."""
     config = tmp_path / "tiny_hmc.toml"
     config.write_text(HMC_TOML)
-    maps = tmp_path / "obs.h5"
-    proc = run_cli_subprocess("maps", "--config", config, "--out", maps, "--pdims", "1x1",
-                              cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    maps = tmp_path / "obs.h5"  # in this process: the maps need no device grid of their own
+    made = invoke("maps", "--config", config, "--out", maps, "--pdims", "1x1", "--no-progress")
+    assert made.exit_code == 0, made.output
     one = run_cli_subprocess("hmc", "--config", config, "--maps", maps, "--out", tmp_path / "one",
                              "--no-progress", cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]

@@ -3,9 +3,12 @@ a killed run resumes from its finished stages, a finished run is skipped, ``--fo
 stage, metrics.json agrees with independent computations on the saved samples, and the methods
 agree with the exact posterior within stated tolerances. Plus bad input.
 
-The reduction (16² maps, 2 bins, Limber on 32 nodes, a few hundred simulations and HMC samples;
-NPE on C_ℓ only: the compressor path is covered by test_pipeline) keeps the test near 3 minutes;
-the shipped gaussian_check is the full-size run.
+The reduction (16² maps, 2 bins, Limber on 32 nodes, a few hundred HMC samples) keeps the test
+short; the shipped gaussian_check is the full-size run. The NPE stage is there for the stage cache
+(killed after it, reused, counted in the budget): it trains on 36 simulations for a few epochs,
+too few for a posterior worth comparing, so its accuracy is not checked here
+(test_npe.test_npe_matches_analytic_gaussian_posterior checks NPE against a closed form; the
+compressor path is covered by test_pipeline).
 """
 
 import json
@@ -29,9 +32,10 @@ runner = CliRunner()
 REDUCED = {
     "maps.npix": 16, "simulation.n_chi": 32, "cl.n_ell_bins": 4,
     "cl.ell_max": 820.0,  # past the corner mode of the 16² grid (815)
-    "training_set.n_sims": 400, "training_set.n_calibration": 40,
-    "npe.max_epochs": 60, "npe.noise_copies": 2, "npe.n_samples": 3000,
-    "npe.calibration_samples": 100,
+    # the smallest NPE stage (as in test_pipeline): it only has to exist for the cache
+    "training_set.n_sims": 48, "training_set.n_calibration": 12,
+    "npe.max_epochs": 8, "npe.noise_copies": 2, "npe.n_samples": 500,
+    "npe.calibration_samples": 20,
     "cl_baseline.num_warmup": 100, "cl_baseline.num_samples": 250,
     "cl_baseline.num_chains": 1, "cl_baseline.n_chi": 32,
     "hmc.num_warmup": 80, "hmc.num_samples": 150, "hmc.num_chains": 1,
@@ -186,22 +190,30 @@ def _moments(out, method):
 
 def test_methods_agree_with_the_exact_posterior(results):
     """Tolerances (in units of the exact posterior σ, per parameter):
-    HMC targets the same posterior: 150 NUTS draws give an ESS of ~100 for θ, so the
-    MC error of the mean is ~0.1σ; 0.35σ allows 3.5 MC errors; std within 25%.
+    HMC targets the same posterior, so it must agree within its Monte Carlo error, taken from the
+    run's own ESS (150 NUTS draws: ESS 50-62 measured, not a fixed guess: the draws change with
+    the CPU's XLA thread count) and the 500 independent exact draws: mean within 4 standard errors
+    σ·sqrt(1/ESS + 1/500) (0.6σ at ESS 50; measured 0.38σ and 0.28σ), std within 4 standard
+    errors sqrt(1/(2 ESS) + 1/1000) (±42%; measured ratios 0.93 and 1.00), the errors of a
+    Gaussian posterior's sample mean and std.
     Analytic C_ℓ: for a Gaussian field the binned C_ℓ carry all the information, but their
     likelihood is approximated as Gaussian (with the analytic covariance at the fiducial) and
     4 bins lose some of it: mean within 0.5σ, std within [0.7, 1.5] (measured 0.1σ and 0.88
     with the former 120-simulation covariance).
-    NPE on C_ℓ from 360 training simulations (the test's budget; test_npe checks NPE precisely
-    on a conjugate toy): an under-trained but not wrong posterior: mean within 1σ, std within
-    [0.6, 2] (measured 0.8σ and 1.2-1.3)."""
+    NPE (npe_cl) is trained only for the stage cache here: see the module docstring."""
     _, _, out, _ = results
-    mean_x, std_x, _ = _moments(out, "exact")
-    tol = {"hmc": (0.35, 0.75, 1.25), "cl_analytic": (0.5, 0.7, 1.5), "npe_cl": (1.0, 0.6, 2.0)}
-    for method, (dmean, lo, hi) in tol.items():
-        mean, std, _ = _moments(out, method)
-        assert np.all(np.abs(mean - mean_x) / std_x < dmean), (method, mean, mean_x, std_x)
-        assert np.all((std / std_x > lo) & (std / std_x < hi)), (method, std, std_x)
+    mean_x, std_x, exact = _moments(out, "exact")
+    n_x = len(exact.samples)
+    mean, std, hmc = _moments(out, "hmc")
+    ess = np.array([hmc.info["parameters"][name]["ess"] for name in hmc.names])
+    assert np.all(ess > 20), ess  # else the tolerances below are meaningless
+    dmean = 4 * np.sqrt(1 / ess + 1 / n_x)
+    dstd = 4 * np.sqrt(1 / (2 * ess) + 1 / (2 * n_x))
+    assert np.all(np.abs(mean - mean_x) / std_x < dmean), (mean, mean_x, std_x, dmean)
+    assert np.all(np.abs(std / std_x - 1) < dstd), (std, std_x, dstd)
+    mean, std, _ = _moments(out, "cl_analytic")
+    assert np.all(np.abs(mean - mean_x) / std_x < 0.5), (mean, mean_x, std_x)
+    assert np.all((std / std_x > 0.7) & (std / std_x < 1.5)), (std, std_x)
     c2st = json.loads((out / "metrics.json").read_text())["c2st"]
     # HMC draws are the same posterior: the classifier cannot do much better than chance
     pair = next(p for p in c2st["pairs"] if {p["a"], p["b"]} == {"exact", "hmc"})

@@ -97,8 +97,20 @@ def test_compressor_npe_sample(work):
     res = ok("compress", "--compressor", work / "comp", "--in", work / "sims.h5",
              "--out", work / "t.h5")
     with h5py.File(work / "t.h5", "r") as f:
-        assert f["summaries"].shape == (48, 2) and f["theta"].shape == (48, 2)
-        assert np.all(np.isfinite(f["summaries"][()]))
+        summaries, theta, indices = f["summaries"][()], f["theta"][()], f["indices"][()]
+    # the trained network applied here to the sims plus the documented noise draw (seed 0, one
+    # copy): the same float32 program on the same inputs, so equal up to batching (1e-5 of the
+    # summaries' scale; a wrong map, noise draw or row order changes them by O(1))
+    from compressors import load_compressor
+    from estimators.npe import add_noise_copies
+
+    sims = read_sims(work / "sims.h5")
+    np.testing.assert_array_equal(theta, sims.theta)
+    np.testing.assert_array_equal(indices, sims.indices)
+    _, noisy = add_noise_copies(sims.theta, sims.kappa, sims.sigma_n, 1, np.random.default_rng(0))
+    want = np.asarray(load_compressor(work / "comp").compress(noisy))
+    assert summaries.shape == want.shape == (48, 2) and np.std(want) > 0
+    np.testing.assert_allclose(summaries, want, rtol=0, atol=1e-5 * np.max(np.abs(want)))
     ok("fit-posterior", "--config", cfg, "--sims", work / "sims.h5", "--compressor", work / "comp",
        "--out", work / "post", "--no-progress")
     cal = work / "post" / "calibration"
@@ -161,7 +173,20 @@ def test_cl_baseline(work):
        "--out", work / "s_cla.h5", "--no-progress")
     s = read_samples(work / "s_cla.h5")
     assert s.method == "cl_analytic" and s.samples.shape == (40, 2)
-    assert s.info["n_cov"] == 40 and 0 < s.info["hartlap"] < 1
+    # Hartlap et al. (2007): (n_cov - n_data - 2) / (n_cov - 1), 3 pairs x 3 ℓ bins = 9 data
+    assert s.info["n_cov"] == 40 and s.info["hartlap"] == pytest.approx((40 - 9 - 2) / 39, rel=1e-12)
+    # the data vector is the binned C_ℓ of the observed noisy maps (flatsky's estimator, float64:
+    # equal to round-off)
+    from experiments.io import read_maps
+    from experiments.pipeline import cl_data_path
+    from simulators import flatsky
+
+    saved = np.load(cl_data_path(work / "s_cla.h5"))
+    cfg = load_config(work / "tiny.toml")
+    cl, _, _ = flatsky.cl_estimate(read_maps(work / "obs.h5").kappa_noisy, cfg.maps.field_deg,
+                                   saved["ell_edges"])
+    assert saved["data"].shape == (3, 3)
+    np.testing.assert_allclose(saved["data"], np.asarray(cl), rtol=1e-10)
     # the covariance simulations are cached next to the output and reused
     assert (work / "s_cla.h5.cov.npz").is_file()
     # an observation whose seed is one of the covariance seeds is refused

@@ -270,6 +270,11 @@ def a_of_chi(cosmo: Cosmology, chi, a_min: float = 1e-3, n: int = 1024) -> Array
     return background(cosmo, a_min, n).a_of_chi(chi)
 
 
+# For concrete cosmologies on the host: the table and the look-up as one compiled program (which
+# JAX's persistent cache keeps between processes) instead of dozens of eagerly compiled operations.
+comoving_distance_jit = jax.jit(comoving_distance, static_argnames=("a_min", "n"))
+
+
 # ------------------------------------------------------------------------------------------------
 # Linear growth
 

@@ -958,13 +958,16 @@ class ExperimentConfig:
         farthest source redshift capped at chi(a_init)."""
         if self.lightcone.chi_max is not None:
             return self.lightcone.chi_max
-        from simulators import Cosmology
-        from simulators.cosmology import background
+        import numpy as np
 
-        bg = background(Cosmology.fiducial())
+        from simulators import Cosmology
+        from simulators.cosmology import comoving_distance_jit
+
         z_max = float(self.bins().z[-1])
-        return float(min(bg.comoving_distance(1.0 / (1.0 + z_max)),
-                         bg.comoving_distance(self.simulation.a_init)))
+        # both distances from one table in one compiled program (kept by JAX's persistent cache)
+        chi = np.asarray(comoving_distance_jit(
+            Cosmology.fiducial(), np.array([1.0 / (1.0 + z_max), self.simulation.a_init])))
+        return float(min(chi[0], chi[1]))
 
     def ell_edges(self):
         return self.cl.edges(self.maps)

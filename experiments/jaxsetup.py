@@ -51,8 +51,17 @@ def use_compilation_cache() -> None:
     """Point JAX's persistent compilation cache at lensbench's user cache directory (module
     docstring), unless the user chose one (or JAX is already imported in this process: then its
     configuration is the caller's). Only environment variables are set, so JAX is not imported
-    here; child processes (``[hmc] processes``) inherit them and share the cache."""
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or "jax" in sys.modules:
+    here; child processes (``[hmc] processes``) inherit them and share the cache. Programs are
+    kept whatever their compile time unless ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` says
+    otherwise."""
+    if "jax" in sys.modules:
+        return
+    # JAX only keeps programs that took >= 1 s to compile; the set-up programs of a run (linear
+    # field, initial particles, one PM step: 0.05-1 s each) would be compiled anew by every process.
+    # Loading a kept program costs milliseconds, so keep them all (also in a directory the user
+    # chose, such as the test suite's).
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     path = base / "lensbench" / "xla" / _cpu_signature()

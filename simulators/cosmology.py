@@ -270,6 +270,11 @@ def a_of_chi(cosmo: Cosmology, chi, a_min: float = 1e-3, n: int = 1024) -> Array
     return background(cosmo, a_min, n).a_of_chi(chi)
 
 
+# For concrete cosmologies on the host: the table and the look-up as one compiled program (which
+# JAX's persistent cache keeps between processes) instead of dozens of eagerly compiled operations.
+comoving_distance_jit = jax.jit(comoving_distance, static_argnames=("a_min", "n"))
+
+
 # ------------------------------------------------------------------------------------------------
 # Linear growth
 
@@ -530,14 +535,23 @@ def _unnormalised_power(cosmo: Cosmology, k) -> Array:
     return k ** _f64(cosmo.n_s) * eisenstein_hu_transfer(cosmo, k) ** 2
 
 
-def _sigma2_unnormalised(cosmo: Cosmology, R) -> Array:
-    """sigma^2(R) of k^n_s T^2 (top hat R in Mpc/h, any shape), Simpson in ln k."""
-    k = jnp.exp(jnp.linspace(math.log(_K_MIN), math.log(_K_MAX), _N_K, dtype=jnp.float64))
+def _sigma_k() -> Array:
+    """The sigma(R) quadrature nodes, (_N_K,) float64 in h/Mpc."""
+    return jnp.exp(jnp.linspace(math.log(_K_MIN), math.log(_K_MAX), _N_K, dtype=jnp.float64))
+
+
+def _sigma2_unnormalised(cosmo: Cosmology, R, p_nodes=None) -> Array:
+    """sigma^2(R) of k^n_s T^2 (top hat R in Mpc/h, any shape), Simpson in ln k.
+
+    p_nodes: k^n_s T^2 at the ``_sigma_k`` nodes, where the caller has evaluated it already.
+    """
+    k = _sigma_k()
     w = np.ones(_N_K)
     w[1:-1:2], w[2:-1:2] = 4.0, 2.0
     w = jnp.asarray(w * (math.log(_K_MAX / _K_MIN) / (_N_K - 1) / 3.0), jnp.float64)
     R = _f64(R)
-    integrand = k**3 * _unnormalised_power(cosmo, k) / (2.0 * jnp.pi**2) * _tophat(R[..., None] * k) ** 2
+    p = _unnormalised_power(cosmo, k) if p_nodes is None else p_nodes
+    integrand = k**3 * p / (2.0 * jnp.pi**2) * _tophat(R[..., None] * k) ** 2
     return jnp.sum(integrand * w, axis=-1)
 
 
@@ -551,8 +565,11 @@ def linear_power(cosmo: Cosmology, k) -> Array:
     k = _f64(k)
     pos = k > 0
     k_safe = jnp.where(pos, k, 1.0)  # double where: no log(0) in the k^n_s gradient
-    amp = _f64(cosmo.sigma8) ** 2 / _sigma2_unnormalised(cosmo, 8.0)
-    return jnp.where(pos, amp * _unnormalised_power(cosmo, k_safe), 0.0)
+    # One transfer-function evaluation for the sigma_8 nodes and k together: the same values as two
+    # evaluations, half the program to trace and compile (it dominates a simulation's set-up).
+    p_all = _unnormalised_power(cosmo, jnp.concatenate([_sigma_k(), k_safe.reshape(-1)]))
+    amp = _f64(cosmo.sigma8) ** 2 / _sigma2_unnormalised(cosmo, 8.0, p_all[:_N_K])
+    return jnp.where(pos, amp * p_all[_N_K:].reshape(k.shape), 0.0)
 
 
 def sigma_R(cosmo: Cosmology, R) -> Array:

@@ -28,7 +28,8 @@ from .cosmology import Cosmology, background, growth_table
 from .forces import paint_density
 from .ics import linear_field, lpt_displacements, white_noise
 from .lightcone import BornLightcone, BornParams, FlatSky, HealpixSky, Lightcone, samples_per_step
-from .simulation import evolve_observed
+from .nbody import start_steps, take_step
+from .simulation import evolve_observed, initial_particles
 from .sources import RedshiftBins, lensing_efficiency
 
 Array = jax.Array
@@ -322,8 +323,8 @@ def simulate_maps(model: MapModel, cosmo: Cosmology, seed: int,
     latent = model.latent(seed)
     if isinstance(model, PMLensing) and not isinstance(model, LPTLensing):
         check_memory(model.cfg)
-        kappa, max_disp = _pm_kappa_jit(cosmo, model.cfg, model.lightcone, model.bins, latent,
-                                        progress)
+        kappa, max_disp = _pm_kappa_stepwise(cosmo, model.cfg, model.lightcone, model.bins, latent,
+                                             progress)
         check_halo(model.cfg, float(max_disp))
     else:
         kappa = _kappa_jit(model)(cosmo, latent)
@@ -337,7 +338,38 @@ def simulate_maps(model: MapModel, cosmo: Cosmology, seed: int,
     return Maps(kappa, noisy, sigma)
 
 
-_pm_kappa_jit = jax.jit(pm_kappa, static_argnums=(1, 2, 5))
+# ``simulate_maps`` runs ``pm_kappa`` as callback-free programs (the set-up, one PM step, the maps)
+# that JAX's persistent compilation cache keeps between processes, and reports progress between
+# steps from the host: a program with the progress callback inside is never cached (see
+# ``nbody.take_step``). The arithmetic is ``pm_kappa``'s.
+
+
+def _pm_start(cosmo: Cosmology, cfg: SimConfig, lightcone: Lightcone, bins: RedshiftBins,
+              painter: BornLightcone, noise: Array):
+    """``pm_kappa`` up to the first step: the step carry, the step factors and the Born table."""
+    params = born_params(cosmo, cfg, bins, lightcone.chi_max)
+    state, factors = initial_particles(cosmo, cfg, linear_field(cosmo, cfg, noise))
+    return start_steps(cfg, state, painter), factors, params
+
+
+_pm_start_jit = jax.jit(_pm_start, static_argnums=(1, 2, 4))
+_finish_jit = jax.jit(_finish, static_argnums=1)
+
+
+def _pm_kappa_stepwise(cosmo: Cosmology, cfg: SimConfig, lightcone: Lightcone, bins: RedshiftBins,
+                       noise: Array, progress: Callable[[int], None] | None = None
+                       ) -> tuple[Array, Array]:
+    """``pm_kappa`` step by step from the host, with ``progress(steps_done)`` after each step."""
+    painter = BornLightcone(cfg, lightcone, bins.n_bins, samples_per_step(cfg, lightcone))
+    carry, factors, params = _pm_start_jit(cosmo, cfg, lightcone, bins, painter, noise)
+    for i in range(factors.shape[0]):
+        # int64, the type of the step index in ``integrate``'s scan (x64 is on)
+        carry = take_step(cfg, painter, carry, factors, params, np.int64(i))
+        if progress is not None:
+            jax.block_until_ready(carry)  # report steps done, not steps queued
+            progress(i + 1)
+    _, obs, max_disp = carry
+    return _finish_jit(obs, lightcone.sky), max_disp
 
 
 @functools.lru_cache(maxsize=16)

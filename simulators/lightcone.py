@@ -472,7 +472,7 @@ def _fiducial_thickest_step(cfg: SimConfig, lightcone: Lightcone) -> float:
     from .cosmology import Cosmology
 
     with jax.ensure_compile_time_eval():
-        return float(_thickest_step(Cosmology.fiducial(), cfg, lightcone))
+        return float(_thickest_step_jit(Cosmology.fiducial(), cfg, lightcone))
 
 
 def _thickest_step(cosmo, cfg: SimConfig, lightcone: Lightcone) -> Array:
@@ -482,6 +482,12 @@ def _thickest_step(cosmo, cfg: SimConfig, lightcone: Lightcone) -> Array:
     chi = jnp.minimum(background(cosmo).comoving_distance(jnp.asarray(cfg.step_scale_factors)),
                       lightcone.chi_max)
     return jnp.max(chi[:-1] - chi[1:])
+
+
+# For concrete cosmologies (the fiducial window, ``check_step_window``): one compiled program, which
+# JAX's persistent cache keeps between processes, instead of the distance table's dozens of eagerly
+# compiled operations.
+_thickest_step_jit = jax.jit(_thickest_step, static_argnums=(1, 2))
 
 
 @functools.lru_cache(maxsize=64)
@@ -522,7 +528,7 @@ def margin_to_cover(ratio: float, lightcone: Lightcone) -> float:
 
 def check_step_window(cosmo, cfg: SimConfig, lightcone: Lightcone) -> None:
     """Raise ValueError when ``cosmo`` (concrete) has a step thicker than the radial window."""
-    ratio = float(step_window_ratio(cosmo, cfg, lightcone))
+    ratio = float(_thickest_step_jit(cosmo, cfg, lightcone)) / _window(cfg, lightcone)
     if ratio > 1:
         raise ValueError(
             f"this cosmology's thickest PM step is {ratio:.3f}x the lightcone's radial window "

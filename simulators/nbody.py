@@ -82,13 +82,17 @@ class Snapshots:
 def step_factors(cosmo: Cosmology, growth: GrowthTable, a_steps) -> Array:
     """FastPM (kick₁, drift, kick₂) factors of each step, shape (n_steps, 3), float64."""
     a = jnp.asarray(a_steps, jnp.float64)
-    a0, a1 = a[:-1], a[1:]
-    ah = 0.5 * (a0 + a1)
-    g_f = lambda x: x**2 * E(cosmo, x) * growth.f1_at(x) * growth.D1_at(x)  # noqa: E731  = a³E dD₁/da
-    d1 = growth.D1_at
-    kick1 = (g_f(ah) - g_f(a0)) / d1(a0)
-    drift = (d1(a1) - d1(a0)) / g_f(ah)
-    kick2 = (g_f(a1) - g_f(ah)) / d1(a1)
+    n = a.shape[0]
+    ah = 0.5 * (a[:-1] + a[1:])
+    # D₁ and G_f once, at the step boundaries and midpoints together: evaluated per use (ten table
+    # look-ups) they made this the largest piece of a simulation's set-up program to trace
+    x = jnp.concatenate([a, ah])
+    d1_x = growth.D1_at(x)
+    g_x = x**2 * E(cosmo, x) * growth.f1_at(x) * d1_x  # G_f = a³E dD₁/da
+    d1, g, gh = d1_x[:n], g_x[:n], g_x[n:]
+    kick1 = (gh - g[:-1]) / d1[:-1]
+    drift = (d1[1:] - d1[:-1]) / gh
+    kick2 = (g[1:] - gh) / d1[1:]
     return jnp.stack([kick1, drift, kick2], axis=-1)
 
 
@@ -128,13 +132,18 @@ def _step(cfg, observer, progress, a_steps, factors, obs_params, carry, i):
     return (new, obs, max_disp), None
 
 
+def _initial_carry(cfg, state, obs):
+    """The loop carry before the first step: (state, observations, max displacement so far)."""
+    return state, obs, jax.lax.stop_gradient(_max_displacement_cells(cfg, state.disp))
+
+
 def _scan(cfg, observer, progress, state, obs, factors, obs_params, remat):
     a_steps = jnp.asarray(cfg.step_scale_factors)
     step = partial(_step, cfg, observer, progress, a_steps, factors, obs_params)
     if remat:
         step = jax.checkpoint(step)
-    max0 = jax.lax.stop_gradient(_max_displacement_cells(cfg, state.disp))
-    (state, obs, max_disp), _ = jax.lax.scan(step, (state, obs, max0), jnp.arange(factors.shape[0]))
+    carry = _initial_carry(cfg, state, obs)
+    (state, obs, max_disp), _ = jax.lax.scan(step, carry, jnp.arange(factors.shape[0]))
     return state, obs, max_disp
 
 
@@ -200,3 +209,30 @@ def integrate(cfg: SimConfig, state: ParticleState, factors: Array, observer: Ob
     if cfg.gradient == "adjoint":
         return _integrate_adjoint(cfg, observer, progress, state, obs, factors, obs_params)
     return _scan(cfg, observer, progress, state, obs, factors, obs_params, remat=True)
+
+
+# ---- forward-only integration, one compiled program per step --------------------------------------
+#
+# A program with a host callback (the ``progress`` of ``integrate``) is never written to JAX's
+# persistent compilation cache: the callback is baked into it. Host-side runs that show progress
+# (``simulators.simulate``) therefore step from Python instead: ``start_steps`` and ``take_step``
+# are callback-free programs, compiled once per configuration and served by the cache in later
+# processes, and the caller reports progress between steps. The arithmetic is ``integrate``'s
+# forward pass (the same ``_step``), so the results equal it; there is no gradient path here.
+
+
+def start_steps(cfg: SimConfig, state: ParticleState, observer: Observer):
+    """The carry ``take_step`` advances: (state, observations, max displacement in cells)."""
+    return _initial_carry(cfg, state, observer.init(state))
+
+
+@partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2,))
+def take_step(cfg: SimConfig, observer: Observer, carry, factors: Array, obs_params, i: Array):
+    """Step ``i`` (a traced integer: one program for every step) of ``integrate``'s forward pass.
+
+    ``observer`` must be hashable (static). The carry is donated: its buffers are reused for the
+    result, so memory stays that of one state as in ``integrate``'s loop.
+    """
+    a_steps = jnp.asarray(cfg.step_scale_factors)
+    carry, _ = _step(cfg, observer, None, a_steps, factors, obs_params, carry, i)
+    return carry

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import jax
@@ -14,7 +15,8 @@ from .config import SimConfig
 from .cosmology import Cosmology, growth_table
 from .forces import paint_density, pm_force
 from .ics import linear_field, lpt_state, white_noise
-from .nbody import Observer, ParticleState, Snapshots, integrate, step_factors
+from .nbody import (Observer, ParticleState, Snapshots, integrate, start_steps, step_factors,
+                    take_step)
 
 Array = jax.Array
 
@@ -58,12 +60,19 @@ def evolve_observed(cosmo: Cosmology, cfg: SimConfig, delta_lin: Array, observer
 
     Returns (final ParticleState, observations, max displacement in cells along the sharded axes).
     """
+    state, factors = initial_particles(cosmo, cfg, delta_lin)
+    return integrate(cfg, state, factors, observer, obs_params, progress)
+
+
+def initial_particles(cosmo: Cosmology, cfg: SimConfig, delta_lin: Array
+                      ) -> tuple[ParticleState, Array]:
+    """LPT particles at the first step (with their force) and the (n_steps, 3) step factors, from
+    one growth table."""
     growth = growth_table(cosmo)
     a_steps = cfg.step_scale_factors
     disp, mom = lpt_state(cosmo, growth, cfg, delta_lin, a_steps[0])
     state = ParticleState(disp, mom, pm_force(cfg, disp))
-    factors = step_factors(cosmo, growth, a_steps)
-    return integrate(cfg, state, factors, observer, obs_params, progress)
+    return state, step_factors(cosmo, growth, a_steps)
 
 
 def check_halo(cfg: SimConfig, max_displacement: float) -> None:
@@ -128,24 +137,52 @@ class SimResult:
     max_displacement: float
 
 
-_evolve_jit = jax.jit(evolve, static_argnums=(1, 3))
+# ``simulate`` runs as a few programs, each compiled once per configuration and, having no host
+# callback, kept by JAX's persistent compilation cache for later processes (the CLI enables it): the
+# linear field (transfer function, sigma_8 normalisation and FFTs in one program instead of ~100
+# eagerly compiled operations), the initial particles, one PM step (``nbody.take_step``) and the
+# painting. Arithmetic is that of ``evolve``.
+_linear_field_jit = jax.jit(linear_field, static_argnums=1)
 _density_jit = jax.jit(paint_density, static_argnums=0)
 
 
+@partial(jax.jit, static_argnums=(1, 2))
+def _start_jit(cosmo: Cosmology, cfg: SimConfig, observer: Observer, delta_lin: Array):
+    """``evolve``'s set-up (growth table, LPT particles, step factors) and the step carry."""
+    state, factors = initial_particles(cosmo, cfg, delta_lin)
+    return start_steps(cfg, state, observer), factors
+
+
+def _evolve_stepwise(cosmo: Cosmology, cfg: SimConfig, delta_lin: Array,
+                     progress: Callable[[int], None] | None) -> Evolution:
+    """``evolve`` run step by step from the host, with ``progress(steps_done)`` after each step."""
+    observer = Snapshots(cfg.snapshot_steps)
+    carry, factors = _start_jit(cosmo, cfg, observer, delta_lin)
+    for i in range(factors.shape[0]):
+        # int64, the type of the step index in ``integrate``'s scan (x64 is on)
+        carry = take_step(cfg, observer, carry, factors, None, np.int64(i))
+        if progress is not None:
+            jax.block_until_ready(carry)  # report steps done, not steps queued
+            progress(i + 1)
+    final, snaps, max_disp = carry
+    return Evolution(final, snaps, max_disp)
+
+
 def simulate(cosmo: Cosmology, cfg: SimConfig, *, seed: int = 0, linear=None,
-             progress: Callable[[Array], None] | None = None) -> SimResult:
+             progress: Callable[[int], None] | None = None) -> SimResult:
     """Run a simulation from a seed, or from a user-supplied linear field at z = 0.
 
     Args:
       seed: white-noise seed (same field on any device grid).
       linear: optional (npx, npy, npz) linear overdensity at z = 0 (as JaxPM/pmwd take it).
+      progress: optional callable, called with the number of steps done after each step.
     Raises:
       ValueError on a wrong-shaped or non-finite ``linear``; HaloOverflowError if the sharded
       halo was too small for the particle displacements.
     """
     check_memory(cfg)
     if linear is None:
-        delta = linear_field(cosmo, cfg, white_noise(cfg, seed))
+        delta = _linear_field_jit(cosmo, cfg, white_noise(cfg, seed))
     else:
         linear = np.asarray(linear)
         if linear.shape != cfg.particle_shape:
@@ -154,7 +191,7 @@ def simulate(cosmo: Cosmology, cfg: SimConfig, *, seed: int = 0, linear=None,
         if not np.all(np.isfinite(linear)):
             raise ValueError("linear field contains NaN or inf values")
         delta = cfg.grid.put(linear.astype(cfg.dtype))
-    out = _evolve_jit(cosmo, cfg, delta, progress)
+    out = _evolve_stepwise(cosmo, cfg, delta, progress)
     check_halo(cfg, float(out.max_displacement))
     q = lagrangian_positions(cfg)
     box = np.asarray(cfg.box_size)

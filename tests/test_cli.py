@@ -492,7 +492,8 @@ def _cache_probe(tmp_path, code: str, **env_extra) -> str:
     JAX_COMPILATION_CACHE_* of this session and XDG_CACHE_HOME under tmp_path."""
     probe = ("import os, sys; from experiments.cli import _use_compilation_cache as u; u(); "
              + code)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
     env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), PYTHONPATH=str(REPO), **env_extra)
     return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
                           check=True).stdout
@@ -501,15 +502,19 @@ def _cache_probe(tmp_path, code: str, **env_extra) -> str:
 def test_commands_use_a_persistent_compilation_cache(tmp_path):
     """Without JAX_COMPILATION_CACHE_DIR, a command points JAX's cache at
     $XDG_CACHE_HOME/lensbench/xla/<machine>-<hash> (created, 4 GiB limit); a directory the user
-    chose is kept. Run in a fresh interpreter: this session already set its own cache."""
+    chose is kept. Every program is kept (minimum compile time 0) unless the user set a minimum.
+    Run in a fresh interpreter: this session already set its own cache."""
     probe = ("print(os.environ.get('JAX_COMPILATION_CACHE_DIR')); "
-             "print(os.environ.get('JAX_COMPILATION_CACHE_MAX_SIZE'))")
+             "print(os.environ.get('JAX_COMPILATION_CACHE_MAX_SIZE')); "
+             "print(os.environ.get('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'))")
     out = _cache_probe(tmp_path, probe).split()
     path = Path(out[0])
     assert path.parent == tmp_path / "xdg" / "lensbench" / "xla" and path.is_dir()
-    assert int(out[1]) == 4 << 30
+    assert int(out[1]) == 4 << 30 and out[2] == "0"
     out = _cache_probe(tmp_path, probe, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "mine")).split()
-    assert out == [str(tmp_path / "mine"), "None"]
+    assert out == [str(tmp_path / "mine"), "None", "0"]
+    out = _cache_probe(tmp_path, probe, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="2").split()
+    assert out[2] == "2"
 
 
 def test_compilation_cache_is_named_by_the_simulators_cpu_signature(tmp_path):

@@ -58,6 +58,7 @@ import typer
 from typer.core import TyperGroup
 
 from .config import MAX_SAMPLES, MAX_SIMS, OptionError, parse_pdims
+from .jaxsetup import enable_x64 as _enable_x64
 from .jaxsetup import use_compilation_cache as _use_compilation_cache
 
 try:  # typer >= 0.20 ships its own copy of click
@@ -91,6 +92,7 @@ class _OneLineErrors(TyperGroup):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         _use_compilation_cache()
+        _enable_x64()
         import warnings
 
         warnings.showwarning = _show_warning

@@ -777,25 +777,19 @@ class _Sharded:
     mode = "sharded"
 
     def __init__(self, model, prior, base, batch: int):
+        import jax
         import jax.numpy as jnp
-
-        from simulators.lensing import LPTLensing, PMLensing, pm_kappa
 
         self.batch = batch
         self.n_devices = model.cfg.grid.n_devices
         self.model = model
         self.theta_dim, self.map_shape = prior.dim, (model.bins.n_bins,) + tuple(model.sky.shape)
-        pm = isinstance(model, PMLensing) and not isinstance(model, LPTLensing)
-        import jax
 
         def sim(key, index):
             theta_key, latent_key = jax.random.split(jax.random.fold_in(key, index))
             theta = prior.sample(theta_key)
             cosmo, latent = prior.cosmology(theta, base), model.latent(latent_key)
-            if pm:
-                kappa, max_disp = pm_kappa(cosmo, model.cfg, model.lightcone, model.bins, latent)
-            else:
-                kappa, max_disp = model.kappa(cosmo, latent), jnp.zeros(())
+            kappa, max_disp = model.kappa_and_displacement(cosmo, latent)
             return theta, kappa.astype(jnp.float32), max_disp
 
         self._build = lambda: jax.jit(sim)
@@ -850,10 +844,9 @@ def _warn_step_window(model, prior: Prior, base, thetas: np.ndarray, out: Path) 
     window (the far end of that shell is missing from its maps; ``lightcone.step_window_ratio``)."""
     import jax
 
-    from simulators.lensing import PMLensing
     from simulators.lightcone import margin_to_cover, step_window_ratio
 
-    if not isinstance(model, PMLensing) or not len(thetas):
+    if model.lightcone is None or not len(thetas):
         return
     ratio = np.asarray(jax.jit(jax.vmap(lambda t: step_window_ratio(
         prior.cosmology(t, base), model.cfg, model.lightcone)))(thetas))
@@ -900,7 +893,6 @@ def generate(cfg, prior: Prior, n: int, out, *, batch_size: int | None = None,
     """
     import jax
 
-    import simulators  # noqa: F401  (enables float64)
     from simulators.lensing import noise_sigma
 
     t0 = time.perf_counter()

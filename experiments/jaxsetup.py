@@ -18,6 +18,9 @@ field-level HMC segment); ``JAX_ENABLE_COMPILATION_CACHE=false`` turns it off. T
 per CPU signature (``simulators.cpu``) because a CPU program compiled for one instruction set must
 not be loaded on a node with another one sharing the same home directory.
 
+Float64. ``enable_x64`` (also called first by every command) turns on JAX's float64, which the
+cosmology tables need; importing ``simulators`` changes no JAX setting.
+
 Nothing here imports JAX at import time.
 """
 
@@ -71,6 +74,15 @@ def use_compilation_cache() -> None:
         return
     os.environ["JAX_COMPILATION_CACHE_DIR"] = str(path)
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+
+
+def enable_x64() -> None:
+    """JAX's float64, which the cosmology tables need (``simulators.runtime``), for this process
+    and the processes it starts. Only the environment is set when JAX is not loaded yet (it reads
+    ``JAX_ENABLE_X64`` at import), so the device and log settings here can still follow."""
+    os.environ["JAX_ENABLE_X64"] = "1"
+    if "jax" in sys.modules:
+        sys.modules["jax"].config.update("jax_enable_x64", True)
 
 
 def request_cpu_devices(n: int) -> None:

@@ -412,7 +412,7 @@ def run_cl_baseline(config, maps_path, out, *, progress: bool = True):
     from estimators.cl_baseline import (ClLikelihood, analytic_covariance, cl_data_vector,
                                         estimate_covariance, fiducial_data_vectors,
                                         sample_cl_posterior)
-    from simulators.lensing import PMLensing, mesh_power_window, noise_sigma
+    from simulators.lensing import mesh_power_window, noise_sigma
 
     from .io import Samples, write_samples
 
@@ -430,7 +430,7 @@ def run_cl_baseline(config, maps_path, out, *, progress: bool = True):
     edges = np.asarray(cfg.ell_edges())
     sigma_n = noise_sigma(model.bins, model.sky)
     window = (mesh_power_window(cfg.simulation.sim_config(sharded=False).cell_size)
-              if isinstance(model, PMLensing) else None)
+              if model.cfg is not None else None)
     out = Path(out)
     cache = out.with_name(out.name + ".cov.npz")
     # the covariance depends on the maps' model and the ell binning only

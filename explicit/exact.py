@@ -77,7 +77,7 @@ import numpy as np
 
 from simulators import Cosmology, flatsky
 from simulators._checks import is_concrete
-from simulators.lensing import GaussianLensing, LognormalLensing
+from simulators.lensing import GaussianLensing
 
 Array = jax.Array
 
@@ -129,7 +129,7 @@ def mode_power(data, field_deg: float) -> Array:
 
 
 def _check_model(model) -> None:
-    if not isinstance(model, GaussianLensing) or isinstance(model, LognormalLensing):
+    if not isinstance(model, GaussianLensing):
         raise ValueError(f"the exact likelihood needs a GaussianLensing model, got "
                          f"{type(model).__name__}")
 

@@ -10,7 +10,7 @@ Everything is a pure function of an immutable ``Cosmology`` pytree and works und
 caller's trace and interpolated locally with O(h^4) errors (4-point cubic Lagrange stencils for
 distances, cubic Hermite with the ODE's derivatives for growth), far below the 1e-6 level at the
 default resolutions. Float64 needs
-``jax_enable_x64`` (the ``simulators`` package turns it on).
+``jax_enable_x64`` (``simulators.enable_x64()``; building a table without it raises).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from .runtime import require_x64
 
 Array = jax.Array
 
@@ -34,6 +36,7 @@ _K_MIN, _K_MAX, _N_K = 1e-4, 1e2, 4097
 
 
 def _f64(x) -> Array:
+    require_x64()  # every float64 table starts here: without x64 JAX would make it float32
     return jnp.asarray(x, dtype=jnp.float64)
 
 

@@ -23,6 +23,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from .runtime import use_gspmd_partitioner
+
 Array = jax.Array
 AXIS_NAMES = ("x", "y")
 
@@ -54,6 +56,8 @@ class DeviceGrid:
         object.__setattr__(self, "halo", int(self.halo))
         if self.backend not in ("auto", "jax", "cudecomp"):
             raise ValueError(f"backend must be 'auto', 'jax' or 'cudecomp', got {self.backend!r}")
+        if self.sharded:
+            use_gspmd_partitioner()
         # only a sharded grid needs to look at the devices (which starts JAX's backend)
         n_avail = jax.device_count() if self.n_devices > 1 else 1
         if self.n_devices > n_avail:

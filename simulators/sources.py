@@ -2,7 +2,7 @@
 
 Units: redshift dimensionless, comoving distances in Mpc/h, lensing kernels in h/Mpc (so that
 kappa = int q(chi) delta(chi) dchi is dimensionless), galaxy densities in gal/arcmin^2, areas in
-arcmin^2. Redshift tables are float64 numpy arrays (``simulators`` enables x64 in JAX on import).
+arcmin^2. Redshift tables are float64 numpy arrays (JAX needs float64 on: ``simulators.enable_x64()``).
 
 Born approximation (flat sky, flat universe):
   kappa_i(theta) = int_0^inf dchi q_i(chi) delta(chi theta, chi),

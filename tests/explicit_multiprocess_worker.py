@@ -30,6 +30,8 @@ class Killed(Exception):
 
 
 def main():
+    import simulators
+    simulators.enable_x64()
     assert jax.process_count() == 2 and jax.device_count() == 2
     work = Path(sys.argv[3])
     model = esw.nuts_model(DeviceGrid((2, 1), halo=4))  # one model: one compilation for 3 runs

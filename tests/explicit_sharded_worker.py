@@ -88,6 +88,8 @@ def run_nuts(model_and_truth, out_dir, **kw):
 
 
 def main():
+    import simulators
+    simulators.enable_x64()
     data, single = evaluate(DeviceGrid())
     _, sharded = evaluate(DeviceGrid((2, 1), halo=4), data)
     out = {f"single_{k}": v for k, v in single.items()}

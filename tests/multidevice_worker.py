@@ -67,6 +67,8 @@ def halo_dot_test(grid, results, prefix):
 
 
 def main():
+    import simulators
+    simulators.enable_x64()
     out_path, layouts = sys.argv[2], sys.argv[3:]
     results = {}
     run(SimConfig(**BASE), "single_", results)

@@ -24,6 +24,8 @@ from simulators import white_noise  # noqa: E402
 
 
 def main():
+    import simulators
+    simulators.enable_x64()
     assert jax.process_count() == 2 and jax.device_count() == 4
     cfg = SimConfig(**BASE, grid=DeviceGrid((2, 2), halo=4))
     noise = white_noise(cfg, 7)

@@ -442,3 +442,32 @@ def test_cosmology_is_frozen_and_hashable():
     # pytree round trip
     leaves, tree = jax.tree.flatten(a)
     assert len(leaves) == 7 and jax.tree.unflatten(tree, leaves) == a
+
+
+def test_importing_simulators_changes_no_jax_setting_and_float32_tables_are_refused():
+    """``import simulators`` leaves float64 and the partitioner as they were; a table built without
+    float64 raises the one-line error naming ``simulators.enable_x64()``; after it, the table is
+    float64. Run in a fresh interpreter without JAX_ENABLE_X64 (this session turned it on)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import jax, simulators\n"
+        "shardy = jax.config.jax_use_shardy_partitioner\n"
+        "print(jax.config.jax_enable_x64)\n"
+        "try:\n"
+        "    simulators.growth_table(simulators.Cosmology.fiducial())\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+        "simulators.enable_x64()\n"
+        "print(simulators.growth_table(simulators.Cosmology.fiducial()).D1.dtype)\n"
+        "print(jax.config.jax_use_shardy_partitioner == shardy)\n")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out[0] == "False"
+    assert "simulators.enable_x64()" in out[1]
+    assert out[2:] == ["float64", "True"]

@@ -48,7 +48,8 @@ def _fom(x: np.ndarray) -> float:
 
 
 def main(argv=None) -> None:
-    import simulators  # noqa: F401  (float64)
+    import simulators
+    simulators.enable_x64()
     from estimators.metrics import c2st
     from experiments.maps import run_maps
     from experiments.config import load_config

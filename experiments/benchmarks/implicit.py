@@ -65,6 +65,8 @@ def _metrics(samples, reference=None) -> dict:
 
 
 def main(argv=None):
+    import simulators
+    simulators.enable_x64()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="quick")
     ap.add_argument("--work", type=Path, default=Path("runs/quick"))

@@ -97,6 +97,8 @@ def run_one(name: str) -> dict:
 
 
 def main(argv=None):
+    import simulators
+    simulators.enable_x64()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--out", default="experiments/benchmarks/results_lensing.json")

@@ -61,6 +61,8 @@ def parse():
 
 
 def main():
+    import simulators
+    simulators.enable_x64()
     args = parse()
     if args.devices > 1:
         os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"

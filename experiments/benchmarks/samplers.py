@@ -63,7 +63,8 @@ def against_reference(x: np.ndarray, ref: np.ndarray, seed: int = 0) -> dict:
 
 
 def main(argv=None) -> None:
-    import simulators  # noqa: F401  (float64)
+    import simulators
+    simulators.enable_x64()
     from experiments.maps import run_maps
     from experiments.config import load_config
     from experiments.files import write_json

@@ -35,6 +35,8 @@ def fixed_amplitude(noise):
 
 
 def main(argv=None):
+    import simulators
+    simulators.enable_x64()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mesh", type=int, nargs=3, default=(32, 32, 128))
     p.add_argument("--box", type=float, nargs=3, default=(256.0, 256.0, 1024.0))

@@ -46,6 +46,8 @@ def sigma8_of_linear(cosmo):
 
 
 def main():
+    import simulators
+    simulators.enable_x64()
     out = {"k": K.tolist(), "a": A_VALUES, "jax_cosmo_version": getattr(jc, "__version__", "?"),
            "jax_version": jax.__version__, "cosmologies": {}}
     for name, pars in COSMOLOGIES.items():

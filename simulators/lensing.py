@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -108,9 +108,45 @@ def lpt_kappa(cosmo: Cosmology, cfg: SimConfig, lightcone: Lightcone, bins: Reds
 # Map models
 
 
+class MapModel(Protocol):
+    """What a map model is: (cosmology, latent white noise) -> noise-free tomographic κ maps.
+
+    Attributes:
+      sky: the pixelisation (``FlatSky`` or ``HealpixSky``) of maps (n_bins, *sky.shape).
+      bins: the source sample.
+      cfg, lightcone: the 3-D simulation the maps are read from, or None for fields drawn directly
+        on the sky (no mesh, no halo, no step window to check).
+      latent_shape: shape of the latent white noise.
+    """
+
+    sky: FlatSky | HealpixSky
+    bins: RedshiftBins
+    cfg: SimConfig | None
+    lightcone: Lightcone | None
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]: ...
+
+    def latent(self, seed: int | Array) -> Array:
+        """Unit white noise of shape ``latent_shape`` from a seed or a key."""
+
+    def kappa(self, cosmo: Cosmology, latent: Array) -> Array:
+        """(n_bins, *sky.shape) κ; pure, jit/vmap-able, differentiable in ``cosmo`` and ``latent``."""
+
+    def kappa_and_displacement(self, cosmo: Cosmology, latent: Array) -> tuple[Array, Array]:
+        """``kappa`` and the largest particle displacement along the sharded axes in mesh cells
+        (for the halo check; 0 where nothing moves across shards)."""
+
+    def realise(self, cosmo: Cosmology, latent: Array,
+                progress: Callable[[int], None] | None = None) -> Array:
+        """``kappa`` of one concrete cosmology, run from the host with the model's checks (memory,
+        halo, step window); ``progress(steps_done)`` where the model has steps."""
+
+
 @dataclass(frozen=True, eq=False)  # compared by identity: jit-static, and bins hold numpy arrays
-class PMLensing:
-    """Tomographic Born κ maps from a particle-mesh simulation with a lightcone (hashable, static).
+class _MeshLensing:
+    """Born κ maps read from a 3-D simulation's lightcone (hashable, static): what the PM and LPT
+    models share.
 
     Attributes: cfg: the PM setup (box, mesh, steps, device grid); lightcone: observer, sky, depth;
     bins: the source sample (a pytree of arrays; held here as a static part of the model).
@@ -135,23 +171,54 @@ class PMLensing:
         """Unit white noise of the initial conditions, the same on any device grid."""
         return white_noise(self.cfg, seed)
 
+
+@dataclass(frozen=True, eq=False)
+class PMLensing(_MeshLensing):
+    """Tomographic Born κ maps from a particle-mesh simulation with a lightcone (``MapModel``)."""
+
     def kappa(self, cosmo: Cosmology, latent: Array) -> Array:
         """(n_bins, *sky.shape) noise-free κ; differentiable in ``cosmo`` and ``latent``."""
         return pm_kappa(cosmo, self.cfg, self.lightcone, self.bins, latent)[0]
 
+    def kappa_and_displacement(self, cosmo: Cosmology, latent: Array) -> tuple[Array, Array]:
+        return pm_kappa(cosmo, self.cfg, self.lightcone, self.bins, latent)
+
+    def realise(self, cosmo: Cosmology, latent: Array,
+                progress: Callable[[int], None] | None = None) -> Array:
+        from .lightcone import check_step_window
+        from .simulation import check_halo, check_memory
+
+        check_step_window(cosmo, self.cfg, self.lightcone)
+        check_memory(self.cfg)
+        kappa, max_disp = _pm_kappa_stepwise(cosmo, self.cfg, self.lightcone, self.bins, latent,
+                                             progress)
+        check_halo(self.cfg, float(max_disp))
+        return kappa
+
 
 @dataclass(frozen=True, eq=False)
-class LPTLensing(PMLensing):
-    """The ``PMLensing`` lightcone painted from LPT displacements (no N-body steps)."""
+class LPTLensing(_MeshLensing):
+    """The ``PMLensing`` lightcone painted from LPT displacements, no N-body steps (``MapModel``)."""
 
     def kappa(self, cosmo: Cosmology, latent: Array) -> Array:
         return lpt_kappa(cosmo, self.cfg, self.lightcone, self.bins, latent)
 
+    def kappa_and_displacement(self, cosmo: Cosmology, latent: Array) -> tuple[Array, Array]:
+        return self.kappa(cosmo, latent), jnp.zeros(())
+
+    def realise(self, cosmo: Cosmology, latent: Array,
+                progress: Callable[[int], None] | None = None) -> Array:
+        from .lightcone import check_step_window
+
+        check_step_window(cosmo, self.cfg, self.lightcone)
+        return _kappa_jit(self)(cosmo, latent)
+
 
 @dataclass(frozen=True, eq=False)
-class GaussianLensing:
-    """Flat-sky Gaussian random κ maps with the Limber C_ℓ (halofit) of the cosmology, with the
-    right cross-bin correlations. latent: (n_bins, npix, npix) unit white noise.
+class _SkyField:
+    """Flat-sky random κ fields with the Limber C_ℓ (halofit) of the cosmology, drawn directly on
+    the sky (no 3-D simulation): what the Gaussian and lognormal models share.
+    latent: (n_bins, npix, npix) unit white noise.
 
     n_chi: Limber χ nodes (static, >= 16, ``flatsky.limber_cl``). The default 256 is within 1e-4 of
     a 1024-node C_ℓ; fewer nodes make κ and its gradients cheaper (field-level HMC, tests) at a
@@ -162,6 +229,8 @@ class GaussianLensing:
     bins: RedshiftBins
     n_chi: int = 256
     what = "Gaussian"  # for messages (not a field)
+    cfg = None  # no 3-D simulation (``MapModel``; class attributes, not fields)
+    lightcone = None
 
     def __post_init__(self):
         if not isinstance(self.sky, FlatSky):
@@ -178,6 +247,19 @@ class GaussianLensing:
     def latent(self, seed: int | Array) -> Array:
         key = jax.random.key(seed) if np.ndim(seed) == 0 and not isinstance(seed, jax.Array) else seed
         return jax.random.normal(key, self.latent_shape, jnp.float64)
+
+    def kappa_and_displacement(self, cosmo: Cosmology, latent: Array) -> tuple[Array, Array]:
+        return self.kappa(cosmo, latent), jnp.zeros(())
+
+    def realise(self, cosmo: Cosmology, latent: Array,
+                progress: Callable[[int], None] | None = None) -> Array:
+        return _kappa_jit(self)(cosmo, latent)
+
+
+@dataclass(frozen=True, eq=False)
+class GaussianLensing(_SkyField):
+    """Flat-sky Gaussian random κ maps with the Limber C_ℓ (halofit) of the cosmology, with the
+    right cross-bin correlations (``MapModel``; fields as ``_SkyField``)."""
 
     def kappa(self, cosmo: Cosmology, latent: Array) -> Array:
         from . import flatsky
@@ -198,10 +280,10 @@ def lognormal_shift(cosmo: Cosmology, bins: RedshiftBins, n_chi: int = 1024) -> 
 
 
 @dataclass(frozen=True, eq=False)
-class LognormalLensing(GaussianLensing):
+class LognormalLensing(_SkyField):
     """Flat-sky shifted-lognormal κ maps with exactly the Limber C_ℓ (halofit) of the cosmology on
     the periodic FFT grid, including cross-bin correlations. latent: (n_bins, npix, npix) unit white
-    noise and n_chi: Limber χ nodes of that C_ℓ (both as ``GaussianLensing``).
+    noise and n_chi: Limber χ nodes of that C_ℓ (both as ``GaussianLensing``; ``MapModel``).
 
       κ_i = λ_i [exp(g_i - σ²_g,i / 2) - 1],   ξ^g_ij(θ) = ln(1 + ξ^κ_ij(θ) / (λ_i λ_j)),
 
@@ -259,8 +341,6 @@ class LognormalLensing(GaussianLensing):
         return lam[:, None, None] * jnp.expm1(g - 0.5 * var_g[:, None, None])
 
 
-MapModel = Union[PMLensing, LPTLensing, GaussianLensing, LognormalLensing]
-
 
 def mesh_power_window(cell_size, n_phi: int = 32):
     """k ↦ power suppression of the simulated maps' density: CIC painting and trilinear reading
@@ -315,19 +395,7 @@ def simulate_maps(model: MapModel, cosmo: Cosmology, seed: int,
     the maps are not finite or a PM/LPT step of ``cosmo`` is thicker than the lightcone's radial
     window (``lightcone.check_step_window``).
     """
-    from .lightcone import check_step_window
-    from .simulation import check_halo, check_memory
-
-    if isinstance(model, PMLensing):
-        check_step_window(cosmo, model.cfg, model.lightcone)
-    latent = model.latent(seed)
-    if isinstance(model, PMLensing) and not isinstance(model, LPTLensing):
-        check_memory(model.cfg)
-        kappa, max_disp = _pm_kappa_stepwise(cosmo, model.cfg, model.lightcone, model.bins, latent,
-                                             progress)
-        check_halo(model.cfg, float(max_disp))
-    else:
-        kappa = _kappa_jit(model)(cosmo, latent)
+    kappa = model.realise(cosmo, model.latent(seed), progress)
     kappa = np.asarray(kappa, np.float64)
     if not np.all(np.isfinite(kappa)):
         raise ValueError("the simulated convergence maps contain NaN or inf")

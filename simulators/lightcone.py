@@ -43,6 +43,7 @@ import numpy as np
 from .config import SimConfig
 from .forces import paint_density
 from .grid import pad_shard
+from .painting import read_points_periodic
 
 Array = jax.Array
 
@@ -340,6 +341,12 @@ def _trilinear(field: Array, cells: Array, lo: Array, owned_hi, halo: int, wrap:
 POINTS_PER_BLOCK = 2**20
 
 
+# The ray samples' cell coordinates are tabulated once (``BornLightcone._sample_table``) when the
+# table takes at most this many bytes (quick: 3 MB), instead of transforming every block's points
+# through the replicas in every step and again in the backward pass.
+SAMPLE_TABLE_BYTES = 2**26
+
+
 def _blocks(n_samples: int, n_rays: int) -> tuple[int, int]:
     """(samples per block, blocks) covering ``n_samples`` radial samples of ``n_rays`` rays."""
     per = max(1, min(n_samples, POINTS_PER_BLOCK // max(n_rays, 1)))
@@ -393,23 +400,57 @@ class BornLightcone:
                     obs=lc.observer_position(box),
                     table=lc.replica_transforms(box) if lc.randomize else None)
 
-    def _to_box(self, r: Array) -> Array:
-        """Observer-frame points (N, 3) → box coordinates (N, 3) through the replica transforms."""
+    def _to_box(self, r, xp=jnp):
+        """Observer-frame points (N, 3) → box coordinates (N, 3) through the replica transforms,
+        in ``r``'s dtype; ``xp`` is ``jax.numpy`` or ``numpy`` (the sample table)."""
         st = self._static
         dtype = r.dtype
-        box = jnp.asarray(st["box"], dtype)
-        x = r + jnp.asarray(st["obs"], dtype)
+        box = xp.asarray(st["box"], dtype)
+        x = r + xp.asarray(st["obs"], dtype)
         if st["table"] is None:
-            return jnp.mod(x, box)
+            return xp.mod(x, box)
         n_lo, dims, inv_perm, signs, shifts = st["table"]
-        n = jnp.floor(x / box)
+        n = xp.floor(x / box)
         y = x - n * box
-        idx = jnp.clip(n.astype(jnp.int32) - jnp.asarray(n_lo), 0, jnp.asarray(dims) - 1)
+        idx = xp.clip(n.astype(xp.int32) - xp.asarray(n_lo), 0, xp.asarray(dims) - 1)
         flat = (idx[:, 0] * dims[1] + idx[:, 1]) * dims[2] + idx[:, 2]
-        sign = jnp.asarray(signs, dtype)[flat]
-        y = jnp.where(sign > 0, y, box - y)  # permuted axes have equal lengths: the same box
-        x = jnp.take_along_axis(y, jnp.asarray(inv_perm)[flat], axis=1)
-        return jnp.mod(x - jnp.asarray(shifts, dtype)[flat], box)
+        sign = xp.asarray(signs, dtype)[flat]
+        y = xp.where(sign > 0, y, box - y)  # permuted axes have equal lengths: the same box
+        x = xp.take_along_axis(y, xp.asarray(inv_perm)[flat], axis=1)
+        return xp.mod(x - xp.asarray(shifts, dtype)[flat], box)
+
+    def _cells(self, chi: Array, dtype) -> Array:
+        """(len(chi) · n_rays, 3) mesh-cell coordinates of every ray at the radii ``chi`` (Mpc/h),
+        computed in ``dtype``."""
+        st = self._static
+        dirs = jnp.asarray(st["dirs"], dtype)
+        x = self._to_box((chi.astype(dtype)[:, None, None] * dirs[None]).reshape(-1, 3))
+        return x / jnp.asarray(st["cell"], dtype)
+
+    @functools.cached_property
+    def _sample_tables(self) -> dict:
+        return {}
+
+    def _sample_table(self, dtype) -> np.ndarray | None:
+        """(n_s, n_rays, 3) mesh-cell coordinates of ray sample s (at χ_s = (s + ½)Δχ) for every s
+        a step's window can reach (χ < chi_max), or None when it would exceed
+        ``SAMPLE_TABLE_BYTES`` (then each block transforms its points itself). Computed by that
+        transform's own compiled arithmetic in ``dtype``, so the points are the same to the bit
+        (numpy's float32 differs from XLA's by one unit in the last place in a quarter of them,
+        which moves κ by ~3e-6 of its largest value on a cell-scale random field)."""
+        dtype = np.dtype(dtype)
+        if dtype not in self._sample_tables:
+            st = self._static
+            n_rays = st["dirs"].shape[0]
+            per, n_blocks = _blocks(self.samples_per_step, n_rays)
+            n_s = int(math.floor(self.lightcone.chi_max / self.spacing)) + per * n_blocks + 1
+            table = None
+            if n_s * n_rays * 3 * dtype.itemsize <= SAMPLE_TABLE_BYTES:
+                chi = (np.arange(n_s) + 0.5) * self.spacing
+                with jax.ensure_compile_time_eval():  # concrete, also while a caller traces
+                    table = np.asarray(_cells_jit(self, chi, dtype)).reshape(n_s, n_rays, 3)
+            self._sample_tables[dtype] = table
+        return self._sample_tables[dtype]
 
     @functools.cached_property
     def spacing(self) -> float:
@@ -424,8 +465,6 @@ class BornLightcone:
         n_win = self.samples_per_step
         spacing = self.spacing
         dtype = field.dtype
-        dirs = jnp.asarray(st["dirs"], dtype)
-        cell = jnp.asarray(st["cell"], dtype)
         local = (self.cfg.mesh_shape[0] // grid.pdims[0], self.cfg.mesh_shape[1] // grid.pdims[1])
         # Sample s sits at χ_s = (s + ½)Δχ and stands for [sΔχ, (s+1)Δχ]: the positions are fixed,
         # whatever the cosmology, so the maps change smoothly with it (samples that followed
@@ -435,8 +474,9 @@ class BornLightcone:
         # sample split between two steps add up to Δχ, and both read δ(a) at the shared boundary).
         first = jnp.floor(chi1 / spacing)
         width = jnp.maximum(chi0 - chi1, 1e-30)
-        n_rays = dirs.shape[0]
+        n_rays = st["dirs"].shape[0]
         per, n_blocks = _blocks(n_win, n_rays)
+        table = self._sample_table(dtype)
 
         # A block of ``per`` samples per iteration: one gather over per × n_rays points instead
         # of ``per`` small ones, so fewer, larger kernels (quick gradient 333 -> 232 ms on a
@@ -452,8 +492,14 @@ class BornLightcone:
                               0.0, None)
             length = jnp.where(j < n_win, length, 0.0)  # padding of the last block
             t = jnp.clip((chi0 - chi) / width, 0.0, 1.0)
-            x = self._to_box((chi.astype(dtype)[:, None, None] * dirs[None]).reshape(-1, 3))
-            vals = _trilinear(field, x / cell, lo, local, grid.halo, not grid.sharded)
+            if table is None:
+                cells = self._cells(chi, dtype)
+            else:  # samples first + c·per ... of the table (in bounds: first ≤ chi_max / Δχ)
+                start = first.astype(jnp.int32) + c * per
+                cells = jax.lax.dynamic_slice(table, (start, 0, 0), (per, n_rays, 3)).reshape(-1, 3)
+            vals = None if grid.sharded else read_points_periodic(field, cells)
+            if vals is None:
+                vals = _trilinear(field, cells, lo, local, grid.halo, not grid.sharded)
             vals = vals.reshape(per, n_rays, 2)
             delta = ((1 - t).astype(dtype)[:, None] * vals[..., 0]
                      + t.astype(dtype)[:, None] * vals[..., 1])  # (per, n_rays)
@@ -463,6 +509,10 @@ class BornLightcone:
         acc0 = jnp.zeros((n_rays, self.n_bins), dtype)
         acc, _ = jax.lax.scan(block, acc0, jnp.arange(n_blocks))
         return acc
+
+
+# The sample table's points, by the same compiled arithmetic as a block's own transform.
+_cells_jit = jax.jit(BornLightcone._cells, static_argnums=(0, 2))
 
 
 @functools.lru_cache(maxsize=64)

@@ -120,6 +120,46 @@ def _read_native_bwd(mesh_factor, offset, wrap, res, ct):
 _read_native.defvjp(_read_native_fwd, _read_native_bwd)
 
 
+# Interpolation at fixed points (the lightcone's ray samples): the points are the Lagrangian grid
+# of an (N, 1, 1) "particle" array with mesh_factor 0, so the particle kernels serve them. Their
+# positions do not depend on anything differentiated, so the backward pass is the paint alone.
+
+@jax.custom_vjp
+def _read_points_native(field, cells):
+    n = cells.shape[0]
+    out = native.read(field, cells.reshape(n, 1, 1, 3), 0, 0, True)
+    return out.reshape(n, field.shape[-1])
+
+
+def _read_points_native_fwd(field, cells):
+    return _read_points_native(field, cells), (field.shape[:3], cells)
+
+
+def _read_points_native_bwd(res, ct):
+    shape, cells = res
+    n = cells.shape[0]
+    ct_field = native.paint(shape, cells.reshape(n, 1, 1, 3), ct.reshape(n, 1, 1, -1), 0, 0, True)
+    return ct_field, jnp.zeros_like(cells)
+
+
+_read_points_native.defvjp(_read_points_native_fwd, _read_points_native_bwd)
+
+
+def read_points_periodic(field: Array, cells: Array) -> Array | None:
+    """Trilinear (CIC) interpolation of a periodic one-device mesh at fixed points with the compiled
+    CPU kernels, or None where they do not run (then the caller gathers in JAX).
+
+    Args:
+      field: (nx, ny, nz, C) mesh values; cell i's value sits at coordinate i.
+      cells: (N, 3) cell coordinates of the points, treated as constants (no gradient flows to them).
+    Returns:
+      (N, C) values; differentiable in ``field`` (the adjoint paints the cotangents).
+    """
+    if not native.available(field.dtype):
+        return None
+    return _read_points_native(field, jax.lax.stop_gradient(cells.astype(field.dtype)))
+
+
 # ---- pure-JAX path (GPU, or no compiler) --------------------------------------------------
 
 def _paint_xla(shape, disp, mesh_factor, offset, wrap, weight):

@@ -71,7 +71,8 @@ def test_unconverged_chain_is_flagged(tmp_path):
 def metrics_file(converged):
     method = {"method": "hmc", "label": "Field-level HMC", "n_samples": 100, "n_chains": 2,
               "names": ["Omega_c", "sigma8"],
-              "params": {"Omega_c": {"mean": 0.3, "std": 0.05}, "sigma8": {"mean": 0.8, "std": 0.06}},
+              "params": {"Omega_c": {"mean": 0.3, "std": 0.05},
+                         "sigma8": {"mean": 0.8, "std": 0.06}},
               "fom": {"Omega_c,sigma8": 1739.0}, "S8": {"mean": 0.8, "std": 0.02},
               "draws": {"ess": {"Omega_c": 8.0, "sigma8": 9.5}, "r_hat": {"Omega_c": 1.07,
                                                                          "sigma8": 1.3}},
@@ -81,8 +82,9 @@ def metrics_file(converged):
            "params": {"Omega_c": {"mean": 0.3, "std": 0.1}, "sigma8": {"mean": 0.8, "std": 0.1}},
            "fom": {"Omega_c,sigma8": 100.0}, "S8": {"mean": 0.8, "std": 0.03},
            "converged": True, "calibration": None}
-    return {"format": "lensbench.metrics", "format_version": 1, "methods_order": ["hmc", "npe_vmim"],
-            "truth": {"Omega_c": 0.2664, "sigma8": 0.831}, "methods": {"hmc": method, "npe_vmim": npe},
+    return {"format": "lensbench.metrics", "format_version": 1,
+            "methods_order": ["hmc", "npe_vmim"], "truth": {"Omega_c": 0.2664, "sigma8": 0.831},
+            "methods": {"hmc": method, "npe_vmim": npe},
             "convergence": {"ess_min": 400, "r_hat_max": 1.01}, "c2st": None, "warnings": []}
 
 
@@ -110,10 +112,12 @@ def test_implicit_layout_flags_uncalibrated_npe_and_short_cl_chain(tmp_path):
           "c2st_vs_reference": 0.76}
     write(tmp_path, "results_implicit_new.json", {
         "config": "quick", "reference": "npe_cl_n500",
-        "methods": {"npe_mse_n500": npe, "npe_cl_n500": {**npe, "method": "npe_cl", "calibration": cal},
+        "methods": {"npe_mse_n500": npe,
+                    "npe_cl_n500": {**npe, "method": "npe_cl", "calibration": cal},
                     "cl_analytic": cl}})
     page = section_of(render.render_page(tmp_path), "results_implicit_new.json")
-    assert row_of(page, "NPE on MSE summaries").endswith("| uncalibrated (no held-out calibration) |")
+    uncalibrated = "| uncalibrated (no held-out calibration) |"
+    assert row_of(page, "NPE on MSE summaries").endswith(uncalibrated)
     assert row_of(page, "NPE on C_ℓ").endswith("| miscalibrated σ_8 (SBC KS p 0.004) |")
     assert "(reference)" in row_of(page, "NPE on C_ℓ")
     assert row_of(page, "analytic C_ℓ").endswith("| unconverged (ESS 46/89, R̂ 1.03) |")
@@ -148,3 +152,13 @@ def test_known_name_with_another_layout_falls_back_to_the_generic_table(tmp_path
                                          (3, "3")])
 def test_number_format(value, text):
     assert render.num(value) == text
+
+
+def test_superseded_file_points_at_its_replacement_without_a_table(tmp_path):
+    for name in ("results_implicit.json", "results_implicit_losses.json"):
+        shutil.copy(render.HERE / name, tmp_path)
+    page = render.render_page(tmp_path)
+    old = section_of(page, "results_implicit.json")
+    assert "**Superseded** by `results_implicit_losses.json` (section 1)." in old
+    assert "| method |" not in old and "NOTEBOOK.md section 6" in old
+    assert "| method |" in section_of(page, "results_implicit_losses.json")

@@ -39,7 +39,8 @@ NOTEBOOK_NAME = "NOTEBOOK.md"
 PATTERN = "results_*.json"
 
 # An SBC rank KS p-value below this marks a marginal as miscalibrated: with 100 held-out
-# simulations, p < 0.01 is what the notebook (6b, 6c) read as a real miscalibration rather than noise.
+# simulations, p < 0.01 is what the notebook (6b, 6c) read as a real miscalibration rather than
+# noise.
 SBC_P_MIN = 0.01
 
 PARAM_NAMES = {"Omega_c": "Ω_c", "sigma8": "σ_8", "S8": "S_8", "Omega_m": "Ω_m", "Omega_b": "Ω_b",
@@ -71,11 +72,13 @@ SOURCES: dict[str, Source] = {
         what="Median time of the compiled call (after compilation and one warm-up call) and the "
              "process's peak RSS (compilation included), each measurement in a fresh process, the "
              "two codes alternating. `forward` = white noise → CIC density (2LPT at a = 0.1, 10 PM "
-             "steps to a = 1); `gradient` = ∂Σρ²/∂(Ω_c, white noise) in one reverse pass (lensbench: "
+             "steps to a = 1); `gradient` = ∂Σρ²/∂(Ω_c, white noise) in one reverse pass "
+             "(lensbench: "
              "reverse adjoint; JaxPM: diffrax with `max_steps=10`); `pm_forces` = one force "
              "evaluation; FFT floor = 1 rfftn + 3 irfftn in each code's own JAX.",
         command="bash experiments/benchmarks/setup_peer.sh\n"
-                ".venv/bin/python experiments/benchmarks/run_pm.py --sizes 32,64,128 --repeats 5 \\\n"
+                ".venv/bin/python experiments/benchmarks/run_pm.py --sizes 32,64,128 "
+                "--repeats 5 \\\n"
                 "    --peer-args '--max-steps 10' --wait-quiet 60 --retry-busy 1",
         recorded=VM + "; lensbench on jax 0.10.2, JaxPM 0.1.6 on jax 0.6.2 in its own `.venv-peer`",
         notebook="1"),
@@ -147,7 +150,8 @@ SOURCES: dict[str, Source] = {
         notebook="7g",
         caveat="The file predates the convergence certificate of `metrics.json` (no ESS or R̂ "
                "stored); the run's diagnostics, copied into NOTEBOOK 7g, gave the HMC chains ESS "
-               "693 / 778 and split R̂ ≤ 1.003. `gaussian_check`'s C_ℓ likelihood has since changed "
+               "693 / 778 and split R̂ ≤ 1.003. `gaussian_check`'s C_ℓ likelihood has since "
+               "changed "
                "(analytic covariance, 24 linear ℓ bins: NOTEBOOK 8, ≥ 0.9× the exact FoM on "
                "average), so the cl_analytic row and the ratios to it are those of the old "
                "settings (simulated covariance, 8 log bins)."),
@@ -367,7 +371,8 @@ def render_pm(data: Mapping, source: Source | None) -> list[str]:
         pr = pf / pt if pf and pt else None
         orr = of / ot if of and ot else None
         rows.append([f"{n}³", "forces / own FFT floor", num(pr), num(orr), ratio(pr, orr)])
-    busy = [r.get("others_cpu_cores") for r in data["results"] if r.get("others_cpu_cores") is not None]
+    busy = [r["others_cpu_cores"] for r in data["results"]
+            if r.get("others_cpu_cores") is not None]
     facts = [f"Run {meta.get('started', '?')} to {meta.get('finished', '?')}, git "
              f"{meta.get('git_rev', '?')}, host {meta.get('host', '?')} ({meta.get('cpus', '?')} "
              f"CPUs), Python {meta.get('python', '?')}, tcmalloc {meta.get('tcmalloc')}; "
@@ -405,8 +410,9 @@ def render_scaling(data: Mapping, source: Source | None) -> list[str]:
         calls = len((memory[0].get("forward") or {}).get("all_s") or [])
         out.append(f"Gradient memory at {n}³, {calls} timed call(s) per cell. Each cell: XLA "
                    "temporary buffers / process peak RSS ; median time.")
-        out.append(table(["steps", "forward", "grad, reverse adjoint",
-                          "grad, autodiff + checkpoint per step", "adjoint / forward (temp)"], rows))
+        header = ["steps", "forward", "grad, reverse adjoint",
+                  "grad, autodiff + checkpoint per step", "adjoint / forward (temp)"]
+        out.append(table(header, rows))
     scaling = data.get("scaling") or []
     if scaling:
         base = next((s for s in scaling if s["devices"] == 1), None)
@@ -599,7 +605,8 @@ def render_metrics(data: Mapping, source: Source | None) -> list[str]:
             f"{b['n_gradients']:,} gradients" if b.get("n_gradients") else "") if x) or "–")
         row.append(_metrics_status(data, k))
         rows.append(row)
-    header = ["method"] + [param(p) for p in sampled] + ["S_8", f"FoM({', '.join(param(p) for p in sampled[:2])})"]
+    fom_names = ", ".join(param(p) for p in sampled[:2])
+    header = ["method"] + [param(p) for p in sampled] + ["S_8", f"FoM({fom_names})"]
     if ref:
         header.append(f"/ {ref}")
     if exact_fom:
@@ -763,20 +770,21 @@ def title_of(name: str) -> str:
     return name.removeprefix("results_").removesuffix(".json").replace("_", " ")
 
 
-def section(number: int, name: str, data, source: Source | None) -> str:
+def section(numbers: Mapping[str, int], name: str, data, source: Source | None) -> str:
     """One section: title, what was measured, command, provenance, caveat, tables. A superseded
-    file gets a pointer to its replacement and no table; a file that fails to render falls back
-    to the generic table."""
+    file gets a pointer to its replacement (``numbers``: file name -> section number) and no
+    table; a file that fails to render falls back to the generic table."""
+    number = numbers[name]
     title = source.title if source else title_of(name)
     parts = [f"## {number}. {title}", f"Data: `{name}`."
              + (f" Discussion: [NOTEBOOK.md]({NOTEBOOK_NAME}) "
                 f"{'sections' if ' and ' in source.notebook else 'section'} {source.notebook}."
                 if source and source.notebook else "")]
     if source and source.superseded_by:
-        parts.append(f"**Superseded** by `{source.superseded_by}` (section "
-                     f"{ORDER.index(source.superseded_by) + 1 if source.superseded_by in ORDER else '?'}"
-                     f"). {source.what} Its table is kept in NOTEBOOK.md section "
-                     f"{source.notebook}.")
+        where = (f" (section {numbers[source.superseded_by]})"
+                 if source.superseded_by in numbers else "")
+        parts.append(f"**Superseded** by `{source.superseded_by}`{where}. {source.what} Its "
+                     f"table is kept in NOTEBOOK.md section {source.notebook}.")
         return "\n\n".join(parts)
     if source:
         parts.append(f"What: {source.what}")
@@ -795,7 +803,8 @@ def section(number: int, name: str, data, source: Source | None) -> str:
         blocks = render(data, source)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError) as e:
         blocks = [f"(The {render.__name__} layout did not fit this file: "
-                  f"{type(e).__name__}: {e}; shown as key/value pairs.)"] + render_generic(data, None)
+                  f"{type(e).__name__}: {e}; shown as key/value pairs.)"]
+        blocks += render_generic(data, None)
     parts += blocks
     return "\n\n".join(parts)
 
@@ -829,8 +838,8 @@ significant figures."""
 def render_page(directory: Path = HERE) -> str:
     """The whole RESULTS.md text for the results files of ``directory``."""
     results = load_results(directory)
-    sections = [section(i, name, data, SOURCES.get(name))
-                for i, (name, data) in enumerate(results.items(), start=1)]
+    numbers = {name: i for i, name in enumerate(results, start=1)}
+    sections = [section(numbers, name, data, SOURCES.get(name)) for name, data in results.items()]
     contents = "\n".join(f"{i}. {(SOURCES[n].title if n in SOURCES else title_of(n))} (`{n}`)"
                          for i, n in enumerate(results, start=1))
     return "\n\n".join([HEADER, "Contents:\n\n" + contents] + sections) + "\n"

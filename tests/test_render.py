@@ -60,11 +60,13 @@ def test_unconverged_chain_is_flagged(tmp_path):
         chain((8.7, 9.2), (1.07, 1.02), "short run"),
         chain((500.0, 399.9), (1.001, 1.002), "ess just short"),
         chain((900.0, 800.0), (1.0, 1.012), "r-hat just over"),
+        chain((900.0, None), (1.003, float("nan")), "undefined diagnostics"),
         chain((900.0, 800.0), (1.003, 1.004), "long run")])
     page = section_of(render.render_page(tmp_path), "results_hmc.json")
     assert row_of(page, "short run").endswith("| unconverged (ESS 8/9, R̂ 1.07) |")
     assert row_of(page, "ess just short").endswith("| unconverged (ESS 500/399, R̂ 1.00) |")
     assert row_of(page, "r-hat just over").endswith("| unconverged (ESS 900/800, R̂ 1.012) |")
+    assert row_of(page, "undefined diagnostics").endswith("| unconverged (ESS 900/—, R̂ —) |")
     assert row_of(page, "long run").endswith("| converged |")
 
 

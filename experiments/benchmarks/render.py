@@ -207,8 +207,9 @@ ORDER = ("results_pm.json", "results_scaling.json", "results_lensing.json", "res
 
 
 def num(x, digits: int = 3) -> str:
-    """A number to ``digits`` significant figures, whole numbers from 10^digits up (no exponent
-    for the sizes these benchmarks produce); "–" for a missing or non-finite value."""
+    """A number to ``digits`` significant figures (trailing zeros kept: 5.00 says how well it is
+    known), rounded to a whole number from 10^(digits−1) up so that no exponent appears for the
+    sizes these benchmarks produce; "–" for a missing or non-finite value."""
     if x is None or isinstance(x, bool):
         return "–" if x is None else str(x)
     if isinstance(x, int):
@@ -296,21 +297,28 @@ def r_hat_text(r: float) -> str:
     return repr(r)
 
 
+def _defined(v) -> bool:
+    """Whether a diagnostic value exists (not null, not NaN/inf)."""
+    return v is not None and math.isfinite(v)
+
+
 def mcmc_flag(ess: Mapping | None, r_hat: Mapping | None) -> str | None:
     """None when every parameter has ESS >= ESS_MIN and split R̂ <= R_HAT_MAX; else
     "unconverged (ESS a/b, R̂ x)" with ESS rounded down (a failing value never reads as passing)
-    and the worst R̂. A missing R̂ (one chain) leaves the ESS to decide."""
-    ess = dict(ess or {})
-    r_hat = {k: v for k, v in (r_hat or {}).items() if v is not None}
+    and the worst R̂, "—" where undefined. An undefined value fails (a stuck chain gives NaN); an
+    absent R̂ (one chain, no split R̂ recorded) leaves the ESS to decide."""
+    ess, r_hat = dict(ess or {}), dict(r_hat or {})
     if not ess:
         return "ESS not recorded"
-    bad_ess = any(v is None or not math.isfinite(v) or v < ESS_MIN for v in ess.values())
-    worst = max(r_hat.values()) if r_hat else None
-    bad_r = worst is not None and (not math.isfinite(worst) or worst > R_HAT_MAX)
+    bad_ess = any(not _defined(v) or v < ESS_MIN for v in ess.values())
+    bad_r = any(not _defined(v) or v > R_HAT_MAX for v in r_hat.values())
     if not (bad_ess or bad_r):
         return None
-    ess_text = "/".join("—" if v is None else str(math.floor(v)) for v in ess.values())
-    r_text = f", R̂ {r_hat_text(worst)}" if worst is not None else ""
+    ess_text = "/".join(str(math.floor(v)) if _defined(v) else "—" for v in ess.values())
+    r_text = ""
+    if r_hat:
+        defined = [v for v in r_hat.values() if _defined(v)]
+        r_text = ", R̂ " + ("—" if len(defined) < len(r_hat) else r_hat_text(max(defined)))
     return f"unconverged (ESS {ess_text}{r_text})"
 
 

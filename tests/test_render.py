@@ -97,6 +97,13 @@ def test_compare_metrics_flags(tmp_path):
     assert "| 1739 |" in row_of(page, "Field-level HMC")  # the number, next to its flag
     assert row_of(page, "NPE (VMIM)").endswith("| uncalibrated (no held-out calibration) |")
 
+    unconverged_ref = metrics_file(converged=False)
+    unconverged_ref["fom_ratio"] = {"reference": "hmc", "values": {
+        "hmc": {"Omega_c,sigma8": 1.0}, "npe_vmim": {"Omega_c,sigma8": 0.06}}}
+    write(tmp_path, "results_demo.json", unconverged_ref)
+    page = section_of(render.render_page(tmp_path), "results_demo.json")
+    assert "| / hmc (unconverged) |" in page
+
     write(tmp_path, "results_demo.json", metrics_file(converged=True))
     page = section_of(render.render_page(tmp_path), "results_demo.json")
     assert "unconverged" not in row_of(page, "Field-level HMC")

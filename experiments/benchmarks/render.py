@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 from experiments.config import ESS_MIN, R_HAT_MAX
-from experiments.metrics import unconverged_note
+from experiments.metrics import unconverged_note, unconverged_reference
 
 HERE = Path(__file__).resolve().parent
 PAGE_NAME = "RESULTS.md"
@@ -431,8 +431,9 @@ def render_scaling(data: Mapping, source: Source | None) -> list[str]:
             tg = d * base["grad"]["median_s"] / g if base else None
             rows.append([d, s["pdims"], s["mesh"].replace("x", "×"), num(f), num(g), fixed(tf),
                          fixed(tg)])
-        out.append("Weak scaling, 64³ cells per device; throughput = cells per second relative to "
-                   "one device (D × t₁ / t_D).")
+        per_device = (base or scaling[0])["forward"].get("n", "?")
+        out.append(f"Weak scaling, {per_device}³ cells per device; throughput = cells per second "
+                   "relative to one device (D × t₁ / t_D).")
         out.append(table(["devices", "grid", "mesh", "forward [s]", "gradient [s]",
                           "forward throughput vs 1 device", "gradient throughput vs 1 device"],
                          rows))
@@ -484,7 +485,8 @@ def render_hmc(data: Sequence[Mapping], source: Source | None) -> list[str]:
         for r in chains:
             ess, rh = r.get("ess") or {}, r.get("r_hat") or {}
             rows.append([r["sampler"], r["config"], r.get("run", ""), r.get("gradients", "–"),
-                         pair(ess.values()), pair(rh.values(), lambda v: fixed(v)),
+                         pair(ess.values()),
+                         pair(rh.values(), lambda v: r_hat_text(v) if _defined(v) else "–"),
                          num(r.get("min_ess_per_1000_gradients")), num(r.get("min_ess_per_hour")),
                          status(mcmc_flag(ess, rh), "converged")])
         names = ", ".join(param(p) for p in (chains[0].get("ess") or {}))
@@ -616,7 +618,7 @@ def render_metrics(data: Mapping, source: Source | None) -> list[str]:
     fom_names = ", ".join(param(p) for p in sampled[:2])
     header = ["method"] + [param(p) for p in sampled] + ["S_8", f"FoM({fom_names})"]
     if ref:
-        header.append(f"/ {ref}")
+        header.append(f"/ {ref}" + (" (unconverged)" if unconverged_reference(data) else ""))
     if exact_fom:
         header.append("/ exact")
     header += [f"C2ST vs {against}", "budget", "status"]

@@ -841,8 +841,8 @@ C_ℓ covariance study of 8, the samplers of 9) are only there.
 Certificates: an MCMC result whose file records ESS and split R̂ is flagged "unconverged" unless
 every parameter has ESS ≥ {ESS_MIN} and split R̂ ≤ {R_HAT_MAX} (the thresholds of `lensbench
 compare`); an NPE is flagged unless it was calibrated on held-out simulations (TARP and SBC), and
-"miscalibrated" where a marginal's SBC rank KS p < {SBC_P_MIN}. Numbers are shown to 3
-significant figures."""
+"miscalibrated" where a marginal's SBC rank KS p < {SBC_P_MIN}. Measured values are shown to 3
+significant figures, biases, p-values and ratios to 2–3 decimals."""
 
 
 def render_page(directory: Path = HERE) -> str:

@@ -288,7 +288,7 @@ comoving_distance_jit = jax.jit(comoving_distance, static_argnames=("a_min", "n"
 # cost follows n, not the (scalar) arithmetic: the substeps share an iteration. Measured against an
 # n = 8192 table over [a_min, 1], six cosmologies: <= 2.5e-8 relative for D1, D2, f1, f2 (one
 # substep: 7.4e-8; the former 1024-node, one-substep Lagrange table: 1.5e-9), below float32's
-# 6e-8, in which the PM uses them (RESULTS 7l).
+# 6e-8, in which the PM uses them (NOTEBOOK 7l).
 N_GROWTH = 256
 GROWTH_SUBSTEPS = 2
 

@@ -480,7 +480,7 @@ class BornLightcone:
 
         # A block of ``per`` samples per iteration: one gather over per × n_rays points instead
         # of ``per`` small ones, so fewer, larger kernels (quick gradient 333 -> 232 ms on a
-        # 2-core CPU, 12.2 -> 14.7 per second on an H200; RESULTS 7i).
+        # 2-core CPU, 12.2 -> 14.7 per second on an H200; NOTEBOOK 7i).
         # Rematerialised: reverse mode stores nothing per block (the carry enters linearly), so
         # gradient memory does not grow with the number of samples.
         @jax.checkpoint

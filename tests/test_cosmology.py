@@ -178,10 +178,10 @@ def test_growth_table_resolution(name):
     # The default table (N_GROWTH = 256 nodes, 2 RK4 steps per interval, cubic Hermite between
     # nodes) against converged ones: 8192 nodes, and the 1024-node single-step table used before
     # (itself <= 1.5e-9 from the 8192 one), over the whole table range a in [a_min, 1]. Measured
-    # <= 2.5e-8 for D1, D2, f1, f2 over six cosmologies (RESULTS 7l): below float32's round-off
+    # <= 2.5e-8 for D1, D2, f1, f2 over six cosmologies (NOTEBOOK 7l): below float32's round-off
     # 6e-8, in which the PM uses them. 4e-8 leaves room for other platforms' libm; one RK4 step
     # per interval (6e-8..7e-8 measured) or 4-point Lagrange interpolation of 256 nodes (2.2e-7,
-    # RESULTS 7i) fail.
+    # NOTEBOOK 7i) fail.
     c = COSMOS[name]
     a = np.geomspace(1e-3, 1.0, 2001)
     got = [np.asarray(x) for x in _eval_growth(_gt(c), a)]

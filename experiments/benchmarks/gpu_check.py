@@ -35,11 +35,11 @@ the whole smoke run takes about half an hour there; ``--only`` runs a subset.
 
 Budget: every item runs under its own timeout, clipped to what is left of ``--budget`` (default
 450 s, 4500 s with ``--cpu-smoke``; on the GPU the shell script adds a hard 480 s limit around
-it). Children get ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (as in RESULTS 7i, so that a process
+it). Children get ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (as in NOTEBOOK 7i, so that a process
 holds only what it uses) and a fresh persistent compilation cache shared by the items: the model's
 tables, and the profile's gradient (the same program as ``grads/lsst_y10_128x128x1024/adjoint``),
 are compiled once; every ``grads`` and ``vmap`` program is distinct, so their compile times are
-first compiles. Expected on an H200 (RESULTS 7i: compiles of 13-23 s, 3.9 s per gradient at
+first compiles. Expected on an H200 (NOTEBOOK 7i: compiles of 13-23 s, 3.9 s per gradient at
 128×128×1024): about 7 minutes in all, the last item the one at risk.
 """
 
@@ -88,7 +88,7 @@ class Item:
 
 def plan(smoke: bool) -> list[Item]:
     """The items, smallest first. At 128×128×1024 the profile comes before the checkpoint mode:
-    the checkpointed gradient's cost there is known (RESULTS 7i: 0.255 /s, 20.8 GB), where its
+    the checkpointed gradient's cost there is known (NOTEBOOK 7i: 0.255 /s, 20.8 GB), where its
     time goes is not, so an overrun should lose the former."""
     if smoke:  # tiny sizes: each item is a compile or two on CPU (about a minute on 2 busy cores)
         quick, lsst = "8,8,16", ["16,16,64", "16,16,128"]
@@ -108,7 +108,7 @@ def plan(smoke: bool) -> list[Item]:
         return Item(name, "grads", t * scale, dict(config=cfg, mesh=mesh, gradient=mode, evals=n,
                                                    changes=changes))
 
-    big_evals = 1 if smoke else 3  # 3.9 s per gradient on an H200 (RESULTS 7i)
+    big_evals = 1 if smoke else 3  # 3.9 s per gradient on an H200 (NOTEBOOK 7i)
     spec_big = dict(config="lsst_y10", mesh=large, gradient="adjoint", changes=lsst_changes)
     return [
         Item("env", "env", 60 * scale),

@@ -1,0 +1,879 @@
+"""Write ``experiments/benchmarks/RESULTS.md`` from the committed ``results_*.json`` files.
+
+    python -m experiments.benchmarks.render           # rewrite RESULTS.md
+    python -m experiments.benchmarks.render --check   # exit 1 when RESULTS.md is out of date
+
+The page holds the current measurements only, each table computed from its data file, so that a
+number on the page is the number in the file and a rerun of a benchmark updates the page by
+rerunning this script. ``NOTEBOOK.md`` keeps the chronological record (investigations, negative
+results, superseded tables) in prose; this page links to it for the reasoning.
+
+A result that is not certified is flagged where it is shown, never printed bare: an MCMC method
+whose file records ESS and split R̂ fails below ``ESS_MIN`` or above ``R_HAT_MAX`` (the thresholds
+of ``lensbench compare``), and an NPE without a calibration on held-out simulations is marked
+uncalibrated. A data file this script does not know is rendered as a key/value table instead of
+failing, so adding a benchmark never breaks the page.
+
+What the files do not record (the command, date, commit and machine of most of them, and the
+caveats a later change put on them) lives in ``SOURCES``, taken from the notebook section that
+first reported each file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+from experiments.config import ESS_MIN, R_HAT_MAX
+from experiments.metrics import unconverged_note, unconverged_reference
+
+HERE = Path(__file__).resolve().parent
+PAGE_NAME = "RESULTS.md"
+NOTEBOOK_NAME = "NOTEBOOK.md"
+PATTERN = "results_*.json"
+
+# An SBC rank KS p-value below this marks a marginal as miscalibrated: with 100 held-out
+# simulations, p < 0.01 is what the notebook (6b, 6c) read as a real miscalibration rather than
+# noise.
+SBC_P_MIN = 0.01
+
+PARAM_NAMES = {"Omega_c": "Ω_c", "sigma8": "σ_8", "S8": "S_8", "Omega_m": "Ω_m", "Omega_b": "Ω_b",
+               "h": "h", "n_s": "n_s", "w0": "w_0", "wa": "w_a"}
+
+MCMC_METHODS = ("hmc", "cl_analytic")
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a results file does not say about itself: the section title, what was measured, the
+    command, when/where it ran, the notebook section with the discussion, and any caveat a later
+    change put on it. ``superseded_by`` names the file that replaced it (then no table is shown)."""
+
+    title: str
+    what: str
+    command: str
+    recorded: str
+    notebook: str
+    caveat: str = ""
+    superseded_by: str = ""
+
+
+VM = "the project's 2-core x86-64 VM, no GPU"
+
+SOURCES: dict[str, Source] = {
+    "results_pm.json": Source(
+        title="Particle mesh: lensbench against JaxPM 0.1.6",
+        what="Median time of the compiled call (after compilation and one warm-up call) and the "
+             "process's peak RSS (compilation included), each measurement in a fresh process, the "
+             "two codes alternating. `forward` = white noise → CIC density (2LPT at a = 0.1, 10 PM "
+             "steps to a = 1); `gradient` = ∂Σρ²/∂(Ω_c, white noise) in one reverse pass "
+             "(lensbench: "
+             "reverse adjoint; JaxPM: diffrax with `max_steps=10`); `pm_forces` = one force "
+             "evaluation; FFT floor = 1 rfftn + 3 irfftn in each code's own JAX.",
+        command="bash experiments/benchmarks/setup_peer.sh\n"
+                ".venv/bin/python experiments/benchmarks/run_pm.py --sizes 32,64,128 "
+                "--repeats 5 \\\n"
+                "    --peer-args '--max-steps 10' --wait-quiet 60 --retry-busy 1",
+        recorded=VM + "; lensbench on jax 0.10.2, JaxPM 0.1.6 on jax 0.6.2 in its own `.venv-peer`",
+        notebook="1"),
+    "results_scaling.json": Source(
+        title="Gradient memory against the number of steps, and weak scaling on fake devices",
+        what="At 128³: the XLA temporary-buffer size of the compiled program (its working set, "
+             "`compiled.memory_analysis()`), the process's peak RSS and the time, for the forward "
+             "and for the gradient by reverse adjoint and by autodiff with a checkpoint per step. "
+             "Then 64³ cells per device on D fake CPU devices "
+             "(`--xla_force_host_platform_device_count`), which share the machine's 2 cores: this "
+             "tests the distributed path's overhead, not real scaling (ideal time grows like D/2).",
+        command=".venv/bin/python experiments/benchmarks/run_scaling.py --n 128 --repeats 1",
+        recorded="2026-11-25, git ef03a97, " + VM,
+        notebook="2 and 3"),
+    "results_lensing.json": Source(
+        title="Lensing maps: time and memory of one κ map",
+        what="`forward` = white noise → noise-free tomographic κ maps (linear field, 2LPT, PM "
+             "steps with the lightcone projected on the fly); `grad` = ∂Σκ²/∂(all cosmological "
+             "parameters, white noise) in one reverse pass. Median of 3 calls after a warm-up (1 "
+             "for lsst_y10), compile time separately; XLA's temporary-buffer size and the "
+             "process's peak RSS; each case in a fresh process. Shells = radial slices in total.",
+        command=".venv/bin/python -m experiments.benchmarks.lensing_maps",
+        recorded="2026-11-26, code of git 426e7d6",
+        notebook="4",
+        caveat="These timings predate the fixed radial sample positions of the lightcone "
+               "(NOTEBOOK 7b: the same number of samples per step) and have not been re-measured."),
+    "results_hmc.json": Source(
+        title="Field-level HMC: gradient cost and short chains on quick",
+        what="Gradient rows: time per gradient of the field-level log density (each mode in its "
+             "own process), compile + first call, peak RSS. Chain rows: ESS, split R̂ and ESS per "
+             "gradient of NUTS and MCLMC on the quick observation.",
+        command="python -m experiments.benchmarks.hmc grads --config quick --evals 10\n"
+                "python -m experiments.benchmarks.hmc grads --config lsst_y10 --mesh 32,32,128 "
+                "--evals 2\n"
+                "python -m experiments.benchmarks.hmc chains --config quick --maps obs.h5 "
+                "--samplers nuts,mclmc --mclmc 500,2500 \\\n"
+                "    --out experiments/benchmarks/results_hmc.json   "
+                "# the 200 + 700 row: the hmc stage of `lensbench compare`",
+        recorded="2026-11-26/27, " + VM + ", shared with the test suite or `compare` during "
+                 "each run (wall times high by up to about 2×)",
+        notebook="7b",
+        caveat="The gradient timings are superseded by NOTEBOOK 7l's side-by-side measurement "
+               "against the FFT floor (quick ≈ 220 ms, reduced lsst_y10 ≈ 11 s per adjoint "
+               "gradient under load; not in a results file); the peak memory here is the latest. "
+               "None of the chains is converged; NOTEBOOK 7k has longer MCLMC chains on the same "
+               "observation (not in a results file)."),
+    "results_hmc_coverage.json": Source(
+        title="Calibration of field-level HMC against the exact posterior (Gaussian-field maps)",
+        what="θ drawn from the LSST-Y10 prior (Ω_c, σ_8), maps simulated at θ, then `lensbench "
+             "hmc` and the exact grid posterior (`lensbench exact`, the field marginalised "
+             "analytically) on each: SBC ranks of the truth (HMC draws thinned to about one per "
+             "effective sample), coverage of the central 68 % and 95 % intervals, and per "
+             "observation z = (HMC mean − exact mean) / (HMC std / √ESS).",
+        command="",  # built from the file's own config and overrides
+        recorded="2026-11-27, " + VM + ", both cores shared with the test suite; exact posteriors "
+                 "recomputed after the grid fix of 38e733a",
+        notebook="7f"),
+    "results_gaussian_check.json": Source(
+        title="Every method against the exact posterior: full-size `gaussian_check`",
+        what="`lensbench compare` on the shipped `gaussian_check` (Gaussian-field maps, 2 bins of "
+             "32² pixels over 5°, LSST-Y10 prior on Ω_c, σ_8; 2000 training simulations; NUTS "
+             "2 × (300 + 500), tree depth ≤ 6): posterior means ± std, FoM(Ω_c, σ_8) = "
+             "1/√det Cov, and C2ST (sklearn MLP, 5 folds) against the exact grid posterior.",
+        command="lensbench compare --config gaussian_check --out /tmp/hp/gc/results\n"
+                "cp /tmp/hp/gc/results/metrics.json "
+                "experiments/benchmarks/results_gaussian_check.json",
+        recorded="2026-11-26/27, " + VM + ", the other core busy throughout; the HMC stage resumed "
+                 "across two sessions",
+        notebook="7g",
+        caveat="The file predates the convergence certificate of `metrics.json` (no ESS or R̂ "
+               "stored); the run's diagnostics, copied into NOTEBOOK 7g, gave the HMC chains ESS "
+               "693 / 778 and split R̂ ≤ 1.003. `gaussian_check`'s C_ℓ likelihood has since "
+               "changed "
+               "(analytic covariance, 24 linear ℓ bins: NOTEBOOK 8, ≥ 0.9× the exact FoM on "
+               "average), so the cl_analytic row and the ratios to it are those of the old "
+               "settings (simulated covariance, 8 log bins)."),
+    "results_implicit_losses.json": Source(
+        title="Implicit inference on quick: every compressor loss and both C_ℓ baselines",
+        what="The shipped `quick` configuration (simulator after the lightcone fix of NOTEBOOK "
+             "7b), observation seed 0: 5100 PM simulations, the last 100 held out for SBC/TARP; "
+             "ResNet compressors (width 8, depth 3) trained up to 100 epochs, sbi NSF NPE on 4 "
+             "noise copies; NPE on the C_ℓ data vector; the analytic C_ℓ likelihood with NUTS. "
+             "C2ST against the NPE named as reference (itself an NPE, not an independent "
+             "reference). Prior alone: FoM 42.",
+        command=".venv/bin/python -m experiments.benchmarks.implicit --config quick --work "
+                "runs/q4s \\\n"
+                "    --n-train 1000,5000 --losses mse,mae,gnll,vmim \\\n"
+                "    --set compressor.epochs=100 --set compressor.patience=10 \\\n"
+                "    --out experiments/benchmarks/results_implicit_losses.json",
+        recorded="2026-11-26, " + VM + ", pinned to one core while an HMC run used the other",
+        notebook="6c"),
+    "results_implicit_scan.json": Source(
+        title="Implicit inference on quick against the number of training simulations",
+        what="The same pipeline as above at n_train = 500–5000, MSE and VMIM compressors capped "
+             "at 20 epochs (every run used them all), on the simulator before the lightcone fix.",
+        command=".venv/bin/python -m experiments.benchmarks.implicit --config quick --work "
+                "runs/quick_scan \\\n"
+                "    --n-train 500,1000,2000,5000 --losses mse,vmim \\\n"
+                "    --out experiments/benchmarks/results_implicit_scan.json",
+        recorded="2026-11-26, " + VM + ", one core (`taskset -c 1`), simulator of commit 90d783f "
+                 "(radial lightcone samples before NOTEBOOK 7b's fix)",
+        notebook="6b",
+        caveat="At 1000 and 5000 simulations the losses run above (fixed simulator, compressors "
+               "trained to convergence) replaces these rows; the scan over n_train has not been "
+               "repeated."),
+    "results_implicit.json": Source(
+        title="Implicit inference on the first quick configuration",
+        what="NPE on four compressor losses and on C_ℓ at 500 and 900 training simulations, and "
+             "the analytic C_ℓ likelihood, on the `quick` configuration of commit 5d5ac01 (PM "
+             "32×32×64, 10 steps, 64² pixels), since replaced.",
+        command=".venv/bin/python -m experiments.benchmarks.implicit --config quick --work "
+                "runs/quick \\\n"
+                "    --n-train 500,900 --out experiments/benchmarks/results_implicit.json",
+        recorded="2026-11-26, " + VM,
+        notebook="6",
+        superseded_by="results_implicit_losses.json"),
+}
+
+ORDER = ("results_pm.json", "results_scaling.json", "results_lensing.json", "results_hmc.json",
+         "results_hmc_coverage.json", "results_gaussian_check.json",
+         "results_implicit_losses.json", "results_implicit_scan.json", "results_implicit.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting
+
+
+def num(x, digits: int = 3) -> str:
+    """A number to ``digits`` significant figures (trailing zeros kept: 5.00 says how well it is
+    known), rounded to a whole number from 10^(digits−1) up so that no exponent appears for the
+    sizes these benchmarks produce; "–" for a missing or non-finite value."""
+    if x is None or isinstance(x, bool):
+        return "–" if x is None else str(x)
+    if isinstance(x, int):
+        return str(x)
+    if not math.isfinite(x):
+        return "–"
+    if abs(x) >= 10 ** (digits - 1):
+        return f"{x:.0f}"
+    return f"{x:#.{digits}g}"
+
+
+def signed(x, decimals: int = 2) -> str:
+    """A signed value with a typographic minus, as in the notebook's bias columns."""
+    if x is None or not math.isfinite(x):
+        return "–"
+    return f"{x:+.{decimals}f}".replace("-", "−")
+
+
+def fixed(x, decimals: int = 2) -> str:
+    """A value with a fixed number of decimals (p-values, ratios), "–" when missing."""
+    if x is None or not math.isfinite(x):
+        return "–"
+    return f"{x:.{decimals}f}"
+
+
+def mean_std(mean, std) -> str:
+    """``mean ± std``: the mean to 3 significant figures, the std to 2 (a posterior width is
+    not known better than that from a few thousand draws)."""
+    if mean is None or std is None or not (math.isfinite(mean) and math.isfinite(std)):
+        return "–"
+    decimals = max(0, 1 - math.floor(math.log10(abs(std)))) if std > 0 else 3
+    return f"{num(mean)} ± {std:.{decimals}f}"
+
+
+def pval(p) -> str:
+    """A p-value: 2 decimals, 2 significant figures below 0.1 so that 0.005 does not read 0.00."""
+    if p is None or not math.isfinite(p):
+        return "–"
+    return f"{p:.2f}" if p >= 0.095 else f"{p:.2g}"
+
+
+def ratio(a, b) -> str:
+    """a / b as "3.24×", "–" when either is missing."""
+    if a is None or b is None or not b:
+        return "–"
+    return f"{a / b:.3g}×"
+
+
+def pair(values: Iterable, fmt: Callable = num, sep: str = ", ") -> str:
+    """Several formatted values in one cell."""
+    return sep.join(fmt(v) for v in values)
+
+
+def param(name: str) -> str:
+    """Display name of a parameter key."""
+    return PARAM_NAMES.get(name, name)
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A Markdown table; "|" inside a cell is escaped so that it cannot split the row."""
+    def line(cells):
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+    rows = list(rows)
+    out = [line(header), "|" + "---|" * len(header)]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def code_block(text: str) -> str:
+    """An indented Markdown code block."""
+    return "\n".join("    " + ln if ln else "" for ln in text.splitlines())
+
+
+# ---------------------------------------------------------------------------------------------
+# Certificates
+
+
+def r_hat_text(r: float) -> str:
+    """R̂ with 2 decimals, more when rounding would put it on the other side of R_HAT_MAX (1.012
+    must not read "1.01")."""
+    for decimals in range(2, 8):
+        text = f"{r:.{decimals}f}"
+        if (float(text) > R_HAT_MAX) == (r > R_HAT_MAX):
+            return text
+    return repr(r)
+
+
+def _defined(v) -> bool:
+    """Whether a diagnostic value exists (not null, not NaN/inf)."""
+    return v is not None and math.isfinite(v)
+
+
+def mcmc_flag(ess: Mapping | None, r_hat: Mapping | None) -> str | None:
+    """None when every parameter has ESS >= ESS_MIN and split R̂ <= R_HAT_MAX; else
+    "unconverged (ESS a/b, R̂ x)" with ESS rounded down (a failing value never reads as passing)
+    and the worst R̂, "—" where undefined. An undefined value fails (a stuck chain gives NaN); an
+    absent R̂ (one chain, no split R̂ recorded) leaves the ESS to decide."""
+    ess, r_hat = dict(ess or {}), dict(r_hat or {})
+    if not ess:
+        return "ESS not recorded"
+    bad_ess = any(not _defined(v) or v < ESS_MIN for v in ess.values())
+    bad_r = any(not _defined(v) or v > R_HAT_MAX for v in r_hat.values())
+    if not (bad_ess or bad_r):
+        return None
+    ess_text = "/".join(str(math.floor(v)) if _defined(v) else "—" for v in ess.values())
+    r_text = ""
+    if r_hat:
+        defined = [v for v in r_hat.values() if _defined(v)]
+        r_text = ", R̂ " + ("—" if len(defined) < len(r_hat) else r_hat_text(max(defined)))
+    return f"unconverged (ESS {ess_text}{r_text})"
+
+
+def calibration_flag(cal: Mapping | None) -> str | None:
+    """None for an NPE calibrated on held-out simulations with no marginal below SBC_P_MIN; else
+    what is missing or which marginal failed."""
+    if not cal:
+        return "uncalibrated (no held-out calibration)"
+    low = [p for p, v in (cal.get("sbc_ks_pvals") or {}).items() if v is not None and v < SBC_P_MIN]
+    if low:
+        return "miscalibrated " + ", ".join(
+            f"{param(p)} (SBC KS p {pval(cal['sbc_ks_pvals'][p])})" for p in low)
+    return None
+
+
+def status(flag: str | None, certified: str) -> str:
+    """The status cell: the flag when there is one, else what certifies the row."""
+    return flag if flag else certified
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections, one per known file layout
+
+
+def render_pm(data: Mapping, source: Source | None) -> list[str]:
+    """Section 1 of the notebook: per mesh size, times, memory, forces and FFT floors of both
+    codes, and their ratio (peer / lensbench, > 1 when lensbench is faster or smaller)."""
+    meta = data.get("meta", {})
+    runs = {(r["code_key"], r["n"], r["what"]): r for r in data["results"]}
+    peer_name = next((r.get("code") for r in data["results"] if r["code_key"] == "peer"), "peer")
+    ours_name = next((r.get("code") for r in data["results"] if r["code_key"] == "ours"), "ours")
+
+    def value(code, n, what, key="median_s", scale=1.0):
+        r = runs.get((code, n, what))
+        if r is None or not r.get("ok", True):
+            return None
+        v = r.get(key)
+        return None if v is None else v * scale
+
+    def mark(code, n, what):
+        r = runs.get((code, n, what))
+        return " (disturbed)" if r is not None and r.get("disturbed") else ""
+
+    metrics = (("forward [s]", "forward", "median_s", 1.0),
+               ("gradient [s]", "grad", "median_s", 1.0),
+               ("peak RSS forward [MB]", "forward", "peak_rss_mb", 1.0),
+               ("peak RSS gradient [MB]", "grad", "peak_rss_mb", 1.0),
+               ("pm_forces [ms]", "forces", "median_s", 1e3),
+               ("FFT floor 1 rfftn + 3 irfftn [ms]", "fft", "median_s", 1e3))
+    rows = []
+    for n in meta.get("sizes") or sorted({r["n"] for r in data["results"]}):
+        for label, what, key, scale in metrics:
+            p, o = value("peer", n, what, key, scale), value("ours", n, what, key, scale)
+            rows.append([f"{n}³", label, num(p) + mark("peer", n, what),
+                         num(o) + mark("ours", n, what), ratio(p, o)])
+        pf, of = value("peer", n, "forces"), value("ours", n, "forces")
+        pt, ot = value("peer", n, "fft"), value("ours", n, "fft")
+        pr = pf / pt if pf and pt else None
+        orr = of / ot if of and ot else None
+        rows.append([f"{n}³", "forces / own FFT floor", num(pr), num(orr), ratio(pr, orr)])
+    busy = [r["others_cpu_cores"] for r in data["results"]
+            if r.get("others_cpu_cores") is not None]
+    facts = [f"Run {meta.get('started', '?')} to {meta.get('finished', '?')}, git "
+             f"{meta.get('git_rev', '?')}, host {meta.get('host', '?')} ({meta.get('cpus', '?')} "
+             f"CPUs), Python {meta.get('python', '?')}, tcmalloc {meta.get('tcmalloc')}; "
+             f"{meta.get('repeats', '?')} timed calls per measurement."]
+    if meta.get("setting"):
+        facts.append(f"Setting: {meta['setting']}.")
+    if busy:
+        facts.append(f"Other processes used at most {num(max(busy), 2)} cores during any "
+                     "measurement.")
+    header = ["N", "metric", peer_name, ours_name, f"{peer_name} / {ours_name}"]
+    return [" ".join(facts), table(header, rows)]
+
+
+def _mem_cell(r: Mapping | None) -> str:
+    """"XLA temp / peak RSS ; time" of one scaling measurement."""
+    if not r:
+        return "–"
+    return (f"{num(r.get('xla_temp_mb'))} MB / {num(r.get('peak_rss_mb'))} MB ; "
+            f"{num(r.get('median_s'))} s")
+
+
+def render_scaling(data: Mapping, source: Source | None) -> list[str]:
+    """Sections 2 and 3 of the notebook: memory against steps, and fake-device weak scaling."""
+    out = []
+    memory = data.get("memory") or []
+    if memory:
+        rows = []
+        for m in memory:
+            f, a = m.get("forward") or {}, m.get("adjoint") or {}
+            temp_ratio = (a["xla_temp_mb"] / f["xla_temp_mb"]
+                          if a.get("xla_temp_mb") and f.get("xla_temp_mb") else None)
+            rows.append([m["steps"], _mem_cell(f), _mem_cell(a), _mem_cell(m.get("checkpoint")),
+                         num(temp_ratio)])
+        n = (memory[0].get("forward") or {}).get("n", "?")
+        calls = len((memory[0].get("forward") or {}).get("all_s") or [])
+        out.append(f"Gradient memory at {n}³, {calls} timed call(s) per cell. Each cell: XLA "
+                   "temporary buffers / process peak RSS ; median time.")
+        header = ["steps", "forward", "grad, reverse adjoint",
+                  "grad, autodiff + checkpoint per step", "adjoint / forward (temp)"]
+        out.append(table(header, rows))
+    scaling = data.get("scaling") or []
+    if scaling:
+        base = next((s for s in scaling if s["devices"] == 1), None)
+        rows = []
+        for s in scaling:
+            d, f, g = s["devices"], s["forward"]["median_s"], s["grad"]["median_s"]
+            tf = d * base["forward"]["median_s"] / f if base else None
+            tg = d * base["grad"]["median_s"] / g if base else None
+            rows.append([d, s["pdims"], s["mesh"].replace("x", "×"), num(f), num(g), fixed(tf),
+                         fixed(tg)])
+        per_device = (base or scaling[0])["forward"].get("n", "?")
+        out.append(f"Weak scaling, {per_device}³ cells per device; throughput = cells per second "
+                   "relative to one device (D × t₁ / t_D).")
+        out.append(table(["devices", "grid", "mesh", "forward [s]", "gradient [s]",
+                          "forward throughput vs 1 device", "gradient throughput vs 1 device"],
+                         rows))
+    return out
+
+
+def _case_label(r: Mapping) -> str:
+    """The case name with the configuration changes it made."""
+    changes = ", ".join(f"{k}={v}" for k, v in (r.get("changes") or {}).items())
+    return f"{r['case']}" + (f" ({changes})" if changes else "")
+
+
+def render_lensing(data: Mapping, source: Source | None) -> list[str]:
+    """Section 4 of the notebook: time and memory of one κ map per case."""
+    rows = []
+    for r in data["results"]:
+        rows.append([
+            _case_label(r), "×".join(map(str, r["mesh"])) + f", {r['n_steps']}",
+            f"{r['n_bins']}, {r['sky'][0]}²", r["shells"], r["gradient_mode"],
+            f"{num(r['forward_s'])} s (compile {num(r['forward_compile_s'])} s)",
+            f"{num(r['grad_s'])} s (compile {num(r['grad_compile_s'])} s)",
+            f"{num(r['forward_xla_temp_mb'])} / {num(r['grad_xla_temp_mb'])} MB",
+            f"{num(r['peak_rss_forward_mb'])} / {num(r['peak_rss_total_mb'])} MB"])
+    out = []
+    if data.get("machine"):
+        out.append(f"Machine (from the file): {data['machine']}.")
+    out.append(table(["case", "mesh, steps", "bins, pixels", "shells", "gradient", "forward",
+                      "grad", "XLA temp fwd / grad", "peak RSS fwd / with grad"], rows))
+    return out
+
+
+def render_hmc(data: Sequence[Mapping], source: Source | None) -> list[str]:
+    """Notebook 7b: gradient-cost rows and chain rows of the HMC benchmark, chains flagged."""
+    grads = [r for r in data if "gradients_per_s" in r]
+    chains = [r for r in data if "sampler" in r]
+    other = [r for r in data if r not in grads and r not in chains]
+    out = []
+    if grads:
+        rows = [[r["config"], "×".join(map(str, r["mesh_shape"])), f"{r['field_cells']:,}",
+                 r["n_steps"], f"{r['npix']}² × {r['n_bins']}", r["gradient"],
+                 num(r["gradients_per_s"]), num(r["seconds_per_gradient"]),
+                 num(r["compile_plus_first_s"]), num(r["peak_rss_mb"]),
+                 ", ".join(r.get("devices") or [])] for r in grads]
+        out.append(table(["config", "mesh", "field cells", "steps", "pixels × bins", "mode",
+                          "gradients/s", "s per gradient", "compile + first [s]",
+                          "peak RSS [MB]", "devices"], rows))
+    if chains:
+        rows = []
+        for r in chains:
+            ess, rh = r.get("ess") or {}, r.get("r_hat") or {}
+            rows.append([r["sampler"], r["config"], r.get("run", ""), r.get("gradients", "–"),
+                         pair(ess.values()),
+                         pair(rh.values(), lambda v: r_hat_text(v) if _defined(v) else "–"),
+                         num(r.get("min_ess_per_1000_gradients")), num(r.get("min_ess_per_hour")),
+                         status(mcmc_flag(ess, rh), "converged")])
+        names = ", ".join(param(p) for p in (chains[0].get("ess") or {}))
+        out.append(table(["sampler", "config", "run", "gradients", f"ESS {names}",
+                          f"split R̂ {names}", "min ESS / 1000 gradients", "min ESS / hour",
+                          "status"], rows))
+    if other:
+        out += [render_generic(r, None)[0] for r in other]
+    return out
+
+
+def coverage_command(data: Mapping) -> str:
+    """The hmc_coverage command line, rebuilt from the config and overrides the file records."""
+    parts = ["python -m experiments.benchmarks.hmc_coverage"]
+    if data.get("config") and data["config"] != "gaussian_check":
+        parts.append(f"--config {data['config']}")
+    parts.append(f"--n-obs {data['n_obs']}")
+    parts += [f"--set {o}" for o in data.get("overrides") or []]
+    parts.append("--out experiments/benchmarks/results_hmc_coverage.json")
+    lines, line = [], parts[0]
+    for p in parts[1:]:
+        if len(line) + len(p) > 90:
+            lines.append(line + " \\")
+            line = "    " + p
+        else:
+            line += " " + p
+    return "\n".join(lines + [line])
+
+
+def render_coverage(data: Mapping, source: Source | None) -> list[str]:
+    """Notebook 7f: SBC and coverage of HMC and of the exact posterior, HMC against exact, with
+    the per-observation chains' ESS against the certificate."""
+    names = data["names"]
+    ess_rows = [r["ess"] for r in data.get("rows", [])]
+    short = [e for e in ess_rows if min(e) < ESS_MIN]
+    median_ess = data.get("median_ess") or [statistics.median(c) for c in zip(*ess_rows)]
+    hmc_status = (f"{len(short)} of {len(ess_rows)} chains below ESS {ESS_MIN} (median ESS "
+                  f"{pair(median_ess, sep='/')})") if short else \
+        f"every chain ESS ≥ {ESS_MIN}"
+
+    def sbc_row(label, sbc, stat):
+        return [label, pair((sbc[p]["ks_pval"] for p in names), pval),
+                pair((sbc[p]["mean_quantile"] for p in names), fixed),
+                pair((sbc[p]["coverage_68"] for p in names), fixed),
+                pair((sbc[p]["coverage_95"] for p in names), fixed), stat]
+
+    pnames = ", ".join(param(p) for p in names)
+    h = data.get("hmc", {})
+    settings = (f"{data['n_obs']} observations of `{data['config']}` with "
+                f"{', '.join(data.get('overrides') or [])}; {h.get('sampler', '?')} "
+                f"{h.get('num_chains', '?')} × ({h.get('num_warmup', '?')} + "
+                f"{h.get('num_samples', '?')}), tree depth ≤ {h.get('max_tree_depth', '?')}; "
+                f"median {num(data.get('median_gradients'))} gradients per observation.")
+    sbc = table(["posterior", f"SBC KS p {pnames}", f"mean rank quantile {pnames}",
+                 f"68 % coverage {pnames}", f"95 % coverage {pnames}", "status"],
+                [sbc_row("HMC", data["sbc_hmc"], hmc_status),
+                 sbc_row("exact grid posterior (control)", data["sbc_exact"], "exact")])
+    cmp_rows = [[param(p), f"{num(v['chi2_mean'])} ({v['dof']})", signed(v["mean_z"]),
+                 signed(v["mean_shift"], 3), fixed(v["median_std_ratio"], 3)]
+                for p, v in data["hmc_vs_exact"].items()]
+    cmp = table(["parameter", "Σ z² (dof)", "mean z", "mean shift [exact σ]",
+                 "median std ratio HMC / exact"], cmp_rows)
+    return [settings, sbc, "HMC against the exact posterior, per observation:", cmp]
+
+
+def _metrics_status(metrics: Mapping, key: str) -> str:
+    """Certificate of one method of a ``lensbench.metrics`` file: the file's own convergence
+    flag when it has one, "not recorded" for MCMC methods of older files, the calibration of an
+    NPE, "exact" for the grid."""
+    m = metrics["methods"][key]
+    method = m.get("method", key)
+    if "converged" in m:
+        note = unconverged_note(metrics, key)
+        if note:
+            return note
+    elif method in MCMC_METHODS:
+        return "ESS, R̂ not recorded in the file"
+    if method.startswith("npe"):
+        cal = m.get("calibration")
+        flag = calibration_flag(cal)
+        if flag:
+            return flag
+        return (f"calibrated: TARP ATC {signed(cal.get('tarp_atc'), 3)}, SBC KS p "
+                f"{pair((cal.get('sbc_ks_pvals') or {}).values(), pval)} "
+                f"({cal.get('n_test', '?')} held out)")
+    if method == "exact":
+        return "exact"
+    return "converged" if m.get("converged") else "–"
+
+
+def render_metrics(data: Mapping, source: Source | None) -> list[str]:
+    """A ``lensbench.metrics`` file (``lensbench compare``): one row per method with means, FoM,
+    FoM ratios, C2ST against the exact posterior (or the first method) and the certificate."""
+    order = [k for k in data.get("methods_order") or data["methods"] if k in data["methods"]]
+    sampled = []
+    for k in order:
+        for p in data["methods"][k].get("names", []):
+            if p not in sampled:
+                sampled.append(p)
+    fom_key = ",".join(sampled[:2])
+    ratios = (data.get("fom_ratio") or {})
+    ref = ratios.get("reference")
+    against = "exact" if "exact" in order else order[0]
+    c2st = {}
+    for pr in ((data.get("c2st") or {}).get("pairs") or []):
+        c2st[frozenset((pr["a"], pr["b"]))] = pr.get("accuracy")
+    exact_fom = (data["methods"].get("exact") or {}).get("fom", {}).get(fom_key)
+    rows = []
+    for k in order:
+        m = data["methods"][k]
+        ps = m.get("params") or {}
+        fom = (m.get("fom") or {}).get(fom_key)
+        row = [m.get("label", k).replace("$C_\\ell$", "C_ℓ")]
+        row += [mean_std(ps[p]["mean"], ps[p]["std"]) if p in ps else "–" for p in sampled]
+        s8 = m.get("S8") or {}
+        row += [mean_std(s8.get("mean"), s8.get("std")), num(fom)]
+        if ref:
+            row.append(fixed((ratios.get("values", {}).get(k) or {}).get(fom_key)))
+        if exact_fom:
+            row.append(fixed(fom / exact_fom) if fom else "–")
+        row.append("–" if k == against else fixed(c2st.get(frozenset((k, against))), 3))
+        b = m.get("budget") or {}
+        row.append(", ".join(x for x in (
+            f"{num(b['wall_time_s'])} s" if b.get("wall_time_s") is not None else "",
+            f"{b['n_simulations']} sims" if b.get("n_simulations") else "",
+            f"{b['n_gradients']:,} gradients" if b.get("n_gradients") else "") if x) or "–")
+        row.append(_metrics_status(data, k))
+        rows.append(row)
+    fom_names = ", ".join(param(p) for p in sampled[:2])
+    header = ["method"] + [param(p) for p in sampled] + ["S_8", f"FoM({fom_names})"]
+    if ref:
+        header.append(f"/ {ref}" + (" (unconverged)" if unconverged_reference(data) else ""))
+    if exact_fom:
+        header.append("/ exact")
+    header += [f"C2ST vs {against}", "budget", "status"]
+    truth = data.get("truth") or {}
+    out = ["Truth: " + ", ".join(f"{param(p)} = {num(truth[p], 4)}" for p in sampled + ["S8"]
+                                 if p in truth) + "."]
+    out.append(table(header, rows))
+    others = [(pr["a"], pr["b"], pr.get("accuracy")) for pr in
+              ((data.get("c2st") or {}).get("pairs") or []) if against not in (pr["a"], pr["b"])]
+    if others:
+        out.append("C2ST between the other methods: " + "; ".join(
+            f"{a}–{b} {fixed(acc, 3)}" for a, b, acc in others) + ".")
+    if data.get("warnings"):
+        out.append("Warnings recorded in the file: " + "; ".join(data["warnings"]) + ".")
+    return out
+
+
+_LOSS_LABELS = {"npe_mse": "NPE on MSE summaries", "npe_mae": "NPE on MAE summaries",
+                "npe_gnll": "NPE on GNLL summaries", "npe_vmim": "NPE on VMIM summaries",
+                "npe_cl": "NPE on C_ℓ", "cl_analytic": "analytic C_ℓ (NUTS)"}
+
+
+def _implicit_status(m: Mapping) -> str:
+    """The certificate of one implicit-benchmark method: MCMC diagnostics for the C_ℓ
+    likelihood, calibration for an NPE."""
+    if "ess" in m or m.get("method") in MCMC_METHODS:
+        return status(mcmc_flag(m.get("ess"), m.get("r_hat")), "converged")
+    return status(calibration_flag(m.get("calibration")), "calibrated")
+
+
+def render_implicit(data: Mapping, source: Source | None) -> list[str]:
+    """Notebook 6, 6b, 6c: one row per (method, training-set size)."""
+    methods = data["methods"]
+    epochs = any("compressor_epochs" in m for m in methods.values())
+    names = next((list(m["mean"]) for m in methods.values() if m.get("mean")), [])
+    pnames = ", ".join(param(p) for p in names)
+    rows = []
+    for key, m in methods.items():
+        cal = m.get("calibration") or {}
+        label = _LOSS_LABELS.get(m.get("method", key), m.get("method", key))
+        if m.get("method") in MCMC_METHODS and m.get("n_samples"):
+            label += f", {m['n_samples']} draws"
+        row = [label, m.get("n_train", "–")]
+        if epochs:
+            row.append(m.get("compressor_epochs", "–"))
+        c2 = "(reference)" if key == data.get("reference") else fixed(m.get("c2st_vs_reference"), 3)
+        row += [num(m.get("fom_omega_c_sigma8")), num(m.get("sigma_S8")),
+                pair((m.get("bias_sigma") or {}).values(), signed),
+                signed(cal.get("tarp_atc"), 3) if cal else "–",
+                pair((cal.get("sbc_ks_pvals") or {}).values(), pval) if cal else "–",
+                c2, _implicit_status(m)]
+        rows.append(row)
+    header = ["method", "n_train"] + (["epochs run"] if epochs else []) + [
+        f"FoM({pnames})", "σ(S_8)", f"bias {pnames} [σ]", "TARP ATC", f"SBC KS p {pnames}",
+        f"C2ST vs {data.get('reference', '?')}", "status"]
+    gen = data.get("generate") or {}
+    facts = [f"Configuration `{data.get('config', '?')}`, observation seed "
+             f"{data.get('observation_seed', '?')}; {gen.get('n_ok', '?')} of "
+             f"{gen.get('n_sims', '?')} simulations ok."]
+    if data.get("overrides"):
+        facts.append("Overrides: " + ", ".join(f"`{o}`" for o in data["overrides"]) + ".")
+    if data.get("c2st_classifier"):
+        facts.append(f"C2ST: {data['c2st_classifier']}.")
+    return [" ".join(facts), table(header, rows)]
+
+
+def _flatten(obj, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, value) pairs of a JSON tree; short lists of scalars stay one value."""
+    if isinstance(obj, Mapping):
+        out = []
+        for k, v in obj.items():
+            out += _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+        return out or [(prefix, "{}")]
+    if isinstance(obj, list):
+        if all(not isinstance(v, (Mapping, list)) for v in obj):
+            if len(obj) <= 8:
+                return [(prefix, "[" + ", ".join(_scalar(v) for v in obj) + "]")]
+            nums = [v for v in obj if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            if len(nums) == len(obj):
+                return [(prefix, f"{len(obj)} numbers, {num(min(nums))} to {num(max(nums))}")]
+            return [(prefix, f"list of {len(obj)}")]
+        out = []
+        for i, v in enumerate(obj):
+            out += _flatten(v, f"{prefix}[{i}]")
+        return out
+    return [(prefix, _scalar(obj))]
+
+
+def _scalar(v) -> str:
+    """One JSON scalar as a table cell."""
+    if isinstance(v, float):
+        return num(v)
+    return "null" if v is None else str(v)
+
+
+def _chain_flags(obj, prefix: str = "") -> list[tuple[str, str]]:
+    """Every object of a JSON tree that holds both "ess" and "r_hat", with its convergence flag,
+    so that an unknown file cannot show an unconverged chain without saying so."""
+    out = []
+    if isinstance(obj, Mapping):
+        if isinstance(obj.get("ess"), Mapping) and isinstance(obj.get("r_hat"), Mapping):
+            out.append((prefix or "(top level)",
+                        status(mcmc_flag(obj["ess"], obj["r_hat"]), "converged")))
+        for k, v in obj.items():
+            out += _chain_flags(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out += _chain_flags(v, f"{prefix}[{i}]")
+    return out
+
+
+MAX_GENERIC_ROWS = 200
+
+
+def render_generic(data, source: Source | None) -> list[str]:
+    """Any other file: a key/value table of its flattened contents (the first MAX_GENERIC_ROWS),
+    plus the convergence status of every chain it records."""
+    items = _flatten(data)
+    rows = [[f"`{k}`" if k else "(value)", v] for k, v in items[:MAX_GENERIC_ROWS]]
+    if len(items) > MAX_GENERIC_ROWS:
+        rows.append(["…", f"{len(items) - MAX_GENERIC_ROWS} more entries"])
+    out = [table(["key", "value"], rows)]
+    flags = _chain_flags(data)
+    if flags:
+        out.append(table(["chain", "status"], [[f"`{k}`", v] for k, v in flags]))
+    return out
+
+
+RENDERERS: dict[str, Callable] = {
+    "results_pm.json": render_pm,
+    "results_scaling.json": render_scaling,
+    "results_lensing.json": render_lensing,
+    "results_hmc.json": render_hmc,
+    "results_hmc_coverage.json": render_coverage,
+}
+
+
+def renderer_for(name: str, data) -> Callable:
+    """The section renderer of a file: by name, by the ``lensbench.metrics`` format, by the
+    implicit benchmark's layout, else the generic table."""
+    if name in RENDERERS:
+        return RENDERERS[name]
+    if isinstance(data, Mapping):
+        if data.get("format") == "lensbench.metrics" and isinstance(data.get("methods"), Mapping):
+            return render_metrics
+        if isinstance(data.get("methods"), Mapping) and all(
+                isinstance(m, Mapping) and "fom_omega_c_sigma8" in m
+                for m in data["methods"].values()):
+            return render_implicit
+    return render_generic
+
+
+# ---------------------------------------------------------------------------------------------
+# The page
+
+
+def title_of(name: str) -> str:
+    """A section title for a file with no entry in SOURCES."""
+    return name.removeprefix("results_").removesuffix(".json").replace("_", " ")
+
+
+def section(numbers: Mapping[str, int], name: str, data, source: Source | None) -> str:
+    """One section: title, what was measured, command, provenance, caveat, tables. A superseded
+    file gets a pointer to its replacement (``numbers``: file name -> section number) and no
+    table; a file that fails to render falls back to the generic table."""
+    number = numbers[name]
+    title = source.title if source else title_of(name)
+    parts = [f"## {number}. {title}", f"Data: `{name}`."
+             + (f" Discussion: [NOTEBOOK.md]({NOTEBOOK_NAME}) "
+                f"{'sections' if ' and ' in source.notebook else 'section'} {source.notebook}."
+                if source and source.notebook else "")]
+    if source and source.superseded_by:
+        where = (f" (section {numbers[source.superseded_by]})"
+                 if source.superseded_by in numbers else "")
+        parts.append(f"**Superseded** by `{source.superseded_by}`{where}. {source.what} Its "
+                     f"table is kept in NOTEBOOK.md section {source.notebook}.")
+        return "\n\n".join(parts)
+    if source:
+        parts.append(f"What: {source.what}")
+        command = source.command or (coverage_command(data) if name == "results_hmc_coverage.json"
+                                     else "")
+        if command:
+            parts.append("Command:\n\n" + code_block(command))
+        parts.append(f"Recorded: {source.recorded}.")
+        if source.caveat:
+            parts.append(f"**Caveat.** {source.caveat}")
+    else:
+        parts.append("No description of this file is registered in "
+                     "`experiments/benchmarks/render.py` (`SOURCES`); its contents as recorded:")
+    render = renderer_for(name, data)
+    try:
+        blocks = render(data, source)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError) as e:
+        blocks = [f"(The {render.__name__} layout did not fit this file: "
+                  f"{type(e).__name__}: {e}; shown as key/value pairs.)"]
+        blocks += render_generic(data, None)
+    parts += blocks
+    return "\n\n".join(parts)
+
+
+def load_results(directory: Path) -> dict[str, object]:
+    """Every ``results_*.json`` of ``directory`` in page order: the known files in ORDER, then
+    the others by name."""
+    found = {p.name: p for p in directory.glob(PATTERN)}
+    names = [n for n in ORDER if n in found] + sorted(n for n in found if n not in ORDER)
+    return {n: json.loads(found[n].read_text()) for n in names}
+
+
+HEADER = f"""# Benchmark results
+
+Generated by `python -m experiments.benchmarks.render` from the committed
+`experiments/benchmarks/results_*.json`; do not edit by hand (`--check` exits 1 when this page
+differs from what the script writes, and `tests/test_render.py` checks it). These are the current
+measurements only. How they came about, the investigations, the negative results and the
+superseded measurements are in [NOTEBOOK.md]({NOTEBOOK_NAME}), in the order they were made;
+results that have no `results_*.json` (e.g. the PM C_ℓ validation of NOTEBOOK 5, whose data is
+`experiments/validation/cl_validation.json`, the GPU timings of 7i, the MCLMC chains of 7k, the
+C_ℓ covariance study of 8, the samplers of 9) are only there.
+
+Certificates: an MCMC result whose file records ESS and split R̂ is flagged "unconverged" unless
+every parameter has ESS ≥ {ESS_MIN} and split R̂ ≤ {R_HAT_MAX} (the thresholds of `lensbench
+compare`); an NPE is flagged unless it was calibrated on held-out simulations (TARP and SBC), and
+"miscalibrated" where a marginal's SBC rank KS p < {SBC_P_MIN}. Measured values are shown to 3
+significant figures, biases, p-values and ratios to 2–3 decimals."""
+
+
+def render_page(directory: Path = HERE) -> str:
+    """The whole RESULTS.md text for the results files of ``directory``."""
+    results = load_results(directory)
+    numbers = {name: i for i, name in enumerate(results, start=1)}
+    sections = [section(numbers, name, data, SOURCES.get(name)) for name, data in results.items()]
+    contents = "\n".join(f"{i}. {(SOURCES[n].title if n in SOURCES else title_of(n))} (`{n}`)"
+                         for i, n in enumerate(results, start=1))
+    return "\n\n".join([HEADER, "Contents:\n\n" + contents] + sections) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Write the page, or with --check report whether the committed one is current."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true",
+                    help="exit 1 when RESULTS.md differs from what would be written")
+    ap.add_argument("--dir", type=Path, default=HERE, help="directory of the results files")
+    args = ap.parse_args(argv)
+    text = render_page(args.dir)
+    page = args.dir / PAGE_NAME
+    if args.check:
+        current = page.read_text() if page.exists() else None
+        if current != text:
+            print(f"{page} is out of date: run python -m experiments.benchmarks.render",
+                  file=sys.stderr)
+            return 1
+        return 0
+    page.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

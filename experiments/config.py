@@ -194,8 +194,10 @@ FilePaths = Annotated[tuple[str, ...], BeforeValidator(_as_paths), Label("[file 
 
 def one_of(*choices):
     """A value from a fixed list (strings, or ints such as the LPT order)."""
+    of_type = _as_str if all(isinstance(c, str) for c in choices) else lambda v: _number(v, True)
+
     def coerce(value):
-        if type(value) not in {type(c) for c in choices} or value not in choices:
+        if of_type(value) not in choices:
             raise ValueError(f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
         return value
     return _typed(Literal[choices], coerce, " | ".join(json.dumps(c) for c in choices))

@@ -174,6 +174,7 @@ def _as_table(value):
 
 
 def _typed(py_type, coerce, label: str):
+    """``py_type`` read from TOML by ``coerce``; ``label`` names it in docs/configuration.md."""
     return Annotated[py_type, BeforeValidator(_unless_none(coerce)), Label(label)]
 
 
@@ -192,7 +193,7 @@ FilePath = Annotated[str, BeforeValidator(_as_path), Label("file name")]
 FilePaths = Annotated[tuple[str, ...], BeforeValidator(_as_paths), Label("[file name, ...]")]
 
 
-def one_of(*choices):
+def OneOf(*choices):
     """A value from a fixed list (strings, or ints such as the LPT order)."""
     of_type = _as_str if all(isinstance(c, str) for c in choices) else lambda v: _number(v, True)
 
@@ -203,7 +204,7 @@ def one_of(*choices):
     return _typed(Literal[choices], coerce, " | ".join(json.dumps(c) for c in choices))
 
 
-def Optional(t):
+def OrNone(t):
     """``t`` or None (unset: a default that depends on other keys, or "not used")."""
     base, *meta = get_args(t)
     return Annotated[(base | None, *meta)]
@@ -353,7 +354,7 @@ def _normal_pdims(text: str) -> str:
 class SimulationSection(_Section):
     """The map model and its 3-D simulation."""
 
-    kind: one_of("pm", "lpt", "gaussian", "lognormal") = _key(
+    kind: OneOf("pm", "lpt", "gaussian", "lognormal") = _key(
         "pm", '"pm" (LPT + FastPM steps, lightcone painted on the fly), "lpt" (LPT displacements '
               'only, no N-body steps), "gaussian" (Gaussian random field with the Limber C_ell; '
               'flat sky only, ignores the rest) or "lognormal" (shifted-lognormal field with the '
@@ -368,13 +369,13 @@ class SimulationSection(_Section):
              "the sources (0.2 reaches z = 4)")
     n_steps: Annotated[Int, Count(1, MAX_STEPS)] = _key(10, "time steps, uniform in a from a_init "
                                                             "to 1")
-    lpt_order: one_of(1, 2) = _key(2, "LPT order")
+    lpt_order: OneOf(1, 2) = _key(2, "LPT order")
     deconvolve: Bool = _key(
         False, "divide the force by the CIC window of painting and reading (needs mesh_factor = "
                "1); recommended for lensing maps: the mesh power then follows halofit to smaller "
                "scales")
-    dtype: one_of("float32", "float64") = _key("float32", "dtype of fields and particles")
-    gradient: one_of("checkpoint", "adjoint") = _key(
+    dtype: OneOf("float32", "float64") = _key("float32", "dtype of fields and particles")
+    gradient: OneOf("checkpoint", "adjoint") = _key(
         "checkpoint", "reverse-mode gradient of the PM steps: checkpointed, or the reverse-time "
                       "adjoint (memory independent of the number of steps)")
     pdims: Annotated[Str, AfterValidator(_normal_pdims)] = _key(
@@ -416,10 +417,10 @@ class SimulationSection(_Section):
 class LightconeSection(_Section):
     """The lightcone the PM and LPT models paint."""
 
-    observer: Optional(Vec3) = _key(
+    observer: OrNone(Vec3) = _key(
         None, "[x, y, z] observer position in box coordinates, Mpc/h",
         "flat sky: the centre of the z = 0 face; HEALPix: the box centre")
-    chi_max: Annotated[Optional(Float), Positive] = _key(
+    chi_max: Annotated[OrNone(Float), Positive] = _key(
         None, 'lightcone depth in Mpc/h; the box is tiled periodically ("replicas") out to it',
         "the comoving distance of the farthest source redshift, z[-1] of the bins, for the "
         "fiducial cosmology, capped at chi(a_init)")
@@ -438,15 +439,15 @@ def _power_of_2(v):
 class MapsSection(_Section):
     """The convergence maps: a flat square patch or the HEALPix sphere."""
 
-    sky: one_of("flat", "healpix") = _key(
+    sky: OneOf("flat", "healpix") = _key(
         "flat", '"flat" (square patch around +z) or "healpix" (full sphere)')
-    field_deg: Annotated[Optional(Float), Positive] = _key(
+    field_deg: Annotated[OrNone(Float), Positive] = _key(
         None, "flat: side of the square field in degrees, in (0, 90)", "5.0 on a flat sky")
-    npix: Annotated[Optional(Int), AtLeast(2)] = _key(None, "flat: pixels per side",
+    npix: Annotated[OrNone(Int), AtLeast(2)] = _key(None, "flat: pixels per side",
                                                       "64 on a flat sky")
-    nside: Annotated[Optional(Int), Check(_power_of_2, "a power of 2")] = _key(
+    nside: Annotated[OrNone(Int), Check(_power_of_2, "a power of 2")] = _key(
         None, "healpix: HEALPix nside, a power of 2", "64 on the HEALPix sphere")
-    disc: Optional(Vec3) = _key(
+    disc: OrNone(Vec3) = _key(
         None, "healpix: [lon, lat, radius] in degrees for a partial sky: only pixels whose "
               "centres lie in that disc are traced and get shape noise; the maps keep the "
               "full-sky shape with zeros outside", "the full sky")
@@ -485,22 +486,22 @@ class MapsSection(_Section):
 class SourcesSection(_Section):
     """The source galaxies: the LSST-Y10 preset, or one n(z) file per tomographic bin."""
 
-    preset: Optional(one_of("lsst_y10")) = _key(
+    preset: OrNone(OneOf("lsst_y10")) = _key(
         None, "the LSST DESC SRD Y10 Smail n(z) in equal-number bins with Gaussian photo-z",
         '"lsst_y10" unless nz_files is given')
-    n_bins: Annotated[Optional(Int), AtLeast(1)] = _key(
+    n_bins: Annotated[OrNone(Int), AtLeast(1)] = _key(
         None, "preset: tomographic bins with equal galaxy numbers", "5 with the preset")
-    n_gal_total: Annotated[Optional(Float),
+    n_gal_total: Annotated[OrNone(Float),
                            Check(lambda v: None if v > 0 else "must be > 0 (bins with no galaxies)",
                                  "> 0")
                            ] = _key(None, "preset: total galaxy density in gal/arcmin^2, split "
                                           "equally over the bins", "27.0 with the preset")
-    sigma_z0: Annotated[Optional(Float), Positive] = _key(
+    sigma_z0: Annotated[OrNone(Float), Positive] = _key(
         None, "preset: photo-z scatter sigma_z = sigma_z0 (1 + z)", "0.05 with the preset")
-    nz_files: Optional(FilePaths) = _key(
+    nz_files: OrNone(FilePaths) = _key(
         None, "two-column text files (z, n(z)), one per bin; relative paths are relative to the "
               "config file", "not set: the preset")
-    n_gal_per_bin: Optional(FloatOrFloats) = _key(
+    n_gal_per_bin: OrNone(FloatOrFloats) = _key(
         None, "nz_files: galaxy density in gal/arcmin^2, one number or one per file",
         "required with nz_files")
     sigma_e: Annotated[Float, Positive] = _key(0.26, "shape noise per ellipticity component")
@@ -564,15 +565,15 @@ class SourcesSection(_Section):
 class ClSection(_Section):
     """Tomographic C_ell binning (``lensbench cl``); ell is dimensionless."""
 
-    ell_edges: Optional(Floats) = _key(None, "explicit increasing bin edges",
+    ell_edges: OrNone(Floats) = _key(None, "explicit increasing bin edges",
                                        "not set: the keys below")
-    ell_min: Annotated[Optional(Float), Positive] = _key(
+    ell_min: Annotated[OrNone(Float), Positive] = _key(
         None, "lowest edge", "flat: the fundamental 2 pi / field; healpix: 2")
-    ell_max: Annotated[Optional(Float), Positive] = _key(
+    ell_max: Annotated[OrNone(Float), Positive] = _key(
         None, "highest edge", "flat: the Nyquist pi npix / field; healpix: 2 nside, at most "
                               "3 nside (HEALPix estimates are good to ~2 nside)")
-    n_ell_bins: Annotated[Optional(Int), AtLeast(1)] = _key(None, "number of bins", "12")
-    spacing: Optional(one_of("log", "linear")) = _key(None, "bin spacing", '"log"')
+    n_ell_bins: Annotated[OrNone(Int), AtLeast(1)] = _key(None, "number of bins", "12")
+    spacing: OrNone(OneOf("log", "linear")) = _key(None, "bin spacing", '"log"')
 
     DEFAULTS: ClassVar[dict] = dict(n_ell_bins=12, spacing="log")
 
@@ -643,20 +644,20 @@ class PriorSection(_Section):
     """Which parameters are inferred, and their priors (``cfg.prior()`` builds an
     ``experiments.priors.Prior``)."""
 
-    preset: one_of("lsst_y10", "none") = _key(
+    preset: OneOf("lsst_y10", "none") = _key(
         "lsst_y10", 'the 6-parameter LSST-Y10 prior (Omega_c ~ TN(0.2664, 0.2, low=0), Omega_b ~ '
                     'N(0.0492, 0.006), sigma8 ~ TN(0.831, 0.14, low=0), h ~ N(0.6727, 0.063), '
                     'n_s ~ N(0.9645, 0.08), w0 ~ TN(-1, 0.9, low=-2, high=-0.3)) or "none"')
-    params: Optional(Strs) = _key(
+    params: OrNone(Strs) = _key(
         None, "the inferred parameters, in order (Cosmology field names); the others stay at "
               "their [cosmology] values", "every preset and declared parameter")
-    Omega_c: Annotated[Optional(Table), _param_prior("Omega_c")] = _prior_table("Omega_c")
-    Omega_b: Annotated[Optional(Table), _param_prior("Omega_b")] = _prior_table("Omega_b")
-    h: Annotated[Optional(Table), _param_prior("h")] = _prior_table("h")
-    n_s: Annotated[Optional(Table), _param_prior("n_s")] = _prior_table("n_s")
-    sigma8: Annotated[Optional(Table), _param_prior("sigma8")] = _prior_table("sigma8")
-    w0: Annotated[Optional(Table), _param_prior("w0")] = _prior_table("w0")
-    wa: Annotated[Optional(Table), _param_prior("wa")] = _prior_table("wa")
+    Omega_c: Annotated[OrNone(Table), _param_prior("Omega_c")] = _prior_table("Omega_c")
+    Omega_b: Annotated[OrNone(Table), _param_prior("Omega_b")] = _prior_table("Omega_b")
+    h: Annotated[OrNone(Table), _param_prior("h")] = _prior_table("h")
+    n_s: Annotated[OrNone(Table), _param_prior("n_s")] = _prior_table("n_s")
+    sigma8: Annotated[OrNone(Table), _param_prior("sigma8")] = _prior_table("sigma8")
+    w0: Annotated[OrNone(Table), _param_prior("w0")] = _prior_table("w0")
+    wa: Annotated[OrNone(Table), _param_prior("wa")] = _prior_table("wa")
 
     @model_validator(mode="after")
     def _buildable(self):
@@ -701,7 +702,7 @@ class TrainingSetSection(_Section):
     """Simulated (theta, kappa) pairs for the implicit pipeline (``lensbench generate``)."""
 
     n_sims: Annotated[Int, Count(1, MAX_SIMS)] = _key(1000, "simulations")
-    batch_size: Annotated[Optional(Int), AtLeast(1)] = _key(
+    batch_size: Annotated[OrNone(Int), AtLeast(1)] = _key(
         None, "simulations per batch and per chunk written",
         "4 per device for PM/LPT, 16 per device for Gaussian/lognormal maps")
     seed: Annotated[Int, AtLeast(0)] = _key(
@@ -721,8 +722,8 @@ class TrainingSetSection(_Section):
 class CompressorSection(_Section):
     """Neural compressor training (``compressors.TrainConfig``; ``lensbench train-compressor``)."""
 
-    loss: one_of("mse", "mae", "gnll", "vmim") = _key("vmim", "training loss")
-    network: one_of("resnet", "cnn") = _key("resnet", "architecture")
+    loss: OneOf("mse", "mae", "gnll", "vmim") = _key("vmim", "training loss")
+    network: OneOf("resnet", "cnn") = _key("resnet", "architecture")
     width: Annotated[Int, AtLeast(1)] = _key(16, "channels of the first stage")
     depth: Annotated[Int, AtLeast(1)] = _key(3, "stages, each halving the maps")
     epochs: Annotated[Int, Count(2, MAX_EPOCHS)] = _key(
@@ -748,7 +749,7 @@ class CompressorSection(_Section):
 class NpeSection(_Section):
     """Neural posterior estimation with sbi (``lensbench fit-posterior``)."""
 
-    density: one_of("nsf", "maf") = _key("nsf", '"nsf" (neural spline flow) or "maf"')
+    density: OneOf("nsf", "maf") = _key("nsf", '"nsf" (neural spline flow) or "maf"')
     max_epochs: Annotated[Int, Count(1, MAX_EPOCHS)] = _key(
         300, "maximum training epochs (sbi stops early)")
     batch_size: Annotated[Int, AtLeast(1)] = _key(128, "training batch size")
@@ -764,7 +765,7 @@ class NpeSection(_Section):
 class ClBaselineSection(_Section):
     """The power-spectrum baseline: analytic Gaussian likelihood + NUTS (``lensbench cl-baseline``)."""
 
-    covariance: one_of("simulated", "gaussian") = _key(
+    covariance: OneOf("simulated", "gaussian") = _key(
         "simulated", '"simulated" (the sample covariance of n_cov simulations of the map model at '
                      '[cosmology], Hartlap-corrected) or "gaussian" (the analytic Gaussian '
                      'covariance of the binned C_ell at [cosmology], per Fourier mode with shape '
@@ -772,7 +773,7 @@ class ClBaselineSection(_Section):
                      'terms of PM maps)')
     n_cov: Annotated[Int, Count(3, MAX_SIMS)] = _key(
         200, "fiducial simulations for the simulated covariance")
-    likelihood: one_of("gaussian", "sellentin_heavens") = _key(
+    likelihood: OneOf("gaussian", "sellentin_heavens") = _key(
         "gaussian", '"gaussian" or "sellentin_heavens" (simulated covariance only)')
     num_warmup: Annotated[Int, Count(1, MAX_WARMUP)] = _key(500, "NUTS warm-up steps")
     num_samples: Annotated[Int, Count(1, MAX_SAMPLES)] = _key(2000, "NUTS samples per chain")
@@ -792,6 +793,18 @@ class ClBaselineSection(_Section):
         return self
 
 
+MIN_MCLMC_WARMUP = 20  # blackjax's three tuning stages each need a few steps (MAMS starts with them)
+MAX_TREE_DEPTH = 15    # NUTS: 2^15 gradients per iteration
+
+
+def _tree_depth(v):
+    if v < 1:
+        return "must be >= 1"
+    if v > MAX_TREE_DEPTH:
+        return f"must be <= {MAX_TREE_DEPTH} (2^{MAX_TREE_DEPTH} gradients per iteration)"
+    return None
+
+
 COMPARE_METHODS = ("cl_analytic", "npe_cl", "npe_mse", "npe_mae", "npe_gnll", "npe_vmim",
                    "npe_maps", "hmc", "exact")
 
@@ -800,20 +813,21 @@ class HmcSection(_Section):
     """Explicit full-field inference over theta and the initial white noise (``lensbench hmc``;
     ``explicit.HMCSettings``)."""
 
-    sampler: one_of("nuts", "mclmc", "mams") = _key(
+    sampler: OneOf("nuts", "mclmc", "mams") = _key(
         "nuts", '"nuts" (dense mass block over theta, diagonal over the field), "mclmc" (blackjax '
                 'microcanonical Langevin; unadjusted, so biased by its step size) or "mams" '
                 "(Metropolis-adjusted microcanonical HMC: MCLMC's tuning, then the step size "
                 "adapted to target_accept; unbiased)")
-    num_warmup: Annotated[Int, Count(1, MAX_WARMUP)] = _key(
-        200, "warm-up (NUTS adaptation / MCLMC tuning) steps")
+    num_warmup: Annotated[Int, Count(0, MAX_WARMUP)] = _key(
+        200, f"warm-up (NUTS adaptation / MCLMC tuning) steps; at least {MIN_MCLMC_WARMUP} for "
+             f"mclmc and mams")
     num_samples: Annotated[Int, Count(1, MAX_SAMPLES)] = _key(200, "samples per chain")
     num_chains: Annotated[Int, Count(1, MAX_CHAINS)] = _key(1, "chains")
-    max_tree_depth: Annotated[Int, AtLeast(1)] = _key(
+    max_tree_depth: Annotated[Int, Check(_tree_depth, f"in [1, {MAX_TREE_DEPTH}]")] = _key(
         6, "NUTS: at most 2^depth - 1 gradient evaluations per sample")
     target_accept: Annotated[Float, Between(0, 1)] = _key(
         0.8, "NUTS and MAMS: target acceptance probability of the step-size adaptation")
-    precondition: one_of("none", "fourier") = _key(
+    precondition: OneOf("none", "fourier") = _key(
         "none", '"none" or "fourier": sample the latent field with each Fourier mode scaled by its '
                 "linearised posterior width, estimated once at the start from 8 Hessian-vector "
                 "probes (16 gradients); an exact change of variables, for any sampler "
@@ -822,7 +836,7 @@ class HmcSection(_Section):
         25, "iterations between checkpoints (the run resumes from the last one)")
     thin_field: Annotated[Int, AtLeast(0)] = _key(
         50, "keep the latent field every N samples (0: never); theta is always kept")
-    gradient: one_of("adjoint", "checkpoint") = _key(
+    gradient: OneOf("adjoint", "checkpoint") = _key(
         "adjoint", '"adjoint" (reverse-time PM adjoint: memory independent of the number of '
                    'steps) or "checkpoint"; replaces simulation.gradient for HMC')
     seed: Annotated[Int, AtLeast(0)] = _key(2, "seed of the chains")
@@ -838,6 +852,13 @@ class HmcSection(_Section):
     # not explicit.HMCSettings fields: the PM gradient mode (set on the simulation), how many
     # processes run the chains, and how the start field is found (explicit.field_start)
     NOT_SAMPLER_KEYS: ClassVar[tuple] = ("gradient", "processes", "start_steps")
+
+    @model_validator(mode="after")
+    def _enough_warmup(self):
+        if self.sampler in ("mclmc", "mams") and self.num_warmup < MIN_MCLMC_WARMUP:
+            _fail("hmc.num_warmup", f"must be >= {MIN_MCLMC_WARMUP} for {self.sampler} (its tuning "
+                                    f"stages need steps), got {self.num_warmup}")
+        return self
 
     def settings(self):
         """The ``explicit.HMCSettings``."""
@@ -865,7 +886,7 @@ class CompareSection(_Section):
         'vector), "npe_mse", "npe_mae", "npe_gnll", "npe_vmim" (NPE on a compressor trained with '
         'that loss), "npe_maps" (one-stage NPE), "hmc" (explicit field-level), "exact" (grid '
         "posterior; Gaussian-field maps only)")
-    observation: Optional(FilePath) = _key(
+    observation: OrNone(FilePath) = _key(
         None, "an observed map file (``lensbench maps``); relative paths are relative to the "
               "config file", "simulate one at [cosmology] with the top-level seed")
     c2st_samples: Annotated[Int, Count(10, MAX_SAMPLES)] = _key(
@@ -1087,9 +1108,10 @@ def _suggest(word: str, options) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _message(error: dict) -> str:
-    """One pydantic error (``ValidationError.errors()`` item) as ``<dotted.key>: <problem>``."""
-    loc = tuple(str(p) for p in error["loc"])
+def _message(error: dict, within: tuple[str, ...] = ()) -> str:
+    """One pydantic error (``ValidationError.errors()`` item) as ``<dotted.key>: <problem>``;
+    ``within``: the section of a section model validated on its own."""
+    loc = within + tuple(str(p) for p in error["loc"])
     cause = (error.get("ctx") or {}).get("error")
     if isinstance(cause, ConfigError):  # a rule that names its key in full
         return str(cause)
@@ -1128,6 +1150,16 @@ def _wrap(section: str, names, fn):
         if message.startswith(name + " "):
             message = message[len(name) + 1:]
         _fail(f"{section}.{name}", message)
+
+
+def validate_section(name: str, values: Mapping):
+    """The section model of ``values``, validated as loading would: for a library class that takes
+    a section's keys (``explicit.HMCSettings``), so that a key has one validation. Raises
+    ConfigError ``<section>.<key>: <problem>``."""
+    try:
+        return SECTIONS[name].model_validate(values)
+    except ValidationError as e:
+        raise ConfigError(_message(e.errors()[0], (name,))) from None
 
 
 # ---- loading ----------------------------------------------------------------------------------

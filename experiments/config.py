@@ -41,7 +41,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 
 __all__ = ["ConfigError", "ExperimentConfig", "OptionError", "SECTIONS", "dumps_toml",
            "load_config", "load_config_text", "parse_overrides", "parse_pdims", "peek_pdims",
-           "resolve_config_path", "shipped_configs"]
+           "resolve_config_path", "shipped_configs", "validate_section"]
 
 
 class ConfigError(ValueError):

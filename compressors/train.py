@@ -40,6 +40,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from experiments.config import CompressorSection
 from experiments.files import save_figure, write_bytes, write_text
 
 from . import losses as L
@@ -63,11 +64,19 @@ _STREAM_INIT, _STREAM_VAL_NOISE, _STREAM_EPOCHS, _STREAM_FIXED_TRAIN_NOISE = 0, 
 # Configuration
 # --------------------------------------------------------------------------------------------
 
+def _configured(name: str):
+    """The default of the [compressor] key of that name (docs/configuration.md), so that training
+    from Python and from a configuration agree unless told otherwise."""
+    return CompressorSection.model_fields[name].default
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How to train a compressor (hashable; every field is part of a run's identity).
 
-    Defaults suit ~1000 maps of (3, 64, 64) on a CPU.
+    Defaults suit ~1000 maps of (3, 64, 64) on a CPU; those of the keys a configuration sets are
+    the [compressor] section's (``experiments.config.CompressorSection``), except ``loss``: "mse"
+    here (the loss that needs no summary_dim or flow), "vmim" in a configuration.
 
     Attributes:
       loss: "mse" | "mae" | "gnll" | "vmim" (see ``compressors.losses``).
@@ -94,22 +103,22 @@ class TrainConfig:
     """
 
     loss: str = "mse"
-    network: str = "resnet"
-    width: int = 16
-    depth: int = 3
+    network: str = _configured("network")
+    width: int = _configured("width")
+    depth: int = _configured("depth")
     blocks: int = 1
     head_hidden: int = 64
     summary_dim: int | None = None
-    epochs: int = 30
-    batch_size: int = 32
-    learning_rate: float = 1e-3
+    epochs: int = _configured("epochs")
+    batch_size: int = _configured("batch_size")
+    learning_rate: float = _configured("learning_rate")
     lr_schedule: str = "cosine"
     warmup_epochs: int = 1
     weight_decay: float = 1e-4
     grad_clip: float | None = 1.0
-    val_fraction: float = 0.1
-    patience: int | None = 8
-    seed: int = 0
+    val_fraction: float = _configured("val_fraction")
+    patience: int | None = _configured("patience")
+    seed: int = _configured("seed")
     augment: bool = True
     flow_layers: int = 4
     flow_hidden: int = 32

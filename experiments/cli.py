@@ -24,7 +24,7 @@ Explicit inference and the comparison harness (experiments/compare.py):
     lensbench plot results/quick --method hmc --method npe_vmim --param Omega_m --param sigma8
     lensbench demo                      # = compare on the quick config into results/quick
 
-``maps`` reads an experiment configuration (TOML; ``experiments/config.py`` documents the schema):
+``maps`` reads an experiment configuration (TOML; ``docs/configuration.md`` documents every key):
 a path, or the name of a shipped one (``quick``, ``lsst_y10`` in ``experiments/configs``).
 
 Device count and JAX imports. This module never imports JAX (or ``simulators``, which imports

@@ -1,9 +1,14 @@
-"""Experiment configuration: one TOML file per experiment, one loader, one error style.
+"""Experiment configuration: one TOML file per experiment, one model, one error style.
 
     from experiments.config import load_config
     cfg = load_config("quick")                  # a shipped config (experiments/configs/quick.toml)
     cfg = load_config("my_run.toml")            # or any path, or a dict with the same layout
     model, cosmo = cfg.build_model(), cfg.cosmology()
+
+The schema is the pydantic models below (``ExperimentConfig`` and one section model per TOML
+table); ``docs/configuration.md`` lists every key with its default and units, generated from them
+(``python -m experiments.configdoc > docs/configuration.md``). The same listing, as plain text,
+ends this docstring.
 
 Every error is a ``ConfigError`` (a ValueError) whose message starts with the dotted key it is
 about, e.g. ``maps.field_deg: must be > 0, got -1``; when loading a file the message is prefixed
@@ -14,209 +19,29 @@ command line can still choose the number of CPU devices (``simulation.pdims``) a
 LSST-Y10 preset bins and the default lightcone depth need JAX and are built on demand
 (``bins()``, ``chi_max()``, ``build_model()``).
 
-Schema (every key is optional; defaults in brackets; units after the colon)
---------------------------------------------------------------------------
-Top level
-  name                 : str, a label for outputs [the file's stem, or "experiment"]
-  seed                 : int >= 0, seed of the initial white noise and of the shape noise [0]
-
-[cosmology]            flat w0waCDM (defaults: ``Cosmology.fiducial()``, LSST DESC Y10)
-  Omega_c              : cold dark matter density today [0.2664]
-  Omega_b              : baryon density today [0.0492]
-  h                    : H0 / (100 km/s/Mpc) [0.6727]
-  n_s                  : scalar spectral index [0.9645]
-  sigma8               : linear rms density in 8 Mpc/h spheres at z = 0 [0.831]
-  w0, wa               : CPL dark-energy equation of state w(a) = w0 + wa (1 - a) [-1, 0]
-
-[simulation]           the map model and its 3-D simulation
-  kind                 : "pm" (LPT + FastPM steps, lightcone painted on the fly), "lpt" (LPT
-                         displacements only, no N-body steps), "gaussian" (Gaussian random
-                         field with the Limber C_ell; flat sky only, ignores the rest) or
-                         "lognormal" (shifted-lognormal field with the same C_ell, shifts from
-                         the empty-beam convergence; flat sky only, ignores the rest) ["pm"]
-  mesh_shape           : force-mesh cells, int (cube) or [nx, ny, nz] [[32, 32, 64]]
-  box_size             : box side lengths in Mpc/h, float (cube) or [Lx, Ly, Lz]
-                         [[200.0, 200.0, 1000.0]]
-  mesh_factor          : force-mesh cells per particle spacing (int >= 1) [1]
-  a_init               : scale factor where LPT starts and the lightcone ends, in (0, 1); keep
-                         it <= 1 / (1 + z_max) of the sources (0.2 reaches z = 4) [0.2]
-  n_steps              : time steps, uniform in a from a_init to 1 [10]
-  lpt_order            : 1 or 2 [2]
-  deconvolve           : divide the force by the CIC window of painting and reading (needs
-                         mesh_factor = 1); recommended for lensing maps: the mesh power then
-                         follows halofit to smaller scales [false]
-  dtype                : "float32" or "float64", fields and particles ["float32"]
-  gradient             : "checkpoint" or "adjoint" ["checkpoint"]
-  pdims                : device grid "PXxPY"; mesh_shape (and the particle grid) must divide
-                         along x and y. On CPU the command line creates that many devices ["1x1"]
-  halo                 : halo width in mesh cells for sharded runs (int >= 2) [8]
-  n_chi                : gaussian/lognormal: Limber quadrature nodes in chi (int >= 16; 64 is
-                         within ~1% of 256 per mode at 4x less cost, e.g. for field-level HMC) [256]
-
-[lightcone]
-  observer             : [x, y, z] observer position in box coordinates, Mpc/h [flat sky: the
-                         centre of the z = 0 face; HEALPix: the box centre]
-  chi_max              : lightcone depth in Mpc/h [the comoving distance of the farthest source
-                         redshift, z[-1] of the bins, for the fiducial cosmology, capped at
-                         chi(a_init)]; the box is tiled periodically ("replicas") out to it
-  randomize            : random shift and cube-symmetry rotation of every replica [false]
-  seed                 : int >= 0, seed of the replica transforms [0]
-  window_margin        : each PM step's radial sample window spans this many times the fiducial
-                         cosmology's thickest step, float >= 1 [1.25]; raise it when a cosmology
-                         is rejected for a step thicker than the window (e.g. Omega_c near 0)
-
-[maps]
-  sky                  : "flat" (square patch around +z) or "healpix" (full sphere) ["flat"]
-  field_deg            : flat: side of the square field in degrees, in (0, 90) [5.0]
-  npix                 : flat: pixels per side (int >= 2) [64]
-  nside                : healpix: HEALPix nside, a power of 2 [64]
-  disc                 : healpix: [lon, lat, radius] in degrees for a partial sky: only pixels
-                         whose centres lie in that disc are traced and get shape noise; the maps
-                         keep the full-sky shape with zeros outside [full sky]
-
-[sources]              either the LSST-Y10 preset or one n(z) file per bin
-  preset               : "lsst_y10" [used unless nz_files is given]
-  n_bins               : preset: tomographic bins with equal galaxy numbers (int >= 1) [5]
-  n_gal_total          : preset: total galaxy density in gal/arcmin^2, split equally [27.0]
-  sigma_z0             : preset: photo-z scatter sigma_z = sigma_z0 (1 + z) [0.05]
-  nz_files             : list of two-column text files (z, n(z)), one per bin; relative paths
-                         are relative to the config file
-  n_gal_per_bin        : nz_files: galaxy density in gal/arcmin^2, one number or one per file
-                         [required with nz_files]
-  sigma_e              : shape noise per ellipticity component [0.26]
-
-[cl]                   tomographic C_ell binning (``lensbench cl``); ell is dimensionless
-  ell_edges            : explicit increasing bin edges [not set: use the keys below]
-  ell_min              : lowest edge [flat: the fundamental 2 pi / field; healpix: 2]
-  ell_max              : highest edge [flat: the Nyquist pi npix / field; healpix: 2 nside, at
-                         most 3 nside (HEALPix estimates are good to ~2 nside)]
-  n_ell_bins           : number of bins (int >= 1) [12]
-  spacing              : "log" or "linear" ["log"]
-
-[prior]                which parameters are inferred, and their priors (``cfg.prior()`` builds an
-                       ``experiments.priors.Prior``)
-  preset               : "lsst_y10" (the 6-parameter LSST-Y10 prior: Omega_c ~ TN(0.2664, 0.2,
-                         low=0), Omega_b ~ N(0.0492, 0.006), sigma8 ~ TN(0.831, 0.14, low=0),
-                         h ~ N(0.6727, 0.063), n_s ~ N(0.9645, 0.08), w0 ~ TN(-1, 0.9, low=-2,
-                         high=-0.3)) or "none" ["lsst_y10"]
-  params               : the inferred parameters, in order (Cosmology field names); the others
-                         stay at their [cosmology] values [every preset and declared parameter]
-  Omega_c, Omega_b, h, n_s, sigma8, w0, wa : a parameter's prior as an inline table,
-                         overriding the preset's:
-                         {dist = "normal", loc, scale}, {dist = "truncated_normal", loc, scale,
-                         low and/or high} or {dist = "uniform", low, high}
-
-[training_set]         simulated (theta, kappa) pairs for the implicit pipeline (``lensbench generate``)
-  n_sims               : simulations [1000]
-  batch_size           : simulations per batch and per chunk written [4 per device for PM/LPT,
-                         16 per device for Gaussian/lognormal maps]
-  seed                 : seed of the parameter draws and latent fields (distinct from the
-                         observation's top-level seed) [1]
-  n_calibration        : the last simulations, held out from training for calibration [100]
-
-[compressor]           neural compressor training (``compressors.TrainConfig``)
-  loss                 : "mse", "mae", "gnll" or "vmim" ["vmim"]
-  network              : "resnet" or "cnn" ["resnet"]
-  width, depth         : channels of the first stage [16], stages (each halves the maps) [3]
-  epochs               : maximum epochs; early stopping may end sooner [30]
-  batch_size           : maps per step [32]
-  learning_rate        : peak AdamW learning rate (warm-up, cosine decay) [1e-3]
-  patience             : epochs without a better validation loss before stopping [8]
-  val_fraction         : fraction of the training maps used for validation [0.1]
-  seed                 : seed of the split, initialisation, noise and augmentation [0]
-
-[npe]                  neural posterior estimation (sbi)
-  density              : "nsf" (neural spline flow) or "maf" ["nsf"]
-  max_epochs           : maximum training epochs (sbi stops early) [300]
-  batch_size           : training batch size [128]
-  noise_copies         : shape-noise realisations drawn per simulation [4]
-  n_samples            : posterior samples written by ``lensbench sample`` [20000]
-  calibration_samples  : posterior samples per held-out simulation for SBC/TARP [500]
-  seed                 : seed of the noise and of training [0]
-
-[cl_baseline]          the power-spectrum baseline (analytic Gaussian likelihood + NUTS)
-  covariance           : "simulated" (the sample covariance of n_cov simulations of the map
-                         model at [cosmology], Hartlap-corrected) or "gaussian" (the analytic
-                         Gaussian covariance of the binned C_ell at [cosmology], per Fourier mode
-                         with shape noise: exact for Gaussian maps, no sampling noise; it omits
-                         the non-Gaussian terms of PM maps) ["simulated"]
-  n_cov                : fiducial simulations for the simulated covariance [200]
-  likelihood           : "gaussian" or "sellentin_heavens" (simulated covariance only) ["gaussian"]
-  num_warmup, num_samples, num_chains : NUTS settings [500, 2000, 2]
-  n_chi                : Limber quadrature nodes in chi (64 changes the binned C_ell by < 0.2%
-                         against 256, at a quarter of the cost per gradient) [64]
-  seed                 : the covariance simulations use seeds seed .. seed + n_cov - 1 (keep
-                         the observation's seed outside); NUTS uses seed too [10000]
-
-[hmc]                  explicit full-field inference over theta and the initial white noise
-                       (``lensbench hmc``; ``explicit``)
-  sampler              : "nuts" (dense mass block over theta, diagonal over the field),
-                         "mclmc" (blackjax microcanonical Langevin; unadjusted, so biased by its
-                         step size) or "mams" (Metropolis-adjusted microcanonical HMC: MCLMC's
-                         tuning, then the step size adapted to target_accept; unbiased) ["nuts"]
-  num_warmup           : warm-up (NUTS adaptation / MCLMC tuning) steps [200]
-  num_samples          : samples per chain [200]
-  num_chains           : chains [1]
-  processes            : run the chains in this many OS processes at once on this machine (CPU:
-                         up to the number of cores; one GPU: keep 1); the draws do not depend on
-                         it. Must be 1 under jax.distributed, which splits each chain's field [1]
-  max_tree_depth       : NUTS: at most 2^depth - 1 gradient evaluations per sample [6]
-  target_accept        : NUTS and MAMS: target acceptance probability of the step-size
-                         adaptation [0.8]
-  precondition         : "none" or "fourier": sample the latent field with each Fourier mode
-                         scaled by its linearised posterior width, estimated once at the start
-                         from 8 Hessian-vector probes (16 gradients); an exact change of
-                         variables, for any sampler (``explicit.precondition``) ["none"]
-  segment              : iterations between checkpoints (the run resumes from the last one) [25]
-  thin_field           : keep the latent field every N samples (0: never); theta is always kept [50]
-  gradient             : "adjoint" (reverse-time PM adjoint: memory independent of the number of
-                         steps) or "checkpoint"; replaces simulation.gradient for HMC ["adjoint"]
-  seed                 : seed of the chains [2]
-  start_steps          : Adam steps (one gradient each) of the start field, a draw of
-                         p(z | d, theta at the prior mean) by perturb-and-optimise
-                         (``explicit.field_start``); 100 bring the quick objective to within 1 of
-                         its optimum, 0 starts from the perturbed draw itself [100]
-
-[compare]              ``lensbench compare``: the methods run on one observation and compared
-  methods              : any of "cl_analytic" (Gaussian C_ell likelihood + NUTS), "npe_cl" (NPE on
-                         the C_ell data vector), "npe_mse", "npe_mae", "npe_gnll", "npe_vmim" (NPE
-                         on a compressor trained with that loss), "npe_maps" (one-stage NPE),
-                         "hmc" (explicit field-level), "exact" (grid posterior; Gaussian-field
-                         maps only) [["cl_analytic", "npe_cl", "npe_vmim", "hmc"]]
-  observation          : an observed map file (``lensbench maps``) [simulate one at [cosmology]
-                         with the top-level seed]; relative paths are relative to the config file
-  c2st_samples         : at most this many samples per method enter each C2ST [2000]
-  seed                 : seed of the C2ST subsampling and classifier [0]
-  ess_min              : least effective sample size of every sampled parameter for a method to
-                         count as converged (int >= 1) [400]
-  r_hat_max            : largest split R-hat of every sampled parameter for a method to count as
-                         converged (> 1) [1.01]. The console, report.md and the contour legend
-                         flag methods that miss either as "unconverged"
-
-Adding a section (e.g. [prior], [compressor], [npe], [hmc] later): write a frozen dataclass whose
-fields are declared with ``key(...)`` (type, default, doc, optional check), optionally a
-``_check(self, given)`` method for rules that involve several keys, add it to ``SECTIONS`` and add
-a field of that type to ``ExperimentConfig``.
+Adding a section: write a ``_Section`` subclass whose fields carry a ``Field(description=...)``
+(units in the description) and a type from the aliases below, rules that involve several keys in
+a ``model_validator(mode="after")``, and add a field of that type to ``ExperimentConfig``.
 """
 
-from __future__ import annotations
-
-import dataclasses
 import difflib
 import json
 import math
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from types import UnionType
+from typing import Annotated, Any, ClassVar, Literal, Mapping, Union, get_args, get_origin
 
-__all__ = ["ConfigError", "ExperimentConfig", "OptionError", "SECTIONS", "load_config",
-           "load_config_text", "parse_pdims", "peek_pdims", "resolve_config_path",
-           "shipped_configs"]
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
+                      ValidationError, ValidationInfo, field_validator, model_validator)
+
+__all__ = ["ConfigError", "ExperimentConfig", "OptionError", "SECTIONS", "dumps_toml",
+           "load_config", "load_config_text", "parse_overrides", "parse_pdims", "peek_pdims",
+           "resolve_config_path", "shipped_configs", "validate_section"]
 
 
 class ConfigError(ValueError):
@@ -229,31 +54,17 @@ class OptionError(ValueError):
 
 
 def _fail(key: str, message: str):
+    """Raise for a key named in full; validators use it for rules that name another key than
+    the one being validated (pydantic's location then is only the section)."""
     raise ConfigError(f"{key}: {message}")
 
 
-# ---- key declarations -----------------------------------------------------------------------
+# ---- value types: TOML values in, normalised Python values out, messages without the key --------
+# pydantic's own coercion is lax (it reads "64" as an int); these run first and refuse what a
+# TOML file should not mean, in words that say what was expected.
 
-@dataclass(frozen=True)
-class Key:
-    """How one key is read: its type tag, documentation, choices and an extra value check.
-
-    Types: "float", "int", "bool", "str", "int3" (int or 3 ints), "float3" (float or 3 floats),
-    "vec3" (exactly 3 floats), "floats" (list of floats), "float|floats" (one or a list),
-    "path" (a file name), "paths" (list of file names), "strs" (list of strings), "table" (an inline table, kept as a
-    dict; its ``check`` validates the contents).
-    """
-
-    type: str
-    doc: str = ""
-    choices: tuple = ()
-    check: Callable[[Any], str | None] | None = None  # value -> error message or None
-
-
-def key(type_: str, default: Any = None, doc: str = "", choices: tuple = (),
-        check: Callable[[Any], str | None] | None = None):
-    """A dataclass field that is a config key (see ``Key``)."""
-    return field(default=default, metadata={"key": Key(type_, doc, choices, check)})
+class Label(str):
+    """How the documentation names a value type (Annotated metadata)."""
 
 
 def _type_name(value) -> str:
@@ -261,100 +72,171 @@ def _type_name(value) -> str:
             dict: "table"}.get(type(value), type(value).__name__)
 
 
-def _number(value, name: str, integer: bool):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            (integer and not isinstance(value, int)):
-        _fail(name, f"must be {'an integer' if integer else 'a number'}, got {value!r} "
-                    f"({_type_name(value)})")
-    if not integer:
-        value = float(value)
-        if not math.isfinite(value):
-            _fail(name, f"must be finite, got {value}")
-    return value
-
-
-def _coerce(k: Key, value, name: str, base_dir: Path):
-    """Convert a TOML value to the key's normalised Python value, or fail naming the key."""
-    t = k.type
-    if t in ("float", "int"):
-        value = _number(value, name, t == "int")
-    elif t == "bool":
-        if not isinstance(value, bool):
-            _fail(name, f"must be true or false, got {value!r} ({_type_name(value)})")
-    elif t == "str":
-        if not isinstance(value, str):
-            _fail(name, f"must be a string, got {value!r} ({_type_name(value)})")
-    elif t in ("int3", "float3", "vec3"):
-        integer = t == "int3"
-        if isinstance(value, list):
-            if len(value) != 3:
-                _fail(name, f"must be {'one number or ' if t != 'vec3' else ''}a list of 3 numbers, "
-                            f"got {len(value)} values")
-            value = tuple(_number(v, name, integer) for v in value)
-        elif t == "vec3":
-            _fail(name, f"must be a list of 3 numbers, got {value!r} ({_type_name(value)})")
-        else:
-            value = (_number(value, name, integer),) * 3
-    elif t in ("floats", "float|floats"):
-        if isinstance(value, list):
-            if not value:
-                _fail(name, "must not be empty")
-            value = tuple(_number(v, name, False) for v in value)
-        elif t == "floats":
-            _fail(name, f"must be a list of numbers, got {value!r} ({_type_name(value)})")
-        else:
-            value = _number(value, name, False)
-    elif t == "path":
-        if not isinstance(value, str) or not value:
-            _fail(name, f"must be a file name, got {value!r} ({_type_name(value)})")
-        value = str((base_dir / os.path.expanduser(value)).resolve())
-    elif t == "paths":
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-            _fail(name, f"must be a list of file names, got {value!r}")
-        value = tuple(str((base_dir / os.path.expanduser(v)).resolve()) for v in value)
-    elif t == "strs":
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-            _fail(name, f"must be a list of strings, got {value!r}")
-        value = tuple(value)
-    elif t == "table":
-        if not isinstance(value, Mapping):
-            _fail(name, f"must be a table such as {{dist = \"normal\", loc = 0.8, scale = 0.1}}, "
-                        f"got {value!r} ({_type_name(value)})")
-        value = dict(value)
-    else:  # pragma: no cover - a schema bug
-        raise TypeError(f"unknown key type {t!r} for {name}")
-    if k.choices and value not in k.choices:
-        _fail(name, f"must be one of {', '.join(map(repr, k.choices))}, got {value!r}")
-    if k.check is not None:
-        problem = k.check(value)
-        if problem:
-            _fail(name, f"{problem}, got {_show(value)}")
-    return value
-
-
 def _show(value) -> str:
-    if isinstance(value, tuple):
+    if isinstance(value, (tuple, list)):
         return "[" + ", ".join(_show(v) for v in value) + "]"
     return f"{value:g}" if isinstance(value, float) else repr(value)
 
 
-def _suggest(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    if not close:  # also catch case slips like omega_c -> Omega_c
-        close = [o for o in options if o.lower() == word.lower()]
-    return f" (did you mean {close[0]!r}?)" if close else ""
+def _number(value, integer: bool):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (integer and not isinstance(value, int)):
+        raise ValueError(f"must be {'an integer' if integer else 'a number'}, got {value!r} "
+                         f"({_type_name(value)})")
+    if integer:
+        return value
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"must be finite, got {value}")
+    return value
 
 
-def _positive(v):
-    return None if (min(v) if isinstance(v, tuple) else v) > 0 else "must be > 0"
+def _unless_none(fn):
+    """Unset keys (None) pass: the field's default or a section rule fills them."""
+    return lambda value: value if value is None else fn(value)
 
 
-def _at_least(n):
-    return lambda v: None if (min(v) if isinstance(v, tuple) else v) >= n else f"must be >= {n}"
+def _as_bool(value):
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {value!r} ({_type_name(value)})")
+    return value
+
+
+def _as_str(value):
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, got {value!r} ({_type_name(value)})")
+    return value
+
+
+def _triple(integer: bool, broadcast: bool):
+    """3 numbers; with broadcast one number stands for all three (a cube)."""
+    def coerce(value):
+        if isinstance(value, (list, tuple)):
+            if len(value) != 3:
+                raise ValueError(f"must be {'one number or ' if broadcast else ''}a list of 3 "
+                                 f"numbers, got {len(value)} values")
+            return tuple(_number(v, integer) for v in value)
+        if not broadcast:
+            raise ValueError(f"must be a list of 3 numbers, got {value!r} ({_type_name(value)})")
+        return (_number(value, integer),) * 3
+    return coerce
+
+
+def _floats(one_allowed: bool):
+    def coerce(value):
+        if isinstance(value, (list, tuple)):
+            if not value:
+                raise ValueError("must not be empty")
+            return tuple(_number(v, False) for v in value)
+        if not one_allowed:
+            raise ValueError(f"must be a list of numbers, got {value!r} ({_type_name(value)})")
+        return _number(value, False)
+    return coerce
+
+
+def _strs(what: str):
+    def coerce(value):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not value or \
+                not all(isinstance(v, str) for v in value):
+            raise ValueError(f"must be a list of {what}, got {value!r}")
+        return tuple(value)
+    return coerce
+
+
+def _resolve(name: str, info: ValidationInfo) -> str:
+    """A file name made absolute against the config file's directory (``load_config``'s
+    ``base_dir``, passed as validation context), so that a run reads the same file from anywhere."""
+    base = Path((info.context or {}).get("base_dir") or Path.cwd())
+    return str((base / os.path.expanduser(name)).resolve())
+
+
+def _as_path(value, info: ValidationInfo):
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"must be a file name, got {value!r} ({_type_name(value)})")
+    return _resolve(value, info)
+
+
+def _as_paths(value, info: ValidationInfo):
+    if value is None:
+        return None
+    return tuple(_resolve(v, info) for v in _strs("file names")(value))
+
+
+def _as_table(value):
+    if not isinstance(value, Mapping):
+        raise ValueError(f"must be a table such as {{dist = \"normal\", loc = 0.8, scale = 0.1}}, "
+                         f"got {value!r} ({_type_name(value)})")
+    return dict(value)
+
+
+def _typed(py_type, coerce, label: str):
+    """``py_type`` read from TOML by ``coerce``; ``label`` names it in docs/configuration.md."""
+    return Annotated[py_type, BeforeValidator(_unless_none(coerce)), Label(label)]
+
+
+Int = _typed(int, lambda v: _number(v, True), "int")
+Float = _typed(float, lambda v: _number(v, False), "float")
+Bool = _typed(bool, _as_bool, "bool")
+Str = _typed(str, _as_str, "string")
+Int3 = _typed(tuple[int, int, int], _triple(True, True), "int or [int, int, int]")
+Float3 = _typed(tuple[float, float, float], _triple(False, True), "float or [float, float, float]")
+Vec3 = _typed(tuple[float, float, float], _triple(False, False), "[float, float, float]")
+Floats = _typed(tuple[float, ...], _floats(False), "[float, ...]")
+FloatOrFloats = _typed(float | tuple[float, ...], _floats(True), "float or [float, ...]")
+Strs = _typed(tuple[str, ...], _strs("strings"), "[string, ...]")
+Table = _typed(dict, _as_table, "inline table")
+FilePath = Annotated[str, BeforeValidator(_as_path), Label("file name")]
+FilePaths = Annotated[tuple[str, ...], BeforeValidator(_as_paths), Label("[file name, ...]")]
+
+
+def OneOf(*choices):
+    """A value from a fixed list (strings, or ints such as the LPT order)."""
+    of_type = _as_str if all(isinstance(c, str) for c in choices) else lambda v: _number(v, True)
+
+    def coerce(value):
+        if of_type(value) not in choices:
+            raise ValueError(f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    return _typed(Literal[choices], coerce, " | ".join(json.dumps(c) for c in choices))
+
+
+def OrNone(t):
+    """``t`` or None (unset: a default that depends on other keys, or "not used")."""
+    base, *meta = get_args(t)
+    return Annotated[(base | None, *meta)]
+
+
+def Check(problem_of, rule: str = ""):
+    """A rule on the coerced value: ``problem_of(value)`` returns what is wrong, or None; ``rule``
+    states it for the documentation (``configdoc``)."""
+    def check(value):
+        problem = None if value is None else problem_of(value)
+        if problem:
+            raise ValueError(f"{problem}, got {_show(value)}")
+        return value
+    check.rule = rule
+    return AfterValidator(check)
+
+
+def _least(v):
+    return min(v) if isinstance(v, tuple) else v
+
+
+Positive = Check(lambda v: None if _least(v) > 0 else "must be > 0", "> 0")
+
+
+def AtLeast(n):
+    return Check(lambda v: None if _least(v) >= n else f"must be >= {n}", f">= {n}")
+
+
+def Between(low, high):
+    """In the open interval (low, high)."""
+    return Check(lambda v: None if low < v < high else f"must be in ({low:g}, {high:g})",
+                 f"in ({low:g}, {high:g})")
 
 
 # Hard limits on the counts that size a run's memory, disk or time, so that a typo (an extra
@@ -370,127 +252,76 @@ MAX_CALIBRATION_SAMPLES = 100_000  # posterior samples per held-out simulation (
 MAX_EPOCHS = 1_000_000            # training epochs
 
 
-def _count(low, high):
+def Count(low, high):
     """An integer count in [low, high]: ``high`` is one of the limits above."""
-    def check(v):
+    def problem(v):
         if v < low:
             return f"must be >= {low}"
         if v > high:
             return f"must be <= {high} (lensbench's limit for this count)"
         return None
-    return check
+    return Check(problem, f"in [{low}, {high}]")
 
 
-def _keys(cls) -> dict[str, Key]:
-    return {f.name: f.metadata["key"] for f in fields(cls) if "key" in f.metadata}
-
-
-def _parse_section(cls, table: Mapping, prefix: str, base_dir: Path):
-    """Build a section dataclass from a TOML table: unknown keys, types, values, then ``_check``."""
-    valid = _keys(cls)
-    values = {}
-    for name, value in table.items():
-        dotted = f"{prefix}.{name}" if prefix else name
-        if name not in valid:
-            _fail(dotted, f"unknown key{_suggest(name, valid)}; valid keys: {', '.join(valid)}")
-        values[name] = _coerce(valid[name], value, dotted, base_dir)
-    obj = cls(**values)
-    check = getattr(obj, "_check", None)
-    return check(set(values)) if check is not None else obj
-
-
-def _wrap(section: str, names, fn):
-    """Run a simulator constructor; re-raise its ValueError naming the section's key it is about."""
-    try:
-        return fn()
-    except ConfigError:
-        raise
-    except ValueError as e:
-        message = str(e)
-        hits = sorted((m.start(), n) for n in names
-                      for m in [re.search(rf"(?<![\w.]){re.escape(n)}(?!\w)", message)] if m)
-        if not hits:
-            _fail(section, message)
-        name = hits[0][1]
-        if message.startswith(name + " "):
-            message = message[len(name) + 1:]
-        _fail(f"{section}.{name}", message)
+def _key(default: Any, description: str, shown_default: str | None = None):
+    """A config key: its default, and its documentation (units in the description). A default
+    that depends on other keys is None in the model; ``shown_default`` says what it becomes."""
+    extra = {"shown_default": shown_default} if shown_default else None
+    return Field(default, description=description, json_schema_extra=extra)
 
 
 # ---- sections ---------------------------------------------------------------------------------
 
-PDIMS_RE = re.compile(r"^\s*(\d+)\s*[x×]\s*(\d+)\s*$")
+class _Frozen(BaseModel):
+    """Frozen, no unknown keys; assignment is an AttributeError as for a frozen dataclass (pydantic
+    raises a ValidationError, which callers that catch ValueError would take for bad input)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __setattr__(self, name, value):
+        if name in type(self).model_fields:
+            raise AttributeError(f"{type(self).__name__} is frozen: cannot set {name!r} "
+                                 f"(ExperimentConfig.with_ makes a changed copy)")
+        super().__setattr__(name, value)
 
 
-@dataclass(frozen=True)
-class CosmologySection:
-    Omega_c: float = key("float", 0.2664, "cold dark matter density today")
-    Omega_b: float = key("float", 0.0492, "baryon density today")
-    h: float = key("float", 0.6727, "H0 / (100 km/s/Mpc)")
-    n_s: float = key("float", 0.9645, "scalar spectral index")
-    sigma8: float = key("float", 0.831, "rms linear density in 8 Mpc/h spheres at z = 0")
-    w0: float = key("float", -1.0, "dark-energy equation of state today")
-    wa: float = key("float", 0.0, "CPL evolution of w")
+class _Section(_Frozen):
+    def _given(self) -> set[str]:
+        """The keys set in the input (None counts as not set)."""
+        return {k for k in self.model_fields_set if getattr(self, k) is not None}
 
-    def _check(self, given):
-        _wrap("cosmology", _keys(type(self)), self.build)
+    def _fill(self, defaults: Mapping) -> None:
+        """Set the defaults that depend on other keys, for the keys not set. Called from an
+        after-validator, before anyone else sees the object, so the section stays frozen."""
+        self.__dict__.update({k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+
+class CosmologySection(_Section):
+    """Flat w0waCDM; the defaults are ``Cosmology.fiducial()`` (LSST DESC Y10)."""
+
+    Omega_c: Float = _key(0.2664, "cold dark matter density today")
+    Omega_b: Float = _key(0.0492, "baryon density today")
+    h: Float = _key(0.6727, "H0 / (100 km/s/Mpc)")
+    n_s: Float = _key(0.9645, "scalar spectral index")
+    sigma8: Float = _key(0.831, "linear rms density in 8 Mpc/h spheres at z = 0")
+    w0: Float = _key(-1.0, "CPL dark-energy equation of state today: w(a) = w0 + wa (1 - a)")
+    wa: Float = _key(0.0, "CPL evolution of the dark-energy equation of state")
+
+    @model_validator(mode="after")
+    def _physical(self):
+        _wrap("cosmology", type(self).model_fields, self.build)
         return self
 
     def build(self):
         """The ``simulators.Cosmology``; also ``cfg.cosmology()`` (the section is callable)."""
         from simulators import Cosmology
 
-        return Cosmology(**dataclasses.asdict(self))
+        return Cosmology(**self.model_dump())
 
     __call__ = build
 
 
-@dataclass(frozen=True)
-class SimulationSection:
-    kind: str = key("str", "pm", "map model", choices=("pm", "lpt", "gaussian", "lognormal"))
-    mesh_shape: tuple = key("int3", (32, 32, 64), "force-mesh cells", check=_at_least(2))
-    box_size: tuple = key("float3", (200.0, 200.0, 1000.0), "box sides, Mpc/h", check=_positive)
-    mesh_factor: int = key("int", 1, "force-mesh cells per particle spacing", check=_at_least(1))
-    a_init: float = key("float", 0.2, "initial scale factor",
-                        check=lambda v: None if 0 < v < 1 else "must be in (0, 1)")
-    n_steps: int = key("int", 10, "time steps", check=_count(1, MAX_STEPS))
-    lpt_order: int = key("int", 2, "LPT order", choices=(1, 2))
-    deconvolve: bool = key("bool", False, "CIC-compensated force (needs mesh_factor = 1)")
-    dtype: str = key("str", "float32", "field dtype", choices=("float32", "float64"))
-    gradient: str = key("str", "checkpoint", "gradient mode", choices=("checkpoint", "adjoint"))
-    pdims: str = key("str", "1x1", "device grid PXxPY",
-                     check=lambda v: None if min(_pdims(v)) >= 1
-                     else "must look like '2x2' (positive device counts along x and y)")
-    halo: int = key("int", 8, "halo width, mesh cells", check=_at_least(2))
-    n_chi: int = key("int", 256, "Limber chi nodes of the gaussian/lognormal models",
-                     check=_at_least(16))
-
-    def _check(self, given):
-        obj = replace(self, pdims="x".join(map(str, _pdims(self.pdims))))
-        _wrap("simulation", _keys(type(self)), lambda: obj.sim_config(sharded=False))
-        px, py = obj.pdim_tuple
-        particles = tuple(n // obj.mesh_factor for n in obj.mesh_shape)
-        for what, shape in (("mesh_shape", obj.mesh_shape), ("particle grid", particles)):
-            for axis, n, p in (("x", shape[0], px), ("y", shape[1], py)):
-                if n % p:
-                    _fail("simulation.pdims", f"{what} {list(shape)} is not divisible by the device "
-                                              f"grid {obj.pdims} along {axis} ({n} % {p} != 0)")
-        return obj
-
-    @property
-    def pdim_tuple(self) -> tuple[int, int]:
-        return _pdims(self.pdims)
-
-    def sim_config(self, sharded: bool = True):
-        """The ``SimConfig``; with sharded=False on a 1x1 grid (never touches the JAX devices)."""
-        from simulators import DeviceGrid, SimConfig
-
-        grid = DeviceGrid(self.pdim_tuple if sharded else (1, 1), halo=self.halo)
-        return SimConfig(mesh_shape=self.mesh_shape, box_size=self.box_size,
-                         mesh_factor=self.mesh_factor, a_init=self.a_init, a_final=1.0,
-                         n_steps=self.n_steps, lpt_order=self.lpt_order,
-                         deconvolve=self.deconvolve, gradient=self.gradient,
-                         dtype=self.dtype, grid=grid)
+PDIMS_RE = re.compile(r"^\s*(\d+)\s*[x×]\s*(\d+)\s*$")
 
 
 def parse_pdims(text: str) -> tuple[int, int]:
@@ -512,40 +343,130 @@ def _pdims(text: str) -> tuple[int, int]:
         return (0, 0)
 
 
-@dataclass(frozen=True)
-class LightconeSection:
-    observer: tuple | None = key("vec3", None, "observer position, Mpc/h")
-    chi_max: float | None = key("float", None, "lightcone depth, Mpc/h", check=_positive)
-    randomize: bool = key("bool", False, "randomly shift and rotate the replicas")
-    seed: int = key("int", 0, "seed of the replica transforms", check=_at_least(0))
-    window_margin: float = key("float", 1.25, "radial window per step / fiducial thickest step",
-                               check=lambda v: None if v >= 1 else "must be >= 1")
+def _normal_pdims(text: str) -> str:
+    px, py = _pdims(text)
+    if min(px, py) < 1:
+        raise ValueError(f"must look like '2x2' (positive device counts along x and y), "
+                         f"got {text!r}")
+    return f"{px}x{py}"
 
 
-@dataclass(frozen=True)
-class MapsSection:
-    sky: str = key("str", "flat", "sky geometry", choices=("flat", "healpix"))
-    field_deg: float | None = key("float", None, "flat: field side, degrees", check=_positive)
-    npix: int | None = key("int", None, "flat: pixels per side", check=_at_least(2))
-    nside: int | None = key("int", None, "healpix: nside",
-                            check=lambda v: None if v >= 1 and not v & (v - 1)
-                            else "must be a power of 2")
-    disc: tuple | None = key("vec3", None, "healpix: partial sky (lon, lat, radius), degrees")
+class SimulationSection(_Section):
+    """The map model and its 3-D simulation."""
 
-    FLAT_DEFAULTS = dict(field_deg=5.0, npix=64)
-    HEALPIX_DEFAULTS = dict(nside=64, disc=None)
+    kind: OneOf("pm", "lpt", "gaussian", "lognormal") = _key(
+        "pm", '"pm" (LPT + FastPM steps, lightcone painted on the fly), "lpt" (LPT displacements '
+              'only, no N-body steps), "gaussian" (Gaussian random field with the Limber C_ell; '
+              'flat sky only, ignores the rest) or "lognormal" (shifted-lognormal field with the '
+              'same C_ell, shifts from the empty-beam convergence; flat sky only, ignores the rest)')
+    mesh_shape: Annotated[Int3, AtLeast(2)] = _key(
+        (32, 32, 64), "force-mesh cells, one number (a cube) or [nx, ny, nz]")
+    box_size: Annotated[Float3, Positive] = _key(
+        (200.0, 200.0, 1000.0), "box side lengths in Mpc/h, one number (a cube) or [Lx, Ly, Lz]")
+    mesh_factor: Annotated[Int, AtLeast(1)] = _key(1, "force-mesh cells per particle spacing")
+    a_init: Annotated[Float, Between(0, 1)] = _key(
+        0.2, "scale factor where LPT starts and the lightcone ends; keep it <= 1 / (1 + z_max) of "
+             "the sources (0.2 reaches z = 4)")
+    n_steps: Annotated[Int, Count(1, MAX_STEPS)] = _key(10, "time steps, uniform in a from a_init "
+                                                            "to 1")
+    lpt_order: OneOf(1, 2) = _key(2, "LPT order")
+    deconvolve: Bool = _key(
+        False, "divide the force by the CIC window of painting and reading (needs mesh_factor = "
+               "1); recommended for lensing maps: the mesh power then follows halofit to smaller "
+               "scales")
+    dtype: OneOf("float32", "float64") = _key("float32", "dtype of fields and particles")
+    gradient: OneOf("checkpoint", "adjoint") = _key(
+        "checkpoint", "reverse-mode gradient of the PM steps: checkpointed, or the reverse-time "
+                      "adjoint (memory independent of the number of steps)")
+    pdims: Annotated[Str, AfterValidator(_normal_pdims)] = _key(
+        "1x1", 'device grid "PXxPY"; mesh_shape (and the particle grid) must divide along x and '
+               'y. On CPU the command line creates that many devices')
+    halo: Annotated[Int, AtLeast(2)] = _key(8, "halo width in mesh cells for sharded runs")
+    n_chi: Annotated[Int, AtLeast(16)] = _key(
+        256, "gaussian/lognormal: Limber quadrature nodes in chi (64 is within ~1% of 256 per "
+             "mode at 4x less cost, e.g. for field-level HMC)")
 
-    def _check(self, given):
+    @model_validator(mode="after")
+    def _consistent(self):
+        _wrap("simulation", type(self).model_fields, lambda: self.sim_config(sharded=False))
+        px, py = self.pdim_tuple
+        particles = tuple(n // self.mesh_factor for n in self.mesh_shape)
+        for what, shape in (("mesh_shape", self.mesh_shape), ("particle grid", particles)):
+            for axis, n, p in (("x", shape[0], px), ("y", shape[1], py)):
+                if n % p:
+                    _fail("simulation.pdims", f"{what} {list(shape)} is not divisible by the device "
+                                              f"grid {self.pdims} along {axis} ({n} % {p} != 0)")
+        return self
+
+    @property
+    def pdim_tuple(self) -> tuple[int, int]:
+        return _pdims(self.pdims)
+
+    def sim_config(self, sharded: bool = True):
+        """The ``SimConfig``; with sharded=False on a 1x1 grid (never touches the JAX devices)."""
+        from simulators import DeviceGrid, SimConfig
+
+        grid = DeviceGrid(self.pdim_tuple if sharded else (1, 1), halo=self.halo)
+        return SimConfig(mesh_shape=self.mesh_shape, box_size=self.box_size,
+                         mesh_factor=self.mesh_factor, a_init=self.a_init, a_final=1.0,
+                         n_steps=self.n_steps, lpt_order=self.lpt_order,
+                         deconvolve=self.deconvolve, gradient=self.gradient,
+                         dtype=self.dtype, grid=grid)
+
+
+class LightconeSection(_Section):
+    """The lightcone the PM and LPT models paint."""
+
+    observer: OrNone(Vec3) = _key(
+        None, "[x, y, z] observer position in box coordinates, Mpc/h",
+        "flat sky: the centre of the z = 0 face; HEALPix: the box centre")
+    chi_max: Annotated[OrNone(Float), Positive] = _key(
+        None, 'lightcone depth in Mpc/h; the box is tiled periodically ("replicas") out to it',
+        "the comoving distance of the farthest source redshift, z[-1] of the bins, for the "
+        "fiducial cosmology, capped at chi(a_init)")
+    randomize: Bool = _key(False, "random shift and cube-symmetry rotation of every replica")
+    seed: Annotated[Int, AtLeast(0)] = _key(0, "seed of the replica transforms")
+    window_margin: Annotated[Float, Check(lambda v: None if v >= 1 else "must be >= 1", ">= 1")] = _key(
+        1.25, "each PM step's radial sample window spans this many times the fiducial "
+              "cosmology's thickest step; raise it when a cosmology is rejected for a step "
+              "thicker than the window (e.g. Omega_c near 0)")
+
+
+def _power_of_2(v):
+    return None if v >= 1 and not v & (v - 1) else "must be a power of 2"
+
+
+class MapsSection(_Section):
+    """The convergence maps: a flat square patch or the HEALPix sphere."""
+
+    sky: OneOf("flat", "healpix") = _key(
+        "flat", '"flat" (square patch around +z) or "healpix" (full sphere)')
+    field_deg: Annotated[OrNone(Float), Positive] = _key(
+        None, "flat: side of the square field in degrees, in (0, 90)", "5.0 on a flat sky")
+    npix: Annotated[OrNone(Int), AtLeast(2)] = _key(None, "flat: pixels per side",
+                                                      "64 on a flat sky")
+    nside: Annotated[OrNone(Int), Check(_power_of_2, "a power of 2")] = _key(
+        None, "healpix: HEALPix nside, a power of 2", "64 on the HEALPix sphere")
+    disc: OrNone(Vec3) = _key(
+        None, "healpix: [lon, lat, radius] in degrees for a partial sky: only pixels whose "
+              "centres lie in that disc are traced and get shape noise; the maps keep the "
+              "full-sky shape with zeros outside", "the full sky")
+
+    FLAT_DEFAULTS: ClassVar[dict] = dict(field_deg=5.0, npix=64)
+    HEALPIX_DEFAULTS: ClassVar[dict] = dict(nside=64, disc=None)
+
+    @model_validator(mode="after")
+    def _geometry(self):
         own, other = ((self.FLAT_DEFAULTS, self.HEALPIX_DEFAULTS) if self.sky == "flat"
                       else (self.HEALPIX_DEFAULTS, self.FLAT_DEFAULTS))
         for name in other:
-            if name in given:
+            if name in self._given():
                 _fail(f"maps.{name}", f"only applies to sky = "
                                       f"{'healpix' if self.sky == 'flat' else 'flat'!r}, "
                                       f"but sky = {self.sky!r}")
-        obj = replace(self, **{k: v for k, v in own.items() if k not in given})
-        _wrap("maps", _keys(type(self)), obj.build)
-        return obj
+        self._fill(own)
+        _wrap("maps", type(self).model_fields, self.build)
+        return self
 
     def build(self):
         from simulators.lightcone import FlatSky, HealpixSky
@@ -562,31 +483,49 @@ class MapsSection:
         return 4 * math.pi / (12 * self.nside**2)
 
 
-@dataclass(frozen=True)
-class SourcesSection:
-    preset: str | None = key("str", None, "n(z) preset", choices=("lsst_y10",))
-    n_bins: int | None = key("int", None, "preset: number of bins", check=_at_least(1))
-    n_gal_total: float | None = key(
-        "float", None, "preset: galaxies per arcmin^2",
-        check=lambda v: None if v > 0 else "must be > 0 (bins with no galaxies)")
-    sigma_z0: float | None = key("float", None, "preset: photo-z scatter / (1 + z)", check=_positive)
-    nz_files: tuple | None = key("paths", None, "n(z) files, one per bin")
-    n_gal_per_bin: Any = key("float|floats", None, "nz_files: galaxies per arcmin^2 per bin")
-    sigma_e: float = key("float", 0.26, "shape noise per component", check=_positive)
+class SourcesSection(_Section):
+    """The source galaxies: the LSST-Y10 preset, or one n(z) file per tomographic bin."""
 
-    PRESET_DEFAULTS = dict(preset="lsst_y10", n_bins=5, n_gal_total=27.0, sigma_z0=0.05)
-    PRESET_KEYS = ("preset", "n_bins", "n_gal_total", "sigma_z0")
+    preset: OrNone(OneOf("lsst_y10")) = _key(
+        None, "the LSST DESC SRD Y10 Smail n(z) in equal-number bins with Gaussian photo-z",
+        '"lsst_y10" unless nz_files is given')
+    n_bins: Annotated[OrNone(Int), AtLeast(1)] = _key(
+        None, "preset: tomographic bins with equal galaxy numbers", "5 with the preset")
+    n_gal_total: Annotated[OrNone(Float),
+                           Check(lambda v: None if v > 0 else "must be > 0 (bins with no galaxies)",
+                                 "> 0")
+                           ] = _key(None, "preset: total galaxy density in gal/arcmin^2, split "
+                                          "equally over the bins", "27.0 with the preset")
+    sigma_z0: Annotated[OrNone(Float), Positive] = _key(
+        None, "preset: photo-z scatter sigma_z = sigma_z0 (1 + z)", "0.05 with the preset")
+    nz_files: OrNone(FilePaths) = _key(
+        None, "two-column text files (z, n(z)), one per bin; relative paths are relative to the "
+              "config file", "not set: the preset")
+    n_gal_per_bin: OrNone(FloatOrFloats) = _key(
+        None, "nz_files: galaxy density in gal/arcmin^2, one number or one per file",
+        "required with nz_files")
+    sigma_e: Annotated[Float, Positive] = _key(0.26, "shape noise per ellipticity component")
 
-    def _check(self, given):
+    PRESET_DEFAULTS: ClassVar[dict] = dict(preset="lsst_y10", n_bins=5, n_gal_total=27.0, sigma_z0=0.05)
+
+    @model_validator(mode="after")
+    def _bins_given(self):
+        given = self._given()
         if self.nz_files is None:
             if "n_gal_per_bin" in given:
                 _fail("sources.n_gal_per_bin", "only applies with nz_files; the preset splits "
                                                "n_gal_total equally over its bins")
-            return replace(self, **{k: v for k, v in self.PRESET_DEFAULTS.items() if k not in given})
-        for name in self.PRESET_KEYS:
+            self._fill(self.PRESET_DEFAULTS)
+            return self
+        for name in self.PRESET_DEFAULTS:
             if name in given:
                 _fail(f"sources.{name}", "only applies to the preset; with nz_files the bins "
                                          "are the files (give either preset or nz_files)")
+        self._check_files()
+        _wrap("sources", type(self).model_fields, self.build)
+        return self
+
+    def _check_files(self):
         if self.n_gal_per_bin is None:
             _fail("sources.n_gal_per_bin", "required with nz_files (galaxies per arcmin^2, one "
                                            "number or one per file)")
@@ -608,8 +547,6 @@ class SourcesSection:
                 RedshiftBins.from_files([path], 1.0, self.sigma_e)
             except (OSError, ValueError) as e:
                 _fail(f"sources.nz_files[{i}]", str(e))
-        _wrap("sources", _keys(type(self)), self.build)
-        return self
 
     def build(self):
         """The ``RedshiftBins`` (the preset evaluates n(z) with JAX: starts its backend)."""
@@ -625,22 +562,29 @@ class SourcesSection:
         return len(self.nz_files) if self.nz_files is not None else self.n_bins
 
 
-@dataclass(frozen=True)
-class ClSection:
-    ell_edges: tuple | None = key("floats", None, "explicit bin edges")
-    ell_min: float | None = key("float", None, "lowest edge", check=_positive)
-    ell_max: float | None = key("float", None, "highest edge", check=_positive)
-    n_ell_bins: int | None = key("int", None, "number of bins", check=_at_least(1))
-    spacing: str | None = key("str", None, "bin spacing", choices=("log", "linear"))
+class ClSection(_Section):
+    """Tomographic C_ell binning (``lensbench cl``); ell is dimensionless."""
 
-    DEFAULTS = dict(n_ell_bins=12, spacing="log")
+    ell_edges: OrNone(Floats) = _key(None, "explicit increasing bin edges",
+                                       "not set: the keys below")
+    ell_min: Annotated[OrNone(Float), Positive] = _key(
+        None, "lowest edge", "flat: the fundamental 2 pi / field; healpix: 2")
+    ell_max: Annotated[OrNone(Float), Positive] = _key(
+        None, "highest edge", "flat: the Nyquist pi npix / field; healpix: 2 nside, at most "
+                              "3 nside (HEALPix estimates are good to ~2 nside)")
+    n_ell_bins: Annotated[OrNone(Int), AtLeast(1)] = _key(None, "number of bins", "12")
+    spacing: OrNone(OneOf("log", "linear")) = _key(None, "bin spacing", '"log"')
 
-    def _check(self, given):
+    DEFAULTS: ClassVar[dict] = dict(n_ell_bins=12, spacing="log")
+
+    @model_validator(mode="after")
+    def _edges_or_range(self):
         if self.ell_edges is None:
             if self.ell_min is not None and self.ell_max is not None and self.ell_max <= self.ell_min:
                 _fail("cl.ell_max", f"must be > ell_min = {self.ell_min:g}, got {self.ell_max:g}")
-            return replace(self, **{k: v for k, v in self.DEFAULTS.items() if k not in given})
-        clash = sorted(given & {"ell_min", "ell_max", "n_ell_bins", "spacing"})
+            self._fill(self.DEFAULTS)
+            return self
+        clash = sorted(self._given() & {"ell_min", "ell_max", "n_ell_bins", "spacing"})
         if clash:
             _fail(f"cl.{clash[0]}", "give either ell_edges or ell_min/ell_max/n_ell_bins/spacing, "
                                     "not both")
@@ -650,7 +594,7 @@ class ClSection:
         return self
 
     def edges(self, maps: MapsSection):
-        """(n + 1,) float64 bin edges; the unset ones follow the map geometry (module docstring)."""
+        """(n + 1,) float64 bin edges; the unset ones follow the map geometry (``_key`` docs)."""
         import numpy as np
 
         if self.ell_edges is not None:
@@ -679,7 +623,7 @@ class ClSection:
 
 def _param_prior(name: str):
     """Check of one [prior] parameter table (messages name the key)."""
-    def check(table):
+    def problem(table):
         from .priors import ParamPrior, PriorError
 
         try:
@@ -687,24 +631,36 @@ def _param_prior(name: str):
         except PriorError as e:
             return str(e).removeprefix(f"{name}: ")
         return None
-    return check
+    return Check(problem)
 
 
-@dataclass(frozen=True)
-class PriorSection:
-    """Which cosmological parameters are inferred, and their priors (experiments.priors)."""
+def _prior_table(name: str):
+    return _key(None, f"the prior of {name}, overriding the preset's: {{dist = \"normal\", loc, "
+                      f"scale}}, {{dist = \"truncated_normal\", loc, scale, low and/or high}} or "
+                      f"{{dist = \"uniform\", low, high}}", "the preset's")
 
-    preset: str | None = key("str", "lsst_y10", "built-in prior", choices=("lsst_y10", "none"))
-    params: tuple | None = key("strs", None, "inferred parameters, in order")
-    Omega_c: dict | None = key("table", None, "prior of Omega_c", check=_param_prior("Omega_c"))
-    Omega_b: dict | None = key("table", None, "prior of Omega_b", check=_param_prior("Omega_b"))
-    h: dict | None = key("table", None, "prior of h", check=_param_prior("h"))
-    n_s: dict | None = key("table", None, "prior of n_s", check=_param_prior("n_s"))
-    sigma8: dict | None = key("table", None, "prior of sigma8", check=_param_prior("sigma8"))
-    w0: dict | None = key("table", None, "prior of w0", check=_param_prior("w0"))
-    wa: dict | None = key("table", None, "prior of wa", check=_param_prior("wa"))
 
-    def _check(self, given):
+class PriorSection(_Section):
+    """Which parameters are inferred, and their priors (``cfg.prior()`` builds an
+    ``experiments.priors.Prior``)."""
+
+    preset: OneOf("lsst_y10", "none") = _key(
+        "lsst_y10", 'the 6-parameter LSST-Y10 prior (Omega_c ~ TN(0.2664, 0.2, low=0), Omega_b ~ '
+                    'N(0.0492, 0.006), sigma8 ~ TN(0.831, 0.14, low=0), h ~ N(0.6727, 0.063), '
+                    'n_s ~ N(0.9645, 0.08), w0 ~ TN(-1, 0.9, low=-2, high=-0.3)) or "none"')
+    params: OrNone(Strs) = _key(
+        None, "the inferred parameters, in order (Cosmology field names); the others stay at "
+              "their [cosmology] values", "every preset and declared parameter")
+    Omega_c: Annotated[OrNone(Table), _param_prior("Omega_c")] = _prior_table("Omega_c")
+    Omega_b: Annotated[OrNone(Table), _param_prior("Omega_b")] = _prior_table("Omega_b")
+    h: Annotated[OrNone(Table), _param_prior("h")] = _prior_table("h")
+    n_s: Annotated[OrNone(Table), _param_prior("n_s")] = _prior_table("n_s")
+    sigma8: Annotated[OrNone(Table), _param_prior("sigma8")] = _prior_table("sigma8")
+    w0: Annotated[OrNone(Table), _param_prior("w0")] = _prior_table("w0")
+    wa: Annotated[OrNone(Table), _param_prior("wa")] = _prior_table("wa")
+
+    @model_validator(mode="after")
+    def _buildable(self):
         self.build()  # every rule is checked by building it
         return self
 
@@ -742,120 +698,175 @@ class PriorSection:
     __call__ = build  # cfg.prior() builds it, like cfg.cosmology()
 
 
-@dataclass(frozen=True)
-class TrainingSetSection:
-    """The simulated (θ, κ) training set of the implicit pipeline (``lensbench generate``)."""
+class TrainingSetSection(_Section):
+    """Simulated (theta, kappa) pairs for the implicit pipeline (``lensbench generate``)."""
 
-    n_sims: int = key("int", 1000, "simulations", check=_count(1, MAX_SIMS))
-    batch_size: int | None = key("int", None, "simulations per batch", check=_at_least(1))
-    seed: int = key("int", 1, "seed of θ and the latent fields", check=_at_least(0))
-    n_calibration: int = key("int", 100, "last simulations held out for calibration",
-                             check=_at_least(0))
+    n_sims: Annotated[Int, Count(1, MAX_SIMS)] = _key(1000, "simulations")
+    batch_size: Annotated[OrNone(Int), AtLeast(1)] = _key(
+        None, "simulations per batch and per chunk written",
+        "4 per device for PM/LPT, 16 per device for Gaussian/lognormal maps")
+    seed: Annotated[Int, AtLeast(0)] = _key(
+        1, "seed of the parameter draws and latent fields (distinct from the observation's "
+           "top-level seed)")
+    n_calibration: Annotated[Int, AtLeast(0)] = _key(
+        100, "the last simulations, held out from training for calibration")
 
-    def _check(self, given):
+    @model_validator(mode="after")
+    def _held_out(self):
         if self.n_calibration >= self.n_sims:
             _fail("training_set.n_calibration", f"must be < n_sims = {self.n_sims}, got "
                                                 f"{self.n_calibration}")
         return self
 
 
-@dataclass(frozen=True)
-class CompressorSection:
+class CompressorSection(_Section):
     """Neural compressor training (``compressors.TrainConfig``; ``lensbench train-compressor``)."""
 
-    loss: str = key("str", "vmim", "loss", choices=("mse", "mae", "gnll", "vmim"))
-    network: str = key("str", "resnet", "architecture", choices=("resnet", "cnn"))
-    width: int = key("int", 16, "channels of the first stage", check=_at_least(1))
-    depth: int = key("int", 3, "stages", check=_at_least(1))
-    epochs: int = key("int", 30, "maximum epochs", check=_count(2, MAX_EPOCHS))
-    batch_size: int = key("int", 32, "maps per step", check=_at_least(1))
-    learning_rate: float = key("float", 1e-3, "peak learning rate", check=_positive)
-    patience: int = key("int", 8, "early-stopping patience in epochs", check=_at_least(1))
-    val_fraction: float = key("float", 0.1, "validation fraction",
-                              check=lambda v: None if 0 < v < 1 else "must be in (0, 1)")
-    seed: int = key("int", 0, "seed", check=_at_least(0))
+    loss: OneOf("mse", "mae", "gnll", "vmim") = _key("vmim", "training loss")
+    network: OneOf("resnet", "cnn") = _key("resnet", "architecture")
+    width: Annotated[Int, AtLeast(1)] = _key(16, "channels of the first stage")
+    depth: Annotated[Int, AtLeast(1)] = _key(3, "stages, each halving the maps")
+    epochs: Annotated[Int, Count(2, MAX_EPOCHS)] = _key(
+        30, "maximum epochs; early stopping may end sooner")
+    batch_size: Annotated[Int, AtLeast(1)] = _key(32, "maps per step")
+    learning_rate: Annotated[Float, Positive] = _key(
+        1e-3, "peak AdamW learning rate (warm-up, cosine decay)")
+    patience: Annotated[Int, AtLeast(1)] = _key(
+        8, "epochs without a better validation loss before stopping")
+    val_fraction: Annotated[Float, Between(0, 1)] = _key(
+        0.1, "fraction of the training maps used for validation")
+    seed: Annotated[Int, AtLeast(0)] = _key(
+        0, "seed of the split, initialisation, noise and augmentation")
 
     def train_config(self, loss: str | None = None):
         from compressors import TrainConfig
 
-        values = {k: getattr(self, k) for k in _keys(type(self))}
+        values = {k: getattr(self, k) for k in type(self).model_fields}
         values["loss"] = loss or self.loss
-        return _wrap("compressor", _keys(type(self)), lambda: TrainConfig(**values))
+        return _wrap("compressor", type(self).model_fields, lambda: TrainConfig(**values))
 
 
-@dataclass(frozen=True)
-class NpeSection:
+class NpeSection(_Section):
     """Neural posterior estimation with sbi (``lensbench fit-posterior``)."""
 
-    density: str = key("str", "nsf", "sbi density estimator", choices=("nsf", "maf"))
-    max_epochs: int = key("int", 300, "maximum training epochs", check=_count(1, MAX_EPOCHS))
-    batch_size: int = key("int", 128, "training batch size", check=_at_least(1))
-    noise_copies: int = key("int", 4, "noise realisations per simulation",
-                            check=_count(1, MAX_NOISE_COPIES))
-    n_samples: int = key("int", 20000, "posterior samples drawn by `sample`",
-                         check=_count(1, MAX_SAMPLES))
-    calibration_samples: int = key("int", 500, "posterior samples per held-out simulation",
-                                   check=_count(10, MAX_CALIBRATION_SAMPLES))
-    seed: int = key("int", 0, "seed", check=_at_least(0))
+    density: OneOf("nsf", "maf") = _key("nsf", '"nsf" (neural spline flow) or "maf"')
+    max_epochs: Annotated[Int, Count(1, MAX_EPOCHS)] = _key(
+        300, "maximum training epochs (sbi stops early)")
+    batch_size: Annotated[Int, AtLeast(1)] = _key(128, "training batch size")
+    noise_copies: Annotated[Int, Count(1, MAX_NOISE_COPIES)] = _key(
+        4, "shape-noise realisations drawn per simulation")
+    n_samples: Annotated[Int, Count(1, MAX_SAMPLES)] = _key(
+        20000, "posterior samples written by `lensbench sample`")
+    calibration_samples: Annotated[Int, Count(10, MAX_CALIBRATION_SAMPLES)] = _key(
+        500, "posterior samples per held-out simulation for SBC/TARP")
+    seed: Annotated[Int, AtLeast(0)] = _key(0, "seed of the noise and of training")
 
 
-@dataclass(frozen=True)
-class ClBaselineSection:
-    """The power-spectrum baseline (``lensbench cl-baseline``)."""
+class ClBaselineSection(_Section):
+    """The power-spectrum baseline: analytic Gaussian likelihood + NUTS (``lensbench cl-baseline``)."""
 
-    covariance: str = key("str", "simulated", "covariance", choices=("simulated", "gaussian"))
-    n_cov: int = key("int", 200, "fiducial simulations for the covariance",
-                     check=_count(3, MAX_SIMS))
-    likelihood: str = key("str", "gaussian", "likelihood",
-                          choices=("gaussian", "sellentin_heavens"))
-    num_warmup: int = key("int", 500, "NUTS warm-up steps", check=_count(1, MAX_WARMUP))
-    num_samples: int = key("int", 2000, "NUTS samples per chain", check=_count(1, MAX_SAMPLES))
-    num_chains: int = key("int", 2, "NUTS chains", check=_count(1, MAX_CHAINS))
-    n_chi: int = key("int", 64, "Limber quadrature nodes", check=_at_least(16))
-    seed: int = key("int", 10000, "first seed of the covariance simulations, and of NUTS",
-                    check=_at_least(0))
+    covariance: OneOf("simulated", "gaussian") = _key(
+        "simulated", '"simulated" (the sample covariance of n_cov simulations of the map model at '
+                     '[cosmology], Hartlap-corrected) or "gaussian" (the analytic Gaussian '
+                     'covariance of the binned C_ell at [cosmology], per Fourier mode with shape '
+                     'noise: exact for Gaussian maps, no sampling noise; it omits the non-Gaussian '
+                     'terms of PM maps)')
+    n_cov: Annotated[Int, Count(3, MAX_SIMS)] = _key(
+        200, "fiducial simulations for the simulated covariance")
+    likelihood: OneOf("gaussian", "sellentin_heavens") = _key(
+        "gaussian", '"gaussian" or "sellentin_heavens" (simulated covariance only)')
+    num_warmup: Annotated[Int, Count(1, MAX_WARMUP)] = _key(500, "NUTS warm-up steps")
+    num_samples: Annotated[Int, Count(1, MAX_SAMPLES)] = _key(2000, "NUTS samples per chain")
+    num_chains: Annotated[Int, Count(1, MAX_CHAINS)] = _key(2, "NUTS chains")
+    n_chi: Annotated[Int, AtLeast(16)] = _key(
+        64, "Limber quadrature nodes in chi (64 changes the binned C_ell by < 0.2% against 256, "
+            "at a quarter of the cost per gradient)")
+    seed: Annotated[Int, AtLeast(0)] = _key(
+        10000, "the covariance simulations use seeds seed .. seed + n_cov - 1 (keep the "
+               "observation's seed outside); NUTS uses seed too")
 
-    def _check(self, given):
+    @model_validator(mode="after")
+    def _likelihood_fits(self):
         if self.covariance == "gaussian" and self.likelihood == "sellentin_heavens":
             _fail("cl_baseline.likelihood", "'sellentin_heavens' marginalises a simulated "
                                             "covariance's noise: it needs covariance = 'simulated'")
         return self
 
 
+MIN_MCLMC_WARMUP = 20  # blackjax's three tuning stages each need a few steps (MAMS starts with them)
+MAX_TREE_DEPTH = 15    # NUTS: 2^15 gradients per iteration
+
+
+def _tree_depth(v):
+    if v < 1:
+        return "must be >= 1"
+    if v > MAX_TREE_DEPTH:
+        return f"must be <= {MAX_TREE_DEPTH} (2^{MAX_TREE_DEPTH} gradients per iteration)"
+    return None
+
+
 COMPARE_METHODS = ("cl_analytic", "npe_cl", "npe_mse", "npe_mae", "npe_gnll", "npe_vmim",
                    "npe_maps", "hmc", "exact")
 
 
-@dataclass(frozen=True)
-class HmcSection:
-    """Explicit full-field inference (``lensbench hmc``; ``explicit.HMCSettings``)."""
+class HmcSection(_Section):
+    """Explicit full-field inference over theta and the initial white noise (``lensbench hmc``;
+    ``explicit.HMCSettings``)."""
 
-    sampler: str = key("str", "nuts", "sampler", choices=("nuts", "mclmc", "mams"))
-    num_warmup: int = key("int", 200, "warm-up steps", check=_count(1, MAX_WARMUP))
-    num_samples: int = key("int", 200, "samples per chain", check=_count(1, MAX_SAMPLES))
-    num_chains: int = key("int", 1, "chains", check=_count(1, MAX_CHAINS))
-    max_tree_depth: int = key("int", 6, "NUTS tree depth", check=_at_least(1))
-    target_accept: float = key("float", 0.8, "NUTS / MAMS target acceptance",
-                               check=lambda v: None if 0 < v < 1 else "must be in (0, 1)")
-    precondition: str = key("str", "none", "field preconditioner", choices=("none", "fourier"))
-    segment: int = key("int", 25, "iterations per checkpoint", check=_at_least(1))
-    thin_field: int = key("int", 50, "keep the field every N samples (0: never)",
-                          check=_at_least(0))
-    gradient: str = key("str", "adjoint", "PM gradient mode", choices=("adjoint", "checkpoint"))
-    seed: int = key("int", 2, "seed of the chains", check=_at_least(0))
-    processes: int = key("int", 1, "processes running chains at once", check=_at_least(1))
-    start_steps: int = key("int", 100, "Adam steps of the start field", check=_at_least(0))
+    sampler: OneOf("nuts", "mclmc", "mams") = _key(
+        "nuts", '"nuts" (dense mass block over theta, diagonal over the field), "mclmc" (blackjax '
+                'microcanonical Langevin; unadjusted, so biased by its step size) or "mams" '
+                "(Metropolis-adjusted microcanonical HMC: MCLMC's tuning, then the step size "
+                "adapted to target_accept; unbiased)")
+    num_warmup: Annotated[Int, Count(0, MAX_WARMUP)] = _key(
+        200, f"warm-up (NUTS adaptation / MCLMC tuning) steps; at least {MIN_MCLMC_WARMUP} for "
+             f"mclmc and mams")
+    num_samples: Annotated[Int, Count(1, MAX_SAMPLES)] = _key(200, "samples per chain")
+    num_chains: Annotated[Int, Count(1, MAX_CHAINS)] = _key(1, "chains")
+    max_tree_depth: Annotated[Int, Check(_tree_depth, f"in [1, {MAX_TREE_DEPTH}]")] = _key(
+        6, "NUTS: at most 2^depth - 1 gradient evaluations per sample")
+    target_accept: Annotated[Float, Between(0, 1)] = _key(
+        0.8, "NUTS and MAMS: target acceptance probability of the step-size adaptation")
+    precondition: OneOf("none", "fourier") = _key(
+        "none", '"none" or "fourier": sample the latent field with each Fourier mode scaled by its '
+                "linearised posterior width, estimated once at the start from 8 Hessian-vector "
+                "probes (16 gradients); an exact change of variables, for any sampler "
+                "(``explicit.precondition``)")
+    segment: Annotated[Int, AtLeast(1)] = _key(
+        25, "iterations between checkpoints (the run resumes from the last one)")
+    thin_field: Annotated[Int, AtLeast(0)] = _key(
+        50, "keep the latent field every N samples (0: never); theta is always kept")
+    gradient: OneOf("adjoint", "checkpoint") = _key(
+        "adjoint", '"adjoint" (reverse-time PM adjoint: memory independent of the number of '
+                   'steps) or "checkpoint"; replaces simulation.gradient for HMC')
+    seed: Annotated[Int, AtLeast(0)] = _key(2, "seed of the chains")
+    processes: Annotated[Int, AtLeast(1)] = _key(
+        1, "run the chains in this many OS processes at once on this machine (CPU: up to the "
+           "number of cores; one GPU: keep 1); the draws do not depend on it. Must be 1 under "
+           "jax.distributed, which splits each chain's field")
+    start_steps: Annotated[Int, AtLeast(0)] = _key(
+        100, "Adam steps (one gradient each) of the start field, a draw of p(z | d, theta at the "
+             "prior mean) by perturb-and-optimise (``explicit.field_start``); 100 bring the quick "
+             "objective to within 1 of its optimum, 0 starts from the perturbed draw itself")
 
     # not explicit.HMCSettings fields: the PM gradient mode (set on the simulation), how many
     # processes run the chains, and how the start field is found (explicit.field_start)
-    NOT_SAMPLER_KEYS = ("gradient", "processes", "start_steps")
+    NOT_SAMPLER_KEYS: ClassVar[tuple] = ("gradient", "processes", "start_steps")
+
+    @model_validator(mode="after")
+    def _enough_warmup(self):
+        if self.sampler in ("mclmc", "mams") and self.num_warmup < MIN_MCLMC_WARMUP:
+            _fail("hmc.num_warmup", f"must be >= {MIN_MCLMC_WARMUP} for {self.sampler} (its tuning "
+                                    f"stages need steps), got {self.num_warmup}")
+        return self
 
     def settings(self):
         """The ``explicit.HMCSettings``."""
         from explicit import HMCSettings
 
-        values = {k: getattr(self, k) for k in _keys(type(self)) if k not in self.NOT_SAMPLER_KEYS}
-        return _wrap("hmc", _keys(type(self)), lambda: HMCSettings(**values))
+        values = {k: getattr(self, k) for k in type(self).model_fields
+                  if k not in self.NOT_SAMPLER_KEYS}
+        return _wrap("hmc", type(self).model_fields, lambda: HMCSettings(**values))
 
 
 # Vehtari et al. 2021 (Bayesian Analysis 16, 667): report MCMC summaries when split R̂ < 1.01 and
@@ -865,81 +876,131 @@ class HmcSection:
 ESS_MIN, R_HAT_MAX = 400, 1.01
 
 
-@dataclass(frozen=True)
-class CompareSection:
-    """``lensbench compare``: which methods run, on which observation, what counts as converged."""
+class CompareSection(_Section):
+    """``lensbench compare``: the methods run on one observation and compared, and what counts as
+    converged."""
 
-    methods: tuple = key("strs", ("cl_analytic", "npe_cl", "npe_vmim", "hmc"), "methods")
-    observation: str | None = key("path", None, "observed map file")
-    c2st_samples: int = key("int", 2000, "samples per method in a C2ST",
-                              check=_count(10, MAX_SAMPLES))
-    seed: int = key("int", 0, "seed of the C2ST", check=_at_least(0))
-    ess_min: int = key("int", ESS_MIN, "least ESS per parameter of a converged method",
-                       check=_at_least(1))
-    r_hat_max: float = key("float", R_HAT_MAX, "largest split R-hat of a converged method",
-                           check=lambda v: None if v > 1 else "must be > 1")
+    methods: Strs = _key(
+        ("cl_analytic", "npe_cl", "npe_vmim", "hmc"),
+        'any of "cl_analytic" (Gaussian C_ell likelihood + NUTS), "npe_cl" (NPE on the C_ell data '
+        'vector), "npe_mse", "npe_mae", "npe_gnll", "npe_vmim" (NPE on a compressor trained with '
+        'that loss), "npe_maps" (one-stage NPE), "hmc" (explicit field-level), "exact" (grid '
+        "posterior; Gaussian-field maps only)")
+    observation: OrNone(FilePath) = _key(
+        None, "an observed map file (``lensbench maps``); relative paths are relative to the "
+              "config file", "simulate one at [cosmology] with the top-level seed")
+    c2st_samples: Annotated[Int, Count(10, MAX_SAMPLES)] = _key(
+        2000, "at most this many samples per method enter each C2ST")
+    seed: Annotated[Int, AtLeast(0)] = _key(0, "seed of the C2ST subsampling and classifier")
+    ess_min: Annotated[Int, AtLeast(1)] = _key(
+        ESS_MIN, "least effective sample size of every sampled parameter for a method to count "
+                 "as converged")
+    r_hat_max: Annotated[Float, Check(lambda v: None if v > 1 else "must be > 1", "> 1")] = _key(
+        R_HAT_MAX, "largest split R-hat of every sampled parameter for a method to count as "
+                   'converged. The console, report.md and the contour legend flag methods that '
+                   'miss either as "unconverged"')
 
-    def _check(self, given):
-        if not self.methods:
-            _fail("compare.methods", "must name at least one method")
-        for m in self.methods:
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods):
+        for m in methods:
             if m not in COMPARE_METHODS:
-                _fail("compare.methods", f"unknown method {m!r}{_suggest(m, COMPARE_METHODS)}; "
-                                         f"valid: {', '.join(COMPARE_METHODS)}")
-        if len(set(self.methods)) != len(self.methods):
-            _fail("compare.methods", f"lists a method twice: {_show(list(self.methods))}")
-        return self
+                raise ValueError(f"unknown method {m!r}{_suggest(m, COMPARE_METHODS)}; "
+                                 f"valid: {', '.join(COMPARE_METHODS)}")
+        if len(set(methods)) != len(methods):
+            raise ValueError(f"lists a method twice: {_show(list(methods))}")
+        return methods
 
 
-# Section name -> dataclass, in file order. Add later sections ([prior], [npe], ...) here and as a
-# field of ExperimentConfig.
-SECTIONS: dict[str, type] = {
-    "cosmology": CosmologySection,
-    "simulation": SimulationSection,
-    "lightcone": LightconeSection,
-    "maps": MapsSection,
-    "sources": SourcesSection,
-    "cl": ClSection,
-    "prior": PriorSection,
-    "training_set": TrainingSetSection,
-    "compressor": CompressorSection,
-    "npe": NpeSection,
-    "cl_baseline": ClBaselineSection,
-    "hmc": HmcSection,
-    "compare": CompareSection,
-}
-TOP_LEVEL = ("name", "seed")
+# ---- the whole configuration ---------------------------------------------------------------------
+
+def _name(value):
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"must be a non-empty string, got {value!r}")
+    return value
 
 
-@dataclass(frozen=True)
-class ExperimentConfig:
+def _seed(value):
+    value = _number(value, True)
+    if not 0 <= value < 2**63:
+        raise ValueError(f"must be in [0, 2^63), got {value}")
+    return value
+
+
+def _section(cls):
+    return Field(default_factory=cls, description=cls.__doc__)
+
+
+class ExperimentConfig(_Frozen):
     """A validated experiment configuration (frozen; equal configs compare equal).
 
     Each TOML section is an attribute of the same name (``cfg.maps.npix``). ``cfg.cosmology()``
     (the section is callable), ``cfg.bins()``, ``cfg.sky()`` and ``cfg.build_model()`` build the
-    simulator objects.
+    simulator objects. ``path`` is the file it came from, if any (not compared).
     """
 
-    name: str = "experiment"
-    seed: int = 0
-    cosmology: CosmologySection = field(default_factory=lambda: _default_section('cosmology'))
-    simulation: SimulationSection = field(default_factory=lambda: _default_section('simulation'))
-    lightcone: LightconeSection = field(default_factory=lambda: _default_section('lightcone'))
-    maps: MapsSection = field(default_factory=lambda: _default_section('maps'))
-    sources: SourcesSection = field(default_factory=lambda: _default_section('sources'))
-    cl: ClSection = field(default_factory=lambda: _default_section('cl'))
-    prior: PriorSection = field(default_factory=lambda: _default_section('prior'))
-    training_set: TrainingSetSection = field(default_factory=lambda: _default_section('training_set'))
-    compressor: CompressorSection = field(default_factory=lambda: _default_section('compressor'))
-    npe: NpeSection = field(default_factory=lambda: _default_section('npe'))
-    cl_baseline: ClBaselineSection = field(default_factory=lambda: _default_section('cl_baseline'))
-    hmc: HmcSection = field(default_factory=lambda: _default_section('hmc'))
-    compare: CompareSection = field(default_factory=lambda: _default_section('compare'))
-    path: str | None = field(default=None, compare=False)  # the file it came from, if any
+    name: Annotated[str, BeforeValidator(_name), Label("string")] = _key(
+        "experiment", "a label for outputs", "the file's stem, or \"experiment\"")
+    seed: Annotated[int, BeforeValidator(_seed), Label("int")] = _key(
+        0, "seed of the initial white noise and of the shape noise, in [0, 2^63)")
+    cosmology: CosmologySection = _section(CosmologySection)
+    simulation: SimulationSection = _section(SimulationSection)
+    lightcone: LightconeSection = _section(LightconeSection)
+    maps: MapsSection = _section(MapsSection)
+    sources: SourcesSection = _section(SourcesSection)
+    cl: ClSection = _section(ClSection)
+    prior: PriorSection = _section(PriorSection)
+    training_set: TrainingSetSection = _section(TrainingSetSection)
+    compressor: CompressorSection = _section(CompressorSection)
+    npe: NpeSection = _section(NpeSection)
+    cl_baseline: ClBaselineSection = _section(ClBaselineSection)
+    hmc: HmcSection = _section(HmcSection)
+    compare: CompareSection = _section(CompareSection)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _tables(cls, value, info: ValidationInfo):
+        if info.field_name in SECTIONS and not isinstance(value, (Mapping, BaseModel)):
+            raise ValueError(f"must be a table [{info.field_name}], got {value!r} "
+                             f"({_type_name(value)})")
+        return value
+
+    @model_validator(mode="after")
+    def _across_sections(self):
+        kind = self.simulation.kind
+        if kind in ("gaussian", "lognormal") and self.maps.sky != "flat":
+            _fail("simulation.kind", f"'{kind}' maps need maps.sky = 'flat'")
+        if self.lightcone.observer is not None and kind not in ("gaussian", "lognormal"):
+            box = self.simulation.box_size
+            if any(not 0 <= o <= b for o, b in zip(self.lightcone.observer, box)):
+                _fail("lightcone.observer", f"{_show(self.lightcone.observer)} lies outside the "
+                                            f"box [0, {_show(box)}] Mpc/h")
+        self.cl.edges(self.maps)  # an ell range that is empty for this map geometry
+        if "exact" in self.compare.methods and kind != "gaussian":
+            _fail("compare.methods", f"'exact' needs Gaussian-field maps (simulation.kind = "
+                                     f"'gaussian'), not '{kind}'")
+        return self
+
+    # equality and hashing ignore where the configuration was read from
+    def __eq__(self, other):
+        return type(other) is type(self) and self._values() == other._values()
+
+    def __hash__(self):
+        return hash(self._values())
+
+    def _values(self) -> tuple:
+        return tuple(getattr(self, k) for k in type(self).model_fields)
+
+    _path: str | None = PrivateAttr(None)
+
+    @property
+    def path(self) -> str | None:
+        """The file this configuration came from, if any."""
+        return self._path
 
     # ---- builders (these import JAX; bins() and chi_max() may start its backend) -------------
     def cosmology_params(self) -> dict:
-        return dataclasses.asdict(self.cosmology)
+        return self.cosmology.model_dump()
 
     def bins(self):
         """The tomographic ``RedshiftBins`` of [sources] (cached)."""
@@ -947,7 +1008,7 @@ class ExperimentConfig:
 
     @cached_property
     def _bins(self):
-        return _wrap("sources", _keys(SourcesSection), self.sources.build)
+        return _wrap("sources", SourcesSection.model_fields, self.sources.build)
 
     def sky(self):
         """``FlatSky`` or ``HealpixSky`` of [maps]."""
@@ -982,32 +1043,35 @@ class ExperimentConfig:
 
         sky, bins, kind = self.sky(), self.bins(), self.simulation.kind
         n_chi = self.simulation.n_chi
+        maps_keys, cone_keys = MapsSection.model_fields, LightconeSection.model_fields
         if kind == "gaussian":
-            return _wrap("maps", _keys(MapsSection), lambda: lensing.GaussianLensing(sky, bins, n_chi))
+            return _wrap("maps", maps_keys, lambda: lensing.GaussianLensing(sky, bins, n_chi))
         if kind == "lognormal":
-            return _wrap("maps", _keys(MapsSection),
-                         lambda: lensing.LognormalLensing(sky, bins, n_chi))
-        cfg = _wrap("simulation", _keys(SimulationSection), self.simulation.sim_config)
+            return _wrap("maps", maps_keys, lambda: lensing.LognormalLensing(sky, bins, n_chi))
+        cfg = _wrap("simulation", SimulationSection.model_fields, self.simulation.sim_config)
         lc = self.lightcone
-        cone = _wrap("lightcone", _keys(LightconeSection), lambda: Lightcone(
+        cone = _wrap("lightcone", cone_keys, lambda: Lightcone(
             sky, self.chi_max(), observer=lc.observer, randomize=lc.randomize, seed=lc.seed,
             window_margin=lc.window_margin))
         cls = lensing.PMLensing if kind == "pm" else lensing.LPTLensing
-        return _wrap("lightcone", _keys(LightconeSection), lambda: cls(cfg, cone, bins))
+        return _wrap("lightcone", cone_keys, lambda: cls(cfg, cone, bins))
 
     # ---- serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict:
         """The configuration as a TOML-ready dict (normalised; unset keys left out)."""
-        out: dict[str, Any] = {"name": self.name, "seed": self.seed}
-        for name in SECTIONS:
-            section = getattr(self, name)
-            out[name] = {k: _plain(getattr(section, k)) for k in _keys(type(section))
-                         if getattr(section, k) is not None}
-        return out
+        return self.model_dump(mode="json", exclude_none=True)
 
     def to_toml(self) -> str:
         """TOML text that ``load_config`` reads back into an equal configuration."""
         return dumps_toml(self.to_dict())
+
+    def replace(self, **changes) -> "ExperimentConfig":
+        """A copy with top-level keys (name, seed) or whole sections replaced by values that are
+        already valid, without validating again (cheap: for cache keys and provenance)."""
+        copy = self.model_copy(update=changes)
+        if "sources" in changes:
+            copy.__dict__.pop("_bins", None)  # the cached bins were those of the old sources
+        return copy
 
     def with_(self, **changes) -> "ExperimentConfig":
         """A re-validated copy with dotted keys changed: ``cfg.with_(seed=1, **{"simulation.pdims": "2x2"})``;
@@ -1024,28 +1088,78 @@ class ExperimentConfig:
                 node[leaf] = value
         return load_config(data, name=self.name, path=self.path)
 
-    def __post_init__(self):
-        # cross-section rules (the sections are valid on their own by now)
-        kind = self.simulation.kind
-        if kind in ("gaussian", "lognormal") and self.maps.sky != "flat":
-            _fail("simulation.kind", f"'{kind}' maps need maps.sky = 'flat'")
-        if self.lightcone.observer is not None and kind not in ("gaussian", "lognormal"):
-            box = self.simulation.box_size
-            if any(not 0 <= o <= b for o, b in zip(self.lightcone.observer, box)):
-                _fail("lightcone.observer", f"{_show(self.lightcone.observer)} lies outside the "
-                                            f"box [0, {_show(box)}] Mpc/h")
-        self.cl.edges(self.maps)  # an ell range that is empty for this map geometry
-        if "exact" in self.compare.methods and kind != "gaussian":
-            _fail("compare.methods", f"'exact' needs Gaussian-field maps (simulation.kind = "
-                                     f"'gaussian'), not '{kind}'")
+
+SECTIONS: dict[str, type] = {k: f.annotation for k, f in ExperimentConfig.model_fields.items()
+                             if isinstance(f.annotation, type) and issubclass(f.annotation, _Section)}
+TOP_LEVEL = tuple(k for k in ExperimentConfig.model_fields if k not in SECTIONS)
 
 
-def _default_section(name: str):
-    return _parse_section(SECTIONS[name], {}, name, Path.cwd())
+def _keys(cls) -> tuple[str, ...]:
+    """The keys of a section model, in file order."""
+    return tuple(cls.model_fields)
 
 
-def _plain(value):
-    return list(value) if isinstance(value, tuple) else value
+# ---- errors: pydantic's, and the simulators', in the form "<dotted.key>: <problem>" --------------
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    if not close:  # also catch case slips like omega_c -> Omega_c
+        close = [o for o in options if o.lower() == word.lower()]
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _message(error: dict, within: tuple[str, ...] = ()) -> str:
+    """One pydantic error (``ValidationError.errors()`` item) as ``<dotted.key>: <problem>``;
+    ``within``: the section of a section model validated on its own."""
+    loc = within + tuple(str(p) for p in error["loc"])
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, ConfigError):  # a rule that names its key in full
+        return str(cause)
+    if error["type"] == "extra_forbidden":
+        return _unknown(loc, error["input"])
+    problem = str(cause) if cause is not None else error["msg"][:1].lower() + error["msg"][1:]
+    return f"{'.'.join(loc) or 'config'}: {problem}"
+
+
+def _unknown(loc: tuple[str, ...], value) -> str:
+    """An unknown section or key, with the closest valid name."""
+    *parents, name = loc
+    if not parents:
+        if isinstance(value, Mapping):
+            return (f"[{name}]: unknown section{_suggest(name, SECTIONS)}; valid sections: "
+                    f"{', '.join(SECTIONS)}")
+        return (f"{name}: unknown key{_suggest(name, [*TOP_LEVEL, *SECTIONS])}; valid top-level "
+                f"keys: {', '.join(TOP_LEVEL)} (and the sections {', '.join(SECTIONS)})")
+    valid = _keys(SECTIONS[parents[0]])
+    return f"{'.'.join(loc)}: unknown key{_suggest(name, valid)}; valid keys: {', '.join(valid)}"
+
+
+def _wrap(section: str, names, fn):
+    """Run a simulator constructor; re-raise its ValueError naming the section's key it is about."""
+    try:
+        return fn()
+    except ConfigError:
+        raise
+    except ValueError as e:
+        message = str(e)
+        hits = sorted((m.start(), n) for n in names
+                      for m in [re.search(rf"(?<![\w.]){re.escape(n)}(?!\w)", message)] if m)
+        if not hits:
+            _fail(section, message)
+        name = hits[0][1]
+        if message.startswith(name + " "):
+            message = message[len(name) + 1:]
+        _fail(f"{section}.{name}", message)
+
+
+def validate_section(name: str, values: Mapping):
+    """The section model of ``values``, validated as loading would: for a library class that takes
+    a section's keys (``explicit.HMCSettings``), so that a key has one validation. Raises
+    ConfigError ``<section>.<key>: <problem>``."""
+    try:
+        return SECTIONS[name].model_validate(values)
+    except ValidationError as e:
+        raise ConfigError(_message(e.errors()[0], (name,))) from None
 
 
 # ---- loading ----------------------------------------------------------------------------------
@@ -1071,20 +1185,40 @@ def resolve_config_path(name_or_path) -> Path:
                       f"({', '.join(sorted(shipped))}){_suggest(stem, shipped)}")
 
 
+def _field(dotted: str):
+    """The model field of a dotted key (``hmc.num_samples``), or None if there is none."""
+    section, _, leaf = dotted.rpartition(".")
+    model = SECTIONS.get(section) if section else ExperimentConfig
+    return model.model_fields.get(leaf) if model is not None else None
+
+
 def parse_overrides(items) -> dict[str, Any]:
     """``["hmc.num_samples=2000", "compare.methods=['hmc']"]`` -> ``{"hmc.num_samples": 2000, ...}``
-    for ``ExperimentConfig.with_``: each value is a TOML literal, a bare word a string.
-    Raises ConfigError on an item without ``KEY=``."""
+    for ``ExperimentConfig.with_``: each value is a TOML literal, a bare word a string; a key that
+    takes a string keeps the text as written (``name=2024``). Raises ConfigError on an item
+    without ``KEY=``; ``with_`` validates the keys and values."""
     out = {}
     for item in items:
         k, sep, value = item.partition("=")
-        if not sep or not k.strip():
+        k = k.strip()
+        if not sep or not k:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. hmc.num_samples=2000")
         try:
-            out[k.strip()] = tomllib.loads(f"v = {value}")["v"]
+            parsed = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
-            out[k.strip()] = value
+            parsed = value.strip()
+        if _takes_text(_field(k)) and not isinstance(parsed, str):
+            parsed = value.strip()
+        out[k] = parsed
     return out
+
+
+def _takes_text(field) -> bool:
+    """A field whose value is a string (optionally None), such as ``name`` or a file name."""
+    if field is None:
+        return False
+    t = field.annotation
+    return t is str or (get_origin(t) in (Union, UnionType) and str in get_args(t))
 
 
 def peek_pdims(source) -> tuple[int, int]:
@@ -1146,31 +1280,14 @@ def load_config(source, *, name: str | None = None, path: str | os.PathLike | No
 
 
 def _build(data: Mapping, default_name: str, where: str | None, base: Path) -> ExperimentConfig:
-    top = {}
-    sections = {}
-    for k, v in data.items():
-        if k in SECTIONS:
-            if not isinstance(v, Mapping):
-                _fail(k, f"must be a table [{k}], got {v!r} ({_type_name(v)})")
-            sections[k] = _parse_section(SECTIONS[k], v, k, base)
-        elif k in TOP_LEVEL:
-            top[k] = v
-        elif isinstance(v, Mapping):
-            _fail(f"[{k}]", f"unknown section{_suggest(k, SECTIONS)}; valid sections: "
-                            f"{', '.join(SECTIONS)}")
-        else:
-            _fail(k, f"unknown key{_suggest(k, [*TOP_LEVEL, *SECTIONS])}; valid top-level keys: "
-                     f"{', '.join(TOP_LEVEL)} (and the sections {', '.join(SECTIONS)})")
-    name = top.get("name", default_name)
-    if not isinstance(name, str) or not name.strip():
-        _fail("name", f"must be a non-empty string, got {name!r}")
-    seed = _number(top.get("seed", 0), "seed", integer=True)
-    if not 0 <= seed < 2**63:
-        _fail("seed", f"must be in [0, 2^63), got {seed}")
-    for k, cls in SECTIONS.items():
-        if k not in sections:
-            sections[k] = _parse_section(cls, {}, k, base)
-    return ExperimentConfig(name=name, seed=seed, path=where, **sections)
+    """Validate with the models; the first problem becomes the one-line ConfigError."""
+    data = {"name": default_name, **data}
+    try:
+        cfg = ExperimentConfig.model_validate(data, context={"base_dir": base})
+    except ValidationError as e:
+        raise ConfigError(_message(e.errors()[0])) from None
+    cfg._path = where
+    return cfg
 
 
 # ---- TOML output (tomllib reads only) ---------------------------------------------------------
@@ -1198,7 +1315,8 @@ def _toml_key(k: str) -> str:
 
 
 def dumps_toml(data: Mapping) -> str:
-    """TOML text of a dict of scalars, lists and one level of tables."""
+    """TOML text of a dict of scalars, lists and one level of tables (``ExperimentConfig.to_dict``
+    gives one in the models' key order)."""
     lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, Mapping)]
     # one level of [tables]; deeper mappings are written as inline tables
     for k, table in data.items():
@@ -1206,3 +1324,14 @@ def dumps_toml(data: Mapping) -> str:
             lines += ["", f"[{_toml_key(k)}]"]
             lines += [f"{_toml_key(kk)} = {_toml_value(v)}" for kk, v in table.items()]
     return "\n".join(lines) + "\n"
+
+
+def _document() -> None:
+    """Append the generated key reference to this module's docstring (``help()`` shows it)."""
+    from .configdoc import schema_text
+
+    global __doc__
+    __doc__ += "\n" + schema_text()
+
+
+_document()

@@ -98,7 +98,6 @@ ValueError asking for another output file.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -490,7 +489,7 @@ def _identity(cfg, prior: Prior, n: int, seed: int, model) -> dict:
         "n": n,
         "seed": seed,
         "prior": json.dumps(prior.to_dict()),
-        "config_toml": dataclasses.replace(cfg, seed=seed).to_toml(),
+        "config_toml": cfg.replace(seed=seed).to_toml(),
         "model": f"{type(model).__module__}.{type(model).__qualname__}",
     }
 
@@ -614,7 +613,7 @@ _MODELS: OrderedDict = OrderedDict()  # configuration -> map model, so that reru
 
 def _model_for(cfg):
     """``cfg.build_model()``, cached: models compare by identity, compilations are cached per model."""
-    key = dataclasses.replace(cfg, seed=0, name="experiment").to_toml()
+    key = cfg.replace(seed=0, name="experiment").to_toml()
     if key not in _MODELS:
         _MODELS[key] = cfg.build_model()
         while len(_MODELS) > 4:

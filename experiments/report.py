@@ -16,7 +16,6 @@ the same verdicts for the console (``lensbench demo``).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from pathlib import Path
@@ -339,7 +338,7 @@ def plot_results(results, out=None, *, methods=None, params=None) -> Path:
     first = next(iter(samples.values()))
     cfg_text = (results / "config.toml").read_text() if (results / "config.toml").is_file() \
         else first.config_toml
-    base = dataclasses.asdict(load_config_text(cfg_text).cosmology) if cfg_text else {}
+    base = load_config_text(cfg_text).cosmology_params() if cfg_text else {}
     truth = ({n: float(v) for n, v in zip(first.names, first.truth)}
              if first.truth is not None else None)
     out = Path(out) if out is not None else results / "figures" / "contours.png"

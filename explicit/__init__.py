@@ -9,7 +9,8 @@ finished run. θ samples come out as a (num_chains, num_samples, d) array plus p
     result = run_hmc(model, HMCSettings(num_chains=2), "runs/hmc", theta_names=model.theta_names)
     result.theta, result.names, result.diagnostics
 
-Depends on ``simulators`` only.
+Depends on ``simulators``, and on ``experiments.files`` (atomic writes) and ``experiments.config``
+(``HMCSettings`` takes the defaults and checks of the [hmc] section).
 """
 
 from .checkpoint import CheckpointError

@@ -5,14 +5,20 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-SAMPLERS = ("nuts", "mclmc", "mams")
-PRECONDITIONERS = ("none", "fourier")
-MIN_MCLMC_WARMUP = 20  # blackjax's three tuning stages each need a few steps (MAMS starts with them)
+from experiments.config import MIN_MCLMC_WARMUP, ConfigError, HmcSection, validate_section
+
+__all__ = ["HMCSettings", "MIN_MCLMC_WARMUP"]
 
 
 # Keys added after runs were first written, with the value that reproduces those runs: a saved
 # settings dict without them still resumes and extends.
 LATER_KEYS = {"precondition": "none"}
+
+
+def _configured(name: str):
+    """The default of the [hmc] key of that name: a run built in Python and one configured in
+    TOML sample alike unless told otherwise (docs/configuration.md documents them)."""
+    return HmcSection.model_fields[name].default
 
 
 def _is_int(v) -> bool:
@@ -21,7 +27,8 @@ def _is_int(v) -> bool:
 
 @dataclass(frozen=True)
 class HMCSettings:
-    """How to sample.
+    """How to sample. The defaults are those of the [hmc] configuration section
+    (``experiments.config.HmcSection``), except ``dense_theta``, which no configuration sets.
 
     Attributes:
       sampler: "nuts" (numpyro NUTS, step size and mass matrix adapted in warm-up), "mclmc"
@@ -44,40 +51,27 @@ class HMCSettings:
       seed: base random seed; chain c uses fold_in(PRNGKey(seed), c). >= 0.
     """
 
-    sampler: str = "nuts"
-    num_warmup: int = 500
-    num_samples: int = 1000
-    num_chains: int = 2
-    max_tree_depth: int = 10
-    target_accept: float = 0.8
+    sampler: str = _configured("sampler")
+    num_warmup: int = _configured("num_warmup")
+    num_samples: int = _configured("num_samples")
+    num_chains: int = _configured("num_chains")
+    max_tree_depth: int = _configured("max_tree_depth")
+    target_accept: float = _configured("target_accept")
     dense_theta: bool = True
-    precondition: str = "none"
-    segment: int = 100
-    thin_field: int = 0
-    seed: int = 0
+    precondition: str = _configured("precondition")
+    segment: int = _configured("segment")
+    thin_field: int = _configured("thin_field")
+    seed: int = _configured("seed")
 
     def __post_init__(self):
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        minimum = {"num_warmup": 0, "num_samples": 1, "num_chains": 1, "max_tree_depth": 1,
-                   "segment": 1, "thin_field": 0, "seed": 0}
-        for name, low in minimum.items():
-            v = getattr(self, name)
-            if not _is_int(v) or v < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
-        if self.max_tree_depth > 15:
-            raise ValueError(f"max_tree_depth must be <= 15 (2^15 gradients per iteration), "
-                             f"got {self.max_tree_depth}")
-        if self.precondition not in PRECONDITIONERS:
-            raise ValueError(f"precondition must be one of {PRECONDITIONERS}, got "
-                             f"{self.precondition!r}")
-        if self.sampler in ("mclmc", "mams") and self.num_warmup < MIN_MCLMC_WARMUP:
-            raise ValueError(f"num_warmup must be >= {MIN_MCLMC_WARMUP} for {self.sampler} (its "
-                             f"tuning stages need steps), got {self.num_warmup}")
-        ta = self.target_accept
-        if isinstance(ta, bool) or not isinstance(ta, (int, float)) or not 0 < ta < 1:
-            raise ValueError(f"target_accept must be a number in (0, 1), got {ta!r}")
-        object.__setattr__(self, "target_accept", float(ta))
+        """The keys of the [hmc] section are checked by its model (one validation for both), with
+        messages that start with the key: ``num_samples must be >= 1, got 0``."""
+        try:
+            section = validate_section("hmc", {k: getattr(self, k) for k in _SECTION_KEYS})
+        except ConfigError as e:
+            key, _, problem = str(e).removeprefix("hmc.").partition(": ")
+            raise ValueError(f"{key} {problem}") from None
+        object.__setattr__(self, "target_accept", section.target_accept)
         if not isinstance(self.dense_theta, bool):
             raise ValueError(f"dense_theta must be True or False, got {self.dense_theta!r}")
 
@@ -110,3 +104,7 @@ class HMCSettings:
         keys = sorted(set(mine) | set(other))
         return [f"{k}: {other.get(k, '<missing>')!r} → {mine.get(k, '<missing>')!r}"
                 for k in keys if mine.get(k, object()) != other.get(k, object())]
+
+
+# the fields that are keys of the [hmc] section (dense_theta is not)
+_SECTION_KEYS = tuple(f.name for f in dataclasses.fields(HMCSettings) if f.name != "dense_theta")

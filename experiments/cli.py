@@ -439,12 +439,12 @@ def hmc(
                         "sequential run; the one finishing last writes samples.h5.", min=0)] = None,
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help=_SET_HELP)] = None,
 ):
-    """Explicit full-field inference: HMC (NUTS or MCLMC) over the cosmology and the initial field."""
+    """Explicit full-field inference: NUTS, MCLMC or MAMS over the cosmology and the initial field."""
     from .config import load_config, parse_overrides
     from .jaxsetup import cpu_devices_for, device_grid, start_distributed
-    from .pipeline import run_hmc, stop_with_parent
+    from .pipeline import run_hmc, start_chain_process
 
-    stop_with_parent()
+    start_chain_process()
 
     changes = parse_overrides(overrides or ())
     with _usage_errors():

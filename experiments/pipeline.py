@@ -642,6 +642,7 @@ def _chains_in_processes(cfg, settings, maps_path: Path, out: Path, processes: i
     groups = [list(range(i, settings.num_chains, processes)) for i in range(processes)]
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",  # several may share a GPU
                **{PARENT_PID_ENV: str(os.getpid())})
+    cores = _cores_per_process(processes)
     children = []
     logged = 0
     _log(f"{settings.num_chains} chains in {processes} processes (logs in {out / 'logs'})")
@@ -658,8 +659,12 @@ def _chains_in_processes(cfg, settings, maps_path: Path, out: Path, processes: i
             for c in group:
                 cmd += ["--chain", str(c)]
             log = open(out / "logs" / f"process_{i}.log", "a")
-            children.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
-                             log, group))
+            child_env = env
+            if cores:  # CPU: each child on its own cores, its compiled kernels' threads to match
+                child_env = dict(env, LENSBENCH_THREADS=str(len(cores[i])),
+                                 **{CHAIN_CORES_ENV: ",".join(map(str, cores[i]))})
+            children.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                              env=child_env), log, group))
         # until all are done, or one fails (the others' checkpoints are kept when stopped)
         while any(p.poll() is None for p, _, _ in children) and \
                 not any(p.returncode for p, _, _ in children):
@@ -690,19 +695,39 @@ def _chains_in_processes(cfg, settings, maps_path: Path, out: Path, processes: i
             log.close()
 
 
+def _cores_per_process(processes: int) -> list[list[int]] | None:
+    """On a CPU backend (Linux), this process's cores dealt to ``processes`` children, one share
+    each; None elsewhere, or with fewer cores than children. Unpinned, every child's XLA thread
+    pool and compiled kernels size themselves to all the cores, and the children slow each other
+    down by oversubscribing them."""
+    import jax
+
+    if jax.default_backend() != "cpu" or not hasattr(os, "sched_getaffinity"):
+        return None
+    mine = sorted(os.sched_getaffinity(0))
+    if len(mine) < processes:
+        return None
+    return [mine[i::processes] for i in range(processes)]
+
+
 PARENT_PID_ENV = "LENSBENCH_PARENT_PID"
+CHAIN_CORES_ENV = "LENSBENCH_CHAIN_CORES"
 
 
-def stop_with_parent() -> None:
-    """In a chain process started by ``_chains_in_processes`` (Linux): get SIGTERM when the parent
-    dies, even by SIGKILL, so that a rerun never races orphans on the same chain files (each keeps
-    its last checkpoint). Called first thing by ``lensbench hmc``; a no-op elsewhere."""
+def start_chain_process() -> None:
+    """In a chain process started by ``_chains_in_processes`` (Linux): run on the cores the parent
+    dealt it (before JAX sizes its thread pool to them), and get SIGTERM when the parent dies,
+    even by SIGKILL, so that a rerun never races orphans on the same chain files (each keeps its
+    last checkpoint). Called first thing by ``lensbench hmc``; a no-op elsewhere."""
     import ctypes
     import signal
 
     parent = os.environ.get(PARENT_PID_ENV)
     if parent is None:
         return
+    cores = os.environ.get(CHAIN_CORES_ENV)
+    if cores and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, [int(c) for c in cores.split(",")])
     try:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except (AttributeError, OSError):  # not Linux: the parent's `finally` still stops us

@@ -28,7 +28,7 @@ from .cosmology import Cosmology, background, growth_table
 from .forces import paint_density
 from .ics import linear_field, lpt_displacements, white_noise
 from .lightcone import BornLightcone, BornParams, FlatSky, HealpixSky, Lightcone, samples_per_step
-from .nbody import start_steps, take_step
+from .nbody import run_steps, start_steps
 from .simulation import evolve_observed, initial_particles
 from .sources import RedshiftBins, lensing_efficiency
 
@@ -430,13 +430,7 @@ def _pm_kappa_stepwise(cosmo: Cosmology, cfg: SimConfig, lightcone: Lightcone, b
     """``pm_kappa`` step by step from the host, with ``progress(steps_done)`` after each step."""
     painter = BornLightcone(cfg, lightcone, bins.n_bins, samples_per_step(cfg, lightcone))
     carry, factors, params = _pm_start_jit(cosmo, cfg, lightcone, bins, painter, noise)
-    for i in range(factors.shape[0]):
-        # int64, the type of the step index in ``integrate``'s scan (x64 is on)
-        carry = take_step(cfg, painter, carry, factors, params, np.int64(i))
-        if progress is not None:
-            jax.block_until_ready(carry)  # report steps done, not steps queued
-            progress(i + 1)
-    _, obs, max_disp = carry
+    _, obs, max_disp = run_steps(cfg, painter, carry, factors, params, progress)
     return _finish_jit(obs, lightcone.sky), max_disp
 
 

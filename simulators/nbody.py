@@ -236,3 +236,17 @@ def take_step(cfg: SimConfig, observer: Observer, carry, factors: Array, obs_par
     a_steps = jnp.asarray(cfg.step_scale_factors)
     carry, _ = _step(cfg, observer, None, a_steps, factors, obs_params, carry, i)
     return carry
+
+
+def run_steps(cfg: SimConfig, observer: Observer, carry, factors: Array, obs_params,
+              progress: Callable[[int], None] | None = None):
+    """Every step of ``integrate``'s forward pass from the host (``take_step``), calling
+    ``progress(steps_done)`` after each; returns the final carry."""
+    for i in range(factors.shape[0]):
+        # int64, the type of the step index in ``integrate``'s scan (x64 is on)
+        carry = take_step(cfg, observer, carry, factors, obs_params, np.int64(i))
+        if progress is not None:
+            jax.block_until_ready(carry)  # report steps done, not steps queued
+            progress(i + 1)
+    return carry
+

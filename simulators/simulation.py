@@ -15,8 +15,8 @@ from .config import SimConfig
 from .cosmology import Cosmology, growth_table
 from .forces import paint_density, pm_force
 from .ics import linear_field, lpt_state, white_noise
-from .nbody import (Observer, ParticleState, Snapshots, integrate, start_steps, step_factors,
-                    take_step)
+from .nbody import (Observer, ParticleState, Snapshots, integrate, run_steps, start_steps,
+                    step_factors)
 
 Array = jax.Array
 
@@ -158,13 +158,7 @@ def _evolve_stepwise(cosmo: Cosmology, cfg: SimConfig, delta_lin: Array,
     """``evolve`` run step by step from the host, with ``progress(steps_done)`` after each step."""
     observer = Snapshots(cfg.snapshot_steps)
     carry, factors = _start_jit(cosmo, cfg, observer, delta_lin)
-    for i in range(factors.shape[0]):
-        # int64, the type of the step index in ``integrate``'s scan (x64 is on)
-        carry = take_step(cfg, observer, carry, factors, None, np.int64(i))
-        if progress is not None:
-            jax.block_until_ready(carry)  # report steps done, not steps queued
-            progress(i + 1)
-    final, snaps, max_disp = carry
+    final, snaps, max_disp = run_steps(cfg, observer, carry, factors, None, progress)
     return Evolution(final, snaps, max_disp)
 
 

@@ -196,3 +196,30 @@ def test_cl_baseline(work):
     msg = one_line_error(invoke("cl-baseline", "--config", work / "tiny.toml", "--maps",
                                 work / "obs_bad.h5", "--out", work / "x.h5"))
     assert "seed 10005 is one of the covariance simulations' seeds" in msg
+
+
+def test_chain_processes_get_their_own_cores():
+    """On CPU, ``hmc.processes`` children are dealt this process's cores (one share each) and pin
+    themselves to them, so that their thread pools do not oversubscribe the machine; no pinning
+    with fewer cores than children."""
+    import os
+
+    from experiments.pipeline import _cores_per_process
+
+    mine = sorted(os.sched_getaffinity(0))
+    shares = _cores_per_process(len(mine))
+    assert shares == [[c] for c in mine]
+    assert sorted(c for share in _cores_per_process(1) for c in share) == mine
+    assert _cores_per_process(len(mine) + 1) is None
+    # a child started with its share pins itself first thing (before JAX sizes its thread pool)
+    import subprocess
+    import sys
+
+    from experiments.pipeline import CHAIN_CORES_ENV, PARENT_PID_ENV
+
+    env = dict(os.environ, **{PARENT_PID_ENV: str(os.getpid()), CHAIN_CORES_ENV: str(mine[-1])})
+    code = ("import os; from experiments.pipeline import start_chain_process; "
+            "start_chain_process(); print(sorted(os.sched_getaffinity(0)))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == [f"[{mine[-1]}]"]

@@ -20,8 +20,8 @@ from .simulation import (
 from .spectra import power_spectrum
 
 __all__ = [
-    "Cosmology", "DeviceGrid", "Evolution", "enable_x64", "HaloOverflowError", "ParticleState", "SimConfig",
-    "SimResult", "evolve", "growth_table", "integrate", "lagrangian_positions", "linear_field",
+    "Cosmology", "DeviceGrid", "Evolution", "HaloOverflowError", "ParticleState", "SimConfig",
+    "SimResult", "enable_x64", "evolve", "growth_table", "integrate", "lagrangian_positions", "linear_field",
     "linear_power", "lpt_state", "paint_density", "pm_force", "power_spectrum", "simulate",
     "step_factors", "white_noise",
 ]

@@ -400,24 +400,23 @@ class BornLightcone:
                     obs=lc.observer_position(box),
                     table=lc.replica_transforms(box) if lc.randomize else None)
 
-    def _to_box(self, r, xp=jnp):
-        """Observer-frame points (N, 3) → box coordinates (N, 3) through the replica transforms,
-        in ``r``'s dtype; ``xp`` is ``jax.numpy`` or ``numpy`` (the sample table)."""
+    def _to_box(self, r: Array) -> Array:
+        """Observer-frame points (N, 3) → box coordinates (N, 3) through the replica transforms."""
         st = self._static
         dtype = r.dtype
-        box = xp.asarray(st["box"], dtype)
-        x = r + xp.asarray(st["obs"], dtype)
+        box = jnp.asarray(st["box"], dtype)
+        x = r + jnp.asarray(st["obs"], dtype)
         if st["table"] is None:
-            return xp.mod(x, box)
+            return jnp.mod(x, box)
         n_lo, dims, inv_perm, signs, shifts = st["table"]
-        n = xp.floor(x / box)
+        n = jnp.floor(x / box)
         y = x - n * box
-        idx = xp.clip(n.astype(xp.int32) - xp.asarray(n_lo), 0, xp.asarray(dims) - 1)
+        idx = jnp.clip(n.astype(jnp.int32) - jnp.asarray(n_lo), 0, jnp.asarray(dims) - 1)
         flat = (idx[:, 0] * dims[1] + idx[:, 1]) * dims[2] + idx[:, 2]
-        sign = xp.asarray(signs, dtype)[flat]
-        y = xp.where(sign > 0, y, box - y)  # permuted axes have equal lengths: the same box
-        x = xp.take_along_axis(y, xp.asarray(inv_perm)[flat], axis=1)
-        return xp.mod(x - xp.asarray(shifts, dtype)[flat], box)
+        sign = jnp.asarray(signs, dtype)[flat]
+        y = jnp.where(sign > 0, y, box - y)  # permuted axes have equal lengths: the same box
+        x = jnp.take_along_axis(y, jnp.asarray(inv_perm)[flat], axis=1)
+        return jnp.mod(x - jnp.asarray(shifts, dtype)[flat], box)
 
     def _cells(self, chi: Array, dtype) -> Array:
         """(len(chi) · n_rays, 3) mesh-cell coordinates of every ray at the radii ``chi`` (Mpc/h),

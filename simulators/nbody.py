@@ -249,4 +249,3 @@ def run_steps(cfg: SimConfig, observer: Observer, carry, factors: Array, obs_par
             jax.block_until_ready(carry)  # report steps done, not steps queued
             progress(i + 1)
     return carry
-

@@ -1,5 +1,5 @@
-"""Test-session set-up: JAX's float64, one persistent XLA compilation cache for the whole run, and the slowest
-files scheduled first.
+"""Test-session set-up: JAX's float64, one persistent XLA compilation cache for the whole run, and
+the slowest files scheduled first.
 
 Most of the suite's time is XLA compiling tiny programs, for this process and for every
 subprocess (chains in child processes, jax.distributed workers, fake-device workers). A cache
@@ -28,9 +28,9 @@ SLOW_FILES = ("test_explicit.py", "test_cli_hmc.py", "test_compare.py", "test_di
 def pytest_configure(config):
     global _OWN_CACHE
     # float64 for the cosmology tables (simulators.runtime), here and in every subprocess
-    os.environ["JAX_ENABLE_X64"] = "1"
-    if "jax" in sys.modules:
-        sys.modules["jax"].config.update("jax_enable_x64", True)
+    from experiments.jaxsetup import enable_x64
+
+    enable_x64()
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
     _OWN_CACHE = tempfile.mkdtemp(prefix="lensbench-test-xla-")

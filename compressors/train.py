@@ -9,14 +9,20 @@ to ``out_dir``:
 - ``checkpoints/<epoch>/``: orbax checkpoints after every epoch (params, optimizer state, best
   params, RNG key, and a JSON part with the epoch, best validation loss, patience counter and
   history); the last two are kept;
-- ``history.json`` and ``loss.png``: per-epoch train/validation loss and learning rate;
+- ``history.json`` and ``loss.png``: per-epoch train/validation loss, learning rate and the number
+  of simulations trained on so far;
 - ``compressor.json`` + ``compressor.msgpack``: the final model (best-validation params, config,
   θ standardisation, parameter names, input shape, sigma_n, map normalisation), read back by
   ``load_compressor``.
 
+Online training (``TrainConfig.online``): every training batch is drawn fresh from the simulator
+(``simulate(key, index) -> (θ, maps)``, jitted and vmapped over the batch), so the network never
+sees a map twice and the training set is only the validation set and the input normalisation.
+Every draw counts in the run's simulation budget (``Compressor.n_simulations``).
+
 Determinism: the train/validation split, the initial params, the validation noise and every
-epoch's shuffling, noise and symmetries are functions of (seed, epoch) only, so a run interrupted
-after epoch k and resumed reproduces the uninterrupted run exactly.
+epoch's shuffling, noise, symmetries and online draws are functions of (seed, epoch, step) only,
+so a run interrupted after epoch k and resumed reproduces the uninterrupted run exactly.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -58,6 +64,9 @@ CHECKPOINTS = "checkpoints"
 
 # Independent RNG streams derived from the seed (fold_in indices).
 _STREAM_INIT, _STREAM_VAL_NOISE, _STREAM_EPOCHS, _STREAM_FIXED_TRAIN_NOISE = 0, 1, 2, 3
+# Online draws: a threefry key of (seed, this tag), apart from every stream above and from the
+# training set's own seeds (lensbench generate keys its simulations by training_set.seed).
+_ONLINE_TAG = 0x6F6E6C6E
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,6 +108,10 @@ class TrainConfig:
       seed: seeds the split, initialisation, noise, shuffling and symmetries.
       augment: True: fresh shape noise and a random D4 symmetry for every map in every batch.
         False: one fixed noise realisation per training map and no symmetries.
+      online: True: every training batch is ``batch_size`` fresh simulations from the
+        ``simulate`` function given to ``train_compressor`` (an epoch is as many steps as the
+        fixed training split would give); the fixed maps serve for validation and normalisation
+        only. Needs ``augment`` (the fresh maps get fresh noise).
       flow_layers, flow_hidden: VMIM only: autoregressive layers and hidden width of q(θ | t).
     """
 
@@ -120,6 +133,7 @@ class TrainConfig:
     patience: int | None = _configured("patience")
     seed: int = _configured("seed")
     augment: bool = True
+    online: bool = False
     flow_layers: int = 4
     flow_hidden: int = 32
 
@@ -162,8 +176,13 @@ class TrainConfig:
         real("weight_decay", 0.0)
         real("grad_clip", 0.0, open_low=True, allow_none=True)
         real("val_fraction", 0.0, 1.0, open_low=True)
-        if not isinstance(self.augment, bool):
-            raise ValueError(f"TrainConfig.augment must be True or False, got {self.augment!r}")
+        for name in ("augment", "online"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TrainConfig.{name} must be True or False, "
+                                 f"got {getattr(self, name)!r}")
+        if self.online and not self.augment:
+            raise ValueError("TrainConfig.online needs augment=True: fresh simulations need "
+                             "fresh shape noise")
         if self.warmup_epochs >= self.epochs:
             raise ValueError(f"TrainConfig.warmup_epochs ({self.warmup_epochs}) must be < epochs "
                              f"({self.epochs})")
@@ -177,6 +196,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
+        data = {"online": False, **data}  # models written before online training existed
         unknown = set(data) - names
         if unknown:
             raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
@@ -272,10 +292,16 @@ def _program(config: TrainConfig, d: int, steps_per_epoch: int, fast_compile: bo
     loss_fn = functools.partial(_per_map_loss, config, net, flow)
 
     @jit
-    def train_step(params, opt_state, maps, y, key, sigma_n, map_mean, map_std):
+    def train_step(params, opt_state, maps, y, weight, key, sigma_n, map_mean, map_std):
+        # weight (batch,) in {0, 1}: 0 drops a failed online simulation from the mean loss
         x = augment_batch(key, maps, sigma_n, symmetries=config.augment)
         x = _normalise(x, map_mean, map_std)
-        loss, grads = jax.value_and_grad(lambda p: jnp.mean(loss_fn(p, x, y)))(params)
+
+        def mean_loss(p):
+            per_map = jnp.where(weight > 0, loss_fn(p, x, y), 0.0)
+            return jnp.sum(per_map) / jnp.maximum(jnp.sum(weight), 1.0)
+
+        loss, grads = jax.value_and_grad(mean_loss)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -327,6 +353,45 @@ def _batched(fn, n: int, batch: int, *arrays):
     return np.concatenate(outs)
 
 
+def _online_draw(simulate, batch: int, theta_mean, theta_std, input_shape):
+    """jit'ed key → (maps (batch, *input_shape) float32, y (batch, d) standardised, weight
+    (batch,)): ``batch`` fresh simulations ``simulate(key, 0..batch-1)``. A draw with a
+    non-finite θ or map is zeroed (so no NaN reaches the gradient) and gets weight 0.
+
+    Raises ValueError (one line) when ``simulate`` cannot be traced, jitted and vmapped, or
+    returns shapes other than (d,) and ``input_shape``.
+    """
+    d = len(theta_mean)
+    mean, std = jnp.asarray(theta_mean, jnp.float32), jnp.asarray(theta_std, jnp.float32)
+    batched = jax.vmap(simulate, in_axes=(None, 0))
+    index = jnp.arange(batch, dtype=jnp.uint32)
+    try:
+        theta, maps = jax.eval_shape(batched, jax.random.key(0), index)
+    except Exception as err:  # anything tracing raises: the one line names the model's failure
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"online training needs a simulator that can be jitted and vmapped; "
+                         f"this one cannot ({type(err).__name__}: {first})") from None
+    if maps.shape != (batch, *input_shape) or theta.shape != (batch, d):
+        raise ValueError(f"the online simulator gives θ {theta.shape[1:]} and maps "
+                         f"{maps.shape[1:]}, the training data θ ({d},) and maps "
+                         f"{tuple(input_shape)}")
+
+    def draw(key):
+        theta, maps = batched(key, index)
+        theta, maps = theta.astype(jnp.float32), maps.astype(jnp.float32)
+        ok = jnp.isfinite(maps).reshape(batch, -1).all(1) & jnp.isfinite(theta).all(1)
+        maps = jnp.where(ok[:, None, None, None], maps, 0.0)
+        y = jnp.where(ok[:, None], (theta - mean) / std, 0.0)
+        return maps, y, ok.astype(jnp.float32)
+
+    return jax.jit(draw)
+
+
+def _trained_on(config: TrainConfig, n_train: int, drawn: int) -> int:
+    """Simulations the network has trained on: the fresh draws online, else the fixed split."""
+    return drawn if config.online else n_train
+
+
 # --------------------------------------------------------------------------------------------
 # The trained model
 # --------------------------------------------------------------------------------------------
@@ -346,6 +411,10 @@ class Compressor:
       history: per-epoch "epoch", "train_loss", "val_loss", "lr", "seconds".
       best_val_loss, best_epoch: lowest validation loss and its (1-based) epoch.
       epochs_trained: epochs run so far; complete: False if training can still be resumed.
+      n_simulations: simulations this compressor cost: the maps given (training and
+        validation) plus, online, every fresh draw (None: written before this was recorded).
+      online_simulations: fresh draws trained on online (0 for fixed-data training).
+      online_failed: online draws left out because their θ or maps were not finite.
     """
 
     config: TrainConfig
@@ -362,6 +431,9 @@ class Compressor:
     best_epoch: int | None
     epochs_trained: int
     complete: bool
+    n_simulations: int | None = None
+    online_simulations: int = 0
+    online_failed: int = 0
 
     @property
     def n_params(self) -> int:
@@ -518,7 +590,8 @@ def _write_model(out_dir: Path, comp: Compressor) -> None:
         "sigma_n": comp.sigma_n.tolist(), "map_mean": comp.map_mean.tolist(),
         "map_std": comp.map_std.tolist(), "best_val_loss": comp.best_val_loss,
         "best_epoch": comp.best_epoch, "epochs_trained": comp.epochs_trained,
-        "complete": comp.complete, "history": comp.history,
+        "complete": comp.complete, "n_simulations": comp.n_simulations,
+        "online_simulations": comp.online_simulations, "online_failed": comp.online_failed, "history": comp.history,
     }
     write_bytes(out_dir / MODEL_PARAMS, flax.serialization.msgpack_serialize(comp.params))
     write_text(out_dir / MODEL_JSON, json.dumps(meta, indent=1))
@@ -557,7 +630,10 @@ def load_compressor(out_dir: str | Path) -> Compressor:
         sigma_n=f32(meta["sigma_n"]), map_mean=f32(meta["map_mean"]),
         map_std=f32(meta["map_std"]), history=meta["history"],
         best_val_loss=meta["best_val_loss"], best_epoch=meta["best_epoch"],
-        epochs_trained=meta["epochs_trained"], complete=meta["complete"])
+        epochs_trained=meta["epochs_trained"], complete=meta["complete"],
+        n_simulations=meta.get("n_simulations"),
+        online_simulations=meta.get("online_simulations", 0),
+        online_failed=meta.get("online_failed", 0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -566,8 +642,8 @@ def load_compressor(out_dir: str | Path) -> Compressor:
 
 def train_compressor(maps, theta, sigma_n, config: TrainConfig, out_dir: str | Path, *,
                      theta_mean=None, theta_std=None, param_names: Sequence[str] | None = None,
-                     progress: bool = True, max_epochs_this_call: int | None = None
-                     ) -> Compressor:
+                     progress: bool = True, max_epochs_this_call: int | None = None,
+                     simulate: Callable | None = None) -> Compressor:
     """Train (or resume training) a compressor and write it to ``out_dir``.
 
     Args:
@@ -584,6 +660,10 @@ def train_compressor(maps, theta, sigma_n, config: TrainConfig, out_dir: str | P
       progress: show a tqdm bar over epochs with the train/validation losses.
       max_epochs_this_call: run at most this many more epochs, then checkpoint and return (the
         returned model is marked incomplete; call again to continue).
+      simulate: online training only (``config.online``): a pure, jittable
+        ``(key, index) -> (θ (d,), maps (n_bins, npix_y, npix_x))`` drawing θ from the prior and
+        one noise-free map set, e.g. ``experiments.dataset.prior_simulator``. It is vmapped over
+        the batch; a draw with non-finite θ or maps is left out of the loss and counted.
 
     Returns:
       the Compressor with the best-validation parameters so far.
@@ -618,6 +698,11 @@ def train_compressor(maps, theta, sigma_n, config: TrainConfig, out_dir: str | P
     if len(param_names) != d:
         raise ValueError(f"param_names needs {d} names, got {len(param_names)}")
 
+    if config.online != (simulate is not None):
+        raise ValueError("online training needs a simulate function, and only online training "
+                         f"takes one (config.online={config.online}, simulate "
+                         f"{'given' if simulate is not None else 'missing'})")
+
     seed_key = jax.random.key(config.seed, impl=_PRNG_IMPL)
     y = ((theta - theta_mean) / theta_std).astype(np.float32)
     train_maps, y_train = maps[train_idx], y[train_idx]
@@ -635,8 +720,13 @@ def train_compressor(maps, theta, sigma_n, config: TrainConfig, out_dir: str | P
     map_std = np.where(map_std > 0, map_std, 1.0).astype(np.float32)
 
     n_train = len(train_idx)
-    batch = min(config.batch_size, n_train)
-    steps_per_epoch = n_train // batch       # drop the remainder: one compiled batch shape
+    # Online: an epoch is as many fresh batches as the fixed split would give (at least one).
+    batch = config.batch_size if config.online else min(config.batch_size, n_train)
+    steps_per_epoch = max(1, n_train // batch)  # drop the remainder: one compiled batch shape
+    draw = (_online_draw(simulate, batch, theta_mean, theta_std, input_shape)
+            if config.online else None)
+    online_key = jax.random.fold_in(jax.random.key(config.seed), _ONLINE_TAG)
+    ones = np.ones(batch, np.float32)
     program = _program(config, d, steps_per_epoch,
                        _fast_compile(config, n_train, input_shape))
 
@@ -652,7 +742,9 @@ def train_compressor(maps, theta, sigma_n, config: TrainConfig, out_dir: str | P
     state = {"params": params, "opt_state": opt_state,
              "best_params": params, "key": jax.random.key_data(seed_key)}
     meta = {"epoch": 0, "best_val": None, "best_epoch": None, "wait": 0, "stopped": False,
-            "history": {"epoch": [], "train_loss": [], "val_loss": [], "lr": [], "seconds": []}}
+            "online_failed": 0,
+            "history": {"epoch": [], "train_loss": [], "val_loss": [], "lr": [], "seconds": [],
+                        "simulations": []}}
 
     mngr = _checkpoint_manager(out_dir)
     try:
@@ -661,6 +753,9 @@ def train_compressor(maps, theta, sigma_n, config: TrainConfig, out_dir: str | P
             restored = mngr.restore(last, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(state), meta=ocp.args.JsonRestore()))
             state, meta = dict(restored["state"]), dict(restored["meta"])
+            # checkpoints written before the simulation count was kept (fixed-data runs)
+            meta.setdefault("online_failed", 0)
+            meta["history"].setdefault("simulations", [n_train] * len(meta["history"]["epoch"]))
         base_key = jax.random.wrap_key_data(state["key"], impl=_PRNG_IMPL)
         epoch_key = jax.random.fold_in(base_key, _STREAM_EPOCHS)
         params, opt_state = state["params"], state["opt_state"]
@@ -679,13 +774,21 @@ def train_compressor(maps, theta, sigma_n, config: TrainConfig, out_dir: str | P
                 key = jax.random.fold_in(epoch_key, epoch)
                 perm = np.random.default_rng([config.seed, epoch]).permutation(n_train)
                 step_losses = []
+                failed = []
                 for step in range(steps_per_epoch):
-                    idx = perm[step * batch:(step + 1) * batch]
+                    if draw is not None:
+                        batch_maps, batch_y, weight = draw(
+                            jax.random.fold_in(online_key, epoch * steps_per_epoch + step))
+                        failed.append(batch - jnp.sum(weight))
+                    else:
+                        idx = perm[step * batch:(step + 1) * batch]
+                        batch_maps, batch_y, weight = train_maps[idx], y_train[idx], ones
                     params, opt_state, loss = program.train_step(
-                        params, opt_state, train_maps[idx], y_train[idx],
+                        params, opt_state, batch_maps, batch_y, weight,
                         jax.random.fold_in(key, step), step_sigma, map_mean, map_std)
                     step_losses.append(loss)
                 train_loss = float(np.mean(jax.device_get(step_losses)))
+                meta["online_failed"] += int(sum(jax.device_get(failed)))
                 if not math.isfinite(train_loss):
                     raise FloatingPointError(
                         f"training loss became {train_loss} in epoch {epoch + 1}; lower "
@@ -701,6 +804,8 @@ def train_compressor(maps, theta, sigma_n, config: TrainConfig, out_dir: str | P
                 history["val_loss"].append(val_loss)
                 history["lr"].append(float(program.schedule((epoch + 1) * steps_per_epoch)))
                 history["seconds"].append(time.perf_counter() - t0)
+                history["simulations"].append(
+                    _trained_on(config, n_train, (epoch + 1) * steps_per_epoch * batch))
                 if meta["best_val"] is None or val_loss < meta["best_val"]:
                     meta.update(best_val=val_loss, best_epoch=epoch + 1, wait=0)
                     state["best_params"] = params
@@ -715,17 +820,20 @@ def train_compressor(maps, theta, sigma_n, config: TrainConfig, out_dir: str | P
                 _write_history(out_dir, history)
                 bar.update(1)
                 bar.set_postfix(train=f"{train_loss:.4g}", val=f"{val_loss:.4g}",
-                                best=f"{meta['best_val']:.4g}")
+                                best=f"{meta['best_val']:.4g}",
+                                **({"sims": history["simulations"][-1]} if config.online else {}))
         mngr.wait_until_finished()
     finally:
         mngr.close()
 
+    drawn = meta["epoch"] * steps_per_epoch * batch if config.online else 0
     comp = Compressor(
         config=config, params=jax.tree.map(np.asarray, state["best_params"]),
         theta_mean=theta_mean, theta_std=theta_std, param_names=param_names,
         input_shape=input_shape, sigma_n=sigma_n, map_mean=map_mean, map_std=map_std,
         history=history, best_val_loss=meta["best_val"], best_epoch=meta["best_epoch"],
-        epochs_trained=meta["epoch"], complete=meta["stopped"] or meta["epoch"] >= config.epochs)
+        epochs_trained=meta["epoch"], complete=meta["stopped"] or meta["epoch"] >= config.epochs,
+        n_simulations=n + drawn, online_simulations=drawn, online_failed=meta["online_failed"])
     _write_history(out_dir, history)
     if history["epoch"]:
         _plot_history(out_dir, history, config.loss, meta["best_epoch"])

@@ -325,14 +325,17 @@ def train_compressor(
                                       "loss.png); an existing one is resumed.", file_okay=False)],
     config: Annotated[str, typer.Option("--config", "-c", help=_CONFIG_HELP)] = "quick",
     loss: Annotated[Optional[str], typer.Option(help="mse, mae, gnll or vmim (default: compressor.loss).")] = None,
+    online: Annotated[Optional[bool], typer.Option(
+        help="Train on fresh simulations in every batch, validate on --sims (default: "
+             "compressor.online).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ):
-    """Train a neural compressor (maps -> summaries) on a training set."""
+    """Train a neural compressor (maps -> summaries) on a training set, or on fresh simulations."""
     from .pipeline import run_train_compressor
 
     if loss is not None and loss not in ("mse", "mae", "gnll", "vmim"):
         raise typer.BadParameter(f"--loss must be mse, mae, gnll or vmim, got {loss!r}")
-    run_train_compressor(config, sims, out, loss=loss, progress=progress)
+    run_train_compressor(config, sims, out, loss=loss, online=online, progress=progress)
 
 
 @app.command()

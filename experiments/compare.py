@@ -231,9 +231,23 @@ def budgets(cfg, out: Path) -> dict:
         n_sims = (cfg.training_set.n_sims if m.startswith("npe_")
                   else cfg.cl_baseline.n_cov if m == "cl_analytic"
                   and cfg.cl_baseline.covariance == "simulated" else 0)
+        n_sims += _online_draws(out, stages)
         result[m] = {"stages": walls, "wall_s": float(sum(v for v in walls.values() if v)),
                      "n_simulations": n_sims}
     return result
+
+
+def _online_draws(out: Path, stages) -> int:
+    """Fresh simulations the compressors among ``stages`` drew while training online."""
+    import json
+
+    total = 0
+    for stage in stages:
+        if stage.startswith("compressor_"):
+            path = out / "compressors" / stage[len("compressor_"):] / "compressor.json"
+            if path.is_file():
+                total += int(json.loads(path.read_text()).get("online_simulations", 0))
+    return total
 
 
 def _stage_seconds(marker: dict | None) -> float | None:

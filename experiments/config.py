@@ -737,6 +737,10 @@ class CompressorSection(_Section):
         0.1, "fraction of the training maps used for validation")
     seed: Annotated[Int, AtLeast(0)] = _key(
         0, "seed of the split, initialisation, noise and augmentation")
+    online: bool = _key(
+        False, "train on fresh simulations drawn from the prior for every batch (the "
+               "[simulation] model, jitted and vmapped); the training set then serves for "
+               "validation only, and every draw counts in the method's simulation budget")
 
     def train_config(self, loss: str | None = None):
         from compressors import TrainConfig

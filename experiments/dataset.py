@@ -119,7 +119,7 @@ from .priors import Prior
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "GenerateReport", "MergeReport", "PART_ATTRS", "Part",
            "SIMS_ATTRS", "SIMS_DATASETS", "SimSet", "STATUS_FAILED", "STATUS_OK", "STATUS_PENDING",
-           "generate", "merge_parts", "prior_from_file", "read_sims"]
+           "generate", "merge_parts", "prior_from_file", "prior_simulator", "read_sims"]
 
 FORMAT = "lensbench.sims"
 FORMAT_VERSION = 1
@@ -674,8 +674,13 @@ _COMPILED: OrderedDict = OrderedDict()
 _COMPILED_MAX = 8
 
 
-def _one_sim(model, prior: Prior, base):
-    """(key, index) -> (θ (d,), κ (n_bins, *sky) float32): simulation ``index`` of seed ``key``."""
+def prior_simulator(model, prior: Prior, base):
+    """(key, index) -> (θ (d,), κ (n_bins, *sky) float32): simulation ``index`` of seed ``key``,
+    θ drawn from ``prior`` (the other parameters at ``base``), noise-free maps of ``model``.
+
+    Pure and jittable; ``generate`` vmaps it over indices, online compressor training over a
+    batch (``compressors.train_compressor(simulate=...)``).
+    """
     import jax
     import jax.numpy as jnp
 
@@ -716,7 +721,7 @@ class _DataParallel:
         _check_batch_memory(model, self.batch // self.n_devices)
         mesh = Mesh(np.asarray(self.devices), ("batch",))
         self.sharding = NamedSharding(mesh, P("batch"))
-        one = _one_sim(model, prior, base)
+        one = prior_simulator(model, prior, base)
         self.model, self.prior, self.base, self.one = model, prior, base, one
         self.theta_dim, self.map_shape = prior.dim, (model.bins.n_bins,) + tuple(model.sky.shape)
 

@@ -149,27 +149,54 @@ def _check_sims_match(sims, cfg) -> None:
 # ---- compressor ----------------------------------------------------------------------------------
 
 def run_train_compressor(config, sims_path, out, *, loss: str | None = None,
-                         n_train: int | None = None, progress: bool = True):
+                         n_train: int | None = None, online: bool | None = None,
+                         progress: bool = True):
     """Train a compressor on the training rows of ``sims_path`` (the first ``n_train`` of them
-    when given); resumes from ``out``'s checkpoints. Returns the ``compressors.Compressor``."""
+    when given), or online on fresh draws validated on them (``online``, default
+    ``compressor.online``); resumes from ``out``'s checkpoints. Returns the
+    ``compressors.Compressor``."""
     from compressors import train_compressor
 
     from .files import check_output_dir
 
     cfg = _config(config)
+    if online is not None:
+        cfg = cfg.with_(**{"compressor.online": bool(online)})
     check_output_dir(out, option="--out")
     sims = _read_sims(sims_path)
     _check_sims_match(sims, cfg)
     split = split_sims(sims, cfg.training_set.n_calibration, n_train)
     train_cfg = cfg.compressor.train_config(loss)
     prior = cfg.prior()
+    simulate = online_simulator(cfg, prior) if train_cfg.online else None
+    how = (f"fresh simulations ({train_cfg.batch_size} per step), validated on "
+           if train_cfg.online else "")
     _log(f"training a {train_cfg.network} compressor with the {train_cfg.loss} loss on "
-         f"{len(split.train)} simulations of {sims_path}")
+         f"{how}{len(split.train)} simulations of {sims_path}")
     comp = train_compressor(sims.kappa[split.train], sims.theta[split.train], sims.sigma_n,
                             train_cfg, out, theta_mean=prior.mean, theta_std=prior.std,
-                            param_names=prior.names, progress=progress)
+                            param_names=prior.names, progress=progress, simulate=simulate)
+    if train_cfg.online:
+        print(f"trained on {comp.online_simulations} fresh simulations"
+              + (f" ({comp.online_failed} failed, left out)" if comp.online_failed else ""))
     print(f"wrote the compressor to {out} (loss curve {Path(out) / 'loss.png'})")
     return comp
+
+
+def online_simulator(cfg, prior):
+    """The configuration's map model as ``(key, index) -> (θ, κ)`` for online training.
+
+    Raises ValueError (one line) for a model that cannot run many simulations in one vmapped
+    program: a PM run sharded over devices is one simulation across all of them.
+    """
+    from .dataset import _model_for, _model_sharded, prior_simulator
+
+    model = _model_for(cfg)
+    if _model_sharded(model):
+        raise ValueError("compressor.online needs a map model that runs many simulations in one "
+                         "vmapped program; this one is sharded over devices (simulation.grid): "
+                         "generate a training set instead")
+    return prior_simulator(model, prior, cfg.cosmology())
 
 
 def _noisy(kappa: np.ndarray, theta: np.ndarray, sigma_n: np.ndarray, copies: int, seed: int):

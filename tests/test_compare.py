@@ -183,6 +183,22 @@ def test_a_stage_resumed_after_a_kill_counts_its_earlier_time(tmp_path):
     assert b["cl_analytic"]["wall_s"] == 400.0
 
 
+def test_online_compressor_draws_count_in_its_npe_budget(tmp_path):
+    """A compressor trained online drew simulations of its own: they are part of the cost of
+    the NPE on its summaries (training set + draws), not of the NPE on C_ell."""
+    import json
+
+    from experiments.compare import budgets
+
+    cfg = load_config("gaussian_check").with_(**{"compare.methods": ["npe_vmim", "npe_cl"]})
+    (tmp_path / "compressors" / "vmim").mkdir(parents=True)
+    (tmp_path / "compressors" / "vmim" / "compressor.json").write_text(
+        json.dumps({"config": {"online": True}, "online_simulations": 7680}))
+    b = budgets(cfg, tmp_path)
+    assert b["npe_vmim"]["n_simulations"] == cfg.training_set.n_sims + 7680
+    assert b["npe_cl"]["n_simulations"] == cfg.training_set.n_sims
+
+
 def _moments(out, method):
     s = read_samples(out / "samples" / f"{method}.h5")
     return s.samples.mean(0), s.samples.std(0), s

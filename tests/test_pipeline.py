@@ -9,6 +9,7 @@ problems in test_compressors / test_npe / test_cl_baseline.
 
 
 import h5py
+import jax
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -123,6 +124,29 @@ def test_compressor_npe_sample(work):
     np.testing.assert_allclose(s.truth, [obs_cosmo.Omega_c, obs_cosmo.sigma8])
     assert s.info["n_train_sims"] == 36  # 48 minus the 12 held out
     assert "npe_mse" in res.stdout
+
+
+def test_online_compressor(work):
+    # 36 training rows, 10 % for validation: 32 → 2 steps of 12 fresh draws per epoch, 3 epochs
+    res = ok("train-compressor", "--config", work / "tiny.toml", "--sims", work / "sims.h5",
+             "--loss", "mse", "--online", "--out", work / "comp_online",
+             "--no-progress")
+    assert "trained on 72 fresh simulations" in res.stdout
+    from compressors import load_compressor
+
+    comp = load_compressor(work / "comp_online")
+    assert comp.config.online and comp.online_simulations == 72
+    assert comp.n_simulations == 36 + 72
+    assert comp.history["simulations"] == [24, 48, 72]
+    # the draws are the configuration's model: the same program as generate's, other keys
+    from experiments.dataset import prior_simulator
+    from experiments.pipeline import online_simulator
+
+    cfg = load_config(work / "tiny.toml")
+    theta, kappa = online_simulator(cfg, cfg.prior())(jax.random.key(1), 3)
+    want = prior_simulator(cfg.build_model(), cfg.prior(), cfg.cosmology())(jax.random.key(1), 3)
+    np.testing.assert_array_equal(theta, want[0])
+    np.testing.assert_allclose(kappa, want[1], rtol=1e-6)
 
 
 def test_npe_on_cl(work):

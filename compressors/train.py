@@ -84,8 +84,7 @@ class TrainConfig:
     """How to train a compressor (hashable; every field is part of a run's identity).
 
     Defaults suit ~1000 maps of (3, 64, 64) on a CPU; those of the keys a configuration sets are
-    the [compressor] section's (``experiments.config.CompressorSection``), except ``loss``: "mse"
-    here (the loss that needs no summary_dim or flow), "vmim" in a configuration.
+    the [compressor] section's (``experiments.config.CompressorSection``).
 
     Attributes:
       loss: "mse" | "mae" | "gnll" | "vmim" (see ``compressors.losses``).
@@ -115,7 +114,7 @@ class TrainConfig:
       flow_layers, flow_hidden: VMIM only: autoregressive layers and hidden width of q(θ | t).
     """
 
-    loss: str = "mse"
+    loss: str = _configured("loss")
     network: str = _configured("network")
     width: int = _configured("width")
     depth: int = _configured("depth")

@@ -274,9 +274,29 @@ def _key(default: Any, description: str, shown_default: str | None = None):
 
 class _Frozen(BaseModel):
     """Frozen, no unknown keys; assignment is an AttributeError as for a frozen dataclass (pydantic
-    raises a ValidationError, which callers that catch ValueError would take for bad input)."""
+    raises a ValidationError, which callers that catch ValueError would take for bad input).
+    Building one from Python (``CompressorSection(width=-1)``, ``model_validate``) raises the same
+    one-line ConfigError as loading a file."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __init__(self, /, **values):
+        try:
+            super().__init__(**values)
+        except ValidationError as e:
+            raise _config_error(e, type(self)) from None
+
+    # Without this mark pydantic would validate a nested section by calling its __init__, which
+    # would lose the key path below the section and the loading context (base_dir); with it, a
+    # section inside ExperimentConfig is validated as part of the whole.
+    __init__.__pydantic_base_init__ = True
+
+    @classmethod
+    def model_validate(cls, obj, **kwargs):
+        try:
+            return super().model_validate(obj, **kwargs)
+        except ValidationError as e:
+            raise _config_error(e, cls) from None
 
     def __setattr__(self, name, value):
         if name in type(self).model_fields:
@@ -1125,6 +1145,12 @@ def _message(error: dict, within: tuple[str, ...] = ()) -> str:
     return f"{'.'.join(loc) or 'config'}: {problem}"
 
 
+def _config_error(error: ValidationError, model: type) -> ConfigError:
+    """The first problem of a validation of ``model`` (a section or the whole configuration)."""
+    within = tuple(name for name, cls in SECTIONS.items() if cls is model)
+    return ConfigError(_message(error.errors()[0], within))
+
+
 def _unknown(loc: tuple[str, ...], value) -> str:
     """An unknown section or key, with the closest valid name."""
     *parents, name = loc
@@ -1160,10 +1186,7 @@ def validate_section(name: str, values: Mapping):
     """The section model of ``values``, validated as loading would: for a library class that takes
     a section's keys (``explicit.HMCSettings``), so that a key has one validation. Raises
     ConfigError ``<section>.<key>: <problem>``."""
-    try:
-        return SECTIONS[name].model_validate(values)
-    except ValidationError as e:
-        raise ConfigError(_message(e.errors()[0], (name,))) from None
+    return SECTIONS[name].model_validate(values)
 
 
 # ---- loading ----------------------------------------------------------------------------------
@@ -1286,10 +1309,7 @@ def load_config(source, *, name: str | None = None, path: str | os.PathLike | No
 def _build(data: Mapping, default_name: str, where: str | None, base: Path) -> ExperimentConfig:
     """Validate with the models; the first problem becomes the one-line ConfigError."""
     data = {"name": default_name, **data}
-    try:
-        cfg = ExperimentConfig.model_validate(data, context={"base_dir": base})
-    except ValidationError as e:
-        raise ConfigError(_message(e.errors()[0])) from None
+    cfg = ExperimentConfig.model_validate(data, context={"base_dir": base})
     cfg._path = where
     return cfg
 

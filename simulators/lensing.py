@@ -143,6 +143,14 @@ class MapModel(Protocol):
         halo, step window); ``progress(steps_done)`` where the model has steps."""
 
 
+class _NoHaloCheck:
+    """For map models without N-body steps (LPT, fields drawn on the sky): nothing for the halo
+    check to read, so the displacement is 0."""
+
+    def kappa_and_displacement(self, cosmo: Cosmology, latent: Array) -> tuple[Array, Array]:
+        return self.kappa(cosmo, latent), jnp.zeros(())
+
+
 @dataclass(frozen=True, eq=False)  # compared by identity: jit-static, and bins hold numpy arrays
 class _MeshLensing:
     """Born κ maps read from a 3-D simulation's lightcone (hashable, static): what the PM and LPT
@@ -197,14 +205,11 @@ class PMLensing(_MeshLensing):
 
 
 @dataclass(frozen=True, eq=False)
-class LPTLensing(_MeshLensing):
+class LPTLensing(_NoHaloCheck, _MeshLensing):
     """The ``PMLensing`` lightcone painted from LPT displacements, no N-body steps (``MapModel``)."""
 
     def kappa(self, cosmo: Cosmology, latent: Array) -> Array:
         return lpt_kappa(cosmo, self.cfg, self.lightcone, self.bins, latent)
-
-    def kappa_and_displacement(self, cosmo: Cosmology, latent: Array) -> tuple[Array, Array]:
-        return self.kappa(cosmo, latent), jnp.zeros(())
 
     def realise(self, cosmo: Cosmology, latent: Array,
                 progress: Callable[[int], None] | None = None) -> Array:
@@ -215,7 +220,7 @@ class LPTLensing(_MeshLensing):
 
 
 @dataclass(frozen=True, eq=False)
-class _SkyField:
+class _SkyField(_NoHaloCheck):
     """Flat-sky random κ fields with the Limber C_ℓ (halofit) of the cosmology, drawn directly on
     the sky (no 3-D simulation): what the Gaussian and lognormal models share.
     latent: (n_bins, npix, npix) unit white noise.
@@ -247,9 +252,6 @@ class _SkyField:
     def latent(self, seed: int | Array) -> Array:
         key = jax.random.key(seed) if np.ndim(seed) == 0 and not isinstance(seed, jax.Array) else seed
         return jax.random.normal(key, self.latent_shape, jnp.float64)
-
-    def kappa_and_displacement(self, cosmo: Cosmology, latent: Array) -> tuple[Array, Array]:
-        return self.kappa(cosmo, latent), jnp.zeros(())
 
     def realise(self, cosmo: Cosmology, latent: Array,
                 progress: Callable[[int], None] | None = None) -> Array:

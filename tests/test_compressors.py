@@ -307,7 +307,7 @@ def test_missing_checkpoint(tmp_path):
     (dict(val_fraction=1.0), "val_fraction"),
     (dict(learning_rate=-1e-3), "learning_rate"),
     (dict(warmup_epochs=40, epochs=30), "warmup_epochs"),
-    (dict(summary_dim=3), "summary_dim only applies"),
+    (dict(loss="mse", summary_dim=3), "summary_dim only applies"),
 ])
 def test_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=message):

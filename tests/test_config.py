@@ -208,6 +208,29 @@ def test_validation_names_the_key(change, message):
     assert "\n" not in str(info.value)
 
 
+def test_models_built_in_python_raise_the_same_config_errors():
+    """A section or configuration built directly (not loaded) fails with loading's one-line
+    ConfigError, not pydantic's ValidationError."""
+    from experiments.config import ClSection, CompressorSection
+    cases = [
+        (lambda: CompressorSection(width=-1), "compressor.width: must be >= 1, got -1"),
+        (lambda: CompressorSection(widht=3), "compressor.widht: unknown key (did you mean 'width'?)"),
+        (lambda: CompressorSection.model_validate({"loss": "l2"}), "compressor.loss: must be one of"),
+        (lambda: ClSection(ell_min=500.0, ell_max=100.0), "cl.ell_max: must be > ell_min = 500, got 100"),
+        (lambda: ExperimentConfig(compressor={"width": -1}), "compressor.width: must be >= 1, got -1"),
+        (lambda: ExperimentConfig(sed=3), "sed: unknown key (did you mean 'seed'?)"),
+    ]
+    for build, message in cases:
+        with pytest.raises(ConfigError) as info:
+            build()
+        assert str(info.value).startswith(message), str(info.value)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(changed(compressor={"width": -1}))
+    assert str(info.value) == "compressor.width: must be >= 1, got -1"
+    assert ExperimentConfig(compressor=CompressorSection(width=8)).compressor.width == 8
+
+
 def test_nz_file_errors_name_the_key(nz_files, tmp_path):
     preset_off = dict(preset=None, n_bins=None, n_gal_total=None, sigma_z0=None)
     sources = {**preset_off, "nz_files": nz_files, "n_gal_per_bin": [10.0, 12.0], "sigma_e": 0.3}

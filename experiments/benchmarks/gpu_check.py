@@ -186,9 +186,9 @@ def work_grads(spec: dict) -> dict:
 
 
 def _built(spec: dict):
-    import jax
+    import simulators
 
-    jax.config.update("jax_enable_x64", True)
+    simulators.enable_x64()
     from experiments.benchmarks.hmc import build_log_density
 
     return build_log_density(spec["config"], spec["mesh"], spec["gradient"], spec.get("changes"))

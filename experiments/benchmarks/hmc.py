@@ -109,7 +109,9 @@ def measure_gradient(name: str, mesh: str | None, gradient: str, evals: int,
     import jax
     import numpy as np
 
-    jax.config.update("jax_enable_x64", True)
+    import simulators
+
+    simulators.enable_x64()
     cfg, model, prior, ld, pos = build_log_density(name, mesh, gradient, changes)
     base = _rss_mb()
     t0 = time.perf_counter()
@@ -214,6 +216,9 @@ def main(argv=None):
     c.add_argument("--quiet", action="store_true")
     c.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    import simulators
+
+    simulators.enable_x64()  # run_hmc's cosmology tables (measure_gradient turns it on itself)
     if args.cmd == "_one":
         print(json.dumps(measure_gradient(args.config, args.mesh, args.gradient, args.evals)))
         return

@@ -112,7 +112,9 @@ def run_one(cfg, i: int, theta: np.ndarray, seed: int, work: Path) -> dict:
 def main(argv=None):
     import jax
 
-    jax.config.update("jax_enable_x64", True)
+    import simulators
+
+    simulators.enable_x64()
     from experiments.config import load_config, parse_overrides
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

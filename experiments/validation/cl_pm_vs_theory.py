@@ -8,6 +8,10 @@ For each ℓ bin it prints the ratio of the measured auto/cross spectra to the t
 smoothing window (``lensing.mesh_power_window``) and without it, and the expected relative sampling
 error of the seed average (Gaussian, from the mode count). Also measures the mesh P(k) at z = 0 of
 one run against halofit, which sets the ℓ range the mesh resolves (k(ℓ) = ℓ / χ_peak of each bin).
+
+The committed run is ``experiments/benchmarks/results_cl_validation.json`` (its command is in
+``experiments/benchmarks/render.py``), shown in RESULTS.md by ``python -m
+experiments.benchmarks.render``.
 """
 
 from __future__ import annotations

@@ -117,9 +117,19 @@ def plan(cfg) -> list[Stage]:
                             lambda out: _meta(pipeline.run_exact(cfg, obs(out),
                                                                  out / "samples/exact.h5")),
                             ("samples/exact.h5",)))
+    if cfg.compare.efficiency:
+        from .efficiency import reference_method, run_efficiency
+
+        # trains its own compressors and NPEs, one per size; reads the reference's samples
+        stages.append(Stage("efficiency", ("compare", "training_set", "compressor", "npe", "cl"),
+                            ("sims", "observation", reference_method(methods)),
+                            lambda out: (run_efficiency(cfg, out), {})[1],
+                            ("efficiency", "efficiency.json")))
     stages.append(Stage("metrics", ("compare",), tuple(methods),
                         lambda out: _metrics(cfg, out), ("metrics.json",)))
-    stages.append(Stage("report", (), ("metrics",), lambda out: _report_stage(cfg, out),
+    stages.append(Stage("report", (), ("metrics",) + (("efficiency",) if cfg.compare.efficiency
+                                                      else ()),
+                        lambda out: _report_stage(cfg, out),
                         ("report.md", "figures")))
     return stages
 
@@ -292,8 +302,13 @@ def _report_stage(cfg, out: Path) -> dict:
     hmc_diag = out / "hmc" / "diagnostics.json"
     if hmc_diag.is_file():
         metrics.setdefault("hmc_diagnostics", json.loads(hmc_diag.read_text()))
+    efficiency = None
+    if cfg.compare.efficiency:
+        efficiency = json.loads((out / "efficiency.json").read_text())
+        figures["Simulation efficiency: C2ST and FoM against the simulations spent"] = (
+            out / "efficiency" / "efficiency.png")
     write_report(out, metrics, figures, title=f"lensbench compare: {cfg.name}",
-                 config_toml=cfg.to_toml(), calibration=calibration)
+                 config_toml=cfg.to_toml(), calibration=calibration, efficiency=efficiency)
     return {}
 
 

@@ -134,6 +134,13 @@ def _floats(one_allowed: bool):
     return coerce
 
 
+def _ints(value):
+    """A list of whole numbers; empty allowed (an optional list of sizes)."""
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"must be a list of integers, got {value!r} ({_type_name(value)})")
+    return tuple(_number(v, True) for v in value)
+
+
 def _strs(what: str):
     def coerce(value):
         if isinstance(value, str):
@@ -188,6 +195,7 @@ Vec3 = _typed(tuple[float, float, float], _triple(False, False), "[float, float,
 Floats = _typed(tuple[float, ...], _floats(False), "[float, ...]")
 FloatOrFloats = _typed(float | tuple[float, ...], _floats(True), "float or [float, ...]")
 Strs = _typed(tuple[str, ...], _strs("strings"), "[string, ...]")
+Ints = _typed(tuple[int, ...], _ints, "[int, ...]")
 Table = _typed(dict, _as_table, "inline table")
 FilePath = Annotated[str, BeforeValidator(_as_path), Label("file name")]
 FilePaths = Annotated[tuple[str, ...], BeforeValidator(_as_paths), Label("[file name, ...]")]
@@ -757,7 +765,7 @@ class CompressorSection(_Section):
         0.1, "fraction of the training maps used for validation")
     seed: Annotated[Int, AtLeast(0)] = _key(
         0, "seed of the split, initialisation, noise and augmentation")
-    online: bool = _key(
+    online: Bool = _key(
         False, "train on fresh simulations drawn from the prior for every batch (the "
                "[simulation] model, jitted and vmapped); the training set then serves for "
                "validation only, and every draw counts in the method's simulation budget")
@@ -923,6 +931,20 @@ class CompareSection(_Section):
         R_HAT_MAX, "largest split R-hat of every sampled parameter for a method to count as "
                    'converged. The console, report.md and the contour legend flag methods that '
                    'miss either as "unconverged"')
+    efficiency: Ints = _key(
+        (), "training-set sizes of the simulation-efficiency curve: every NPE method in "
+            "methods is trained again on the first n training simulations for each n and "
+            "compared with the reference posterior (exact, else hmc) by C2ST and FoM "
+            "(efficiency.json, figures/efficiency.png, report.md)", "no curve")
+
+    @field_validator("efficiency")
+    @classmethod
+    def _increasing(cls, sizes):
+        if any(n < 2 for n in sizes):
+            raise ValueError(f"sizes must be >= 2, got {_show(list(sizes))}")
+        if list(sizes) != sorted(set(sizes)):
+            raise ValueError(f"must increase without repeats, got {_show(list(sizes))}")
+        return sizes
 
     @field_validator("methods")
     @classmethod
@@ -1003,6 +1025,21 @@ class ExperimentConfig(_Frozen):
         if "exact" in self.compare.methods and kind != "gaussian":
             _fail("compare.methods", f"'exact' needs Gaussian-field maps (simulation.kind = "
                                      f"'gaussian'), not '{kind}'")
+        sizes = self.compare.efficiency
+        if sizes:
+            methods = self.compare.methods
+            if not any(m.startswith("npe_") for m in methods):
+                _fail("compare.efficiency", "needs an NPE method in compare.methods (npe_cl, "
+                                            "npe_maps or npe_<loss>) to train at each size")
+            if "exact" not in methods and "hmc" not in methods:
+                _fail("compare.efficiency", "needs a reference posterior in compare.methods: "
+                                            "'exact' (Gaussian-field maps) or 'hmc'")
+            n_train = self.training_set.n_sims - self.training_set.n_calibration
+            if sizes[-1] > n_train:
+                _fail("compare.efficiency", f"size {sizes[-1]} exceeds the {n_train} training "
+                                            f"simulations (training_set.n_sims "
+                                            f"{self.training_set.n_sims} minus n_calibration "
+                                            f"{self.training_set.n_calibration})")
         return self
 
     # equality and hashing ignore where the configuration was read from

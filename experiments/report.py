@@ -265,8 +265,34 @@ def summary_lines(metrics: Mapping, pair: tuple[str, str] = ("Omega_c", "sigma8"
     return lines
 
 
+def _efficiency(result: Mapping) -> list[str]:
+    """The simulation-efficiency table: one row per (method, training-set size)."""
+    ref = result["reference"]
+    name = ref["method"] + ("" if ref.get("converged", True) else " (unconverged: not a result)")
+    lines = ["## Simulation efficiency", "",
+             f"Each NPE method trained again on the first n training simulations, against the "
+             f"{name} posterior (FoM {_fmt(ref.get('fom'), '.0f')}). Simulations: n plus the "
+             f"fresh draws of a compressor trained online. C2ST 0.5: indistinguishable "
+             f"(at most {result.get('c2st_samples')} samples a side).", "",
+             "| method | n | simulations | C2ST | FoM | FoM / reference |", "|---|---|---|---|---|---|"]
+    for p in sorted(result["points"], key=lambda p: (p["method"], p["n_train"])):
+        lines.append(f"| {p['method']} | {p['n_train']} | {p['n_simulations']} | "
+                     f"{_fmt(p['c2st'], '.3f')} | {_fmt(p['fom'], '.0f')} | "
+                     f"{_fmt(p['fom_ratio'], '.2f')} |")
+    e = result.get("explicit")
+    if e:
+        tag = "hmc" + ("" if e.get("converged") else " (unconverged)")
+        lines.append(f"| {tag} | – | {_fmt(e.get('n_simulations'), '.0f')} "
+                     f"({_fmt(e.get('n_gradients'), '.0f')} gradients × "
+                     f"{_fmt(e.get('simulations_per_gradient'), '.2f')}) | "
+                     f"{_fmt(e.get('c2st'), '.3f')} | {_fmt(e.get('fom'), '.0f')} | "
+                     f"{_fmt(e.get('fom_ratio'), '.2f')} |")
+    return lines + [""]
+
+
 def write_report(out_dir, metrics: dict, figures=None, *, title: str,
-                 config_toml: str | None = None, calibration: Mapping | None = None) -> Path:
+                 config_toml: str | None = None, calibration: Mapping | None = None,
+                 efficiency: Mapping | None = None) -> Path:
     """Write ``out_dir/report.md``; returns its path.
 
     Args:
@@ -278,6 +304,7 @@ def write_report(out_dir, metrics: dict, figures=None, *, title: str,
       calibration: method key -> a ``calibrate`` result, its ``calibration.json`` path, or the
         pipeline's summary {"tarp_atc", "tarp_ks_pval", "sbc_ks_pvals"}; methods not given use
         the calibration their samples carried (``metrics["methods"][k]["calibration"]``).
+      efficiency: the ``efficiency.json`` dict (``experiments.efficiency``), tabulated.
     """
     if not isinstance(metrics, Mapping) or "methods" not in metrics:
         raise ValueError("write_report: metrics must be a compare_metrics() dict")
@@ -294,6 +321,8 @@ def write_report(out_dir, metrics: dict, figures=None, *, title: str,
     lines += _c2st(metrics, keys)
     lines += _draws(metrics, keys)
     lines += _calibration(metrics, keys, calibration)
+    if efficiency:
+        lines += _efficiency(efficiency)
     if metrics.get("warnings"):
         lines += ["## Warnings", ""] + [f"- {w}" for w in metrics["warnings"]] + [""]
     if config_toml:

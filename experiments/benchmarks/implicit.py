@@ -4,6 +4,9 @@ and posterior quality against the number of training simulations.
     python -m experiments.benchmarks.implicit --config quick --work runs/quick \
         --n-train 500,900 --losses mse,mae,gnll,vmim --out experiments/benchmarks/results_implicit.json
 
+    python -m experiments.benchmarks.implicit --config gaussian_check --work runs/gc_online \
+        --n-train 1900 --losses vmim --reference exact --skip-cl --set compressor.online=true
+
 Stages (each cached in --work, so an interrupted run continues): the observation (the config's
 seed), the training set (``lensbench generate``; n = max(n_train) + training_set.n_calibration),
 for each loss and training-set size a compressor, its NPE posterior and its calibration on the
@@ -72,7 +75,8 @@ def main(argv=None):
     ap.add_argument("--work", type=Path, default=Path("runs/quick"))
     ap.add_argument("--n-train", default="900", help="comma-separated training-set sizes")
     ap.add_argument("--losses", default="mse,mae,gnll,vmim")
-    ap.add_argument("--reference", default=None, help="method whose posterior is the C2ST reference")
+    ap.add_argument("--reference", default=None, help="method whose posterior is the C2ST "
+                    "reference; 'exact': the exact posterior (Gaussian-field configurations)")
     ap.add_argument("--skip-cl", action="store_true", help="skip both C_ell baselines")
     ap.add_argument("--out", type=Path, default=Path("experiments/benchmarks/results_implicit.json"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -122,6 +126,10 @@ def main(argv=None):
                timings)
         methods["cl_analytic"] = {"samples": smp}
 
+    if args.reference == "exact":  # the grid posterior of Gaussian-field maps (explicit.exact)
+        smp = work / "samples_exact.h5"
+        _stage("exact", smp, lambda: pipeline.run_exact(cfg, obs, smp), timings)
+        methods["exact"] = {"samples": smp}
     ref_name = args.reference or (f"npe_vmim_n{sizes[-1]}" if "vmim" in losses else None)
     reference = read_samples(methods[ref_name]["samples"]).samples if ref_name in methods else None
     results = {"config": cfg.name, "overrides": args.set, "observation_seed": cfg.seed, "generate": {
@@ -141,6 +149,8 @@ def main(argv=None):
             hist = json.loads((Path(m["compressor"]) / "history.json").read_text())
             secs = hist.get("seconds", [])
             entry["compressor_epochs"] = len(secs)
+            entry["compressor_simulations"] = (hist.get("simulations") or [None])[-1]
+            entry["compressor_s"] = float(np.sum(secs)) if secs else None
             entry["compressor_s_per_epoch"] = float(np.median(secs)) if secs else None
         if s.method == "cl_analytic":
             entry.update({k: s.info.get(k) for k in ("divergences", "ess", "r_hat", "wall_time_s",

@@ -1,0 +1,111 @@
+"""The simulation-efficiency curve (``[compare] efficiency``) on a tiny Gaussian-field problem:
+the points, their budgets (online draws included), the C2ST and FoM against the exact posterior
+recomputed from the saved samples, the report's table and figure, resumption point by point, and
+the configuration's refusals.
+
+The networks and flows are tiny and trained for a few epochs: the test checks the bookkeeping,
+not how good a posterior 24 simulations give.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from experiments import cli
+from experiments.config import ConfigError, load_config
+from experiments.io import read_samples
+
+runner = CliRunner()
+
+TINY = {
+    "maps.npix": 16, "simulation.n_chi": 32, "cl.n_ell_bins": 3, "cl.ell_max": 820.0,
+    "training_set.n_sims": 48, "training_set.n_calibration": 12,
+    "compressor.network": "cnn", "compressor.width": 4, "compressor.depth": 2,
+    "compressor.epochs": 2, "compressor.batch_size": 8, "compressor.loss": "mse",
+    "compressor.online": True,
+    "npe.max_epochs": 5, "npe.noise_copies": 2, "npe.n_samples": 400,
+    "npe.calibration_samples": 20,
+    "compare.methods": ["exact", "npe_cl", "npe_mse"], "compare.c2st_samples": 200,
+    "compare.efficiency": [12, 24],
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("efficiency")
+    config = d / "tiny.toml"
+    config.write_text(load_config("gaussian_check").with_(**TINY).to_toml())
+    out = d / "results"
+    result = runner.invoke(cli.app, ["compare", "--config", str(config), "--out", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return config, out
+
+
+def test_points_budgets_and_scores(run):
+    from estimators.metrics import fom
+
+    _, out = run
+    eff = json.loads((out / "efficiency.json").read_text())
+    exact = read_samples(out / "samples" / "exact.h5")
+    ref_fom = fom(exact.samples)
+    assert eff["reference"]["method"] == "exact"
+    assert eff["reference"]["fom"] == pytest.approx(ref_fom, rel=1e-12)
+    points = {(p["method"], p["n_train"]): p for p in eff["points"]}
+    assert sorted(points) == [("npe_cl", 12), ("npe_cl", 24), ("npe_mse", 12), ("npe_mse", 24)]
+    for (method, n), p in points.items():
+        # NPE on C_ell spends the n training rows; the online compressor also its draws:
+        # 2 epochs of max(1, (n - n // 10) // 8) fresh batches of 8 (10 % of n validates)
+        drawn = 0 if method == "npe_cl" else 2 * max(1, (n - round(0.1 * n)) // 8) * 8
+        assert p["online_simulations"] == drawn and p["n_simulations"] == n + drawn
+        s = read_samples(out / "efficiency" / f"{method}_n{n}" / "samples.h5")
+        assert s.samples.shape == (400, 2) and s.method == method
+        # the FoM and its ratio, recomputed from the saved samples (float64: 1e-12)
+        assert p["fom"] == pytest.approx(fom(s.samples), rel=1e-12)
+        assert p["fom_ratio"] == pytest.approx(fom(s.samples) / ref_fom, rel=1e-12)
+        assert 0.45 <= p["c2st"] <= 1.0      # an accuracy: chance level 0.5 up to its noise
+    # an NPE on 12-24 simulations is far from the exact posterior: the C2ST must see it
+    # (a C2ST of samples against themselves would be ~0.5)
+    assert max(p["c2st"] for p in points.values()) > 0.7
+    assert eff["explicit"] is None            # no hmc in the methods
+
+
+def test_report_has_the_table_and_the_figure(run):
+    _, out = run
+    report = (out / "report.md").read_text()
+    assert "## Simulation efficiency" in report
+    assert "| npe_mse | 24 |" in report and "| npe_cl | 12 | 12 |" in report
+    assert (out / "efficiency" / "efficiency.png").stat().st_size > 10_000
+    assert "efficiency/efficiency.png" in report
+
+
+def test_a_killed_curve_resumes_at_the_missing_point(run):
+    config, out = run
+    keep = out / "efficiency" / "npe_cl_n12" / "point.json"
+    kept = keep.read_text()
+    redo = out / "efficiency" / "npe_mse_n24"
+    before = json.loads((redo / "point.json").read_text())
+    (redo / "point.json").unlink()
+    (out / "stages" / "efficiency.json").unlink()   # as if killed inside the stage
+    result = runner.invoke(cli.app, ["compare", "--config", str(config), "--out", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert keep.read_text() == kept              # a finished point is not redone
+    after = json.loads((redo / "point.json").read_text())
+    # redone from the resumed compressor and a refitted NPE: the same budget
+    assert after["n_simulations"] == before["n_simulations"]
+    eff = json.loads((out / "efficiency.json").read_text())
+    assert len(eff["points"]) == 4
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"compare.efficiency": [12, 40]}, r"compare.efficiency: size 40 exceeds the 36 training "
+                                       r"simulations"),
+    ({"compare.efficiency": [24, 12]}, r"compare.efficiency: must increase"),
+    ({"compare.efficiency": [1]}, r"compare.efficiency: sizes must be >= 2"),
+    ({"compare.methods": ["npe_cl"]}, r"compare.efficiency: needs a reference posterior"),
+    ({"compare.methods": ["exact", "cl_analytic"]}, r"compare.efficiency: needs an NPE method"),
+])
+def test_bad_efficiency_settings(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("gaussian_check").with_(**{**TINY, **changes})

@@ -765,6 +765,10 @@ class CompressorSection(_Section):
         0.1, "fraction of the training maps used for validation")
     seed: Annotated[Int, AtLeast(0)] = _key(
         0, "seed of the split, initialisation, noise and augmentation")
+    summary_dim: Annotated[OrNone(Int), AtLeast(1)] = _key(
+        None, "VMIM: size of the summary (more than the number of parameters can keep "
+              "information a d-dimensional summary must trade away across the prior; the other "
+              "losses output one number per parameter)", "the number of parameters")
     online: Bool = _key(
         False, "train on fresh simulations drawn from the prior for every batch (the "
                "[simulation] model, jitted and vmapped); the training set then serves for "
@@ -775,6 +779,8 @@ class CompressorSection(_Section):
 
         values = {k: getattr(self, k) for k in type(self).model_fields}
         values["loss"] = loss or self.loss
+        if values["loss"] != "vmim":
+            values["summary_dim"] = None  # one output per parameter
         return _wrap("compressor", type(self).model_fields, lambda: TrainConfig(**values))
 
 

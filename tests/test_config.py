@@ -390,3 +390,13 @@ def test_loading_does_not_start_jax():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           cwd=REPO, timeout=120)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
+def test_summary_dim_is_vmim_only():
+    """compressor.summary_dim sizes the VMIM summary; the other losses (one output per
+    parameter) are trained from the same section without it."""
+    cfg = load_config("gaussian_check").with_(**{"compressor.summary_dim": 6})
+    assert cfg.compressor.train_config("vmim").summary_dim == 6
+    assert cfg.compressor.train_config("mse").summary_dim is None
+    with pytest.raises(ConfigError, match="compressor.summary_dim: must be >= 1"):
+        load_config("gaussian_check").with_(**{"compressor.summary_dim": 0})

@@ -107,6 +107,10 @@ class TrainConfig:
       seed: seeds the split, initialisation, noise, shuffling and symmetries.
       augment: True: fresh shape noise and a random D4 symmetry for every map in every batch.
         False: one fixed noise realisation per training map and no symmetries.
+      ema: None, or the decay of an exponential moving average of the parameters per step
+        (time constant 1 / (1 - ema) steps, bias-corrected): validation, early stopping and
+        the saved model then use the average, which smooths the step-to-step noise of the
+        parameters (the noisy VMIM validation loss of a plain run).
       online: True: every training batch is ``batch_size`` fresh simulations from the
         ``simulate`` function given to ``train_compressor`` (an epoch is as many steps as the
         fixed training split would give); the fixed maps serve for validation and normalisation
@@ -132,6 +136,7 @@ class TrainConfig:
     patience: int | None = _configured("patience")
     seed: int = _configured("seed")
     augment: bool = True
+    ema: float | None = None
     online: bool = False
     flow_layers: int = 4
     flow_hidden: int = 32
@@ -175,6 +180,7 @@ class TrainConfig:
         real("weight_decay", 0.0)
         real("grad_clip", 0.0, open_low=True, allow_none=True)
         real("val_fraction", 0.0, 1.0, open_low=True)
+        real("ema", 0.0, 1.0, open_low=True, allow_none=True)
         for name in ("augment", "online"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainConfig.{name} must be True or False, "
@@ -195,7 +201,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
-        data = {"online": False, **data}  # models written before online training existed
+        data = {"online": False, "ema": None, **data}  # models written before these existed
         unknown = set(data) - names
         if unknown:
             raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
@@ -291,7 +297,7 @@ def _program(config: TrainConfig, d: int, steps_per_epoch: int, fast_compile: bo
     loss_fn = functools.partial(_per_map_loss, config, net, flow)
 
     @jit
-    def train_step(params, opt_state, maps, y, weight, key, sigma_n, map_mean, map_std):
+    def train_step(params, opt_state, ema, maps, y, weight, key, sigma_n, map_mean, map_std):
         # weight (batch,) in {0, 1}: 0 drops a failed online simulation from the mean loss
         x = augment_batch(key, maps, sigma_n, symmetries=config.augment)
         x = _normalise(x, map_mean, map_std)
@@ -302,7 +308,10 @@ def _program(config: TrainConfig, d: int, steps_per_epoch: int, fast_compile: bo
 
         loss, grads = jax.value_and_grad(mean_loss)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        params = optax.apply_updates(params, updates)
+        if config.ema is not None:
+            ema = jax.tree.map(lambda e, p: config.ema * e + (1 - config.ema) * p, ema, params)
+        return params, opt_state, ema, loss
 
     @jit
     def eval_losses(params, noisy_maps, y, map_mean, map_std):
@@ -740,6 +749,8 @@ def train_compressor(maps, theta, sigma_n, config: TrainConfig, out_dir: str | P
     params, opt_state = program.init(jax.random.fold_in(seed_key, _STREAM_INIT), input_shape)
     state = {"params": params, "opt_state": opt_state,
              "best_params": params, "key": jax.random.key_data(seed_key)}
+    if config.ema is not None:  # the running sum of the average, from 0 (bias-corrected)
+        state["ema"] = jax.tree.map(jnp.zeros_like, params)
     meta = {"epoch": 0, "best_val": None, "best_epoch": None, "wait": 0, "stopped": False,
             "online_failed": 0,
             "history": {"epoch": [], "train_loss": [], "val_loss": [], "lr": [], "seconds": [],
@@ -757,7 +768,7 @@ def train_compressor(maps, theta, sigma_n, config: TrainConfig, out_dir: str | P
             meta["history"].setdefault("simulations", [n_train] * len(meta["history"]["epoch"]))
         base_key = jax.random.wrap_key_data(state["key"], impl=_PRNG_IMPL)
         epoch_key = jax.random.fold_in(base_key, _STREAM_EPOCHS)
-        params, opt_state = state["params"], state["opt_state"]
+        params, opt_state, ema = state["params"], state["opt_state"], state.get("ema")
         history = meta["history"]
 
         stop = config.epochs
@@ -782,8 +793,8 @@ def train_compressor(maps, theta, sigma_n, config: TrainConfig, out_dir: str | P
                     else:
                         idx = perm[step * batch:(step + 1) * batch]
                         batch_maps, batch_y, weight = train_maps[idx], y_train[idx], ones
-                    params, opt_state, loss = program.train_step(
-                        params, opt_state, batch_maps, batch_y, weight,
+                    params, opt_state, ema, loss = program.train_step(
+                        params, opt_state, ema, batch_maps, batch_y, weight,
                         jax.random.fold_in(key, step), step_sigma, map_mean, map_std)
                     step_losses.append(loss)
                 train_loss = float(np.mean(jax.device_get(step_losses)))
@@ -792,7 +803,9 @@ def train_compressor(maps, theta, sigma_n, config: TrainConfig, out_dir: str | P
                     raise FloatingPointError(
                         f"training loss became {train_loss} in epoch {epoch + 1}; lower "
                         f"learning_rate (now {config.learning_rate}) or check the inputs")
-                per_map = _batched(functools.partial(program.eval_losses, params,
+                judged = params if ema is None else jax.tree.map(
+                    lambda e: e / (1 - config.ema ** ((epoch + 1) * steps_per_epoch)), ema)
+                per_map = _batched(functools.partial(program.eval_losses, judged,
                                                      map_mean=map_mean, map_std=map_std),
                                    len(val_idx), min(batch, len(val_idx)), val_maps,
                                    y[val_idx])
@@ -807,13 +820,15 @@ def train_compressor(maps, theta, sigma_n, config: TrainConfig, out_dir: str | P
                     _trained_on(config, n_train, (epoch + 1) * steps_per_epoch * batch))
                 if meta["best_val"] is None or val_loss < meta["best_val"]:
                     meta.update(best_val=val_loss, best_epoch=epoch + 1, wait=0)
-                    state["best_params"] = params
+                    state["best_params"] = judged
                 else:
                     meta["wait"] += 1
                 if config.patience is not None and meta["wait"] >= config.patience:
                     meta["stopped"] = True
                 meta["epoch"] = epoch + 1
                 state.update(params=params, opt_state=opt_state)
+                if ema is not None:
+                    state["ema"] = ema
                 mngr.save(epoch + 1, args=ocp.args.Composite(
                     state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
                 _write_history(out_dir, history)

@@ -769,6 +769,10 @@ class CompressorSection(_Section):
         None, "VMIM: size of the summary (more than the number of parameters can keep "
               "information a d-dimensional summary must trade away across the prior; the other "
               "losses output one number per parameter)", "the number of parameters")
+    ema: Annotated[OrNone(Float), Between(0, 1)] = _key(
+        None, "decay per step of an exponential moving average of the weights used for "
+              "validation, early stopping and the saved model (e.g. 0.99: a time constant of "
+              "100 steps); it steadies the noisy VMIM validation loss", "no average")
     online: Bool = _key(
         False, "train on fresh simulations drawn from the prior for every batch (the "
                "[simulation] model, jitted and vmapped); the training set then serves for "

@@ -339,6 +339,19 @@ def _flow_fn(config: TrainConfig, d: int):
 
 
 @functools.lru_cache(maxsize=16)
+def _flow_sample_fn(config: TrainConfig, d: int, n: int):
+    """jit'ed (flow params, key, t (m, summary_dim)) → y (n, m, d): n flow draws per summary."""
+    _, flow = _modules(config, d)
+
+    def draws(p, key, t):
+        keys = jax.random.split(key, t.shape[0])
+        one = lambda k, c: flow.apply({"params": p}, k, c, n, method=ConditionalFlow.sample)  # noqa: E731
+        return jnp.swapaxes(jax.vmap(one)(keys, t), 0, 1)
+
+    return jax.jit(draws)
+
+
+@functools.lru_cache(maxsize=16)
 def _apply_fn(config: TrainConfig, d: int):
     """jit'ed (net params, maps, map_mean, map_std) → raw outputs (batch, n_out)."""
     net, _ = _modules(config, d)
@@ -494,6 +507,20 @@ class Compressor:
             raise ValueError(f"theta (n, {self.n_params}) and summaries (n, {self.summary_dim}) "
                              f"need the same n, got {y.shape} and {t.shape}")
         return np.asarray(_flow_fn(self.config, self.n_params)(self.params["flow"], y, t))
+
+    def flow_sample(self, summaries, n: int, seed: int = 0) -> np.ndarray:
+        """VMIM only: n draws θ ~ q(θ | t) (θ units) for each of m summaries (m, summary_dim)
+        from ``compress``: array (n, m, d), float32. Unbounded: the caller restricts them to
+        the prior's support."""
+        if self.config.loss != "vmim":
+            raise ValueError(f"flow_sample needs a VMIM compressor, this one is "
+                             f"{self.config.loss!r}")
+        t = np.asarray(summaries, np.float32)
+        if t.ndim != 2 or t.shape[1] != self.summary_dim:
+            raise ValueError(f"summaries must be (m, {self.summary_dim}), got {t.shape}")
+        fn = _flow_sample_fn(self.config, self.n_params, int(n))
+        y = np.asarray(fn(self.params["flow"], jax.random.key(seed, impl=_PRNG_IMPL), t))
+        return (y * self.theta_std + self.theta_mean).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------

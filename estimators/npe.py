@@ -79,6 +79,94 @@ class MapEmbedding(nn.Module):
         return self.head(self.features(x))
 
 
+class CompressorFlowPosterior:
+    """The posterior of a VMIM compressor's own flow, q(θ | t), with sbi's posterior interface.
+
+    VMIM trains the flow q(θ | t = f(x)) jointly with the compressor f, on every simulation the
+    compressor saw (all of them when trained online); as a posterior it is NPE on the learned
+    summary, with no second stage fitted on the (smaller) training set. ``sample``,
+    ``sample_batched`` and ``log_prob`` take and return torch tensors like an sbi
+    ``DirectPosterior``, so ``NPEResult`` and the calibration use it unchanged. Draws outside the
+    prior's support are rejected (the flow is unbounded); ``log_prob`` is the flow's density,
+    −inf outside the support and not renormalised for the mass the flow puts there.
+
+    Pickles as the compressor's directory and the prior: the weights are read from the directory
+    on first use, so it must stay where it was when the posterior was fitted.
+    """
+
+    def __init__(self, compressor_dir, prior_torch, seed: int = 0):
+        self.compressor_dir = str(Path(compressor_dir).resolve())
+        self.prior = prior_torch
+        self.seed = int(seed)
+        self._compressor = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_compressor": None}
+
+    @property
+    def compressor(self):
+        if self._compressor is None:
+            from compressors import load_compressor
+
+            comp = load_compressor(self.compressor_dir)
+            if comp.config.loss != "vmim":
+                raise ValueError(f"{self.compressor_dir} is a {comp.config.loss!r} compressor; "
+                                 f"only a VMIM compressor has a flow to use as the posterior")
+            self._compressor = comp
+        return self._compressor
+
+    def _draw(self, t: np.ndarray, n: int) -> np.ndarray:
+        """n draws inside the prior support for each summary t (m, k): (n, m, d)."""
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())  # follows torch.manual_seed
+        out = np.empty((n, len(t), self.compressor.n_params), np.float32)
+        for j in range(len(t)):
+            kept, total, batch = [], 0, n
+            for attempt in range(1000):
+                draws = self.compressor.flow_sample(t[j:j + 1], batch, seed + 7919 * attempt)[:, 0]
+                ok = torch.isfinite(self.prior.log_prob(torch.from_numpy(draws))).numpy()
+                kept.append(draws[ok])
+                total += int(ok.sum())
+                if total >= n:
+                    break
+                # the accepted fraction so far sets the next batch (at least n, at most 100 n)
+                batch = int(min(100 * n, max(n, (n - total) * batch / max(ok.sum(), 1))))
+            else:
+                raise ValueError(f"the compressor's flow put almost no mass inside the prior for "
+                                 f"summary {j} ({total} of {n} draws accepted)")
+            out[:, j] = np.concatenate(kept)[:n]
+        return out
+
+    def sample(self, sample_shape, x, show_progress_bars: bool = False) -> torch.Tensor:
+        n = int(np.prod(sample_shape))
+        return torch.from_numpy(self._draw(np.asarray(x, np.float32).reshape(1, -1), n)[:, 0])
+
+    def sample_batched(self, sample_shape, x, show_progress_bars: bool = False,
+                       **_) -> torch.Tensor:
+        n = int(np.prod(sample_shape))
+        return torch.from_numpy(self._draw(np.asarray(x, np.float32), n))
+
+    def _log_q(self, th: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """log q(θ_i | t_i) in θ units for matched rows θ (N, d), t (N, k); −inf outside."""
+        comp = self.compressor
+        lp = comp.flow_log_prob(th, t) - float(np.sum(np.log(comp.theta_std)))
+        inside = torch.isfinite(self.prior.log_prob(torch.from_numpy(th))).numpy()
+        return np.where(inside, lp, -np.inf).astype(np.float32)
+
+    def log_prob(self, theta, x, **_) -> torch.Tensor:
+        th = np.atleast_2d(np.asarray(theta, np.float32))
+        t = np.broadcast_to(np.asarray(x, np.float32).reshape(1, -1), (len(th), np.size(x)))
+        return torch.from_numpy(self._log_q(th, np.ascontiguousarray(t)))
+
+    def log_prob_batched(self, theta, x, **_) -> torch.Tensor:
+        """θ (s, m, d) against x (m, k) → (s, m)."""
+        th = np.asarray(theta, np.float32)
+        t = np.asarray(x, np.float32)
+        s_, m, d = th.shape
+        tt = np.broadcast_to(t[None], (s_, m, t.shape[-1])).reshape(-1, t.shape[-1])
+        return torch.from_numpy(self._log_q(th.reshape(-1, d), np.ascontiguousarray(tt))
+                                .reshape(s_, m))
+
+
 @dataclass
 class NPEResult:
     """A trained amortised posterior q(θ | x) and a record of its fit.
@@ -217,6 +305,19 @@ def load_npe(directory: str | Path) -> NPEResult:
                      epochs=meta["epochs"], best_val_log_prob=meta["best_val_log_prob"],
                      n_train=meta["n_train"], seed=meta.get("seed", 0),
                      history=meta.get("history", {}))
+
+
+def compressor_flow_npe(compressor_dir, prior_torch, *, names: Sequence[str], n_train: int,
+                        seed: int = 0) -> NPEResult:
+    """An ``NPEResult`` whose posterior is a VMIM compressor's own flow
+    (``CompressorFlowPosterior``): x is the compressor's summary t; nothing is fitted here."""
+    post = CompressorFlowPosterior(compressor_dir, prior_torch, seed=seed)
+    comp = post.compressor  # loads it: a missing or non-VMIM compressor fails here
+    history = {k: comp.history.get(k, []) for k in ("epoch", "val_loss")}
+    return NPEResult(posterior=post, names=tuple(names), density="compressor_flow",
+                     x_shape=(comp.summary_dim,), fit_time_s=0.0, epochs=comp.epochs_trained,
+                     best_val_log_prob=-float(comp.best_val_loss or math.nan), n_train=int(n_train),
+                     seed=seed, history=history)
 
 
 # ---- training ----------------------------------------------------------------------------------

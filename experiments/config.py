@@ -792,6 +792,10 @@ class NpeSection(_Section):
     """Neural posterior estimation with sbi (``lensbench fit-posterior``)."""
 
     density: OneOf("nsf", "maf") = _key("nsf", '"nsf" (neural spline flow) or "maf"')
+    vmim_flow: Bool = _key(
+        False, "NPE on VMIM summaries takes the compressor's own flow q(theta | t), trained with "
+               "it on every simulation it saw, as the posterior instead of fitting a second flow "
+               "on the training set; calibrated on the held-out simulations like any NPE")
     max_epochs: Annotated[Int, Count(1, MAX_EPOCHS)] = _key(
         300, "maximum training epochs (sbi stops early)")
     batch_size: Annotated[Int, AtLeast(1)] = _key(128, "training batch size")

@@ -274,7 +274,7 @@ def run_fit_posterior(config, sims_path, out, *, compressor=None, summary: str |
     summary: "compressor" (needs ``compressor``, the default when one is given), "cl" or "maps".
     Writes ``out``/npe (the estimator), ``out``/lensbench.json and ``out``/calibration/.
     """
-    from estimators.npe import MapEmbedding, fit_npe
+    from estimators.npe import MapEmbedding, compressor_flow_npe, fit_npe
 
     from .files import check_output_dir
 
@@ -304,26 +304,33 @@ def run_fit_posterior(config, sims_path, out, *, compressor=None, summary: str |
     _check_ram(len(split.train) * npe.noise_copies * sims.kappa[0].nbytes,
                f"npe.noise_copies = {npe.noise_copies} noisy copies of {len(split.train)} "
                f"training maps")
-    # noisy copies of the training maps, then their summaries
-    theta, maps = _noisy(sims.kappa[split.train], sims.theta[split.train], sims.sigma_n,
-                         npe.noise_copies, npe.seed)
     geo = dict(compressor=comp, field_deg=cfg.maps.field_deg, ell_edges=cfg.ell_edges())
-    x = summarise(summary, maps, **geo)
-    del maps
-    embedding = None
-    if summary == "maps":
-        n_bins, npix = sims.kappa.shape[1], sims.kappa.shape[-1]
-        embedding = MapEmbedding(n_bins, npix, n_out=max(8, 2 * prior.dim))
-    _log(f"fitting NPE ({npe.density}) on {len(theta)} {summary} summaries "
-         f"({len(split.train)} simulations x {npe.noise_copies} noise draws)")
-    result = fit_npe(theta, x, prior.torch(), density=npe.density, embedding_net=embedding,
-                     seed=npe.seed, max_epochs=npe.max_epochs, batch_size=npe.batch_size,
-                     names=prior.names, progress=progress)
+    if npe.vmim_flow and comp is not None and comp.config.loss == "vmim":
+        _log(f"NPE: the VMIM compressor's own flow ({comp.n_simulations or '?'} simulations)")
+        result = compressor_flow_npe(compressor, prior.torch(), names=prior.names,
+                                     n_train=comp.n_simulations or len(split.train),
+                                     seed=npe.seed)
+    else:
+        # noisy copies of the training maps, then their summaries
+        theta, maps = _noisy(sims.kappa[split.train], sims.theta[split.train], sims.sigma_n,
+                             npe.noise_copies, npe.seed)
+        x = summarise(summary, maps, **geo)
+        del maps
+        embedding = None
+        if summary == "maps":
+            n_bins, npix = sims.kappa.shape[1], sims.kappa.shape[-1]
+            embedding = MapEmbedding(n_bins, npix, n_out=max(8, 2 * prior.dim))
+        _log(f"fitting NPE ({npe.density}) on {len(theta)} {summary} summaries "
+             f"({len(split.train)} simulations x {npe.noise_copies} noise draws)")
+        result = fit_npe(theta, x, prior.torch(), density=npe.density, embedding_net=embedding,
+                         seed=npe.seed, max_epochs=npe.max_epochs, batch_size=npe.batch_size,
+                         names=prior.names, progress=progress)
     out = Path(out)
     result.save(out / "npe")
     meta = {"summary": summary, "compressor": str(Path(compressor).resolve()) if comp else None,
             "names": list(prior.names), "sims": str(Path(sims_path).resolve()),
             "n_train_sims": int(len(split.train)), "noise_copies": npe.noise_copies,
+            "density": result.density,
             "fit_time_s": result.fit_time_s, "epochs": result.epochs,
             "best_val_log_prob": result.best_val_log_prob, "config_toml": cfg.to_toml()}
     write_json(out / _META, meta)

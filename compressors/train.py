@@ -574,6 +574,10 @@ def _check_run_record(out_dir: Path, record: dict) -> None:
         write_text(path, json.dumps(record, indent=1))
         return
     old = json.loads(path.read_text())
+    try:  # a record written before a field existed holds that field's default
+        old["config"] = TrainConfig.from_dict(old.get("config") or {}).to_dict()
+    except (TypeError, ValueError):
+        pass  # not a TrainConfig: the comparison below names the difference
     if old.get("config") != record["config"]:
         diff = {k: (old.get("config", {}).get(k), v) for k, v in record["config"].items()
                 if old.get("config", {}).get(k) != v}

@@ -91,13 +91,13 @@ class CompressorFlowPosterior:
     −inf outside the support and not renormalised for the mass the flow puts there.
 
     Pickles as the compressor's directory and the prior: the weights are read from the directory
-    on first use, so it must stay where it was when the posterior was fitted.
+    on first use, so it must stay where it was when the posterior was fitted. Draws follow
+    ``torch.manual_seed`` (each summary its own stream), as sbi's do.
     """
 
-    def __init__(self, compressor_dir, prior_torch, seed: int = 0):
+    def __init__(self, compressor_dir, prior_torch):
         self.compressor_dir = str(Path(compressor_dir).resolve())
         self.prior = prior_torch
-        self.seed = int(seed)
         self._compressor = None
 
     def __getstate__(self):
@@ -117,18 +117,18 @@ class CompressorFlowPosterior:
 
     def _draw(self, t: np.ndarray, n: int) -> np.ndarray:
         """n draws inside the prior support for each summary t (m, k): (n, m, d)."""
-        seed = int(torch.randint(0, 2**31 - 1, ()).item())  # follows torch.manual_seed
         out = np.empty((n, len(t), self.compressor.n_params), np.float32)
         for j in range(len(t)):
             kept, total, batch = [], 0, n
-            for attempt in range(1000):
-                draws = self.compressor.flow_sample(t[j:j + 1], batch, seed + 7919 * attempt)[:, 0]
+            for _ in range(1000):
+                seed = int(torch.randint(0, 2**31 - 1, ()).item())  # a fresh stream per batch
+                draws = self.compressor.flow_sample(t[j:j + 1], batch, seed)[:, 0]
                 ok = torch.isfinite(self.prior.log_prob(torch.from_numpy(draws))).numpy()
                 kept.append(draws[ok])
                 total += int(ok.sum())
                 if total >= n:
                     break
-                # the accepted fraction so far sets the next batch (at least n, at most 100 n)
+                # the last batch's accepted fraction sizes the next (at least n, at most 100 n)
                 batch = int(min(100 * n, max(n, (n - total) * batch / max(ok.sum(), 1))))
             else:
                 raise ValueError(f"the compressor's flow put almost no mass inside the prior for "
@@ -311,13 +311,15 @@ def compressor_flow_npe(compressor_dir, prior_torch, *, names: Sequence[str], n_
                         seed: int = 0) -> NPEResult:
     """An ``NPEResult`` whose posterior is a VMIM compressor's own flow
     (``CompressorFlowPosterior``): x is the compressor's summary t; nothing is fitted here."""
-    post = CompressorFlowPosterior(compressor_dir, prior_torch, seed=seed)
+    post = CompressorFlowPosterior(compressor_dir, prior_torch)
     comp = post.compressor  # loads it: a missing or non-VMIM compressor fails here
     history = {k: comp.history.get(k, []) for k in ("epoch", "val_loss")}
+    # the compressor's validation loss is -log q per unit of standardised θ; sbi's is in θ units
+    best = (math.nan if comp.best_val_loss is None
+            else -float(comp.best_val_loss) - float(np.sum(np.log(comp.theta_std))))
     return NPEResult(posterior=post, names=tuple(names), density="compressor_flow",
                      x_shape=(comp.summary_dim,), fit_time_s=0.0, epochs=comp.epochs_trained,
-                     best_val_log_prob=-float(comp.best_val_loss or math.nan), n_train=int(n_train),
-                     seed=seed, history=history)
+                     best_val_log_prob=best, n_train=int(n_train), seed=seed, history=history)
 
 
 # ---- training ----------------------------------------------------------------------------------

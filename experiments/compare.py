@@ -120,11 +120,13 @@ def plan(cfg) -> list[Stage]:
     if cfg.compare.efficiency:
         from .efficiency import reference_method, run_efficiency
 
-        # trains its own compressors and NPEs, one per size; reads the reference's samples
+        # trains its own compressors and NPEs, one per size (kept across reruns: each point
+        # knows the settings it was trained with), and scores them against the reference
+        needs = ("sims", "observation", reference_method(methods)) + (
+            ("hmc",) if "hmc" in methods and reference_method(methods) != "hmc" else ())
         stages.append(Stage("efficiency", ("compare", "training_set", "compressor", "npe", "cl"),
-                            ("sims", "observation", reference_method(methods)),
-                            lambda out: (run_efficiency(cfg, out), {})[1],
-                            ("efficiency", "efficiency.json")))
+                            needs, lambda out: (run_efficiency(cfg, out), {})[1],
+                            ("efficiency.json",)))
     stages.append(Stage("metrics", ("compare",), tuple(methods),
                         lambda out: _metrics(cfg, out), ("metrics.json",)))
     stages.append(Stage("report", (), ("metrics",) + (("efficiency",) if cfg.compare.efficiency

@@ -949,7 +949,7 @@ class CompareSection(_Section):
         (), "training-set sizes of the simulation-efficiency curve: every NPE method in "
             "methods is trained again on the first n training simulations for each n and "
             "compared with the reference posterior (exact, else hmc) by C2ST and FoM "
-            "(efficiency.json, figures/efficiency.png, report.md)", "no curve")
+            "(efficiency.json, efficiency/efficiency.png, report.md)", "no curve")
 
     @field_validator("efficiency")
     @classmethod
@@ -1039,7 +1039,20 @@ class ExperimentConfig(_Frozen):
         if "exact" in self.compare.methods and kind != "gaussian":
             _fail("compare.methods", f"'exact' needs Gaussian-field maps (simulation.kind = "
                                      f"'gaussian'), not '{kind}'")
+        px, py = self.simulation.pdim_tuple
+        if self.compressor.online and kind in ("pm", "lpt") and px * py > 1:
+            _fail("compressor.online", f"needs a map model that runs many simulations in one "
+                                       f"vmapped program; simulation.pdims = "
+                                       f"'{self.simulation.pdims}' shards each over devices: "
+                                       f"train on a generated training set instead")
         sizes = self.compare.efficiency
+        if sizes and any(m in ("npe_mse", "npe_mae", "npe_gnll", "npe_vmim")
+                         for m in self.compare.methods):
+            n_val = round(self.compressor.val_fraction * sizes[0])
+            if n_val < 1 or n_val >= sizes[0]:
+                _fail("compare.efficiency", f"size {sizes[0]} leaves an empty compressor "
+                                            f"training or validation split (compressor."
+                                            f"val_fraction {self.compressor.val_fraction:g})")
         if sizes:
             methods = self.compare.methods
             if not any(m.startswith("npe_") for m in methods):

@@ -13,13 +13,17 @@ The explicit method enters in the same unit: its gradient evaluations times the 
 one gradient in forward simulations (seconds per gradient of its sampling over seconds per
 simulation of the training-set stage, both from this run on this machine).
 
-Points are cached one by one under ``efficiency/<method>_n<n>/point.json``, so a killed stage
-resumes at the first unfinished point. Results: ``efficiency.json`` and
+Points (trained compressor, NPE and samples) are cached one by one under
+``efficiency/<method>_n<n>/``, each with the identity of the settings it was trained with: a
+killed stage resumes at the first unfinished point, a rerun for other scoring settings
+(``[compare]`` seed, c2st_samples, thresholds) rescores without retraining, and a point of other
+training settings is redone. Results: ``efficiency.json`` and
 ``efficiency/efficiency.png``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -38,41 +42,57 @@ def reference_method(methods) -> str | None:
 
 
 def _fom(samples, names) -> float | None:
-    from estimators.metrics import fom
+    from .metrics import _fom as pair_fom
 
     if "Omega_c" in names and "sigma8" in names:
-        return fom(samples[:, [names.index("Omega_c"), names.index("sigma8")]])
+        return pair_fom(samples[:, names.index("Omega_c")], samples[:, names.index("sigma8")])
     return None
 
 
-def _subsample(x: np.ndarray, n: int, rng) -> np.ndarray:
-    return x[rng.choice(len(x), min(n, len(x)), replace=False)]
-
-
-def _score(cfg, samples, reference) -> dict:
-    """C2ST and FoM of ``samples`` against ``reference`` (both ``Samples``)."""
+def _score(cfg, samples, reference, key: str) -> dict:
+    """C2ST and FoM of ``samples`` against ``reference`` (both ``Samples``), with the rows and
+    classifier settings ``metrics.json`` uses (``metrics.subsample``, ``[compare]``)."""
     from estimators.metrics import c2st
+
+    from .metrics import subsample
 
     if tuple(samples.names) != tuple(reference.names):
         raise ValueError(f"parameters {samples.names} differ from the reference's "
                          f"{reference.names}")
-    rng = np.random.default_rng(cfg.compare.seed)
-    a = _subsample(samples.samples, cfg.compare.c2st_samples, rng)
-    b = _subsample(reference.samples, cfg.compare.c2st_samples, rng)
+    n, seed = cfg.compare.c2st_samples, cfg.compare.seed
+    a = subsample(samples.samples, n, seed=seed, key=key)
+    b = subsample(reference.samples, n, seed=seed, key=reference.method)
     fom = _fom(samples.samples, list(samples.names))
     ref_fom = _fom(reference.samples, list(reference.names))
-    return {"c2st": c2st(a, b, seed=cfg.compare.seed), "fom": fom,
+    return {"c2st": c2st(a, b, seed=seed), "fom": fom,
             "fom_ratio": None if fom is None or not ref_fom else fom / ref_fom}
 
 
-def _point(cfg, out: Path, method: str, n: int, reference) -> dict:
-    from .io import read_samples
+# What a point's training reads: a change here retrains it; the scoring keys do not.
+_POINT_SECTIONS = ("cosmology", "simulation", "lightcone", "maps", "sources", "prior",
+                   "training_set", "compressor", "npe", "cl")
+
+
+def _identity(cfg, method: str, n: int) -> str:
+    data = cfg.to_dict()
+    blob = json.dumps({"method": method, "n": n, **{k: data.get(k) for k in _POINT_SECTIONS}},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _point(cfg, out: Path, method: str, n: int) -> dict:
+    """Train (or reuse) one point: its samples file and cost; the score is computed by the
+    caller. A cached point of other settings (a run killed, then reconfigured) is redone."""
     from .pipeline import run_fit_posterior, run_sample, run_train_compressor
 
     work = out / "efficiency" / f"{method}_n{n}"
     done = work / "point.json"
+    identity = _identity(cfg, method, n)
     if done.is_file():
-        return json.loads(done.read_text())
+        point = json.loads(done.read_text())
+        if point.get("identity") == identity:
+            return point
+        shutil.rmtree(work)
     t0 = time.perf_counter()
     summary = method[4:] if method in ("npe_cl", "npe_maps") else "compressor"
     comp, drawn = None, 0
@@ -85,10 +105,9 @@ def _point(cfg, out: Path, method: str, n: int, reference) -> dict:
     run_fit_posterior(cfg, out / "sims.h5", post, compressor=comp, summary=summary,
                       calibrate=False, n_train=n, progress=False)
     run_sample(post, out / "observation.h5", work / "samples.h5", seed=cfg.npe.seed)
-    samples = read_samples(work / "samples.h5")
     point = {"method": method, "n_train": n, "n_simulations": n + drawn,
-             "online_simulations": drawn, **_score(cfg, samples, reference),
-             "wall_s": time.perf_counter() - t0}
+             "online_simulations": drawn, "wall_s": time.perf_counter() - t0,
+             "identity": identity}
     write_json(done, point)
     return point
 
@@ -103,6 +122,8 @@ def _explicit_point(cfg, out: Path, reference, sims_per_s: float | None) -> dict
     s = read_samples(path)
     info = s.info or {}
     n_grad = info.get("n_gradients") or info.get("grad_evals")
+    if isinstance(n_grad, dict):  # per-phase counts
+        n_grad = n_grad.get("total")
     wall = info.get("wall_time_s")
     sims_per_gradient = (wall / n_grad * sims_per_s
                          if n_grad and wall and sims_per_s else None)
@@ -110,7 +131,7 @@ def _explicit_point(cfg, out: Path, reference, sims_per_s: float | None) -> dict
              "n_simulations": (n_grad * sims_per_gradient if sims_per_gradient else None),
              "converged": _converged(cfg, s)}
     if reference.method != "hmc":
-        point.update(_score(cfg, s, reference))
+        point.update(_score(cfg, s, reference, "hmc"))
     return point
 
 
@@ -124,7 +145,8 @@ def _converged(cfg, samples) -> bool:
 
 
 def _sims_per_s(out: Path) -> float | None:
-    """Training-set simulations per second of this run (the ``sims`` stage's marker)."""
+    """Training-set simulations per second of this run (the ``sims`` stage's marker: the
+    invocation that finished the stage, so a resumed ``generate`` overstates the rate)."""
     path = out / "stages" / "sims.json"
     if not path.is_file():
         return None
@@ -141,8 +163,13 @@ def run_efficiency(cfg, out: Path) -> dict:
     ref_name = reference_method(cfg.compare.methods)
     reference = read_samples(out / "samples" / f"{ref_name}.h5")
     methods = [m for m in cfg.compare.methods if m.startswith("npe_")]
-    points = [_point(cfg, out, m, n, reference)
-              for n in cfg.compare.efficiency for m in methods]
+    points = []
+    for n in cfg.compare.efficiency:
+        for m in methods:
+            point = _point(cfg, out, m, n)
+            samples = read_samples(out / "efficiency" / f"{m}_n{n}" / "samples.h5")
+            points.append({k: v for k, v in point.items() if k != "identity"}
+                          | _score(cfg, samples, reference, f"{m}@n{n}"))
     ref_info = {"method": ref_name, "fom": _fom(reference.samples, list(reference.names))}
     if ref_name == "hmc":
         ref_info["converged"] = _converged(cfg, reference)

@@ -168,7 +168,7 @@ def run_train_compressor(config, sims_path, out, *, loss: str | None = None,
     split = split_sims(sims, cfg.training_set.n_calibration, n_train)
     train_cfg = cfg.compressor.train_config(loss)
     prior = cfg.prior()
-    simulate = online_simulator(cfg, prior) if train_cfg.online else None
+    simulate = online_simulator(cfg, prior, train_cfg.batch_size) if train_cfg.online else None
     how = (f"fresh simulations ({train_cfg.batch_size} per step), validated on "
            if train_cfg.online else "")
     _log(f"training a {train_cfg.network} compressor with the {train_cfg.loss} loss on "
@@ -183,15 +183,18 @@ def run_train_compressor(config, sims_path, out, *, loss: str | None = None,
     return comp
 
 
-def online_simulator(cfg, prior):
-    """The configuration's map model as ``(key, index) -> (θ, κ)`` for online training.
+def online_simulator(cfg, prior, batch: int = 1):
+    """The configuration's map model as ``(key, index) -> (θ, κ)`` for online training in
+    batches of ``batch``.
 
     Raises ValueError (one line) for a model that cannot run many simulations in one vmapped
-    program: a PM run sharded over devices is one simulation across all of them.
+    program (a PM run sharded over devices is one simulation across all of them), or a PM batch
+    that does not fit in this machine's memory.
     """
-    from .dataset import _model_for, _model_sharded, prior_simulator
+    from .dataset import _check_batch_memory, _model_for, _model_sharded, prior_simulator
 
     model = _model_for(cfg)
+    _check_batch_memory(model, batch)
     if _model_sharded(model):
         raise ValueError("compressor.online needs a map model that runs many simulations in one "
                          "vmapped program; this one is sharded over devices (simulation.grid): "
@@ -329,7 +332,8 @@ def run_fit_posterior(config, sims_path, out, *, compressor=None, summary: str |
     result.save(out / "npe")
     meta = {"summary": summary, "compressor": str(Path(compressor).resolve()) if comp else None,
             "names": list(prior.names), "sims": str(Path(sims_path).resolve()),
-            "n_train_sims": int(len(split.train)), "noise_copies": npe.noise_copies,
+            "n_train_sims": int(len(split.train)),
+            "noise_copies": None if result.density == "compressor_flow" else npe.noise_copies,
             "density": result.density,
             "fit_time_s": result.fit_time_s, "epochs": result.epochs,
             "best_val_log_prob": result.best_val_log_prob, "config_toml": cfg.to_toml()}

@@ -455,5 +455,14 @@ def test_weight_average(trained, data, tmp_path):
     np.testing.assert_allclose(done.history["val_loss"], avg.history["val_loss"], rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                  done.params, avg.params)
+    # The bias correction: with weights that barely move (learning rate 1e-7), the average is
+    # the weights themselves; an uncorrected average from 0 would be (1 - 0.999^72) ≈ 7 % of
+    # them after the 72 steps.
+    still = lambda **kw: dataclasses.replace(_config("mse", **kw), learning_rate=1e-7)  # noqa: E731
+    fixed = train_compressor(maps, theta, SIGMA_N, still(), tmp_path / "d", progress=False)
+    slow = train_compressor(maps, theta, SIGMA_N, still(ema=0.999), tmp_path / "e",
+                            progress=False)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
+                 slow.params, fixed.params)
     with pytest.raises(ValueError, match=r"TrainConfig.ema must be a number in \(0.0, 1.0\)"):
         TrainConfig(ema=1.0)

@@ -82,6 +82,8 @@ def test_report_has_the_table_and_the_figure(run):
 
 def test_a_killed_curve_resumes_at_the_missing_point(run):
     config, out = run
+    first_scores = {(p["method"], p["n_train"]): p for p in
+                    json.loads((out / "efficiency.json").read_text())["points"]}
     keep = out / "efficiency" / "npe_cl_n12" / "point.json"
     kept = keep.read_text()
     redo = out / "efficiency" / "npe_mse_n24"
@@ -91,11 +93,26 @@ def test_a_killed_curve_resumes_at_the_missing_point(run):
     result = runner.invoke(cli.app, ["compare", "--config", str(config), "--out", str(out)])
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert keep.read_text() == kept              # a finished point is not redone
-    after = json.loads((redo / "point.json").read_text())
-    # redone from the resumed compressor and a refitted NPE: the same budget
-    assert after["n_simulations"] == before["n_simulations"]
     eff = json.loads((out / "efficiency.json").read_text())
     assert len(eff["points"]) == 4
+    redone = next(p for p in eff["points"] if (p["method"], p["n_train"]) == ("npe_mse", 24))
+    # redone from the finished compressor (a resume is a no-op) and a refitted NPE, both
+    # seeded: the same samples, hence the same scores (the fit is deterministic on one thread
+    # count; 1e-6 allows for float32 reductions)
+    assert redone["n_simulations"] == before["n_simulations"]
+    assert redone["fom"] == pytest.approx(first_scores[("npe_mse", 24)]["fom"], rel=1e-6)
+    assert redone["c2st"] == pytest.approx(first_scores[("npe_mse", 24)]["c2st"], abs=1e-9)
+
+
+def test_rescoring_keeps_the_trained_points(run):
+    """Other scoring settings ([compare] seed) rescore the cached points without training."""
+    config, out = run
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "efficiency").glob("*/samples.h5")}
+    result = runner.invoke(cli.app, ["compare", "--config", str(config), "--out", str(out),
+                                     "--set", "compare.seed=1"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert len(json.loads((out / "efficiency.json").read_text())["points"]) == 4
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -103,6 +120,8 @@ def test_a_killed_curve_resumes_at_the_missing_point(run):
                                        r"simulations"),
     ({"compare.efficiency": [24, 12]}, r"compare.efficiency: must increase"),
     ({"compare.efficiency": [1]}, r"compare.efficiency: sizes must be >= 2"),
+    ({"compare.efficiency": [4, 12]}, r"compare.efficiency: size 4 leaves an empty compressor "
+                                      r"training or validation split"),
     ({"compare.methods": ["npe_cl"]}, r"compare.efficiency: needs a reference posterior"),
     ({"compare.methods": ["exact", "cl_analytic"]}, r"compare.efficiency: needs an NPE method"),
 ])

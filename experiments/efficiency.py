@@ -211,10 +211,20 @@ def plot_efficiency(result: dict, path: Path) -> None:
                 ax.axvline(explicit["n_simulations"], color="k", ls=":", lw=1, label=tag)
     ax_c.axhline(0.5, color="0.6", lw=1)
     ax_f.axhline(1.0, color="0.6", lw=1)
+    from matplotlib.ticker import NullFormatter, NullLocator
+
+    xlabel = "simulations" + (" (hmc: gradients × simulations per gradient)"
+                              if explicit and explicit.get("n_simulations") else "")
+    ticks = sorted({int(p["n_simulations"]) for p in result["points"]})
     for ax, label in ((ax_c, f"C2ST against {ref_label}"),
                       (ax_f, f"FoM(Ω_c, σ_8) / {ref_label}'s")):
         ax.set_xscale("log")
-        ax.set_xlabel("simulations (explicit: gradients × simulations per gradient)")
+        # the sizes themselves as ticks: log-axis minor labels (3×10², 4×10², …) collide
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        if len(ticks) <= 8:
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
     ax_c.legend(fontsize=8)
     save_figure(fig, path, dpi=110)

@@ -265,20 +265,23 @@ def summary_lines(metrics: Mapping, pair: tuple[str, str] = ("Omega_c", "sigma8"
     return lines
 
 
-def _efficiency(result: Mapping) -> list[str]:
-    """The simulation-efficiency table: one row per (method, training-set size)."""
+def efficiency_table(result: Mapping) -> list[str]:
+    """The simulation-efficiency section (``efficiency.json``): one row per (method, size)."""
     ref = result["reference"]
     name = ref["method"] + ("" if ref.get("converged", True) else " (unconverged: not a result)")
     lines = ["## Simulation efficiency", "",
              f"Each NPE method trained again on the first n training simulations, against the "
              f"{name} posterior (FoM {_fmt(ref.get('fom'), '.0f')}). Simulations: n plus the "
              f"fresh draws of a compressor trained online. C2ST 0.5: indistinguishable "
-             f"(at most {result.get('c2st_samples')} samples a side).", "",
-             "| method | n | simulations | C2ST | FoM | FoM / reference |", "|---|---|---|---|---|---|"]
+             f"(at most {result.get('c2st_samples')} samples a side). The points are not "
+             f"calibrated on held-out simulations: they show how each method approaches the "
+             f"reference, and are no certified posteriors.", "",
+             "| method | n | simulations | C2ST | FoM | FoM / reference | status |",
+             "|---|---|---|---|---|---|---|"]
     for p in sorted(result["points"], key=lambda p: (p["method"], p["n_train"])):
         lines.append(f"| {p['method']} | {p['n_train']} | {p['n_simulations']} | "
                      f"{_fmt(p['c2st'], '.3f')} | {_fmt(p['fom'], '.0f')} | "
-                     f"{_fmt(p['fom_ratio'], '.2f')} |")
+                     f"{_fmt(p['fom_ratio'], '.2f')} | uncalibrated |")
     e = result.get("explicit")
     if e:
         tag = "hmc" + ("" if e.get("converged") else " (unconverged)")
@@ -286,7 +289,8 @@ def _efficiency(result: Mapping) -> list[str]:
                      f"({_fmt(e.get('n_gradients'), '.0f')} gradients × "
                      f"{_fmt(e.get('simulations_per_gradient'), '.2f')}) | "
                      f"{_fmt(e.get('c2st'), '.3f')} | {_fmt(e.get('fom'), '.0f')} | "
-                     f"{_fmt(e.get('fom_ratio'), '.2f')} |")
+                     f"{_fmt(e.get('fom_ratio'), '.2f')} | "
+                     f"{'converged' if e.get('converged') else 'unconverged'} |")
     return lines + [""]
 
 
@@ -322,7 +326,7 @@ def write_report(out_dir, metrics: dict, figures=None, *, title: str,
     lines += _draws(metrics, keys)
     lines += _calibration(metrics, keys, calibration)
     if efficiency:
-        lines += _efficiency(efficiency)
+        lines += efficiency_table(efficiency)
     if metrics.get("warnings"):
         lines += ["## Warnings", ""] + [f"- {w}" for w in metrics["warnings"]] + [""]
     if config_toml:

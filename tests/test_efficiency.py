@@ -76,6 +76,7 @@ def test_report_has_the_table_and_the_figure(run):
     report = (out / "report.md").read_text()
     assert "## Simulation efficiency" in report
     assert "| npe_mse | 24 |" in report and "| npe_cl | 12 | 12 |" in report
+    assert report.count("| uncalibrated |") == 4      # no point is calibrated
     assert (out / "efficiency" / "efficiency.png").stat().st_size > 10_000
     assert "efficiency/efficiency.png" in report
 

@@ -195,6 +195,18 @@ SOURCES: dict[str, Source] = {
         recorded="2026-12-06, " + VM + ", one run at a time (a test run or a short script "
                  "shared the cores part of the time)",
         notebook="12"),
+    "results_efficiency_gaussian_check.json": Source(
+        title="The simulation-efficiency curve on gaussian_check",
+        what="`lensbench compare` with `[compare] efficiency = [250, 500, 1000, 1900]` on "
+             "`gaussian_check` as before NOTEBOOK 12 (VMIM compressor: CNN width 8 on the fixed "
+             "training set), methods exact, npe_cl, npe_vmim: each NPE method retrained on the "
+             "first n training simulations and compared with the exact posterior (C2ST: sklearn "
+             "MLP, 5 folds, 2000 samples a side).",
+        command="lensbench compare --config runs/eff/gc_eff.toml --out runs/eff/results\n"
+                "cp runs/eff/results/efficiency.json "
+                "experiments/benchmarks/results_efficiency_gaussian_check.json",
+        recorded="2026-12-06, " + VM + "; a compressor training run shared one core",
+        notebook="12b"),
     "results_implicit_losses.json": Source(
         title="Implicit inference on quick: every compressor loss and both C_ℓ baselines",
         what="The shipped `quick` configuration (simulator after the lightcone fix of NOTEBOOK "
@@ -240,7 +252,8 @@ SOURCES: dict[str, Source] = {
 ORDER = ("results_pm.json", "results_scaling.json", "results_lensing.json",
          "results_cl_validation.json", "results_hmc.json",
          "results_hmc_coverage.json", "results_gaussian_check.json",
-         "results_implicit_online.json", "results_implicit_losses.json", "results_implicit_scan.json", "results_implicit.json")
+         "results_implicit_online.json", "results_efficiency_gaussian_check.json",
+         "results_implicit_losses.json", "results_implicit_scan.json", "results_implicit.json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -801,6 +814,14 @@ def _chain_flags(obj, prefix: str = "") -> list[tuple[str, str]]:
     return out
 
 
+def render_efficiency(data: Mapping, source: Source | None) -> list[str]:
+    """Notebook 12b: the simulation-efficiency table, as ``lensbench compare`` reports it."""
+    from experiments.report import efficiency_table
+
+    lines = efficiency_table(data)
+    return ["\n".join(lines[2:]).strip()]  # without its own heading
+
+
 MAX_GENERIC_ROWS = 200
 
 
@@ -823,6 +844,7 @@ RENDERERS: dict[str, Callable] = {
     "results_scaling.json": render_scaling,
     "results_lensing.json": render_lensing,
     "results_cl_validation.json": render_cl_validation,
+    "results_efficiency_gaussian_check.json": render_efficiency,
     "results_hmc.json": render_hmc,
     "results_hmc_coverage.json": render_coverage,
 }

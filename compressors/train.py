@@ -52,6 +52,7 @@ from experiments.files import save_figure, write_bytes, write_text
 from . import losses as L
 from .augment import add_shape_noise, augment_batch
 from .flow import ConditionalFlow
+from .flow import sample as sample_flow
 from .networks import NETWORKS, build_network
 
 __all__ = ["TrainConfig", "Compressor", "train_compressor", "load_compressor"]
@@ -345,7 +346,7 @@ def _flow_sample_fn(config: TrainConfig, d: int, n: int):
 
     def draws(p, key, t):
         keys = jax.random.split(key, t.shape[0])
-        one = lambda k, c: flow.apply({"params": p}, k, c, n, method=ConditionalFlow.sample)  # noqa: E731
+        one = lambda k, c: sample_flow(flow, p, k, c, n)  # noqa: E731
         return jnp.swapaxes(jax.vmap(one)(keys, t), 0, 1)
 
     return jax.jit(draws)
@@ -408,9 +409,9 @@ def _online_draw(simulate, batch: int, theta_mean, theta_std, input_shape):
     return jax.jit(draw)
 
 
-def _trained_on(config: TrainConfig, n_train: int, drawn: int) -> int:
-    """Simulations the network has trained on: the fresh draws online, else the fixed split."""
-    return drawn if config.online else n_train
+def _online_draws(config: TrainConfig, epochs: int, steps_per_epoch: int, batch: int) -> int:
+    """Fresh simulations drawn in ``epochs`` epochs of online training (0 for fixed data)."""
+    return epochs * steps_per_epoch * batch if config.online else 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -848,7 +849,9 @@ def train_compressor(maps, theta, sigma_n, config: TrainConfig, out_dir: str | P
                 history["lr"].append(float(program.schedule((epoch + 1) * steps_per_epoch)))
                 history["seconds"].append(time.perf_counter() - t0)
                 history["simulations"].append(
-                    _trained_on(config, n_train, (epoch + 1) * steps_per_epoch * batch))
+                    # what the network has trained on: the fresh draws, or the fixed split
+                    _online_draws(config, epoch + 1, steps_per_epoch, batch) if config.online
+                    else n_train)
                 if meta["best_val"] is None or val_loss < meta["best_val"]:
                     meta.update(best_val=val_loss, best_epoch=epoch + 1, wait=0)
                     state["best_params"] = judged
@@ -871,7 +874,7 @@ def train_compressor(maps, theta, sigma_n, config: TrainConfig, out_dir: str | P
     finally:
         mngr.close()
 
-    drawn = meta["epoch"] * steps_per_epoch * batch if config.online else 0
+    drawn = _online_draws(config, meta["epoch"], steps_per_epoch, batch)
     comp = Compressor(
         config=config, params=jax.tree.map(np.asarray, state["best_params"]),
         theta_mean=theta_mean, theta_std=theta_std, param_names=param_names,

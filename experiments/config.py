@@ -458,6 +458,66 @@ class LightconeSection(_Section):
         1.25, "each PM step's radial sample window spans this many times the fiducial "
               "cosmology's thickest step; raise it when a cosmology is rejected for a step "
               "thicker than the window (e.g. Omega_c near 0)")
+    compensate: Bool = _key(
+        False, "divide the density the rays read by the transverse CIC painting and reading "
+               "windows, so that the maps follow the unsmoothed theory on resolved scales")
+
+
+class ShellsSection(_Section):
+    """Boxes sized to the cone: the lightcone split into shells of comoving distance, each its own
+    PM (or LPT) run with its own box, cells, steps and white noise (``lensing.ShellLensing``). Box
+    i is ``width`` wide across and as deep as its shell, so nothing repeats along a line of
+    sight; [simulation]'s mesh_shape and box_size are then unused, its other keys apply to every
+    shell. Runs stop at the scale factor of their shell's near edge; the step size in a is
+    [simulation]'s, (1 - a_init) / n_steps."""
+
+    chi_edges: OrNone(Floats) = _key(
+        None, "shell boundaries in Mpc/h, increasing from 0: shell i covers "
+              "[chi_edges[i], chi_edges[i + 1]]; the last edge is the lightcone depth",
+        "not set: one box ([simulation], tiled periodically)")
+    width: OrNone(FloatOrFloats) = _key(
+        None, "transverse box side per shell (or one for all), Mpc/h, rounded up to whole cells",
+        "required with chi_edges")
+    cell: OrNone(FloatOrFloats) = _key(
+        None, "cell size per shell (or one for all), Mpc/h (the particle spacing is "
+              "cell x simulation.mesh_factor)", "required with chi_edges")
+    a_margin: Annotated[Float, Between(0, 1)] = _key(
+        0.03, "each run continues this far in a past its near edge's fiducial scale factor (capped "
+              "at 1), so that the light of other cosmologies reaches that edge too")
+    allow_replication: Bool = _key(
+        False, "allow boxes narrower than the cone at their far edge (tiled across the line of "
+               "sight); refused otherwise")
+
+    @model_validator(mode="after")
+    def _complete(self):
+        if self.chi_edges is None:
+            for k in ("width", "cell"):
+                if getattr(self, k) is not None:
+                    _fail(f"shells.{k}", "needs shells.chi_edges")
+            return self
+        e = self.chi_edges
+        if len(e) < 2 or e[0] != 0 or any(b <= a for a, b in zip(e, e[1:])):
+            _fail("shells.chi_edges", f"must be >= 2 strictly increasing distances starting at 0 "
+                                      f"(no gaps or overlaps), got {_show(e)}")
+        n = len(e) - 1
+        for k in ("width", "cell"):
+            v = getattr(self, k)
+            if v is None:
+                _fail(f"shells.{k}", "is required with shells.chi_edges")
+            vals = (v,) * n if isinstance(v, float) else v
+            if len(vals) != n:
+                _fail(f"shells.{k}", f"needs one value or {n} (one per shell), got {len(vals)}")
+            if not all(math.isfinite(x) and x > 0 for x in vals):
+                _fail(f"shells.{k}", f"must be positive (Mpc/h), got {_show(v)}")
+            self.__dict__[k] = tuple(vals)
+        for i, (w, c) in enumerate(zip(self.width, self.cell)):
+            if w < 2 * c:
+                _fail("shells.width", f"shell {i}: {w:g} Mpc/h is less than two cells of {c:g}")
+        return self
+
+    @property
+    def n_shells(self) -> int:
+        return 0 if self.chi_edges is None else len(self.chi_edges) - 1
 
 
 def _power_of_2(v):
@@ -1006,6 +1066,7 @@ class ExperimentConfig(_Frozen):
     cosmology: CosmologySection = _section(CosmologySection)
     simulation: SimulationSection = _section(SimulationSection)
     lightcone: LightconeSection = _section(LightconeSection)
+    shells: ShellsSection = _section(ShellsSection)
     maps: MapsSection = _section(MapsSection)
     sources: SourcesSection = _section(SourcesSection)
     cl: ClSection = _section(ClSection)
@@ -1036,6 +1097,8 @@ class ExperimentConfig(_Frozen):
                 _fail("lightcone.observer", f"{_show(self.lightcone.observer)} lies outside the "
                                             f"box [0, {_show(box)}] Mpc/h")
         self.cl.edges(self.maps)  # an ell range that is empty for this map geometry
+        if self.shells.n_shells:
+            self._check_shells()
         if "exact" in self.compare.methods and kind != "gaussian":
             _fail("compare.methods", f"'exact' needs Gaussian-field maps (simulation.kind = "
                                      f"'gaussian'), not '{kind}'")
@@ -1068,6 +1131,35 @@ class ExperimentConfig(_Frozen):
                                             f"{self.training_set.n_sims} minus n_calibration "
                                             f"{self.training_set.n_calibration})")
         return self
+
+    def _check_shells(self) -> None:
+        kind = self.simulation.kind
+        if kind not in ("pm", "lpt"):
+            _fail("shells.chi_edges", f"needs a 3-D simulation (simulation.kind = 'pm' or 'lpt'), "
+                                      f"not '{kind}'")
+        if self.maps.sky != "flat":
+            _fail("shells.chi_edges", "needs maps.sky = 'flat' (shell boxes follow the field)")
+        if self.simulation.pdims != "1x1":
+            _fail("simulation.pdims", "shells run on one device for now: set pdims = '1x1'")
+        if self.lightcone.randomize:
+            _fail("lightcone.randomize", "must be false with shells: no box is repeated along a "
+                                         "line of sight, so there is nothing to randomise")
+        if self.lightcone.chi_max is not None:
+            _fail("lightcone.chi_max", "is the last of shells.chi_edges with shells: leave it unset")
+        if self.lightcone.observer is not None:
+            _fail("lightcone.observer", "is the centre of each shell box's near face with shells: "
+                                        "leave it unset")
+        if self.compressor.online:
+            _fail("compressor.online", "does not support shells yet: train on a generated set")
+        half = math.tan(math.radians(self.maps.field_deg) / 2)
+        if not self.shells.allow_replication:
+            for i, (w, far) in enumerate(zip(self.shells.width, self.shells.chi_edges[1:])):
+                need = 2 * far * half
+                if w < need:
+                    _fail("shells.width", f"shell {i}: {w:g} Mpc/h is narrower than the "
+                                          f"{self.maps.field_deg:g} deg field at its far edge "
+                                          f"chi = {far:g} ({need:.1f} Mpc/h); widen it or set "
+                                          f"shells.allow_replication = true")
 
     # equality and hashing ignore where the configuration was read from
     def __eq__(self, other):
@@ -1104,7 +1196,9 @@ class ExperimentConfig(_Frozen):
 
     def chi_max(self) -> float:
         """Lightcone depth in Mpc/h: lightcone.chi_max, or the fiducial comoving distance of the
-        farthest source redshift capped at chi(a_init)."""
+        farthest source redshift capped at chi(a_init); with [shells], the last shell edge."""
+        if self.shells.n_shells:
+            return float(self.shells.chi_edges[-1])
         if self.lightcone.chi_max is not None:
             return self.lightcone.chi_max
         import numpy as np
@@ -1136,13 +1230,58 @@ class ExperimentConfig(_Frozen):
             return _wrap("maps", maps_keys, lambda: lensing.GaussianLensing(sky, bins, n_chi))
         if kind == "lognormal":
             return _wrap("maps", maps_keys, lambda: lensing.LognormalLensing(sky, bins, n_chi))
-        cfg = _wrap("simulation", SimulationSection.model_fields, self.simulation.sim_config)
+        cls = lensing.PMLensing if kind == "pm" else lensing.LPTLensing
         lc = self.lightcone
+        if self.shells.n_shells:
+            shells = tuple(cls(cfg, Lightcone(sky, far, chi_min=near, window_margin=lc.window_margin,
+                                              compensate=lc.compensate), bins)
+                           for cfg, (near, far) in self.shell_configs())
+            return _wrap("shells", ShellsSection.model_fields, lambda: lensing.ShellLensing(shells))
+        cfg = _wrap("simulation", SimulationSection.model_fields, self.simulation.sim_config)
         cone = _wrap("lightcone", cone_keys, lambda: Lightcone(
             sky, self.chi_max(), observer=lc.observer, randomize=lc.randomize, seed=lc.seed,
-            window_margin=lc.window_margin))
-        cls = lensing.PMLensing if kind == "pm" else lensing.LPTLensing
+            window_margin=lc.window_margin, compensate=lc.compensate))
         return _wrap("lightcone", cone_keys, lambda: cls(cfg, cone, bins))
+
+    def shell_configs(self) -> list:
+        """[(SimConfig, (chi_min, chi_max))] of each shell of [shells] (empty without it).
+
+        Box i is ``width`` (rounded up to whole cells) across and as deep as the shell seen from
+        the field's corner (chi_max - chi_min cos θ_corner), so no point of the shell is held
+        twice; its run goes from a_init to the fiducial scale factor of its near edge plus
+        ``a_margin`` (capped at 1), in steps of [simulation]'s size in a.
+        """
+        if not self.shells.n_shells:
+            return []
+        import jax
+        import numpy as np
+
+        from simulators import Cosmology, DeviceGrid, SimConfig
+        from simulators.cosmology import a_of_chi
+
+        sim, sh = self.simulation, self.shells
+        edges = np.asarray(sh.chi_edges, np.float64)
+        a_near = np.asarray(jax.jit(a_of_chi)(Cosmology.fiducial(), edges[:-1]))
+        cos_corner = math.cos(math.atan(math.sqrt(2) * math.tan(math.radians(self.maps.field_deg) / 2)))
+        da = (1.0 - sim.a_init) / sim.n_steps
+        out = []
+        for i, (near, far) in enumerate(zip(edges[:-1], edges[1:])):
+            cell, f = sh.cell[i], sim.mesh_factor
+            n_xy = f * math.ceil(sh.width[i] / cell / f - 1e-9)
+            depth = far - near * cos_corner
+            n_z = f * math.ceil(depth / cell / f - 1e-9)
+            a_final = 1.0 if near == 0 else min(1.0, float(a_near[i]) + sh.a_margin)
+            if a_final <= sim.a_init:
+                _fail("shells.chi_edges", f"shell {i} starts at chi = {near:g} Mpc/h, beyond "
+                                          f"chi(a_init = {sim.a_init:g}): lower simulation.a_init")
+            n_steps = max(1, math.ceil((a_final - sim.a_init) / da - 1e-9))
+            cfg = _wrap("shells", ShellsSection.model_fields, lambda: SimConfig(
+                mesh_shape=(n_xy, n_xy, n_z), box_size=(n_xy * cell, n_xy * cell, depth),
+                mesh_factor=f, a_init=sim.a_init, a_final=a_final, n_steps=n_steps,
+                lpt_order=sim.lpt_order, deconvolve=sim.deconvolve, gradient=sim.gradient,
+                dtype=sim.dtype, grid=DeviceGrid((1, 1), halo=sim.halo)))
+            out.append((cfg, (float(near), float(far))))
+        return out
 
     # ---- serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -49,6 +49,15 @@ def _describe(cfg, model) -> tuple[str, str, float | None, tuple | None]:
                 else f"HEALPix nside {sky.nside}")
     if sim.kind in _MESHLESS:
         return geometry, f"{sim.kind} random field (Limber C_ell)", None, None
+    if cfg.shells.n_shells:
+        shells = model.shells
+        import numpy as np
+
+        cells = "/".join(f"{s.cfg.cell_size[0]:.2g}" for s in shells)
+        what = (f"{'PM' if sim.kind == 'pm' else 'LPT'}, {len(shells)} shell boxes to "
+                f"{model.chi_max:.0f} Mpc/h, cells {cells} Mpc/h, {model.n_steps} steps, "
+                f"{sum(int(np.prod(s.cfg.mesh_shape)) for s in shells) / 1e6:.1f}M cells")
+        return geometry, what, model.chi_max, None
     cone = model.lightcone
     chi_max, observer = cone.chi_max, tuple(cone.observer_position(sim.box_size))
     what = (f"{'PM, ' + str(sim.n_steps) + ' steps' if sim.kind == 'pm' else 'LPT lightcone'}, "
@@ -106,7 +115,8 @@ def run_maps(config, out: Path, *, seed: Optional[int] = None, pdims: Optional[s
           f"(first run compiles)", file=sys.stderr, flush=True)
     start = time.perf_counter()
     try:
-        with StepProgress(sim.n_steps, desc="PM steps", enabled=progress and sim.kind == "pm"):
+        n_steps = model.n_steps if cfg.shells.n_shells else sim.n_steps
+        with StepProgress(n_steps, desc="PM steps", enabled=progress and sim.kind == "pm"):
             maps = simulate_maps(model, cfg.cosmology(), cfg.seed, progress=step_callback)
     except HaloOverflowError as e:  # say it in configuration terms
         message, n = re.subn(r"DeviceGrid\(halo=(\d+)\)", r"simulation.halo = \1", str(e))
@@ -168,12 +178,17 @@ def _has_mesh(data) -> bool:
 
 def _mesh_window(data):
     """Theory factor for maps read off a PM/LPT mesh (CIC painting + trilinear reading smooth the
-    density, ``lensing.mesh_power_window``); None for Gaussian maps, which have no mesh."""
+    density, ``lensing.mesh_power_window``); None for Gaussian maps, which have no mesh, and for
+    maps whose reads divide the window out (``lightcone.compensate``). Maps of several shell
+    boxes without compensation have one window per shell, which this theory leaves out."""
     if not _has_mesh(data):
+        return None
+    cfg = data.config()
+    if cfg.lightcone.compensate or cfg.shells.n_shells:
         return None
     from simulators.lensing import mesh_power_window
 
-    return mesh_power_window(data.config().simulation.sim_config(sharded=False).cell_size)
+    return mesh_power_window(cfg.simulation.sim_config(sharded=False).cell_size)
 
 
 def _measured_cl(data, kappa, edges):
@@ -191,7 +206,7 @@ def _measured_cl(data, kappa, edges):
     return tuple(np.asarray(x) for x in measured)
 
 
-def _limber(data, ells):
+def _limber(data, ells, window: bool = True):
     """Limber C_ell (n_pairs, len(ells)) of the map file's cosmology and bins, times the mesh
     window for mesh maps: one compiled evaluation (eager halofit is much slower), padded to a
     power of two >= 512 multipoles so that one compilation serves most map files."""
@@ -202,12 +217,12 @@ def _limber(data, ells):
 
     size = max(512, 1 << (len(ells) - 1).bit_length())
     padded = np.concatenate([ells, np.full(size - len(ells), ells[-1])])
-    window = _mesh_window(data)
+    window = _mesh_window(data) if window else None
     limber = jax.jit(lambda c, b, l: flatsky.limber_cl(c, b, l, power_filter=window))
     return np.asarray(limber(data.cosmology(), data.bins(), padded))[:, :len(ells)]
 
 
-def cl_against_theory(data, noisy: bool = False) -> dict:
+def cl_against_theory(data, noisy: bool = False, window: bool = True) -> dict:
     """Tomographic C_ell of a map file (``io.read_maps``) and Limber theory binned the same way.
 
     noisy: measure the noisy maps, theory then including the shape-noise power of the
@@ -216,6 +231,7 @@ def cl_against_theory(data, noisy: bool = False) -> dict:
     ``theory_signal`` (n_pairs, n_ell), ``noise`` (n_pairs,) (0 for cross pairs or noise-free
     maps), ``n_modes`` (n_ell,), ``pairs`` (n_pairs, 2) bin indices (i <= j), ``noisy``,
     ``ell_fine`` (128,) and ``theory_fine`` (n_pairs, 128), a smooth theory curve.
+    window=False: the raw Limber + halofit theory even for maps read off an uncompensated mesh.
     """
     import numpy as np
 
@@ -227,7 +243,7 @@ def cl_against_theory(data, noisy: bool = False) -> dict:
     ell_lo = max(edges[0], 1.0) if data.sky != "flat" else max(edges[0], float(
         flatsky.mode_ell(float(data.attrs["field_deg"]), int(data.attrs["npix"]))[0, 1]))
     ell_fine = np.geomspace(ell_lo, edges[-1], 128)
-    cl_all = _limber(data, np.concatenate([nodes, ell_fine]))
+    cl_all = _limber(data, np.concatenate([nodes, ell_fine]), window)
     signal = _binned_theory(data, edges, nodes, cl_all[:, :len(nodes)])
     i, j = flatsky.pair_indices(data.n_bins)
     sigma_n = np.asarray(data.sigma_n)
@@ -272,7 +288,7 @@ def run_cl(maps: Path, out: Path, *, noisy: bool = False, rows: int = 8) -> Path
     save_npz(npz, **result)
     cosmo = data.cosmology()
     title = (f"{data.attrs['name']}: {'noisy' if noisy else 'noise-free'} maps "
-             f"(seed {data.attrs['seed']}) vs {'Limber x mesh window' if _has_mesh(data) else 'Limber'}, "
+             f"(seed {data.attrs['seed']}) vs {'Limber x mesh window' if _mesh_window(data) else 'Limber'}, "
              f"$\\Omega_c$={cosmo.Omega_c:.3g}, $\\sigma_8$={cosmo.sigma8:.3g}")
     plot_cl_triangle(out, result["ell"], result["cl"], result["theory"], result["pairs"],
                      ell_fine=result["ell_fine"], theory_fine=result["theory_fine"],

@@ -183,6 +183,9 @@ def field_model(map_model, prior_dists: Mapping[str, dist.Distribution], base: C
         if not hasattr(map_model, attr):
             raise ValueError(f"map_model must be a simulators.lensing map model; "
                              f"{type(map_model).__name__} has no {attr!r}")
+    if hasattr(map_model, "shells"):
+        raise ValueError("field-level inference does not support a lightcone of several boxes "
+                         "([shells]) yet: use a single-box configuration")
     if not isinstance(base, Cosmology):
         raise ValueError(f"base must be a simulators.Cosmology, got {type(base).__name__}")
     prior_dists = dict(prior_dists)

@@ -38,19 +38,22 @@ N_CHI_TABLE = 1024  # nodes of the q_i(χ) table: spacing ~6 Mpc/h to z = 9, q i
 
 
 def born_params(cosmo: Cosmology, cfg: SimConfig, bins: RedshiftBins, chi_max: float,
-                n_chi: int = N_CHI_TABLE) -> BornParams:
+                n_chi: int = N_CHI_TABLE, chi_min: float = 0.0, pad: float = 0.0) -> BornParams:
     """Step radii and the q_i(χ) table for the lightcone painter (jit/grad-safe).
 
-    The table spans [χ(a_final), min(χ(a_init), chi_max)]: nothing is painted beyond it, and
-    the projection stops there.
+    The painted range is [max(χ(a_final), chi_min), min(χ(a_init), chi_max)]; the q table
+    reaches ``pad`` (the radial sample spacing) beyond it on either side, within the run's range.
     """
     bg = background(cosmo)
     chi_steps = bg.comoving_distance(jnp.asarray(cfg.step_scale_factors))
-    lo = chi_steps[-1]
-    hi = jnp.minimum(chi_steps[0], chi_max)
+    clip_lo = jnp.maximum(chi_steps[-1], chi_min)
+    clip_hi = jnp.minimum(chi_steps[0], chi_max)
+    lo = jnp.maximum(chi_steps[-1], chi_min - pad) if chi_min > 0 else clip_lo
+    hi = jnp.minimum(chi_steps[0], chi_max + pad)
     chi = jnp.linspace(lo, hi, n_chi)
     q = lensing_efficiency(cosmo, bins, chi, bg=bg)
-    return BornParams(chi_steps=chi_steps, chi_lo=lo, chi_step=(hi - lo) / (n_chi - 1), q=q)
+    return BornParams(chi_steps=chi_steps, chi_lo=lo, chi_step=(hi - lo) / (n_chi - 1), q=q,
+                      clip_lo=clip_lo, clip_hi=clip_hi)
 
 
 def _finish(obs: Array, sky) -> Array:
@@ -68,8 +71,9 @@ def pm_kappa(cosmo: Cosmology, cfg: SimConfig, lightcone: Lightcone, bins: Redsh
     Differentiable in ``cosmo`` and ``noise``; memory independent of the number of steps with
     ``cfg.gradient == "adjoint"``.
     """
-    params = born_params(cosmo, cfg, bins, lightcone.chi_max)
     painter = BornLightcone(cfg, lightcone, bins.n_bins, samples_per_step(cfg, lightcone))
+    params = born_params(cosmo, cfg, bins, lightcone.chi_max, chi_min=lightcone.chi_min,
+                         pad=painter.spacing)
     _, obs, max_disp = evolve_observed(cosmo, cfg, linear_field(cosmo, cfg, noise), painter, params,
                                        progress)
     return _finish(obs, lightcone.sky), max_disp
@@ -88,12 +92,13 @@ def lpt_kappa(cosmo: Cosmology, cfg: SimConfig, lightcone: Lightcone, bins: Reds
     psi1, psi2 = lpt_displacements(cfg, linear_field(cosmo, cfg, noise))
     d1 = growth.D1_at(a).astype(psi1.dtype)
     d2 = growth.D2_at(a).astype(psi1.dtype)
-    params = born_params(cosmo, cfg, bins, lightcone.chi_max)
     painter = BornLightcone(cfg, lightcone, bins.n_bins, samples_per_step(cfg, lightcone))
+    params = born_params(cosmo, cfg, bins, lightcone.chi_max, chi_min=lightcone.chi_min,
+                         pad=painter.spacing)
 
     def delta_at(i):
         disp = d1[i] * psi1 if psi2 is None else d1[i] * psi1 + d2[i] * psi2
-        return paint_density(cfg, disp) - 1
+        return painter.density_contrast(disp)
 
     @jax.checkpoint
     def step(obs, i):
@@ -217,6 +222,123 @@ class LPTLensing(_NoHaloCheck, _MeshLensing):
 
         check_step_window(cosmo, self.cfg, self.lightcone)
         return _kappa_jit(self)(cosmo, latent)
+
+
+@dataclass(frozen=True, eq=False)
+class ShellLensing:
+    """Born κ maps of a lightcone served by several boxes, one per shell of comoving distance
+    (``MapModel``).
+
+    Shell i is its own PM (or LPT) run: its own box, mesh, steps and white noise, painted only
+    for χ in [chi_min_i, chi_max_i] (``Lightcone.chi_min`` / ``chi_max``). Shells tile [0, χ_max]
+    without gaps or overlaps, and a box as deep as its shell holds each distance once, so no
+    structure repeats along a line of sight; boxes that grow with distance keep the cells' angular
+    size roughly constant, where a single box wastes cells near the observer and lacks them far
+    away. Each run stops at the scale factor of its shell's near edge (``cfg.a_final``).
+
+    The latent is a tuple of the shells' white-noise fields, shapes ``shell.cfg.particle_shape``;
+    κ is the sum of the shells' maps. ``cfg`` and ``lightcone`` are None: there is no single mesh
+    (field-level inference on shells is not supported yet).
+    """
+
+    shells: tuple
+
+    cfg = None
+    lightcone = None
+
+    def __post_init__(self):
+        shells = tuple(self.shells)
+        if not shells:
+            raise ValueError("shells is empty: give at least one (PMLensing or LPTLensing)")
+        for s in shells:
+            if not isinstance(s, (PMLensing, LPTLensing)):
+                raise ValueError(f"shells must be PMLensing or LPTLensing, got {type(s).__name__}")
+        first = shells[0]
+        for i, s in enumerate(shells):
+            if s.sky != first.sky or s.bins is not first.bins:
+                raise ValueError(f"shell {i} has another sky or source sample than shell 0")
+        edges = [(s.lightcone.chi_min, s.lightcone.chi_max) for s in shells]
+        if edges[0][0] != 0:
+            raise ValueError(f"shell 0 must start at chi = 0 (the observer), got {edges[0][0]:g} Mpc/h")
+        for i in range(1, len(edges)):
+            if edges[i][0] != edges[i - 1][1]:
+                raise ValueError(f"shells {i - 1} and {i} leave a gap or overlap: chi_max of "
+                                 f"{i - 1} = {edges[i - 1][1]:g}, chi_min of {i} = {edges[i][0]:g} Mpc/h")
+        object.__setattr__(self, "shells", shells)
+
+    @property
+    def sky(self):
+        return self.shells[0].sky
+
+    @property
+    def bins(self) -> RedshiftBins:
+        return self.shells[0].bins
+
+    @property
+    def chi_max(self) -> float:
+        return self.shells[-1].lightcone.chi_max
+
+    @property
+    def latent_shape(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(s.latent_shape for s in self.shells)
+
+    def latent(self, seed: int | Array) -> tuple[Array, ...]:
+        """The shells' white noise: shell i from ``fold_in(key(seed), i)`` (independent fields)."""
+        key = seed if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key) \
+            else jax.random.key(seed)
+        return tuple(s.latent(jax.random.fold_in(key, i)) for i, s in enumerate(self.shells))
+
+    def _check_latent(self, latent) -> None:
+        if not isinstance(latent, (tuple, list)) or len(latent) != len(self.shells):
+            raise ValueError(f"latent must be a tuple of {len(self.shells)} fields (one per shell)")
+
+    def kappa(self, cosmo: Cosmology, latent) -> Array:
+        self._check_latent(latent)
+        return sum(s.kappa(cosmo, z) for s, z in zip(self.shells, latent))
+
+    def kappa_and_displacement(self, cosmo: Cosmology, latent) -> tuple[Array, Array]:
+        self._check_latent(latent)
+        out = [s.kappa_and_displacement(cosmo, z) for s, z in zip(self.shells, latent)]
+        return sum(k for k, _ in out), jnp.max(jnp.stack([jnp.asarray(d) for _, d in out]))
+
+    def realise(self, cosmo: Cosmology, latent,
+                progress: Callable[[int], None] | None = None) -> Array:
+        """The shells one after another (one in memory at a time); ``progress`` counts the steps
+        of all shells."""
+        self._check_latent(latent)
+        check_shell_coverage(cosmo, self)
+        done, total = 0, None
+        for s, z in zip(self.shells, latent):
+            call = None if progress is None else (lambda n, d=done: progress(d + n))
+            k = s.realise(cosmo, z, call)
+            total = k if total is None else total + k
+            done += s.cfg.n_steps
+        return total
+
+    @property
+    def n_steps(self) -> int:
+        return sum(s.cfg.n_steps for s in self.shells)
+
+
+def check_shell_coverage(cosmo: Cosmology, model: ShellLensing) -> None:
+    """Raise ValueError when, for ``cosmo`` (concrete), a shell's run does not span its χ range:
+    it starts after the light from the far edge passed (χ(a_init) < chi_max) or stops before the
+    light reached the near edge (χ(a_final) > chi_min), which would leave a gap in the maps."""
+    from .cosmology import comoving_distance_jit
+
+    for i, s in enumerate(model.shells):
+        cfg, lc = s.cfg, s.lightcone
+        chi = np.asarray(comoving_distance_jit(cosmo, np.array([cfg.a_final, cfg.a_init])))
+        if chi[0] > lc.chi_min * (1 + 1e-9):
+            raise ValueError(
+                f"shell {i}: this cosmology's light reaches its near edge chi = {lc.chi_min:g} "
+                f"Mpc/h at a later time than the run's last step a = {cfg.a_final:.4f} (chi = "
+                f"{chi[0]:.1f} Mpc/h there): raise shells.a_margin")
+        if chi[1] < lc.chi_max * (1 - 1e-9):
+            raise ValueError(
+                f"shell {i}: the run starts at a_init = {cfg.a_init:g}, after the light from its "
+                f"far edge chi = {lc.chi_max:g} Mpc/h passed (chi(a_init) = {chi[1]:.1f} Mpc/h): "
+                f"lower simulation.a_init")
 
 
 @dataclass(frozen=True, eq=False)
@@ -417,7 +539,8 @@ def simulate_maps(model: MapModel, cosmo: Cosmology, seed: int,
 def _pm_start(cosmo: Cosmology, cfg: SimConfig, lightcone: Lightcone, bins: RedshiftBins,
               painter: BornLightcone, noise: Array):
     """``pm_kappa`` up to the first step: the step carry, the step factors and the Born table."""
-    params = born_params(cosmo, cfg, bins, lightcone.chi_max)
+    params = born_params(cosmo, cfg, bins, lightcone.chi_max, chi_min=lightcone.chi_min,
+                         pad=painter.spacing)
     state, factors = initial_particles(cosmo, cfg, linear_field(cosmo, cfg, noise))
     return start_steps(cfg, state, painter), factors, params
 
@@ -442,5 +565,5 @@ def _kappa_jit(model):
     ``simulate_maps`` calls do not re-trace it (~4 s a call for the Gaussian-field model)."""
     return jax.jit(model.kappa)
 
-__all__ = ["mesh_power_window", "GaussianLensing", "LognormalLensing", "lognormal_shift", "Maps", "MapModel", "simulate_maps", "FlatSky", "HealpixSky", "Lightcone", "LPTLensing", "PMLensing", "add_shape_noise",
+__all__ = ["mesh_power_window", "ShellLensing", "check_shell_coverage", "GaussianLensing", "LognormalLensing", "lognormal_shift", "Maps", "MapModel", "simulate_maps", "FlatSky", "HealpixSky", "Lightcone", "LPTLensing", "PMLensing", "add_shape_noise",
            "born_params", "lpt_kappa", "noise_sigma", "pm_kappa"]

@@ -203,6 +203,12 @@ class Lightcone:
       window_margin: the radial window of every step spans this many times the fiducial
         cosmology's thickest step (>= 1), so that thicker steps of other cosmologies are covered
         (``step_window_ratio`` <= 1). Static: a larger margin costs proportionally more samples.
+      chi_min: near edge in Mpc/h (default 0): nothing closer is painted. With ``chi_max`` it
+        makes this box one shell of a lightcone served by several boxes (``lensing.ShellLensing``).
+      compensate: divide the density read by the rays by the transverse CIC windows of painting
+        and of the trilinear read (Π_{i=x,y} sinc⁴(k_i Δ_i / 2)), so that the maps follow the
+        unsmoothed theory on the scales the mesh resolves, instead of the mesh-windowed one. Costs
+        one FFT pair per painted density.
     """
 
     sky: Sky
@@ -212,6 +218,8 @@ class Lightcone:
     seed: int = 0
     slices_per_step: int | None = None
     window_margin: float = SHELL_MARGIN
+    chi_min: float = 0.0
+    compensate: bool = False
 
     def __post_init__(self):
         if not isinstance(self.sky, (FlatSky, HealpixSky)):
@@ -219,6 +227,11 @@ class Lightcone:
         if not (math.isfinite(self.chi_max) and self.chi_max > 0):
             raise ValueError(f"chi_max must be > 0 Mpc/h, got {self.chi_max}")
         object.__setattr__(self, "chi_max", float(self.chi_max))
+        if not (math.isfinite(self.chi_min) and 0 <= self.chi_min < self.chi_max):
+            raise ValueError(f"chi_min must be in [0, chi_max = {self.chi_max:g}) Mpc/h, "
+                             f"got {self.chi_min}")
+        object.__setattr__(self, "chi_min", float(self.chi_min))
+        object.__setattr__(self, "compensate", bool(self.compensate))
         if self.observer is not None:
             obs = tuple(float(v) for v in self.observer)
             if len(obs) != 3 or not all(map(math.isfinite, obs)):
@@ -277,15 +290,19 @@ class BornParams:
     """Cosmology-dependent inputs of the lightcone projection (traced; float64).
 
     chi_steps: (n_steps + 1,) comoving distance χ(a) of the step boundaries, Mpc/h.
-    chi_lo, chi_step: first node and spacing (Mpc/h) of the uniform χ table of ``q``; its last node
-      is the depth of the projection, min(χ(a_init), chi_max).
+    chi_lo, chi_step: first node and spacing (Mpc/h) of the uniform χ table of ``q``; it reaches
+      one radial sample spacing beyond the painted range on either side, so that a sample whose
+      centre lies just outside that range still carries its q for the part of it inside.
     q: (n_bins, n_chi) lensing efficiency q_i(χ) in h/Mpc on that table.
+    clip_lo, clip_hi: the painted range, [max(χ(a_final), chi_min), min(χ(a_init), chi_max)].
     """
 
     chi_steps: Array
     chi_lo: Array
     chi_step: Array
     q: Array
+    clip_lo: Array
+    clip_hi: Array
 
     @property
     def chi_hi(self) -> Array:
@@ -366,9 +383,23 @@ class BornLightcone:
         return jnp.zeros((self.lightcone.sky.n_rays, self.n_bins), state.disp.dtype)
 
     def update(self, params: BornParams, step, a0, a1, before, after, obs):
-        delta0 = paint_density(self.cfg, before.disp) - 1
-        delta1 = paint_density(self.cfg, after.disp) - 1
+        delta0 = self.density_contrast(before.disp)
+        delta1 = self.density_contrast(after.disp)
         return obs + self.project(params, step, delta0, delta1)
+
+    def density_contrast(self, disp: Array) -> Array:
+        """δ on the mesh (grid layout) as the rays read it: CIC-painted, and with the transverse
+        painting and reading windows divided out when ``lightcone.compensate``."""
+        delta = paint_density(self.cfg, disp) - 1
+        if not self.lightcone.compensate:
+            return delta
+        cfg, grid = self.cfg, self.cfg.grid
+        k = grid.wavevectors(cfg.mesh_shape, cfg.box_size, dtype=delta.dtype)
+        w = 1.0
+        for axis in (0, 1):  # Limber modes are transverse: leave the line of sight alone
+            cell = cfg.box_size[axis] / cfg.mesh_shape[axis]
+            w = w * jnp.sinc(k[axis] * (cell / (2 * np.pi))) ** 4
+        return grid.ifft(grid.fft(delta) / w, cfg.mesh_shape)
 
     def project(self, params: BornParams, step, delta0: Array, delta1: Array) -> Array:
         """Born κ of the shell between step boundaries ``step`` and ``step + 1`` (n_rays, n_bins).
@@ -377,20 +408,21 @@ class BornLightcone:
         """
         grid = self.cfg.grid
         field = jnp.stack([delta0, delta1], -1)
-        chi0 = jnp.minimum(params.chi_steps[step], params.chi_hi)
-        chi1 = params.chi_steps[step + 1]
+        # the step's shell [chi1, chi0] (time interpolation) and its painted part [lo, hi]
+        chi0, chi1 = params.chi_steps[step], params.chi_steps[step + 1]
+        bounds = jnp.stack([chi0, chi1, jnp.minimum(chi0, params.clip_hi),
+                            jnp.maximum(chi1, params.clip_lo)])
         if not grid.sharded:
-            return self._project_local(params, chi0, chi1, field, jnp.zeros(2, jnp.int32))
+            return self._project_local(params, bounds, field, jnp.zeros(2, jnp.int32))
         px, py = grid.pdims
         local = (self.cfg.mesh_shape[0] // px, self.cfg.mesh_shape[1] // py)
 
-        def shard(f, params, chi0, chi1):
+        def shard(f, params, bounds):
             lo = jnp.stack([jax.lax.axis_index("x") * local[0], jax.lax.axis_index("y") * local[1]])
-            return self._project_local(params, chi0, chi1, pad_shard(grid, f), lo)[None, None]
+            return self._project_local(params, bounds, pad_shard(grid, f), lo)[None, None]
 
         # (px, py, ...) partial sums -> sum; the cosmology-dependent inputs enter explicitly
-        return grid.shard_map(shard, (4, None, None, None), 4)(field, params, chi0, chi1).sum(
-            axis=(0, 1))
+        return grid.shard_map(shard, (4, None, None), 4)(field, params, bounds).sum(axis=(0, 1))
 
     @functools.cached_property
     def _static(self):
@@ -458,7 +490,7 @@ class BornLightcone:
         ``samples_per_step`` - 1 of them."""
         return _window(self.cfg, self.lightcone) / max(self.samples_per_step - 1, 1)
 
-    def _project_local(self, params, chi0, chi1, field, lo):
+    def _project_local(self, params, bounds, field, lo):
         st = self._static
         grid = self.cfg.grid
         n_win = self.samples_per_step
@@ -471,7 +503,8 @@ class BornLightcone:
         # initial field, wiggled with Ω_c on ~1% scales). Its weight is the length of its
         # interval inside this step's shell [χ₁, χ₀] (continuous in χ₀, χ₁; the pieces of a
         # sample split between two steps add up to Δχ, and both read δ(a) at the shared boundary).
-        first = jnp.floor(chi1 / spacing)
+        chi0, chi1, hi, low = bounds[0], bounds[1], bounds[2], bounds[3]
+        first = jnp.floor(low / spacing)
         width = jnp.maximum(chi0 - chi1, 1e-30)
         n_rays = st["dirs"].shape[0]
         per, n_blocks = _blocks(n_win, n_rays)
@@ -487,7 +520,7 @@ class BornLightcone:
             j = c * per + jnp.arange(per)
             s = first + j
             chi = (s + 0.5) * spacing  # (per,)
-            length = jnp.clip(jnp.minimum((s + 1) * spacing, chi0) - jnp.maximum(s * spacing, chi1),
+            length = jnp.clip(jnp.minimum((s + 1) * spacing, hi) - jnp.maximum(s * spacing, low),
                               0.0, None)
             length = jnp.where(j < n_win, length, 0.0)  # padding of the last block
             t = jnp.clip((chi0 - chi) / width, 0.0, 1.0)

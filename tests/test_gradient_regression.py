@@ -1,7 +1,8 @@
 """The gradient-speed changes (growth table on 256 Hermite nodes, ...) keep the lensing maps and
-their gradients those of commit 13080d7 to float32 round-off.
+their gradients those of the stored reference to float32 round-off (its history:
+``data/make_gradient_reference.py``).
 
-``data/gradient_reference.npz`` holds that commit's κ maps, loss and gradients (Ω_c and the
+``data/gradient_reference.npz`` holds the κ maps, loss and gradients (Ω_c and the
 white-noise field) of the small randomised lightcone case, both gradient modes
 (``data/make_gradient_reference.py``).
 """

@@ -2,12 +2,15 @@
 of the small lightcone case of ``tests/lightcone_cases.py`` (16×16×64 mesh, 6 PM steps, 2 bins,
 randomised replicas), for both gradient modes.
 
-The stored numbers come from commit 13080d7, before the growth table went to 256 Hermite nodes
-(and the other gradient-speed changes); ``test_gradient_regression.py`` checks that the current
-code reproduces them to float32 round-off. Regenerate only from that commit's tree:
+The stored numbers guard the gradient-speed work: ``test_gradient_regression.py`` checks that the
+current code reproduces them to float32 round-off. They were first written by commit 13080d7 (before
+the growth table went to 256 Hermite nodes), and written again, by the tree that introduced shells
+(``Lightcone.chi_min``), because that tree changes the maps on purpose: a step cut by chi_max (this
+case's first: χ(a_init) ≈ 2900 > chi_max = 1500 Mpc/h) now interpolates the density in time between
+its true boundaries, not between chi_max and its near boundary (κ moved by 2.2e-3 of its largest
+value, the loss by 3.9e-4). Regenerate only when the maps are meant to change, from that tree:
 
-    git worktree add --detach /tmp/parent 13080d7
-    cd /tmp/parent && PYTHONPATH=/tmp/parent python <this tree>/tests/data/make_gradient_reference.py OUT.npz
+    PYTHONPATH=. python tests/data/make_gradient_reference.py tests/data/gradient_reference.npz
 """
 
 import sys

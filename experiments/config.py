@@ -1047,6 +1047,54 @@ def _seed(value):
     return value
 
 
+class ScalesSection(_Section):
+    """The multipoles per tomographic bin on which the maps are validated against theory (how it was
+    measured: the comment in the shipped file). ``maps`` writes the range into the map file,
+    ``cl`` marks it, and ``maps`` warns when cells are too coarse for it."""
+
+    ell_min: OrNone(FloatOrFloats) = _key(
+        None, "lowest validated multipole, one number or one per bin", "no lower limit")
+    ell_max: OrNone(FloatOrFloats) = _key(
+        None, "highest validated multipole, one number or one per bin (at most the pixel Nyquist "
+              "pi npix / field, or 3 nside)", "not validated: the pixel Nyquist")
+
+    def ranges(self, n_bins: int) -> "tuple[tuple[float, ...], tuple[float, ...]] | None":
+        """((ell_min per bin), (ell_max per bin)), or None when neither key is set."""
+        if self.ell_min is None and self.ell_max is None:
+            return None
+
+        def per_bin(v, default):
+            if v is None:
+                return (default,) * n_bins
+            return (float(v),) * n_bins if isinstance(v, float) else tuple(v)
+
+        return per_bin(self.ell_min, 0.0), per_bin(self.ell_max, math.inf)
+
+
+def _check_scales(cfg) -> None:
+    sc = cfg.scales
+    n = cfg.sources.n_bins_total
+    for k in ("ell_min", "ell_max"):
+        v = getattr(sc, k)
+        if isinstance(v, tuple) and len(v) != n:
+            _fail(f"scales.{k}", f"needs one value or {n} (one per bin), got {len(v)}")
+        if v is not None and not all(x >= 0 and math.isfinite(x)
+                                     for x in (v if isinstance(v, tuple) else (v,))):
+            _fail(f"scales.{k}", f"must be finite and >= 0, got {_show(v)}")
+    rng = sc.ranges(n)
+    if rng is None:
+        return
+    maps = cfg.maps
+    nyquist = (math.pi * maps.npix / math.radians(maps.field_deg) if maps.sky == "flat"
+               else 3.0 * maps.nside)
+    for i, (lo, hi) in enumerate(zip(*rng)):
+        if hi <= lo:
+            _fail("scales.ell_max", f"bin {i + 1}: must be > ell_min = {lo:g}, got {hi:g}")
+        if math.isfinite(hi) and hi > nyquist * (1 + 1e-9):
+            _fail("scales.ell_max", f"bin {i + 1}: {hi:g} is above the maps' highest multipole "
+                                    f"{nyquist:.0f} (the pixel Nyquist)")
+
+
 def _section(cls):
     return Field(default_factory=cls, description=cls.__doc__)
 
@@ -1070,6 +1118,7 @@ class ExperimentConfig(_Frozen):
     maps: MapsSection = _section(MapsSection)
     sources: SourcesSection = _section(SourcesSection)
     cl: ClSection = _section(ClSection)
+    scales: ScalesSection = _section(ScalesSection)
     prior: PriorSection = _section(PriorSection)
     training_set: TrainingSetSection = _section(TrainingSetSection)
     compressor: CompressorSection = _section(CompressorSection)
@@ -1099,6 +1148,7 @@ class ExperimentConfig(_Frozen):
         self.cl.edges(self.maps)  # an ell range that is empty for this map geometry
         if self.shells.n_shells:
             self._check_shells()
+        _check_scales(self)
         if "exact" in self.compare.methods and kind != "gaussian":
             _fail("compare.methods", f"'exact' needs Gaussian-field maps (simulation.kind = "
                                      f"'gaussian'), not '{kind}'")

@@ -298,6 +298,10 @@ def write_maps(path, maps, config, bins, *, chi_max: float | None = None,
         "n_bins": int(bins.n_bins),
         "sigma_e": float(bins.sigma_e),
     }
+    scales = config.scales.ranges(bins.n_bins)
+    if scales is not None:  # the validated multipoles per bin ([scales]); inf: not limited
+        attrs["scales_ell_min"] = np.asarray(scales[0], np.float64)
+        attrs["scales_ell_max"] = np.asarray(scales[1], np.float64)
     if chi_max is not None:
         attrs["chi_max"] = float(chi_max)
     if observer is not None:

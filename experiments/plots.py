@@ -80,14 +80,17 @@ def plot_maps(out, kappa: np.ndarray, *, sky: str, field_deg: float | None = Non
 
 
 def plot_cl_triangle(out, ell: np.ndarray, cl: np.ndarray, theory: np.ndarray, pairs: np.ndarray,
-                     *, ell_fine=None, theory_fine=None, noise=None, title: str = "") -> Path:
+                     *, ell_fine=None, theory_fine=None, noise=None, title: str = "",
+                     valid=None) -> Path:
     """Lower triangle of an n_bins × n_bins grid: panel (row j, column i) shows pair (i, j).
 
     Plots ℓ(ℓ+1)C_ℓ/2π on log-log axes: the measurement (points; negative cross-spectra as open
     markers at |C_ℓ|), the binned theory (crosses) and, if given, the smooth theory curve and the
     noise level (auto-spectra only; included in ``theory`` when given).
     Args: ell (n_ell,); cl, theory (n_pairs, n_ell); pairs (n_pairs, 2); ell_fine (n_fine,),
-      theory_fine (n_pairs, n_fine); noise (n_pairs,) flat noise C_ℓ (0 for cross pairs).
+      theory_fine (n_pairs, n_fine); noise (n_pairs,) flat noise C_ℓ (0 for cross pairs);
+      valid: optional (lo, hi), each (n_pairs,): the validated ℓ range of each pair; outside it the
+      panel is shaded grey.
     """
     plt = _pyplot()
     n = int(pairs.max()) + 1
@@ -112,6 +115,16 @@ def plot_cl_triangle(out, ell: np.ndarray, cl: np.ndarray, theory: np.ndarray, p
         if neg.any():
             ax.plot(ell[neg], -f[neg] * cl[p][neg], "o", mfc="none", color="C0", ms=3.5,
                     label="maps (< 0)")
+        if valid is not None:
+            lo, hi = float(valid[0][p]), float(valid[1][p])
+            edge_lo, edge_hi = ell[ok].min() / 1.2, ell[ok].max() * 1.2
+            if lo > edge_lo:
+                ax.axvspan(edge_lo, lo, color="0.85", zorder=0,
+                           label="outside the validated range")
+            if hi < edge_hi:
+                ax.axvspan(hi, edge_hi, color="0.85", zorder=0,
+                           label=None if lo > edge_lo else "outside the validated range")
+            ax.set_xlim(edge_lo, edge_hi)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.grid(True, which="major", alpha=0.25)

@@ -173,7 +173,8 @@ def test_hmc_provenance_tracks_the_model_not_the_layout():
             {"cosmology.sigma8": 0.9}]  # an inferred parameter: its value here is the truth
     for change in same:
         assert _hmc_provenance(cfg.with_(**change), obs) == base, change
-    for change in [{"simulation.n_steps": 6}, {"sources.n_bins": 2}, {"cosmology.Omega_b": 0.05}]:
+    for change in [{"simulation.n_steps": 6}, {"sources.n_bins": 2, "scales.ell_max": None},
+                   {"cosmology.Omega_b": 0.05}]:
         other = _hmc_provenance(cfg.with_(**change), obs)
         assert other["model_config_sha256"] != base["model_config_sha256"], change
     moved = _hmc_provenance(cfg, SimpleNamespace(kappa_noisy=np.ones((3, 32, 32))))

@@ -234,13 +234,13 @@ def test_models_built_in_python_raise_the_same_config_errors():
 def test_nz_file_errors_name_the_key(nz_files, tmp_path):
     preset_off = dict(preset=None, n_bins=None, n_gal_total=None, sigma_z0=None)
     sources = {**preset_off, "nz_files": nz_files, "n_gal_per_bin": [10.0, 12.0], "sigma_e": 0.3}
-    cfg = load_config(changed(sources=sources))
+    cfg = load_config(changed(sources=sources, scales={"ell_max": None}))  # quick's has 3 bins
     assert cfg.sources.preset is None and cfg.sources.n_bins is None
     assert cfg.bins().n_bins == 2 and list(cfg.bins().n_gal) == [10.0, 12.0]
 
     def error(**extra):
         with pytest.raises(ConfigError) as info:
-            load_config(changed(sources={**sources, **extra}))
+            load_config(changed(sources={**sources, **extra}, scales={"ell_max": None}))
         return str(info.value)
 
     missing = str(tmp_path / "nope.txt")
@@ -312,6 +312,7 @@ def test_convergence_thresholds_default_to_the_metrics_ones_and_can_be_set():
 @pytest.mark.parametrize("change", [
     {},
     dict(maps={"sky": "healpix", "nside": 16, "field_deg": None, "npix": None},
+         scales={"ell_max": None},
          lightcone={"observer": [1.0, 2.0, 3.5]},
          cl={"ell_edges": [2, 10.5, 30], "n_ell_bins": None, "spacing": None},
          simulation={"box_size": 300, "mesh_shape": 32, "kind": "lpt", "pdims": "2 x 4"}),

@@ -27,7 +27,8 @@ from experiments.files import OutputError
 from experiments.priors import lsst_y10
 
 from tests.procs import HANG, cli_env, invoke
-GAUSS = {"simulation.kind": "gaussian", "maps.npix": 16, "sources.n_bins": 2}
+GAUSS = {"simulation.kind": "gaussian", "maps.npix": 16, "sources.n_bins": 2,
+         "scales.ell_max": None}  # quick's validated range is for its own 3 bins
 CFG = load_config("quick").with_(**GAUSS)
 PRIOR = lsst_y10().select(["Omega_c", "sigma8"])
 N = 10  # batch 2: 5 chunks; batch 4: 3 chunks, the last one padded
@@ -249,7 +250,8 @@ def test_pm_batch_through_lightcone(tmp_path):
 
     cfg = load_config("quick").with_(**{
         "simulation.mesh_shape": [16, 16, 32], "simulation.box_size": [128.0, 128.0, 512.0],
-        "simulation.n_steps": 2, "maps.field_deg": 3.0, "maps.npix": 16, "sources.n_bins": 2})
+        "simulation.n_steps": 2, "maps.field_deg": 3.0, "maps.npix": 16, "sources.n_bins": 2,
+        "scales.ell_max": None})
     report = generate(cfg, PRIOR, 2, tmp_path / "pm.h5", batch_size=2, progress=False)
     assert report.n_ok == 2 and report.mode == "data-parallel"
     sims = read_sims(tmp_path / "pm.h5")

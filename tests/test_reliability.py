@@ -383,7 +383,7 @@ def test_generate_resumes_a_file_created_by_a_concurrent_run(tmp_path, monkeypat
     from experiments.priors import lsst_y10
 
     cfg = load_config("quick").with_(**{"simulation.kind": "gaussian", "maps.npix": 8,
-                                        "sources.n_bins": 1})
+                                        "sources.n_bins": 1, "scales.ell_max": None})
     prior = lsst_y10().select(["Omega_c", "sigma8"])
     out = tmp_path / "sims.h5"
     real_create = dataset._create

@@ -166,3 +166,31 @@ def test_field_level_inference_refuses_shells():
     model = cfg.build_model()
     with pytest.raises(ValueError, match="several boxes"):
         field_model(model, {}, COSMO, np.zeros((2, 8, 8)), np.ones(2))
+
+
+def test_maps_record_the_validated_scales_and_cl_marks_them(tmp_path, capsys):
+    """[scales] goes into the map file; ``cl`` stars the ratios outside each bin's range and
+    shades them; ``maps`` warns when the cells are too coarse for ell_max (8 Mpc/h cells: the
+    Nyquist is 0.39 h/Mpc, and ell_max = 400 at bin 2's median distance ~ 840 Mpc/h needs 0.48)."""
+    from experiments.io import read_maps
+    from experiments.maps import run_cl, run_maps
+
+    text = SHELL_TOML + "[scales]\nell_max = [200.0, 400.0]\n"
+    path = tmp_path / "shells.toml"
+    path.write_text(text)
+    out = run_maps(path, tmp_path / "m.h5", progress=False)
+    err = capsys.readouterr().err
+    assert "scales.ell_max of bin 2 (400)" in err and "cells too coarse" in err
+    data = read_maps(out)
+    np.testing.assert_array_equal(data.attrs["scales_ell_max"], [200.0, 400.0])
+    np.testing.assert_array_equal(data.attrs["scales_ell_min"], [0.0, 0.0])
+    run_cl(out, tmp_path / "cl.png")
+    printed = capsys.readouterr().out
+    assert "* outside the validated range of [scales] (bin 1: 0-200, bin 2: 0-400)" in printed
+    rows = [r.split() for r in printed.splitlines() if r.strip() and r.split()[0][0].isdigit()]
+    assert len(rows) >= 4
+    for r in rows:  # ell, modes, (1,1), (2,2)
+        ell = float(r[0])
+        assert r[2].endswith("*") == (ell > 200) and r[3].endswith("*") == (ell > 400)
+    npz = np.load(tmp_path / "cl.npz")
+    np.testing.assert_array_equal(npz["valid_hi"], [200.0, 200.0, 400.0])

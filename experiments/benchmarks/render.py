@@ -123,6 +123,72 @@ SOURCES: dict[str, Source] = {
                "(NOTEBOOK 7b: the same number of samples per step) and have not been re-measured; "
                "the test suite checks a smaller version of the same comparison "
                "(tests/test_lensing_maps.py)."),
+    "results_cl_lsst_y10.json": Source(
+        title="Lensing maps: lsst_y10's κ C_ℓ against the raw Limber + halofit theory",
+        what="The shipped `lsst_y10` setting (one 400×400×4000 Mpc/h box of 64×64×256 cells, "
+             "randomised replicas, 20 PM steps): noise-free maps of three seeds, their spectra "
+             "divided by Limber + halofit from the maps' own n(z) without any mesh window, i.e. "
+             "the fraction of the true lensing power the maps hold.",
+        command=".venv/bin/python -m experiments.validation.cl_maps --config lsst_y10 --seeds 3 "
+                "\\\n    --maps-dir runs/cl_lsst_y10 --ell-range 300 1000 "
+                "--out experiments/benchmarks/results_cl_lsst_y10.json",
+        recorded="2026-12-06, " + VM,
+        notebook="13"),
+    "results_cl_lsst_y10_window.json": Source(
+        title="Lensing maps: lsst_y10 against the mesh-windowed theory (its [scales])",
+        what="The same three lsst_y10 maps against Limber + halofit times the window of CIC "
+             "painting and trilinear reading on 6.25 Mpc/h cells, the theory `lensbench cl` and "
+             "the C_ℓ likelihood use for these maps. The configuration's [scales] ell_max per "
+             "bin is where this ratio stays within 10% + 2 standard errors (above it the maps "
+             "carry aliased power).",
+        command=".venv/bin/python -m experiments.validation.cl_maps runs/cl_lsst_y10/*.h5 "
+                "--window \\\n    --out experiments/benchmarks/results_cl_lsst_y10_window.json",
+        recorded="2026-12-06, " + VM,
+        notebook="13"),
+    "results_cl_quick_window.json": Source(
+        title="Lensing maps: quick against the mesh-windowed theory (its [scales])",
+        what="Four quick maps (8.3 Mpc/h cells, 5° field, three bins) against Limber + halofit "
+             "times the mesh window; quick's [scales] ell_max per bin is where the ratio stays "
+             "within 10% + 2 standard errors.",
+        command=".venv/bin/python -m experiments.validation.cl_maps --config quick --seeds 4 "
+                "--window \\\n    --maps-dir runs/cl_quick "
+                "--out experiments/benchmarks/results_cl_quick_window.json",
+        recorded="2026-12-06, " + VM,
+        notebook="13"),
+    "results_cl_hires_patch.json": Source(
+        title="Lensing maps: the resolved lightcone (hires_patch) against Limber + halofit",
+        what="`hires_patch`: five shell boxes (cells 0.5–2.6 Mpc/h, 25.3M cells, 109 PM steps in "
+             "all, compensated reads) on a 2.03° field at 2.34′ pixels, sources to χ = 3600 "
+             "Mpc/h. Fixed-amplitude white noise (random phases) in every shell removes most of "
+             "the seed-to-seed scatter of the mean power; the theory is the raw Limber + halofit "
+             "(no mesh window). The resolution target of issue 27: within 10% for ℓ ∈ [300, "
+             "1000] in bins 2–5 and [300, 600] in bin 1.",
+        command=".venv/bin/python -m experiments.validation.cl_maps --config hires_patch "
+                "--seeds 4 --fixed \\\n    --maps-dir runs/cl_hires_fixed "
+                "--out experiments/benchmarks/results_cl_hires_patch.json",
+        recorded="2026-12-06, " + VM + "; about 2 minutes per map",
+        notebook="13"),
+    "results_cl_hires_patch_random.json": Source(
+        title="Lensing maps: hires_patch with random white noise",
+        what="The same four seeds as `lensbench maps --config hires_patch --seed s` makes them "
+             "(random amplitudes): the scatter of a 2° field between realisations.",
+        command="for s in 0 1 2 3; do lensbench maps --config hires_patch --seed $s --out "
+                "s$s.h5; done\n"
+                ".venv/bin/python -m experiments.validation.cl_maps s0.h5 s1.h5 s2.h5 s3.h5 "
+                "\\\n    --out experiments/benchmarks/results_cl_hires_patch_random.json",
+        recorded="2026-12-06, " + VM,
+        notebook="13"),
+    "results_pk_box.json": Source(
+        title="PM matter power against halofit: box size and cell size",
+        what="What a shell box of the resolved lightcone loses: cubic boxes of 64–256 Mpc/h with "
+             "1 and 0.5 Mpc/h cells (as many particles as cells, CIC-compensated force), run "
+             "from a = 0.2 to a = 0.8 (z = 0.25, where bins 1–3 take most of their lensing "
+             "weight) with the hires configurations' step size; the CIC-deconvolved density "
+             "spectrum over halofit, averaged over the seeds.",
+        command=".venv/bin/python -m experiments.validation.pk_box "
+                "--out experiments/benchmarks/results_pk_box.json",
+        recorded="2026-12-06, " + VM,
+        notebook="13"),
     "results_hmc.json": Source(
         title="Field-level HMC: gradient cost and short chains on quick",
         what="Gradient rows: time per gradient of the field-level log density (each mode in its "
@@ -250,7 +316,9 @@ SOURCES: dict[str, Source] = {
 }
 
 ORDER = ("results_pm.json", "results_scaling.json", "results_lensing.json",
-         "results_cl_validation.json", "results_hmc.json",
+         "results_cl_validation.json", "results_cl_lsst_y10.json", "results_cl_lsst_y10_window.json",
+         "results_cl_quick_window.json", "results_cl_hires_patch.json",
+         "results_cl_hires_patch_random.json", "results_pk_box.json", "results_hmc.json",
          "results_hmc_coverage.json", "results_gaussian_check.json",
          "results_implicit_online.json", "results_efficiency_gaussian_check.json",
          "results_implicit_losses.json", "results_implicit_scan.json", "results_implicit.json")
@@ -545,6 +613,48 @@ def render_cl_validation(data: Mapping, source: Source | None) -> list[str]:
              f"{num(data.get('seconds'))} s in all.")
     return [facts, "Measured / (theory × mesh window), every bin pair:", table(header, rows),
             "Measured / theory without the mesh window, auto-spectra:", table(header, rows_raw)]
+
+
+def render_cl_maps(data: Mapping, source: Source | None) -> list[str]:
+    """``experiments.validation.cl_maps``: mean C_ℓ / theory ± standard error of the auto-spectra
+    per ℓ bin, the worst cross-spectrum ratio per ℓ bin, and the pass/fail line."""
+    ell, pairs, ratio, err = data["ell"], data["pairs"], data["ratio"], data["stderr"]
+    autos = [p for p, (i, j) in enumerate(pairs) if i == j]
+    cross = [p for p, (i, j) in enumerate(pairs) if i != j]
+    header = ["ℓ", "modes"] + [f"bin {pairs[p][0] + 1}" for p in autos]
+    if cross:
+        header.append("cross, min–max")
+    rows = []
+    for b, l in enumerate(ell):
+        row = [f"{l:.0f}", str(int(data["n_modes"][b]))]
+        row += [f"{ratio[p][b]:.2f} ± {err[p][b]:.2f}" for p in autos]
+        if cross:
+            vals = [ratio[p][b] for p in cross]
+            row.append(f"{min(vals):.2f}–{max(vals):.2f}")
+        rows.append(row)
+    check = data.get("check") or {}
+    failing = [k for k, v in check.items() if not v["passed"]]
+    lo, hi = data.get("ell_range") or ["?", "?"]
+    facts = (f"{data['name']}: mean over {data['n_maps']} maps"
+             f"{' (fixed-amplitude white noise)' if data.get('fixed_amplitude') else ''} of the "
+             f"noise-free C_ℓ / ({data['theory']}), ± the standard error of the mean (the scatter "
+             f"between maps / √n).")
+    verdict = (f"Within {data.get('tol', 0.1):.0%} + 2 standard errors for ℓ ∈ [{lo:g}, {hi:g}] "
+               f"(pairs with bin 1 to ℓ = {data.get('ell_max_bin1', hi):g}): "
+               f"{len(check) - len(failing)} of {len(check)} pairs"
+               + (f"; failing: {', '.join(failing)}" if failing else "") + ".")
+    return [facts, table(header, rows), verdict]
+
+
+def render_pk_box(data: Mapping, source: Source | None) -> list[str]:
+    """``experiments.validation.pk_box``: P(k) / halofit per box and cell size."""
+    rows = data["rows"]
+    header = ["box (Mpc/h)", "cells", "cell (Mpc/h)", "seeds"] + [f"k = {k:.2f}" for k in rows[0]["k"]]
+    body = [[f"{r['box']:g}", f"{r['cells']}³", f"{r['cell_size']:.2g}", str(r["seeds"])]
+            + [f"{v:.2f}" for v in r["ratio"]] for r in rows]
+    return [f"P_PM(k) / P_halofit(k) at a = {data['a']:g}, {data['steps']} PM steps from "
+            f"a = {data['a_init']:g} (k in h/Mpc; each column the nearest k bin of the first row's "
+            f"binning):", table(header, body)]
 
 
 def render_hmc(data: Sequence[Mapping], source: Source | None) -> list[str]:
@@ -844,6 +954,12 @@ RENDERERS: dict[str, Callable] = {
     "results_scaling.json": render_scaling,
     "results_lensing.json": render_lensing,
     "results_cl_validation.json": render_cl_validation,
+    "results_cl_lsst_y10.json": render_cl_maps,
+    "results_cl_lsst_y10_window.json": render_cl_maps,
+    "results_cl_quick_window.json": render_cl_maps,
+    "results_cl_hires_patch.json": render_cl_maps,
+    "results_cl_hires_patch_random.json": render_cl_maps,
+    "results_pk_box.json": render_pk_box,
     "results_efficiency_gaussian_check.json": render_efficiency,
     "results_hmc.json": render_hmc,
     "results_hmc_coverage.json": render_coverage,

@@ -30,12 +30,7 @@ from simulators.lensing import mesh_power_window, pm_kappa
 from simulators.lightcone import FlatSky, Lightcone
 from simulators.sources import RedshiftBins
 
-
-def fixed_amplitude(noise):
-    """White noise with every Fourier amplitude set to its rms (phases kept), single device."""
-    nk = np.fft.rfftn(np.asarray(noise, np.float64))
-    fixed = nk / np.maximum(np.abs(nk), 1e-30) * np.sqrt(noise.size)
-    return jax.numpy.asarray(np.fft.irfftn(fixed, s=noise.shape), noise.dtype)
+from .cl_maps import fixed_amplitude
 
 
 def main(argv=None):

@@ -117,6 +117,10 @@ class TrainConfig:
         fixed training split would give); the fixed maps serve for validation and normalisation
         only. Needs ``augment`` (the fresh maps get fresh noise).
       flow_layers, flow_hidden: VMIM only: autoregressive layers and hidden width of q(θ | t).
+      scales, field_deg: scale cuts: None, or ((ell_min per bin), (ell_max per bin)) with the
+        maps' side in degrees: the network sees every map (training, validation, compression)
+        with its Fourier modes outside these multipoles removed (``flatsky.apply_scale_mask``,
+        after the shape noise is added), so it uses exactly the scales the other methods use.
     """
 
     loss: str = _configured("loss")
@@ -141,6 +145,8 @@ class TrainConfig:
     online: bool = False
     flow_layers: int = 4
     flow_hidden: int = 32
+    scales: tuple | None = None
+    field_deg: float | None = None
 
     def __post_init__(self):
         def choice(name, options):
@@ -192,6 +198,19 @@ class TrainConfig:
         if self.warmup_epochs >= self.epochs:
             raise ValueError(f"TrainConfig.warmup_epochs ({self.warmup_epochs}) must be < epochs "
                              f"({self.epochs})")
+        if self.scales is not None:
+            try:
+                lo, hi = (tuple(float(v) for v in part) for part in self.scales)
+            except (TypeError, ValueError):
+                raise ValueError(f"TrainConfig.scales must be (ell_min per bin, ell_max per bin), "
+                                 f"got {self.scales!r}") from None
+            if len(lo) != len(hi) or not lo:
+                raise ValueError("TrainConfig.scales: ell_min and ell_max need one value per bin")
+            object.__setattr__(self, "scales", (lo, hi))
+            if not (isinstance(self.field_deg, (int, float)) and 0 < self.field_deg < 90):
+                raise ValueError(f"TrainConfig.scales needs field_deg (the maps' side in degrees), "
+                                 f"got {self.field_deg!r}")
+            object.__setattr__(self, "field_deg", float(self.field_deg))
         if self.summary_dim is not None and self.loss != "vmim":
             raise ValueError("TrainConfig.summary_dim only applies to loss='vmim' (the other "
                              f"losses output one number per parameter), got {self.summary_dim}")
@@ -203,6 +222,8 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         data = {"online": False, "ema": None, **data}  # models written before these existed
+        if data.get("scales") is not None:  # JSON lists -> the hashable tuples of a static config
+            data["scales"] = tuple(tuple(float(v) for v in part) for part in data["scales"])
         unknown = set(data) - names
         if unknown:
             raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
@@ -241,6 +262,26 @@ _PRNG_IMPL = "rbg"
 
 def _normalise(maps, map_mean, map_std):
     return (maps - map_mean[None, :, None, None]) / map_std[None, :, None, None]
+
+
+@functools.lru_cache(maxsize=16)
+def _scale_mask(config: "TrainConfig", npix: int) -> np.ndarray | None:
+    """The Fourier modes the network sees (``TrainConfig.scales``), or None: all of them."""
+    if config.scales is None:
+        return None
+    from simulators.flatsky import scale_mask
+
+    return scale_mask(config.field_deg, npix, *config.scales)
+
+
+def _cut(config: "TrainConfig", maps):
+    """Noisy maps (n, n_bins, npix, npix) as the network sees them: scale-cut, if configured."""
+    mask = _scale_mask(config, int(maps.shape[-1]))
+    if mask is None:
+        return maps
+    from simulators.flatsky import apply_scale_mask
+
+    return apply_scale_mask(maps, mask)
 
 
 def _modules(config: TrainConfig, d: int):
@@ -301,7 +342,7 @@ def _program(config: TrainConfig, d: int, steps_per_epoch: int, fast_compile: bo
     def train_step(params, opt_state, ema, maps, y, weight, key, sigma_n, map_mean, map_std):
         # weight (batch,) in {0, 1}: 0 drops a failed online simulation from the mean loss
         x = augment_batch(key, maps, sigma_n, symmetries=config.augment)
-        x = _normalise(x, map_mean, map_std)
+        x = _normalise(_cut(config, x), map_mean, map_std)
 
         def mean_loss(p):
             per_map = jnp.where(weight > 0, loss_fn(p, x, y), 0.0)
@@ -316,7 +357,7 @@ def _program(config: TrainConfig, d: int, steps_per_epoch: int, fast_compile: bo
 
     @jit
     def eval_losses(params, noisy_maps, y, map_mean, map_std):
-        return loss_fn(params, _normalise(noisy_maps, map_mean, map_std), y)
+        return loss_fn(params, _normalise(_cut(config, noisy_maps), map_mean, map_std), y)
 
     @functools.partial(jax.jit, static_argnums=1, compiler_options=_ONE_OFF)
     def init(key, input_shape):
@@ -356,7 +397,8 @@ def _flow_sample_fn(config: TrainConfig, d: int, n: int):
 def _apply_fn(config: TrainConfig, d: int):
     """jit'ed (net params, maps, map_mean, map_std) → raw outputs (batch, n_out)."""
     net, _ = _modules(config, d)
-    return jax.jit(lambda p, maps, m, s: net.apply({"params": p}, _normalise(maps, m, s)))
+    return jax.jit(lambda p, maps, m, s: net.apply({"params": p},
+                                                   _normalise(_cut(config, maps), m, s)))
 
 
 def _batched(fn, n: int, batch: int, *arrays):
@@ -754,9 +796,14 @@ def train_compressor(maps, theta, sigma_n, config: TrainConfig, out_dir: str | P
         train_maps = np.asarray(_add_noise(
             jax.random.fold_in(seed_key, _STREAM_FIXED_TRAIN_NOISE), train_maps, sigma_n))
         step_sigma = np.zeros_like(sigma_n)
-    # Per-bin input normalisation of the noisy maps: mean, and sqrt(signal var + noise var).
-    map_mean = maps[train_idx].mean(axis=(0, 2, 3)).astype(np.float32)
-    map_std = np.sqrt(maps[train_idx].var(axis=(0, 2, 3)) + sigma_n**2).astype(np.float32)
+    # Per-bin input normalisation of the noisy maps as the network sees them: mean, and
+    # sqrt(signal var + noise var), the noise var times the fraction of modes the cuts keep.
+    seen = np.asarray(_cut(config, maps[train_idx]))
+    mask = _scale_mask(config, int(maps.shape[-1]))
+    kept = np.ones(maps.shape[1]) if mask is None else mask.mean(axis=(1, 2))
+    map_mean = seen.mean(axis=(0, 2, 3)).astype(np.float32)
+    map_std = np.sqrt(seen.var(axis=(0, 2, 3)) + kept * sigma_n**2).astype(np.float32)
+    del seen
     map_std = np.where(map_std > 0, map_std, 1.0).astype(np.float32)
 
     n_train = len(train_idx)

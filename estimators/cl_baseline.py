@@ -51,7 +51,8 @@ from simulators.sources import RedshiftBins
 __all__ = [
     "ClLikelihood", "CovarianceEstimate", "LIKELIHOODS", "cl_data_vector", "cl_likelihood_for_model",
     "data_vector_layout", "data_vector_names", "estimate_covariance", "fiducial_data_vectors",
-    "analytic_covariance", "gaussian_covariance", "hartlap_factor", "sample_cl_posterior", "sellentin_heavens_scale",
+    "analytic_covariance", "gaussian_covariance", "hartlap_factor", "sample_cl_posterior", "scale_cut_keep",
+    "sellentin_heavens_scale",
 ]
 
 LIKELIHOODS = ("gaussian", "sellentin_heavens")
@@ -335,7 +336,10 @@ class ClLikelihood:
         with n_chi (halofit is set up once per χ node): n_chi = 64 is ~3x cheaper than the default
         256 and changes the binned C_ℓ by ~1e-3 relative, well below the sample variance of
         any bin of a small field.
-    Derived (read-only): n_data, n_pairs, n_ell, n_modes, ell_mean, noise_vector, hartlap, df,
+      keep: optional (n_pairs · n_ell,) bool over the flattened data vector (scale cuts,
+        ``scale_cut_keep``): only these entries enter the likelihood (their block of ``cov``, the
+        Hartlap factor of their number). ``mean`` still returns the whole vector.
+    Derived (read-only): n_data (entries kept), n_pairs, n_ell, n_modes, ell_mean, noise_vector, hartlap, df,
     scale_tril (the Cholesky factor the distribution is built from), ell_unique, mode_weights.
     """
 
@@ -352,6 +356,7 @@ class ClLikelihood:
     power_filter: Callable | None = None
     n_chi: int = 256
     nonlinear: bool = True
+    keep: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.kind not in LIKELIHOODS:
@@ -379,6 +384,18 @@ class ClLikelihood:
         if not np.all(np.isfinite(cov)):
             raise ValueError("cov contains NaN or inf")
         object.__setattr__(self, "cov", cov)
+        sel = np.arange(k)
+        if self.keep is not None:
+            keep = np.array(self.keep, bool)
+            if keep.shape != (k,) or not keep.any():
+                raise ValueError(f"keep must be a ({k},) bool array selecting at least one entry")
+            sel = np.flatnonzero(keep)
+            keep.setflags(write=False)
+            object.__setattr__(self, "keep", keep)
+        sel.setflags(write=False)
+        object.__setattr__(self, "selected", sel)
+        n_total, k = k, sel.size
+        cov = cov[np.ix_(sel, sel)]
         if self.n_cov is None:  # an analytic covariance: known, not estimated
             if self.kind != "gaussian":
                 raise ValueError("the Sellentin-Heavens likelihood needs a simulated covariance "
@@ -405,7 +422,7 @@ class ClLikelihood:
         a_pix = flatsky.pixel_area_sr(self.field_deg, self.npix)
         noise[i == j] = (sigma**2 * a_pix)[:, None]
         derived = dict(
-            n_data=k, n_pairs=len(i), n_ell=n_ell, hartlap=h, df=df,
+            n_data=k, n_total=n_total, n_pairs=len(i), n_ell=n_ell, hartlap=h, df=df,
             scale_tril=jnp.asarray(tril), n_modes=n_modes, ell_mean=_static_array(ell_mean),
             noise_vector=_static_array(noise.reshape(-1)), ell_unique=_static_array(ell_unique),
             mode_weights=_static_array(weights))
@@ -448,17 +465,24 @@ class ClLikelihood:
         return cl.reshape(-1) + jnp.asarray(self.noise_vector)
 
     # ---- likelihood --------------------------------------------------------------------------
+    def _kept(self, x):
+        """The kept entries (``keep``) of a whole data vector (k,) or batch (..., k)."""
+        x = jnp.asarray(x, jnp.float64)
+        return x if self.n_data == self.n_total else x[..., jnp.asarray(self.selected)]
+
     def distribution(self, mean):
-        """The numpyro distribution of the data vector given its mean (one Cholesky argument)."""
+        """The numpyro distribution of the kept data entries given the whole mean vector."""
         import numpyro.distributions as dist
 
+        mean = self._kept(mean)
         if self.kind == "gaussian":
             return dist.MultivariateNormal(loc=mean, scale_tril=self.scale_tril)
         return dist.MultivariateStudentT(df=self.df, loc=mean, scale_tril=self.scale_tril)
 
     def log_likelihood(self, theta, data) -> jax.Array:
-        """log p(data | θ) (normalised; jit/grad-able in θ)."""
-        return self.distribution(self.mean(theta)).log_prob(jnp.asarray(data, jnp.float64))
+        """log p(data | θ) of the kept entries (normalised; jit/grad-able in θ); data: the whole
+        (k,) vector."""
+        return self.distribution(self.mean(theta)).log_prob(self._kept(data))
 
     def log_posterior(self, theta, data) -> jax.Array:
         """log p(data | θ) + log prior(θ) (unnormalised posterior)."""
@@ -470,7 +494,7 @@ class ClLikelihood:
 
         theta = self.prior.sample_sites()
         numpyro.sample("data", self.distribution(self.mean(theta)),
-                       obs=None if data is None else jnp.asarray(data, jnp.float64))
+                       obs=None if data is None else self._kept(data))
 
     def fisher(self, theta, rel_step: float = 1e-3) -> np.ndarray:
         """(d, d) Fisher matrix Jᵀ P J at θ, J = d mean / dθ by central differences of ``mean``
@@ -486,7 +510,7 @@ class ClLikelihood:
             hi = np.asarray(self.mean(theta + dt))
             lo = np.asarray(self.mean(theta - dt))
             cols.append((hi - lo) / (2 * steps[a]))
-        jac = np.stack(cols, axis=-1)  # (k, d)
+        jac = np.stack(cols, axis=-1)[self.selected]  # (kept, d)
         tril = np.asarray(self.scale_tril)
         w = np.linalg.solve(tril, jac)  # L⁻¹ J
         return w.T @ w
@@ -499,6 +523,24 @@ class ClLikelihood:
         return {"kind": self.kind, "n_cov": self.n_cov, "n_data": self.n_data,
                 "hartlap": self.hartlap, "df": self.df, "n_modes": self.n_modes.tolist(),
                 "ell_mean": self.ell_mean.tolist()}
+
+
+def scale_cut_keep(n_bins: int, ell_edges, scales) -> np.ndarray | None:
+    """(n_pairs · n_ell,) bool over the flattened C_ℓ data vector (pair-major, ``pair_indices``
+    order): ℓ bin b of pair (i, j) is kept when it lies inside both bins' ranges, [max(lo_i, lo_j),
+    min(hi_i, hi_j)] ∋ [edges[b], edges[b + 1]]. None when ``scales`` is None.
+    scales: (ell_min (n_bins,), ell_max (n_bins,))."""
+    if scales is None:
+        return None
+    edges = np.asarray(ell_edges, np.float64)
+    lo, hi = (np.asarray(v, np.float64) for v in scales)
+    i, j = flatsky.pair_indices(n_bins)
+    p_lo, p_hi = np.maximum(lo[i], lo[j]), np.minimum(hi[i], hi[j])
+    keep = (edges[None, :-1] >= p_lo[:, None] - 1e-9) & (edges[None, 1:] <= p_hi[:, None] + 1e-9)
+    if not keep.any():
+        raise ValueError(f"no C_ell bin (edges {edges[0]:g}..{edges[-1]:g}) lies inside the scale "
+                         f"cuts: adjust [cl] or [scales]")
+    return keep.reshape(-1)
 
 
 def cl_likelihood_for_model(model, prior, ell_edges, *, n_cov: int | None,

@@ -48,7 +48,7 @@ from .jaxsetup import configured, cpu_devices_for
 from .maps import run_maps
 
 # The sections each kind of stage reads (besides its upstream stages' outputs).
-_MAPS = ("cosmology", "simulation", "lightcone", "maps", "sources")
+_MAPS = ("cosmology", "simulation", "lightcone", "shells", "maps", "sources")
 
 
 class StageError(ValueError):
@@ -91,29 +91,29 @@ def plan(cfg) -> list[Stage]:
                                                                       progress=_progress())),
                             ("sims.h5",)))
     for loss in _losses(methods):
-        stages.append(Stage(f"compressor_{loss}", ("compressor",), ("sims",),
+        stages.append(Stage(f"compressor_{loss}", ("compressor", "scales"), ("sims",),
                             lambda out, loss=loss: _train(cfg, out, loss),
                             (f"compressors/{loss}",)))
     for m in npe:
         summary = m[4:] if m in ("npe_cl", "npe_maps") else "compressor"
         needs = ("sims", "observation") + (("compressor_" + m[4:],) if summary == "compressor" else ())
-        sections = ("npe", "cl") if summary == "cl" else ("npe",)
+        sections = ("npe", "cl", "scales") if summary == "cl" else ("npe", "scales")
         stages.append(Stage(m, sections, needs,
                             lambda out, m=m, summary=summary: _npe(cfg, out, m, summary),
                             (f"posteriors/{m}", f"samples/{m}.h5")))
     if "cl_analytic" in methods:
-        stages.append(Stage("cl_analytic", ("prior", "cl", "cl_baseline"), ("observation",),
+        stages.append(Stage("cl_analytic", ("prior", "cl", "cl_baseline", "scales"), ("observation",),
                             lambda out: _meta(pipeline.run_cl_baseline(
                                 cfg, obs(out), out / "samples/cl_analytic.h5", progress=_progress())),
                             ("samples/cl_analytic.h5",)))
     if "hmc" in methods:
-        stages.append(Stage("hmc", ("prior", "hmc"), ("observation",),
+        stages.append(Stage("hmc", ("prior", "hmc", "scales"), ("observation",),
                             lambda out: _meta(pipeline.run_hmc(cfg, obs(out), out / "hmc",
                                                                samples_out=out / "samples/hmc.h5",
                                                                progress=True)),  # lines off a tty
                             ("hmc", "samples/hmc.h5"), grows=("hmc.num_samples",)))
     if "exact" in methods:
-        stages.append(Stage("exact", ("prior",), ("observation",),
+        stages.append(Stage("exact", ("prior", "scales"), ("observation",),
                             lambda out: _meta(pipeline.run_exact(cfg, obs(out),
                                                                  out / "samples/exact.h5")),
                             ("samples/exact.h5",)))
@@ -124,7 +124,8 @@ def plan(cfg) -> list[Stage]:
         # knows the settings it was trained with), and scores them against the reference
         needs = ("sims", "observation", reference_method(methods)) + (
             ("hmc",) if "hmc" in methods and reference_method(methods) != "hmc" else ())
-        stages.append(Stage("efficiency", ("compare", "training_set", "compressor", "npe", "cl"),
+        stages.append(Stage("efficiency", ("compare", "training_set", "compressor", "npe", "cl",
+                                           "scales"),
                             needs, lambda out: (run_efficiency(cfg, out), {})[1],
                             ("efficiency.json",)))
     stages.append(Stage("metrics", ("compare",), tuple(methods),
@@ -219,6 +220,10 @@ def _metrics(cfg, out: Path) -> dict:
                               seed=cfg.compare.seed, ess_min=cfg.compare.ess_min,
                               r_hat_max=cfg.compare.r_hat_max)
     metrics["stages"] = budget
+    cuts = cfg.scale_cuts()
+    # the multipoles every method saw (null: all of them): ell_min, ell_max per bin
+    metrics["scale_cuts"] = None if cuts is None else {
+        "ell_min": list(cuts[0]), "ell_max": [v if np.isfinite(v) else None for v in cuts[1]]}
     write_metrics(out / "metrics.json", metrics)
     return {}
 

@@ -838,11 +838,15 @@ class CompressorSection(_Section):
                "[simulation] model, jitted and vmapped); the training set then serves for "
                "validation only, and every draw counts in the method's simulation budget")
 
-    def train_config(self, loss: str | None = None):
+    def train_config(self, loss: str | None = None, scales=None, field_deg: float | None = None):
+        """The ``compressors.TrainConfig``; ``scales``/``field_deg``: the experiment's scale cuts
+        (``ExperimentConfig.scale_cuts``) and map side, which the network applies to its inputs."""
         from compressors import TrainConfig
 
         values = {k: getattr(self, k) for k in type(self).model_fields}
         values["loss"] = loss or self.loss
+        if scales is not None:
+            values.update(scales=scales, field_deg=field_deg)
         if values["loss"] != "vmim":
             values["summary_dim"] = None  # one output per parameter
         return _wrap("compressor", type(self).model_fields, lambda: TrainConfig(**values))
@@ -1057,6 +1061,11 @@ class ScalesSection(_Section):
     ell_max: OrNone(FloatOrFloats) = _key(
         None, "highest validated multipole, one number or one per bin (at most the pixel Nyquist "
               "pi npix / field, or 3 nside)", "not validated: the pixel Nyquist")
+    cut: Bool = _key(
+        True, "every inference method sees only these multipoles: the C_ell methods drop the "
+              "[cl] bins outside them, the map methods (compressors, NPE on maps, field-level "
+              "and exact likelihoods) see maps whose Fourier modes outside them are removed "
+              "(flat sky)")
 
     def ranges(self, n_bins: int) -> "tuple[tuple[float, ...], tuple[float, ...]] | None":
         """((ell_min per bin), (ell_max per bin)), or None when neither key is set."""
@@ -1085,6 +1094,9 @@ def _check_scales(cfg) -> None:
     if rng is None:
         return
     maps = cfg.maps
+    if sc.cut and maps.sky != "flat":
+        _fail("scales.cut", "scale cuts need flat-sky maps (maps.sky = 'flat'); set "
+                            "scales.cut = false to only record the range")
     nyquist = (math.pi * maps.npix / math.radians(maps.field_deg) if maps.sky == "flat"
                else 3.0 * maps.nside)
     for i, (lo, hi) in enumerate(zip(*rng)):
@@ -1264,6 +1276,13 @@ class ExperimentConfig(_Frozen):
 
     def ell_edges(self):
         return self.cl.edges(self.maps)
+
+    def scale_cuts(self) -> "tuple[tuple[float, ...], tuple[float, ...]] | None":
+        """(ell_min per bin, ell_max per bin) that every inference method applies, or None: [scales]
+        with ``cut = true`` (inf where a bin has no upper limit)."""
+        if not self.scales.cut:
+            return None
+        return self.scales.ranges(self.sources.n_bins_total)
 
     def build_model(self):
         """The map model (``PMLensing``, ``LPTLensing``, ``GaussianLensing`` or ``LognormalLensing``).

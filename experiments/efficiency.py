@@ -69,8 +69,8 @@ def _score(cfg, samples, reference, key: str) -> dict:
 
 
 # What a point's training reads: a change here retrains it; the scoring keys do not.
-_POINT_SECTIONS = ("cosmology", "simulation", "lightcone", "maps", "sources", "prior",
-                   "training_set", "compressor", "npe", "cl")
+_POINT_SECTIONS = ("cosmology", "simulation", "lightcone", "shells", "maps", "sources", "prior",
+                   "training_set", "compressor", "npe", "cl", "scales")
 
 
 def _identity(cfg, method: str, n: int) -> str:

@@ -166,7 +166,7 @@ def run_train_compressor(config, sims_path, out, *, loss: str | None = None,
     sims = _read_sims(sims_path)
     _check_sims_match(sims, cfg)
     split = split_sims(sims, cfg.training_set.n_calibration, n_train)
-    train_cfg = cfg.compressor.train_config(loss)
+    train_cfg = cfg.compressor.train_config(loss, cfg.scale_cuts(), cfg.maps.field_deg)
     prior = cfg.prior()
     simulate = online_simulator(cfg, prior, train_cfg.batch_size) if train_cfg.online else None
     how = (f"fresh simulations ({train_cfg.batch_size} per step), validated on "
@@ -211,21 +211,34 @@ def _noisy(kappa: np.ndarray, theta: np.ndarray, sigma_n: np.ndarray, copies: in
 
 
 def summarise(kind: str, maps: np.ndarray, *, compressor=None, field_deg=None, ell_edges=None,
-              batch: int = 256) -> np.ndarray:
+              scales=None, batch: int = 256) -> np.ndarray:
     """Summaries of noisy maps (n, n_bins, npix, npix): compressor outputs (n, d), C_ℓ data
-    vectors (n, n_pairs·n_ell), or the maps themselves (one-stage NPE)."""
+    vectors (n, n_pairs·n_ell), or the maps themselves (one-stage NPE). ``scales`` (ell_min,
+    ell_max per bin; ``ExperimentConfig.scale_cuts``): the C_ℓ vector keeps the ℓ bins inside them
+    (``cl_baseline.scale_cut_keep``), the maps lose their Fourier modes outside them; a compressor
+    applies the cuts it was trained with itself."""
     if kind == "compressor":
         return np.asarray(compressor.compress(maps), np.float64)
     if kind == "cl":
         import jax
 
-        from estimators.cl_baseline import cl_data_vector
+        from estimators.cl_baseline import cl_data_vector, scale_cut_keep
 
         fn = jax.jit(lambda m: cl_data_vector(m, field_deg, np.asarray(ell_edges)))
-        return np.concatenate([np.asarray(fn(maps[i:i + batch]))
-                               for i in range(0, len(maps), batch)])
+        x = np.concatenate([np.asarray(fn(maps[i:i + batch])) for i in range(0, len(maps), batch)])
+        keep = scale_cut_keep(maps.shape[1], ell_edges, scales)
+        return x if keep is None else x[:, keep]
     if kind == "maps":
-        return np.asarray(maps, np.float32)
+        if scales is None:
+            return np.asarray(maps, np.float32)
+        import jax
+
+        from simulators.flatsky import apply_scale_mask, scale_mask
+
+        mask = scale_mask(field_deg, maps.shape[-1], *scales)
+        fn = jax.jit(lambda m: apply_scale_mask(m, mask))
+        return np.concatenate([np.asarray(fn(maps[i:i + batch]), np.float32)
+                               for i in range(0, len(maps), batch)])
     raise ValueError(f"unknown summary {kind!r}; valid: {', '.join(SUMMARIES)}")
 
 
@@ -307,7 +320,8 @@ def run_fit_posterior(config, sims_path, out, *, compressor=None, summary: str |
     _check_ram(len(split.train) * npe.noise_copies * sims.kappa[0].nbytes,
                f"npe.noise_copies = {npe.noise_copies} noisy copies of {len(split.train)} "
                f"training maps")
-    geo = dict(compressor=comp, field_deg=cfg.maps.field_deg, ell_edges=cfg.ell_edges())
+    geo = dict(compressor=comp, field_deg=cfg.maps.field_deg, ell_edges=cfg.ell_edges(),
+               scales=cfg.scale_cuts())
     if npe.vmim_flow and comp is not None and comp.config.loss == "vmim":
         _log(f"NPE: the VMIM compressor's own flow ({comp.n_simulations or '?'} simulations)")
         result = compressor_flow_npe(compressor, prior.torch(), names=prior.names,
@@ -404,7 +418,8 @@ def run_sample(posterior_dir, maps_path, out, *, n: int | None = None, seed: int
 
         comp = load_compressor(meta["compressor"])
     x = summarise(meta["summary"], obs.kappa_noisy[None].astype(np.float32), compressor=comp,
-                  field_deg=cfg.maps.field_deg, ell_edges=cfg.ell_edges())[0]
+                  field_deg=cfg.maps.field_deg, ell_edges=cfg.ell_edges(),
+                  scales=cfg.scale_cuts())[0]
     post = load_npe(Path(posterior_dir) / "npe")
     n = cfg.npe.n_samples if n is None else int(n)
     ensure_space(out, 8 * n * (len(meta["names"]) + 1), what="the samples file")
@@ -449,7 +464,7 @@ def run_cl_baseline(config, maps_path, out, *, progress: bool = True):
 
     from estimators.cl_baseline import (ClLikelihood, analytic_covariance, cl_data_vector,
                                         estimate_covariance, fiducial_data_vectors,
-                                        sample_cl_posterior)
+                                        sample_cl_posterior, scale_cut_keep)
     from simulators.lensing import mesh_power_window, noise_sigma
 
     from .io import Samples, write_samples
@@ -472,7 +487,7 @@ def run_cl_baseline(config, maps_path, out, *, progress: bool = True):
     out = Path(out)
     cache = out.with_name(out.name + ".cov.npz")
     # the covariance depends on the maps' model and the ell binning only
-    shaping = ("cosmology", "simulation", "lightcone", "maps", "sources", "cl")
+    shaping = ("cosmology", "simulation", "lightcone", "shells", "maps", "sources", "cl")
     key = json.dumps({**{k: v for k, v in cfg.to_dict().items() if k in shaping},
                       "n_cov": cb.n_cov, "seed": cb.seed}, sort_keys=True)
     dvs = None
@@ -497,7 +512,8 @@ def run_cl_baseline(config, maps_path, out, *, progress: bool = True):
     like = ClLikelihood(bins=model.bins, field_deg=cfg.maps.field_deg, npix=cfg.maps.npix,
                         ell_edges=edges, sigma_n=sigma_n, cov=cov, n_cov=n_cov,
                         prior=cfg.prior(), base=cfg.cosmology(), kind=cb.likelihood,
-                        power_filter=window, n_chi=cb.n_chi)
+                        power_filter=window, n_chi=cb.n_chi,
+                        keep=scale_cut_keep(model.bins.n_bins, edges, cfg.scale_cuts()))
     data = np.asarray(cl_data_vector(jnp.asarray(obs.kappa_noisy), cfg.maps.field_deg, edges))
     theta, info = sample_cl_posterior(like, data, num_warmup=cb.num_warmup,
                                       num_samples=cb.num_samples, num_chains=cb.num_chains,
@@ -594,7 +610,7 @@ def run_hmc(config, maps_path, out, *, samples_out=None, resume: bool = True,
         raise ValueError(f"{maps_path}: its shape-noise rms {obs.sigma_n} differs from the "
                          f"configuration's {sigma_n} (different sources or pixels?)")
     numpyro_model = field_model(model, prior.numpyro_dists(), cfg.cosmology(), obs.kappa_noisy,
-                                sigma_n)
+                                sigma_n, scales=cfg.scale_cuts())
     settings = cfg.hmc.settings()
     _log(f"{settings.sampler.upper()} over {prior.dim} parameters and the "
          f"{'x'.join(map(str, model.latent_shape))} latent field; {settings.num_chains} chain(s) "
@@ -638,7 +654,7 @@ def run_hmc(config, maps_path, out, *, samples_out=None, resume: bool = True,
 # What defines the field-level posterior besides [prior] and [hmc]: a run resumed or extended
 # with any of these changed would mix chains of two posteriors. The device layout (pdims, halo)
 # and the gradient mode give the same posterior and are left out.
-_MODEL_SECTIONS = ("cosmology", "simulation", "lightcone", "maps", "sources")
+_MODEL_SECTIONS = ("cosmology", "simulation", "lightcone", "shells", "maps", "sources", "scales")
 _LAYOUT_KEYS = ("pdims", "halo", "gradient")
 
 
@@ -823,7 +839,7 @@ def run_exact(config, maps_path, out, *, n: int | None = None, seed: int = 0):
     model = cfg.build_model()
     t0 = time.perf_counter()
     post = grid_posterior(model, obs.kappa_noisy, noise_sigma(model.bins, model.sky), prior.names,
-                          log_prior=prior.log_prob, base=cfg.cosmology())
+                          log_prior=prior.log_prob, base=cfg.cosmology(), scales=cfg.scale_cuts())
     theta = post.sample(seed, cfg.npe.n_samples if n is None else int(n))
     info = {"wall_time_s": time.perf_counter() - t0, "observation": str(maps_path),
             "grid_mean": post.mean, "grid_std": post.std, "log_evidence": post.log_evidence,

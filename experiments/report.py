@@ -294,6 +294,17 @@ def efficiency_table(result: Mapping) -> list[str]:
     return lines + [""]
 
 
+def _scale_cuts(cuts) -> list[str]:
+    """One line: the multipoles every method saw ([scales] with cut = true), or that all did."""
+    if not cuts:
+        return ["Scales: every method saw every multipole of the maps (no [scales] cuts).", ""]
+    parts = [f"bin {b + 1}: {lo:g}–{'∞' if hi is None else f'{hi:g}'}"
+             for b, (lo, hi) in enumerate(zip(cuts["ell_min"], cuts["ell_max"]))]
+    return ["Scales: every method saw only ℓ in " + ", ".join(parts)
+            + " (C_ℓ methods: the ℓ bins inside these; map methods: the maps' Fourier modes "
+              "inside them).", ""]
+
+
 def write_report(out_dir, metrics: dict, figures=None, *, title: str,
                  config_toml: str | None = None, calibration: Mapping | None = None,
                  efficiency: Mapping | None = None) -> Path:
@@ -318,6 +329,7 @@ def write_report(out_dir, metrics: dict, figures=None, *, title: str,
             if k in metrics["methods"]]
     lines = [f"# {title}", "",
              "Methods: " + ", ".join(_label(k, metrics["methods"][k]) for k in keys) + ".", ""]
+    lines += _scale_cuts(metrics.get("scale_cuts"))
     lines += _figures(out_dir, figures)
     lines += _power(metrics, keys)
     lines += _bias(metrics, keys)

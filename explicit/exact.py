@@ -157,9 +157,26 @@ def _noise_var(model, sigma_n) -> Array:
     return jnp.broadcast_to(sigma**2, (n_bins,))
 
 
+def active_bins(field_deg: float, npix: int, scales) -> np.ndarray | None:
+    """(n_u, n_bins) bool: bin b's modes of group u (``mode_groups``) lie in its scale range
+    ``scales`` = (ell_min (n_bins,), ell_max (n_bins,)); None when ``scales`` is None."""
+    if scales is None:
+        return None
+    ell, _, _ = mode_groups(field_deg, npix)
+    lo, hi = (np.asarray(v, np.float64) for v in scales)
+    return (ell[:, None] >= lo[None]) & (ell[:, None] <= hi[None])
+
+
 def _loglike_from_power(model: GaussianLensing, cosmo: Cosmology, power: Array,
-                        noise_var: Array) -> Array:
-    """ln L from the mode power S_u (``mode_power``) and the noise variances (n_bins,)."""
+                        noise_var: Array, active: np.ndarray | None = None) -> Array:
+    """ln L from the mode power S_u (``mode_power``) and the noise variances (n_bins,).
+
+    active: (n_u, n_bins) bool (``active_bins``): only these modes enter. A mode group's
+    covariance and power are restricted to its active bins by replacing the other rows and columns
+    with the identity (covariance) and count × identity (power), which adds a constant (count per
+    inactive bin to the quadratic term, 0 to the log-determinant): ln L of the kept modes up to a
+    θ-independent constant.
+    """
     field, npix, n_bins = model.sky.field_deg, model.sky.npix, model.bins.n_bins
     ell, _, count = mode_groups(field, npix)
     cl = flatsky.limber_cl(cosmo, model.bins, ell[1:], n_chi=model.n_chi)  # (n_pairs, n_u - 1)
@@ -167,13 +184,19 @@ def _loglike_from_power(model: GaussianLensing, cosmo: Cosmology, power: Array,
     cmat = jnp.zeros((ell.shape[0], n_bins, n_bins), jnp.float64)
     cmat = cmat.at[1:, i, j].set(cl.T).at[1:, j, i].set(cl.T)  # row 0: ℓ = 0, no signal
     m = cmat / flatsky.pixel_area_sr(field, npix) + jnp.diag(noise_var)
+    if active is not None:
+        keep = jnp.asarray(active[:, :, None] & active[:, None, :], jnp.float64)
+        off = jnp.asarray(np.eye(n_bins)[None] * (~active)[:, :, None], jnp.float64)
+        m = m * keep + off
+        power = power * keep + off * jnp.asarray(count, jnp.float64)[:, None, None]
     chol = jnp.linalg.cholesky(m)
     logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
     quad = jnp.trace(jax.scipy.linalg.cho_solve((chol, True), power), axis1=-2, axis2=-1)
     return -0.5 * (jnp.sum(quad + jnp.asarray(count) * logdet) + n_bins * npix**2 * _LOG_2PI)
 
 
-def gaussian_field_loglike(model: GaussianLensing, cosmo: Cosmology, data, sigma_n) -> Array:
+def gaussian_field_loglike(model: GaussianLensing, cosmo: Cosmology, data, sigma_n,
+                           scales=None) -> Array:
     """Exact ln p(data | cosmo) of the Gaussian-field model, the latent field marginalised.
 
     Args:
@@ -183,11 +206,13 @@ def gaussian_field_loglike(model: GaussianLensing, cosmo: Cosmology, data, sigma
       sigma_n: per-pixel noise rms, scalar or (n_bins,), > 0 (``lensing.noise_sigma``).
     Returns: scalar float64, the log density of data in R^(n_bins npix²) (nats, map units).
     jit/vmap/grad-able in cosmo (model static). For many cosmologies with fixed data, use
-    ``theta_loglike`` (the data FFT is done once).
+    ``theta_loglike`` (the data FFT is done once). scales: optional (ell_min, ell_max) per bin:
+    only the Fourier modes of bin b with ell_min[b] <= |ℓ| <= ell_max[b] enter (up to a constant).
     """
     _check_model(model)
     power = mode_power(_check_data(model, data), model.sky.field_deg)
-    return _loglike_from_power(model, cosmo, power, _noise_var(model, sigma_n))
+    return _loglike_from_power(model, cosmo, power, _noise_var(model, sigma_n),
+                               active_bins(model.sky.field_deg, model.sky.npix, scales))
 
 
 def _check_names(names) -> tuple[str, ...]:
@@ -200,19 +225,21 @@ def _check_names(names) -> tuple[str, ...]:
 
 
 def theta_loglike(model: GaussianLensing, data, sigma_n, names: Sequence[str],
-                  base: Cosmology | None = None) -> Callable[[Array], Array]:
+                  base: Cosmology | None = None, scales=None) -> Callable[[Array], Array]:
     """θ (d,) ↦ exact ln L of ``base`` with the parameters ``names`` set to θ (pure JAX function,
-    jit/vmap/grad-able). The data FFT and mode power are computed once here."""
+    jit/vmap/grad-able). The data FFT and mode power are computed once here. ``scales``: as in
+    ``gaussian_field_loglike``."""
     _check_model(model)
     names = _check_names(names)
     base = Cosmology.fiducial() if base is None else base
     power = mode_power(_check_data(model, data), model.sky.field_deg)
     noise_var = _noise_var(model, sigma_n)
+    active = active_bins(model.sky.field_deg, model.sky.npix, scales)
 
     def loglike(theta):
         theta = jnp.asarray(theta, jnp.float64)
         cosmo = dataclasses.replace(base, **{n: theta[k] for k, n in enumerate(names)})
-        return _loglike_from_power(model, cosmo, power, noise_var)
+        return _loglike_from_power(model, cosmo, power, noise_var, active)
 
     return loglike
 
@@ -695,7 +722,8 @@ def grid_posterior_from_loglike(loglike: Callable[[Array], Array], names: Sequen
 
 def grid_posterior(model: GaussianLensing, data, sigma_n, names: Sequence[str],
                    log_prior: Callable[[Array], Array] | None = None,
-                   base: Cosmology | None = None, ranges=None, **grid_kw) -> GridPosterior:
+                   base: Cosmology | None = None, ranges=None, scales=None,
+                   **grid_kw) -> GridPosterior:
     """Exact posterior of the Gaussian-field problem on a grid over 1 or 2 parameters.
 
     Args:
@@ -709,6 +737,7 @@ def grid_posterior(model: GaussianLensing, data, sigma_n, names: Sequence[str],
       ranges: {name: (low, high)} or a (d, 2) sequence: the grid box in parameter units. None:
         automatic (Laplace peak ± k_sigma σ, then refined on coarse grids to the region where
         ln p > max - log_drop).
+      scales: optional (ell_min, ell_max) per bin: the scale cuts (``gaussian_field_loglike``).
       grid_kw: n_grid (exact evaluations per axis: 64 in 2-D, 256 in 1-D), upsample (fine cells
         per node interval and axis, 8), k_sigma (8), log_drop (20), n_coarse (24 in 2-D, 64 in
         1-D), batch (cosmologies per vmapped call: 16 suits a CPU, raise it on a GPU; memory
@@ -721,10 +750,10 @@ def grid_posterior(model: GaussianLensing, data, sigma_n, names: Sequence[str],
     """
     names = _check_names(names)
     base = Cosmology.fiducial() if base is None else base
-    loglike = theta_loglike(model, data, sigma_n, names, base)
+    loglike = theta_loglike(model, data, sigma_n, names, base, scales)
     theta0 = np.array([float(getattr(base, n)) for n in names])
     return grid_posterior_from_loglike(loglike, names, log_prior, ranges, theta0, **grid_kw)
 
 
-__all__ = ["GridPosterior", "gaussian_field_loglike", "grid_posterior",
+__all__ = ["GridPosterior", "active_bins", "gaussian_field_loglike", "grid_posterior",
            "grid_posterior_from_loglike", "mode_groups", "mode_power", "theta_loglike"]

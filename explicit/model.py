@@ -22,7 +22,7 @@ from numpyro.distributions.transforms import biject_to
 from numpyro.handlers import seed, trace
 from numpyro.infer.util import potential_energy
 
-from simulators import Cosmology
+from simulators import Cosmology, flatsky
 
 Array = jax.Array
 
@@ -81,6 +81,10 @@ class FieldModel:
       data: (n_bins, *sky.shape) float64 noisy κ.
       sigma_n: (n_bins,) float64 per-pixel noise rms.
       mask: (n_bins, *sky.shape) bool, True where pixels enter the likelihood.
+      scale_mask: None, or (n_bins, npix, npix) bool Fourier modes (``flatsky.scale_mask``) that
+        enter the likelihood (scale cuts): model and data are both projected onto them
+        (``flatsky.apply_scale_mask``; ``data`` is stored projected), and with white pixel noise
+        the Gaussian density of the projected residual is that of the kept modes.
     """
 
     map_model: Any
@@ -89,6 +93,7 @@ class FieldModel:
     data: Array
     sigma_n: Array
     mask: Array
+    scale_mask: Array | None = None
 
     @property
     def theta_names(self) -> tuple[str, ...]:
@@ -158,13 +163,15 @@ class FieldModel:
         if self.grid is not None:
             field = self.grid.constrain(field)
         kappa = self._kappa(cosmo, field)
+        if self.scale_mask is not None:
+            kappa = flatsky.apply_scale_mask(kappa, self.scale_mask)
         scale = self.sigma_n.reshape((-1,) + (1,) * (kappa.ndim - 1))
         like = dist.Normal(kappa, scale).mask(self.mask).to_event(kappa.ndim)
         numpyro.sample(OBS_SITE, like, obs=self.data)
 
 
 def field_model(map_model, prior_dists: Mapping[str, dist.Distribution], base: Cosmology, data,
-                sigma_n, *, mask=None) -> FieldModel:
+                sigma_n, *, mask=None, scales=None) -> FieldModel:
     """The numpyro model of the field-level posterior of a map model (see ``FieldModel``).
 
     Args:
@@ -176,6 +183,8 @@ def field_model(map_model, prior_dists: Mapping[str, dist.Distribution], base: C
       sigma_n: (n_bins,) per-pixel noise rms (e.g. ``simulators.lensing.noise_sigma``), > 0.
       mask: bool, sky.shape or (n_bins, *sky.shape); pixels where False are left out of the
         likelihood. Default: ``sky.footprint()``.
+      scales: optional (ell_min, ell_max), each (n_bins,): only the Fourier modes of bin b with
+        ell_min[b] <= |ℓ| <= ell_max[b] enter the likelihood (flat sky, whole footprint).
     Returns: a ``FieldModel`` (a numpyro model called with no arguments).
     Raises ValueError naming the bad argument.
     """
@@ -227,8 +236,22 @@ def field_model(map_model, prior_dists: Mapping[str, dist.Distribution], base: C
     mask = np.broadcast_to(mask, expected)
     if not mask.any():
         raise ValueError("mask selects no pixel: the likelihood would be empty")
+    modes = None
+    if scales is not None:
+        sky = map_model.sky
+        if not hasattr(sky, "field_deg") or not mask.all():
+            raise ValueError("scale cuts need a flat-sky map model and the whole field in the "
+                             "likelihood (no pixel mask)")
+        lo, hi = (np.asarray(v, np.float64) for v in scales)
+        if lo.shape != (n_bins,) or hi.shape != (n_bins,):
+            raise ValueError(f"scales must be (ell_min, ell_max), each of shape ({n_bins},)")
+        modes = flatsky.scale_mask(sky.field_deg, sky.npix, lo, hi)
+        if not modes.any():
+            raise ValueError("scales keep no Fourier mode: the likelihood would be empty")
+        data = np.asarray(flatsky.apply_scale_mask(data, modes), np.float64)
+        modes = jnp.asarray(modes)
     return FieldModel(map_model, prior_dists, base, jnp.asarray(data), jnp.asarray(sigma_n),
-                      jnp.asarray(mask))
+                      jnp.asarray(mask), modes)
 
 
 # ------------------------------------------------------------------------------------------------

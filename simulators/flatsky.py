@@ -129,6 +129,28 @@ def mode_ell(field_deg: float, npix: int) -> np.ndarray:
     return np.hypot(lx[:, None], lx[None, :])
 
 
+def scale_mask(field_deg: float, npix: int, ell_min, ell_max) -> np.ndarray:
+    """(n_bins, npix, npix) bool, FFT ordering: the modes of bin b with ell_min[b] <= |ℓ| <=
+    ell_max[b] (``ell_min``/``ell_max``: (n_bins,) sequences). The mask depends on |ℓ| only, so it
+    is even in ℓ and ``apply_scale_mask`` is an orthogonal projector on real maps."""
+    lo, hi = np.asarray(ell_min, np.float64), np.asarray(ell_max, np.float64)
+    if lo.ndim != 1 or lo.shape != hi.shape:
+        raise ValueError(f"ell_min and ell_max must be (n_bins,) sequences of the same length, "
+                         f"got shapes {lo.shape} and {hi.shape}")
+    ell = mode_ell(field_deg, npix)
+    return (ell[None] >= lo[:, None, None]) & (ell[None] <= hi[:, None, None])
+
+
+def apply_scale_mask(maps, mask) -> Array:
+    """The maps (n_bins, npix, npix) (or a batch (..., n_bins, npix, npix)) keeping only the Fourier
+    modes in ``mask`` (``scale_mask``): F⁻¹ (mask · F maps), real, in the maps' dtype. Linear, and
+    the same operation on data and model: with white pixel noise of rms σ the filtered residual's
+    -|P(d - κ)|² / 2σ² is the exact log-likelihood of the kept modes (up to a constant)."""
+    maps = jnp.asarray(maps)
+    mask = jnp.asarray(mask)
+    return jnp.real(jnp.fft.ifft2(jnp.fft.fft2(maps) * mask)).astype(maps.dtype)
+
+
 def _bin_modes(values, ell_grid, ell_edges):
     """Average values (..., npix, npix) over modes with ell_edges[b] <= |ell| < ell_edges[b+1].
 

@@ -159,9 +159,9 @@ SOURCES: dict[str, Source] = {
         title="Lensing maps: the resolved lightcone (hires_patch) against Limber + halofit",
         what="`hires_patch`: five shell boxes (cells 0.5–2.6 Mpc/h, 25.3M cells, 109 PM steps in "
              "all, compensated reads) on a 2.03° field at 2.34′ pixels, sources to χ = 3600 "
-             "Mpc/h. Fixed-amplitude white noise (random phases) in every shell removes most of "
-             "the seed-to-seed scatter of the mean power; the theory is the raw Limber + halofit "
-             "(no mesh window). The resolution target of issue 27: within 10% for ℓ ∈ [300, "
+             "Mpc/h. Fixed-amplitude white noise (random phases) in every shell, meant to remove "
+             "the scatter of the 3-D mode amplitudes, barely narrows the errors on this 2° field "
+             "(NOTEBOOK 13); the theory is the raw Limber + halofit (no mesh window). The resolution target of issue 27: within 10% for ℓ ∈ [300, "
              "1000] in bins 2–5 and [300, 600] in bin 1.",
         command=".venv/bin/python -m experiments.validation.cl_maps --config hires_patch "
                 "--seeds 4 --fixed \\\n    --maps-dir runs/cl_hires_fixed "

@@ -9,8 +9,8 @@ usage: python -m experiments.validation.cl_maps MAPS.h5 [MAPS.h5 ...] --out cl_m
 The map files are ``lensbench maps`` outputs of one configuration with different seeds; with
 --config they are simulated here (seeds 0 .. n-1, kept in --maps-dir, and reused when the script
 runs again), and --fixed gives every white-noise field fixed Fourier amplitudes (random phases;
-Angulo & Pontzen 2016), which removes most of the seed-to-seed scatter of the mean power, so that
-a few seeds test the simulation's mean C_ℓ to a few per cent. For every
+Angulo & Pontzen 2016), which removes the scatter of the 3-D mode amplitudes (on a narrow field of
+small shell boxes the projected C_ℓ still scatters almost as much: NOTEBOOK 13). For every
 ℓ bin of the files' [cl] binning and every auto and cross pair it prints mean(C_ℓ) / theory over
 the seeds and the standard error of that mean (the scatter between seeds / sqrt(n); with one file,
 the Gaussian error sqrt(2 / modes)). A pair passes in the ℓ range when every bin whose centre lies

@@ -166,3 +166,27 @@ def test_nested_spans_count_once():
     ev = gc._exclusive([("while", 0, 100, {}), ("a", 10, 30, {}), ("b", 50, 20, {}),
                         ("c", 200, 5, {})])
     assert [(n, t) for n, t, _ in ev] == [("while", 50), ("a", 30), ("b", 20), ("c", 5)]
+
+
+def test_hires_item_is_planned_with_a_loadable_smoke_configuration():
+    """The resolved-lightcone item comes last; its CPU-smoke changes make a valid (tiny) shells
+    configuration, and its table line reads a result with the item's keys. (A smoke run of it
+    takes ~90 s of CPU compiles: ``gpu_check --cpu-smoke --only hires``, NOTEBOOK 13.)"""
+    import numpy as np
+
+    from experiments.config import load_config
+
+    items = gc.plan(smoke=True)
+    assert items[-1].name == "hires/lsst_y10_hires" and items[-1].kind == "hires"
+    spec = items[-1].spec
+    cfg = load_config(spec["config"]).with_(**spec["changes"])
+    cells = sum(int(np.prod(c.mesh_shape)) for c, _ in cfg.shell_configs())
+    assert cells < 200_000
+    full = gc.plan(smoke=False)[-1].spec
+    assert full["config"] == "lsst_y10_hires" and not full["changes"]
+    result = {k: 1.0 for k in gc.KEYS["hires"]}
+    result.update(mesh_cells=1.2e8, device_peak_bytes=None, device_bytes_per_cell=None)
+    assert not gc.missing_keys("hires", result)
+    line = gc.describe("hires/lsst_y10_hires", {"status": "ok", "kind": "hires",
+                                                        "wall_s": 3.0, "result": result})
+    assert "120.0M cells" in line and "gradient 1.0 s" in line

@@ -26,6 +26,13 @@ item that was running; items not yet run stay ``"pending"``. Items, smallest fir
                           gradient): CIC painting, the PM force, the FFTs, the Born projection of
                           one step's shell; a cross-check of the trace and the fallback if it could
                           not be parsed.
+  ``hires/lsst_y10_hires``  the resolved lightcone of issue 27 (five shell boxes, 144.5M cells):
+                          noise-free maps of seed 0 as one compiled program (compile + first,
+                          second call), their auto-spectra over raw Limber + halofit per [cl]
+                          bin, then the value and gradient of Σκ² in (Ω_c, every shell's white
+                          noise): time, device peak and bytes per cell. Last in the plan, so a
+                          full run usually skips it: run it alone with ``--only hires`` (about
+                          4-6 minutes expected on an H100, a projection from CPU timings).
 
 Without a GPU the check refuses in one line (exit 1); ``--cpu-smoke`` runs every item on CPU at
 tiny sizes (quick at 8×8×16, lsst_y10 at 16×16×64 and 16×16×128 with 32² pixels, K = 1, 4), which
@@ -73,6 +80,9 @@ KEYS = {
     "profile": ("config", "mesh_shape", "gradient", "compile_s", "cost", "memory",
                 "traced_calls", "seconds_per_call", "top_ops", "trace"),
     "parts": ("config", "mesh_shape", "n_steps", "parts"),
+    "hires": ("config", "mesh_cells", "largest_shell_cells", "n_steps", "backend",
+              "forward_compile_plus_first_s", "forward_s", "cl", "gradient_compile_plus_first_s",
+              "gradient_s", "device_peak_bytes", "device_bytes_per_cell", "peak_rss_mb"),
 }
 BATCH_KEYS = ("K", "compile_plus_first_s", "median_seconds", "gradients_per_s",
               "speedup_over_K1", "device_peak_bytes")
@@ -123,7 +133,15 @@ def plan(smoke: bool) -> list[Item]:
         Item(f"profile/{tag[large]}", "profile", 120 * scale, dict(spec_big, calls=evals["trace"])),
         grads("lsst_y10", large, lsst_changes, "checkpoint", big_evals, 120),
         Item(f"parts/{tag[large]}", "parts", 90 * scale, dict(spec_big, evals=3)),
+        Item("hires/lsst_y10_hires", "hires", 420 * (1.0 if not smoke else 2.0),
+             dict(config="hires_patch", changes=HIRES_SMOKE, evals=1) if smoke
+             else dict(config="lsst_y10_hires", changes={}, evals=2)),
     ]
+
+
+# hires on CPU: hires_patch's shells with cells 8x coarser, 3 steps, 16² pixels (a few minutes)
+HIRES_SMOKE = {"shells.cell": [4.0, 6.0, 8.8, 13.6, 20.8], "simulation.n_steps": 3,
+               "maps.npix": 16}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -446,8 +464,68 @@ def work_parts(spec: dict) -> dict:
     return out
 
 
+def work_hires(spec: dict) -> dict:
+    """Forward maps, their C_ℓ against theory, and the gradient of a shells configuration, one
+    stage after another (each emitted, so a timeout keeps the stages before it)."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import simulators
+
+    simulators.enable_x64()
+    from experiments.benchmarks.hmc import _rss_mb, device_peak_bytes
+    from experiments.config import load_config
+    from simulators import flatsky
+
+    cfg = load_config(spec["config"])
+    if spec.get("changes"):
+        cfg = cfg.with_(**spec["changes"])
+    model, cosmo, bins = cfg.build_model(), cfg.cosmology(), cfg.bins()
+    shells = getattr(model, "shells", None) or (model,)
+    cells = [int(np.prod(s.cfg.mesh_shape)) for s in shells]
+    out = {"config": spec["config"], "changes": spec.get("changes") or {},
+           "backend": jax.default_backend(), "n_shells": len(shells), "mesh_cells": sum(cells),
+           "largest_shell_cells": max(cells), "n_steps": sum(s.cfg.n_steps for s in shells)}
+    latent = model.latent(0)
+    forward = jax.jit(model.kappa)
+    t0 = time.perf_counter()
+    kappa = jax.block_until_ready(forward(cosmo, latent))
+    out["forward_compile_plus_first_s"] = time.perf_counter() - t0
+    out["forward_s"] = _median_time(forward, (cosmo, latent), spec.get("evals", 1))
+    out["forward_device_peak_bytes"] = device_peak_bytes()
+    _emit(out)
+
+    edges = np.asarray(cfg.ell_edges())
+    cl, ell, _ = flatsky.cl_estimate(kappa, cfg.maps.field_deg, edges)
+    theory = flatsky.binned_model_cl(lambda l: flatsky.limber_cl(cosmo, bins, l),
+                                     cfg.maps.field_deg, cfg.maps.npix, edges)[0]
+    i, j = flatsky.pair_indices(bins.n_bins)
+    autos = np.flatnonzero(i == j)
+    out["cl"] = {"ell": np.asarray(ell).tolist(),
+                 "ratio_auto": (np.asarray(cl)[autos] / np.asarray(theory)[autos]).tolist()}
+    del kappa
+    _emit(out)
+
+    def loss(omega_c, z):
+        return jnp.sum(model.kappa(dataclasses.replace(cosmo, Omega_c=omega_c), z) ** 2)
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    om = jnp.asarray(cosmo.Omega_c, jnp.float64)
+    t0 = time.perf_counter()
+    jax.block_until_ready(grad(om, latent))
+    out["gradient_compile_plus_first_s"] = time.perf_counter() - t0
+    out["gradient_s"] = _median_time(grad, (om, latent), spec.get("evals", 1))
+    peak = device_peak_bytes()
+    out.update(device_peak_bytes=peak, peak_rss_mb=_rss_mb(),
+               device_bytes_per_cell=None if peak is None else peak / sum(cells))
+    return out
+
+
 WORKERS = {"env": work_env, "grads": work_grads, "vmap": work_vmap, "profile": work_profile,
-           "parts": work_parts}
+           "parts": work_parts, "hires": work_hires}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -621,6 +699,12 @@ def _describe(name: str, row: dict) -> str:
             lines.append(f"{'':40s}   {o['ms_per_call']:9.2f} ms {100 * o['fraction']:5.1f}%"
                          f"  {o['op'][:40]:40s} {(o.get('category') or '')[:20]}")
         return "\n".join(lines)
+    if kind == "hires":
+        per_cell = r.get("device_bytes_per_cell")
+        return (f"{head}  {r['mesh_cells'] / 1e6:.1f}M cells: forward {r['forward_s']:.1f} s, "
+                f"gradient {r['gradient_s']:.1f} s, peak {_mb(r.get('device_peak_bytes'))}"
+                + (f" ({per_cell:.0f} B/cell)" if per_cell is not None else
+                   f" (RSS {r['peak_rss_mb']:.0f} MB)") + tail)
     if kind == "parts":
         lines = [head + tail]
         for n, p in r.get("parts", {}).items():

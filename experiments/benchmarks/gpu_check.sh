@@ -16,6 +16,9 @@
 #                            device time, XLA cost analysis; the raw trace in <OUT stem>_trace/
 #   parts/lsst_y10_128x128x1024
 #                            PM force, painting, FFTs, Born projection timed alone
+#   hires/lsst_y10_hires     the resolved lightcone (issue 27): forward maps, their C_ell over
+#                            theory, the gradient's time and device peak; last, so run it alone:
+#                                bash experiments/benchmarks/gpu_check.sh --only hires "$OUT/hires.json"
 # Details: the docstring of experiments/benchmarks/gpu_check.py.
 #
 # Without a GPU it refuses in one line (exit 1). To test the script on CPU (tiny sizes, minutes):

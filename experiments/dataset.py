@@ -628,14 +628,23 @@ def _model_sharded(model) -> bool:
 
 
 def _is_3d(model) -> bool:
-    return getattr(model, "cfg", None) is not None
+    return getattr(model, "cfg", None) is not None or hasattr(model, "shells")
+
+
+def _model_bytes(model) -> int:
+    """Estimated memory of one simulation of a PM/LPT model (every shell of a shells model: a
+    vmapped batch may hold them all at once)."""
+    from simulators.simulation import estimated_bytes
+
+    shells = getattr(model, "shells", None)
+    if shells is not None:
+        return sum(estimated_bytes(s.cfg) for s in shells)
+    return estimated_bytes(model.cfg)
 
 
 def _check_batch_memory(model, per_device: int) -> None:
     """On CPU, refuse a PM/LPT batch that cannot fit in memory (instead of swapping)."""
     import jax
-
-    from simulators.simulation import estimated_bytes
 
     if not _is_3d(model) or jax.default_backend() != "cpu":
         return
@@ -643,7 +652,7 @@ def _check_batch_memory(model, per_device: int) -> None:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return
-    need = estimated_bytes(model.cfg) * per_device
+    need = _model_bytes(model) * per_device
     if need > total:
         raise ValueError(f"a batch of {per_device} simulations per device needs about "
                          f"{need / 2**30:.0f} GiB but this machine has {total / 2**30:.0f} GiB of "
@@ -658,12 +667,10 @@ def _default_batch(model, n: int, n_devices: int, sharded: bool) -> int:
     if _is_3d(model):
         import jax
 
-        from simulators.simulation import estimated_bytes
-
         if jax.default_backend() == "cpu":
             try:
                 total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-                per_device = max(1, min(per_device, int(0.5 * total // estimated_bytes(model.cfg))))
+                per_device = max(1, min(per_device, int(0.5 * total // _model_bytes(model))))
             except (ValueError, OSError, AttributeError):
                 pass
     return per_device * n_devices

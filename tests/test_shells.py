@@ -194,3 +194,22 @@ def test_maps_record_the_validated_scales_and_cl_marks_them(tmp_path, capsys):
         assert r[2].endswith("*") == (ell > 200) and r[3].endswith("*") == (ell > 400)
     npz = np.load(tmp_path / "cl.npz")
     np.testing.assert_array_equal(npz["valid_hi"], [200.0, 200.0, 400.0])
+
+
+def test_training_sets_of_a_shells_model(tmp_path):
+    """``generate`` runs a shells model as a 3-D model (its memory is the shells' sum), and each
+    simulation's maps are the sum of its shells'."""
+    from experiments.dataset import _is_3d, _model_bytes, _model_for, generate, read_sims
+    from experiments.priors import lsst_y10
+    from simulators.simulation import estimated_bytes
+
+    cfg = load_config_text(SHELL_TOML)
+    model = _model_for(cfg)
+    assert _is_3d(model)
+    assert _model_bytes(model) == sum(estimated_bytes(s.cfg) for s in model.shells)
+    prior = lsst_y10().select(["Omega_c", "sigma8"])
+    report = generate(cfg, prior, 2, tmp_path / "s.h5", batch_size=2, progress=False)
+    assert report.n_ok == 2
+    sims = read_sims(tmp_path / "s.h5")
+    assert sims.kappa.shape == (2, 2, 8, 8) and np.all(np.isfinite(sims.kappa))
+    assert not np.allclose(sims.kappa[0], sims.kappa[1])

@@ -99,7 +99,8 @@ def test_orchestration_writes_after_each_item_and_keeps_partial_results(tmp_path
 
 def test_budget_skips_the_last_items_and_no_gpu_refuses(tmp_path):
     items = gc.plan(smoke=False)
-    assert [it.name for it in items][-1].startswith("parts/")  # largest last
+    names = [it.name for it in items]
+    assert names[-1].startswith("hires/") and names[-2].startswith("parts/")  # largest last
     # each item takes 60 s of a fake clock: with 150 s, env and one item run, the third gets
     # the 30 s left as its timeout, and the rest (under MIN_ITEM_S left) are skipped
     now = {"t": 0.0}

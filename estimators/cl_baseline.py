@@ -678,8 +678,8 @@ def sample_cl_posterior(likelihood: ClLikelihood, data, *, num_warmup: int = 500
     from numpyro.infer import MCMC, NUTS, init_to_median, init_to_value
 
     data = jnp.asarray(data, jnp.float64)
-    if data.shape != (likelihood.n_data,):
-        raise ValueError(f"data must have shape ({likelihood.n_data},), got {data.shape}")
+    if data.shape != (likelihood.n_total,):  # the whole vector: the likelihood keeps its entries
+        raise ValueError(f"data must have shape ({likelihood.n_total},), got {data.shape}")
     if not bool(jnp.all(jnp.isfinite(data))):
         raise ValueError("data contain NaN or inf")
     names = likelihood.prior.names
@@ -710,7 +710,8 @@ def sample_cl_posterior(likelihood: ClLikelihood, data, *, num_warmup: int = 500
 
     def model(data):  # ``likelihood.model`` with the gradient counter on θ
         theta = tap(likelihood.prior.sample_sites())
-        numpyro.sample("data", likelihood.distribution(likelihood.mean(theta)), obs=data)
+        numpyro.sample("data", likelihood.distribution(likelihood.mean(theta)),
+                       obs=likelihood._kept(data))
 
     kernel = NUTS(model, init_strategy=strategy, dense_mass=dense_mass,
                   max_tree_depth=max_tree_depth, target_accept_prob=target_accept_prob,

@@ -148,6 +148,10 @@ def test_cl_keep_and_likelihood_on_the_kept_bins():
     c = cov[np.ix_(sel, sel)]
     want = -0.5 * (r @ np.linalg.solve(c, r) + np.linalg.slogdet(2 * np.pi * c)[1])
     assert float(cut.log_likelihood(theta, data)) == pytest.approx(want, rel=1e-9)
+    from estimators.cl_baseline import sample_cl_posterior
+
+    draws, info = sample_cl_posterior(cut, data, num_warmup=10, num_samples=10, progress=False)
+    assert draws.shape == (10, 2) and np.all(np.isfinite(draws)) and info["n_data"] == 4
 
 
 def test_compressor_cannot_see_the_removed_modes(tmp_path):

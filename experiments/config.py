@@ -271,6 +271,16 @@ def Count(low, high):
     return Check(problem, f"in [{low}, {high}]")
 
 
+def _each(value, n: int, key: str, per: str) -> tuple:
+    """``value`` (one number, or a tuple of them) as n numbers, one per ``per``; a tuple of another
+    length is a ConfigError naming ``key``."""
+    if isinstance(value, tuple):
+        if len(value) != n:
+            _fail(key, f"needs one number or {n} (one per {per}), got {len(value)}")
+        return value
+    return (value,) * n
+
+
 def _key(default: Any, description: str, shown_default: str | None = None):
     """A config key: its default, and its documentation (units in the description). A default
     that depends on other keys is None in the model; ``shown_default`` says what it becomes."""
@@ -504,9 +514,7 @@ class ShellsSection(_Section):
             v = getattr(self, k)
             if v is None:
                 _fail(f"shells.{k}", "is required with shells.chi_edges")
-            vals = (v,) * n if isinstance(v, float) else v
-            if len(vals) != n:
-                _fail(f"shells.{k}", f"needs one value or {n} (one per shell), got {len(vals)}")
+            vals = _each(v, n, f"shells.{k}", "shell")
             if not all(math.isfinite(x) and x > 0 for x in vals):
                 _fail(f"shells.{k}", f"must be positive (Mpc/h), got {_show(v)}")
             self.__dict__[k] = tuple(vals)
@@ -619,10 +627,7 @@ class SourcesSection(_Section):
                                            "number or one per file)")
         n = len(self.nz_files)
         per_bin = self.n_gal_per_bin
-        if isinstance(per_bin, tuple) and len(per_bin) != n:
-            _fail("sources.n_gal_per_bin", f"needs one number or {n} (one per n(z) file), "
-                                           f"got {len(per_bin)}")
-        for i, v in enumerate(per_bin if isinstance(per_bin, tuple) else (per_bin,) * n):
+        for i, v in enumerate(_each(per_bin, n, "sources.n_gal_per_bin", "n(z) file")):
             if not v > 0:
                 _fail("sources.n_gal_per_bin", f"bin {i} has no galaxies (n_gal must be > 0), "
                                                f"got {_show(per_bin)}")
@@ -1068,31 +1073,24 @@ class ScalesSection(_Section):
               "(flat sky)")
 
     def ranges(self, n_bins: int) -> "tuple[tuple[float, ...], tuple[float, ...]] | None":
-        """((ell_min per bin), (ell_max per bin)), or None when neither key is set."""
+        """((ell_min per bin), (ell_max per bin)), or None when neither key is set; a list of
+        another length than ``n_bins`` is a ConfigError naming the key."""
         if self.ell_min is None and self.ell_max is None:
             return None
-
-        def per_bin(v, default):
-            if v is None:
-                return (default,) * n_bins
-            return (float(v),) * n_bins if isinstance(v, float) else tuple(v)
-
-        return per_bin(self.ell_min, 0.0), per_bin(self.ell_max, math.inf)
+        return tuple((default,) * n_bins if v is None else
+                     tuple(float(x) for x in _each(v, n_bins, f"scales.{k}", "bin"))
+                     for k, v, default in (("ell_min", self.ell_min, 0.0),
+                                           ("ell_max", self.ell_max, math.inf)))
 
 
 def _check_scales(cfg) -> None:
     sc = cfg.scales
-    n = cfg.sources.n_bins_total
-    for k in ("ell_min", "ell_max"):
-        v = getattr(sc, k)
-        if isinstance(v, tuple) and len(v) != n:
-            _fail(f"scales.{k}", f"needs one value or {n} (one per bin), got {len(v)}")
-        if v is not None and not all(x >= 0 and math.isfinite(x)
-                                     for x in (v if isinstance(v, tuple) else (v,))):
-            _fail(f"scales.{k}", f"must be finite and >= 0, got {_show(v)}")
-    rng = sc.ranges(n)
+    rng = sc.ranges(cfg.sources.n_bins_total)
     if rng is None:
         return
+    for k, vals in zip(("ell_min", "ell_max"), rng):
+        if getattr(sc, k) is not None and not all(x >= 0 and math.isfinite(x) for x in vals):
+            _fail(f"scales.{k}", f"must be finite and >= 0, got {_show(getattr(sc, k))}")
     maps = cfg.maps
     if sc.cut and maps.sky != "flat":
         _fail("scales.cut", "scale cuts need flat-sky maps (maps.sky = 'flat'); set "

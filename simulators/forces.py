@@ -36,12 +36,13 @@ def fourier_kernels(grid: DeviceGrid, shape, box_size, dtype):
     return k, kgrad, inv_k2
 
 
-def cic_window(grid: DeviceGrid, shape, box_size, dtype) -> Array:
-    """CIC assignment window Π_i sinc²(k_i Δ_i / 2) on the FFT layout (dimensionless)."""
+def cic_window(grid: DeviceGrid, shape, box_size, dtype, axes=(0, 1, 2)) -> Array:
+    """CIC assignment window Π_i sinc²(k_i Δ_i / 2) over ``axes`` on the FFT layout
+    (dimensionless, broadcastable)."""
     k = grid.wavevectors(shape, box_size, dtype=jnp.float64)
-    w = 1.0
-    for ki, n, length in zip(k, shape, box_size):
-        w = w * jnp.sinc(ki * (length / n) / (2 * np.pi)) ** 2
+    w = jnp.ones((), jnp.float64)
+    for i in axes:
+        w = w * jnp.sinc(k[i] * (box_size[i] / shape[i]) / (2 * np.pi)) ** 2
     return w.astype(dtype)
 
 

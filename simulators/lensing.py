@@ -26,7 +26,7 @@ import numpy as np
 from .config import SimConfig
 from .cosmology import Cosmology, background, growth_table
 from .forces import paint_density
-from .ics import linear_field, lpt_displacements, white_noise
+from .ics import _is_key, linear_field, lpt_displacements, white_noise
 from .lightcone import BornLightcone, BornParams, FlatSky, HealpixSky, Lightcone, samples_per_step
 from .nbody import run_steps, start_steps
 from .simulation import evolve_observed, initial_particles
@@ -284,8 +284,7 @@ class ShellLensing:
 
     def latent(self, seed: int | Array) -> tuple[Array, ...]:
         """The shells' white noise: shell i from ``fold_in(key(seed), i)`` (independent fields)."""
-        key = seed if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key) \
-            else jax.random.key(seed)
+        key = seed if _is_key(seed) else jax.random.key(seed)
         return tuple(s.latent(jax.random.fold_in(key, i)) for i, s in enumerate(self.shells))
 
     def _check_latent(self, latent) -> None:
@@ -510,17 +509,19 @@ class Maps:
 
 
 def simulate_maps(model: MapModel, cosmo: Cosmology, seed: int,
-                  progress: Callable[[Array], None] | None = None) -> Maps:
+                  progress: Callable[[Array], None] | None = None, latent=None) -> Maps:
     """One realisation: latent field from ``seed``, shape noise from an independent key of ``seed``.
 
     progress: optional host callback called with the number of PM steps done (PM model only).
+    latent: the white noise to use instead of ``model.latent(seed)`` (e.g. fixed-amplitude
+      fields for a validation); the shape noise still comes from ``seed``.
 
     Raises HaloOverflowError when a sharded PM run moved particles beyond the halo, ValueError when
     the maps are not finite or a PM/LPT step of ``cosmo`` is thicker than the lightcone's radial
     window (``lightcone.check_step_window``).
     """
-    kappa = model.realise(cosmo, model.latent(seed), progress)
-    kappa = np.asarray(kappa, np.float64)
+    latent = model.latent(seed) if latent is None else latent
+    kappa = np.asarray(model.realise(cosmo, latent, progress), np.float64)
     if not np.all(np.isfinite(kappa)):
         raise ValueError("the simulated convergence maps contain NaN or inf")
     sigma = noise_sigma(model.bins, model.sky)

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import SimConfig
-from .forces import paint_density
+from .forces import cic_window, paint_density
 from .grid import pad_shard
 from .painting import read_points_periodic
 
@@ -304,10 +304,6 @@ class BornParams:
     clip_lo: Array
     clip_hi: Array
 
-    @property
-    def chi_hi(self) -> Array:
-        return self.chi_lo + self.chi_step * (self.q.shape[1] - 1)
-
     def q_at(self, chi: Array) -> Array:
         """q_i at chi (Mpc/h, scalar or (n,)) by linear interpolation, 0 outside the table;
         (n_bins,) or (n_bins, n)."""
@@ -394,11 +390,9 @@ class BornLightcone:
         if not self.lightcone.compensate:
             return delta
         cfg, grid = self.cfg, self.cfg.grid
-        k = grid.wavevectors(cfg.mesh_shape, cfg.box_size, dtype=delta.dtype)
-        w = 1.0
-        for axis in (0, 1):  # Limber modes are transverse: leave the line of sight alone
-            cell = cfg.box_size[axis] / cfg.mesh_shape[axis]
-            w = w * jnp.sinc(k[axis] * (cell / (2 * np.pi))) ** 4
+        # painting and reading, each one CIC window; Limber modes are transverse, so the line of
+        # sight is left alone
+        w = cic_window(grid, cfg.mesh_shape, cfg.box_size, delta.dtype, axes=(0, 1)) ** 2
         return grid.ifft(grid.fft(delta) / w, cfg.mesh_shape)
 
     def project(self, params: BornParams, step, delta0: Array, delta1: Array) -> Array:

@@ -25,7 +25,8 @@ K_REPORT = (0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0)  # h/Mpc: the k the lensing kerne
 def measure(box: float, cells: int, seeds: int, a: float, a_init: float, steps: int) -> dict:
     import jax.numpy as jnp
 
-    from simulators import Cosmology, SimConfig
+    from simulators import Cosmology, DeviceGrid, SimConfig
+    from simulators.forces import cic_window
     from simulators.halofit import nonlinear_power
     from simulators.simulation import simulate
     from simulators.spectra import power_spectrum
@@ -33,10 +34,7 @@ def measure(box: float, cells: int, seeds: int, a: float, a_init: float, steps: 
     cosmo = Cosmology.fiducial()
     cfg = SimConfig(mesh_shape=cells, box_size=box, a_init=a_init, a_final=a, n_steps=steps,
                     deconvolve=True)
-    k1 = 2 * np.pi * np.fft.fftfreq(cells, box / cells)
-    kz = 2 * np.pi * np.fft.rfftfreq(cells, box / cells)
-    w = lambda k: np.sinc(k * box / cells / (2 * np.pi)) ** 2  # noqa: E731
-    window = jnp.asarray(w(k1)[:, None, None] * w(k1)[None, :, None] * w(kz)[None, None, :])
+    window = cic_window(DeviceGrid(), (cells,) * 3, (box,) * 3, jnp.float64)
     pks, start = [], time.perf_counter()
     for seed in range(seeds):
         r = simulate(cosmo, cfg, seed=seed)

@@ -50,6 +50,11 @@ from .maps import run_maps
 # The sections each kind of stage reads (besides its upstream stages' outputs).
 _MAPS = ("cosmology", "simulation", "lightcone", "shells", "maps", "sources")
 
+# Figures, relative to the out dir: the observation stage draws MAPS_PNG, the report the others.
+MAPS_PNG = "figures/maps.png"
+CONTOURS_PNG = "figures/contours.png"
+CL_DATA_PNG = "figures/cl_data.png"
+
 
 class StageError(ValueError):
     """An unknown stage name, or an output directory that cannot be used."""
@@ -81,6 +86,8 @@ def plan(cfg) -> list[Stage]:
     from . import pipeline
 
     methods = cfg.compare.methods
+    # MAPS_PNG is not an output of the observation: a missing image would redo the observation
+    # and so every stage downstream of it
     stages = [Stage("observation", _MAPS + ("seed", "compare.observation"), (),
                     lambda out: _observation(cfg, out), ("observation.h5",))]
     obs = lambda out: out / "observation.h5"  # noqa: E731
@@ -133,7 +140,8 @@ def plan(cfg) -> list[Stage]:
     stages.append(Stage("report", (), ("metrics",) + (("efficiency",) if cfg.compare.efficiency
                                                       else ()),
                         lambda out: _report_stage(cfg, out),
-                        ("report.md", "figures")))
+                        ("report.md", CONTOURS_PNG)
+                        + ((CL_DATA_PNG,) if "cl_analytic" in methods else ())))
     return stages
 
 
@@ -162,13 +170,13 @@ def _observation(cfg, out: Path) -> dict:
     target = out / "observation.h5"
     src = cfg.compare.observation
     if src is None:
-        run_maps(cfg, target, png=out / "figures" / "maps.png", progress=_progress())
+        run_maps(cfg, target, png=out / MAPS_PNG, progress=_progress())
     else:
         obs = read_observation(cfg, src)
         atomic_write(target, lambda tmp: shutil.copyfile(src, tmp))
         from .plots import plot_maps
 
-        plot_maps(out / "figures" / "maps.png", obs.kappa_noisy, sky=obs.sky,
+        plot_maps(out / MAPS_PNG, obs.kappa_noisy, sky=obs.sky,
                   field_deg=cfg.maps.field_deg, title=f"observation {Path(src).name} (noisy)")
     return {}
 
@@ -287,17 +295,16 @@ def _report_stage(cfg, out: Path) -> dict:
     metrics = read_metrics(out / "metrics.json")
     samples = _load_samples(cfg, out)
     truth, base = _truth_and_base(cfg, out)
-    fig = out / "figures"
     figures = {"Posterior contours (truth marked)":
-               plot_triangle(fig / "contours.png", samples, base=base, truth=truth,
+               plot_triangle(out / CONTOURS_PNG, samples, base=base, truth=truth,
                              title=f"{cfg.name}: posteriors", converged=converged_flags(metrics)),
-               "Observed convergence maps": fig / "maps.png"}
+               "Observed convergence maps": out / MAPS_PNG}
     if "cl_analytic" in samples:
         from .pipeline import cl_data_path
 
         with np.load(cl_data_path(out / "samples" / "cl_analytic.h5")) as z:
             figures["C_ℓ of the observation against the theory at the truth"] = plot_cl_data_theory(
-                fig / "cl_data.png", z["ell"], z["data"], {"theory at truth": z["theory"]},
+                out / CL_DATA_PNG, z["ell"], z["data"], {"theory at truth": z["theory"]},
                 cov=z["cov"], title=f"{cfg.name}: tomographic C_ell (noise included)")
     calibration = {}
     for m in samples:

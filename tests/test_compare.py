@@ -183,6 +183,41 @@ def test_a_stage_resumed_after_a_kill_counts_its_earlier_time(tmp_path):
     assert b["cl_analytic"]["wall_s"] == 400.0
 
 
+def test_a_report_rerun_keeps_the_observed_maps(tmp_path, monkeypatch, capsys):
+    """Each stage owns only the files it writes: the report's figures are among its outputs (a
+    missing one reruns it), and rerunning it leaves figures/maps.png, the observation stage's,
+    in place. The exact posterior is replaced by Gaussian draws: its grid would cost more than
+    the rest of this test, and the report only reads the samples."""
+    from experiments import compare as C, pipeline
+    from experiments.io import Samples, write_samples
+
+    def fake_exact(cfg, maps_path, out):
+        rng = np.random.default_rng(0)
+        s = Samples(rng.normal([0.27, 0.83], [0.02, 0.03], (500, 2)), ("Omega_c", "sigma8"),
+                    "exact", info={"wall_time_s": 1.0})
+        write_samples(out, s)
+        return s
+
+    monkeypatch.setattr(pipeline, "run_exact", fake_exact)
+    cfg = load_config("gaussian_check").with_(**{**REDUCED, "compare.methods": ["exact"]})
+    out = tmp_path / "results"
+    C.compare(cfg, out)
+    maps, contours = out / "figures" / "maps.png", out / "figures" / "contours.png"
+    drawn = maps.read_bytes()
+    assert drawn[:8] == b"\x89PNG\r\n\x1a\n"
+
+    contours.unlink()
+    capsys.readouterr()
+    C.compare(cfg, out)
+    assert "report: running (outputs missing)" in capsys.readouterr().err
+    assert contours.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    C.compare(cfg, out, force=("report",))
+    assert "report: running (forced)" in capsys.readouterr().err
+    assert maps.read_bytes() == drawn
+    assert "*(file missing)*" not in (out / "report.md").read_text()
+
+
 def test_online_compressor_draws_count_in_its_npe_budget(tmp_path):
     """A compressor trained online drew simulations of its own: they are part of the cost of
     the NPE on its summaries (training set + draws), not of the NPE on C_ell."""

@@ -186,6 +186,15 @@ def legend_label(key: str, converged: bool | None = None) -> str:
     return method_label(key) + (" (unconverged)" if converged is False else "")
 
 
+def _title_above(fig, title: str):
+    """A figure title centred just above the axes and legends drawn so far, returned (Text).
+    getdist puts its figure legend at the top of the triangle, where a default suptitle sits."""
+    renderer = fig.canvas.get_renderer()
+    top = max(a.get_tightbbox(renderer).y1 for a in [*fig.axes, *fig.legends] if a.get_visible())
+    pad = 4 * fig.dpi / 72  # 4 points, in pixels
+    return fig.suptitle(title, y=(top + pad) / fig.bbox.height, va="bottom")
+
+
 def plot_triangle(out, samples: dict, *, base, truth: dict | None = None, methods=None,
                   params=None, title: str = "", min_samples: int = 10,
                   converged: dict | None = None) -> Path:
@@ -283,7 +292,7 @@ def plot_triangle(out, samples: dict, *, base, truth: dict | None = None, method
         g.settings.axes_labelsize = 12
         g.triangle_plot(roots, drawn, filled=True, markers=markers, legend_loc="upper right")
         if title:
-            g.fig.suptitle(title)
+            g.extra_artists.append(_title_above(g.fig, title))  # extra artists: kept by export
         g.export(str(out))
     plt.close(g.fig)
     return out

@@ -86,6 +86,39 @@ def test_triangle_plot_survives_degenerate_methods(samples, tmp_path):
             plot_triangle(tmp_path / "none.png", {"npe_cl": degenerate["npe_cl"]}, base=BASE)
 
 
+# the extents below format tick labels with getdist 1.7.7's Formatter (see plot_triangle)
+@pytest.mark.filterwarnings("ignore:The format attribute was deprecated:DeprecationWarning")
+def test_triangle_plot_title_clears_the_legend_and_axes(samples, tmp_path, monkeypatch):
+    """The title sits above getdist's figure legend and the panels (a default suptitle overlaps
+    both on two parameters with a long legend entry), inside the area the file keeps."""
+    from matplotlib.figure import Figure
+    from matplotlib.text import Text
+
+    saved = []
+    savefig = Figure.savefig
+
+    def recording(fig, *args, **kw):  # the renderer too: a closed figure's canvas has none
+        saved.append((fig, kw, fig.canvas.get_renderer()))
+        return savefig(fig, *args, **kw)
+
+    monkeypatch.setattr(Figure, "savefig", recording)
+    title = "gaussian_check: posteriors"
+    out = plot_triangle(tmp_path / "t.png", samples, base=BASE, truth=TRUTH, title=title,
+                        params=["Omega_c", "sigma8"], converged={"hmc": False})
+    assert _is_png(out)
+    [(fig, kw, renderer)] = saved
+    text = next(t for t in fig.get_children() if isinstance(t, Text) and t.get_text() == title)
+    box = text.get_window_extent(renderer)
+    (legend,) = fig.legends
+    assert "(unconverged)" in " ".join(t.get_text() for t in legend.get_texts())
+    assert not box.overlaps(legend.get_window_extent(renderer))
+    for ax in fig.axes:
+        assert not box.overlaps(ax.get_window_extent(renderer)), ax
+    kept = fig.get_tightbbox(renderer, bbox_extra_artists=kw["bbox_extra_artists"])
+    kept_px = kept.transformed(fig.dpi_scale_trans)  # inches → pixels, as the extents
+    assert kept_px.y1 >= box.y1 and kept_px.x0 <= box.x0 and kept_px.x1 >= box.x1
+
+
 def test_cl_data_theory_plot(tmp_path):
     rng = np.random.default_rng(2)
     n_bins, ell = 3, np.geomspace(100, 3000, 8)

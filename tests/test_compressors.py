@@ -18,6 +18,7 @@ import pytest
 from compressors import LOSSES, ConditionalFlow, TrainConfig, load_compressor, train_compressor
 from compressors.augment import add_shape_noise, random_dihedral
 from compressors.losses import gnll, gnll_split
+from compressors.train import _fast_compile, _online_draw, _program
 
 N_MAPS, N_BINS, NPIX = 256, 2, 8
 
@@ -393,9 +394,13 @@ def test_online_resume_matches_uninterrupted(online, data, tmp_path):
 
 
 def test_online_failed_draws_are_left_out(data, tmp_path):
+    """A failed draw (NaN maps, as a PM run can give) is counted and weighs 0: a training step's
+    loss and update are the other draws' alone. The run's draws zero a failed row, so a finite
+    loss cannot tell; here the weight-0 rows carry values that would dominate the loss if used,
+    and the step must not change, and its loss must be the mean of the kept rows' own losses."""
     inner = _toy_simulator()
 
-    def flaky(key, index):   # every fourth draw fails (NaN maps), as a PM run can
+    def flaky(key, index):   # every fourth draw fails
         theta, maps = inner(key, index)
         return theta, jnp.where(index % 4 == 0, jnp.nan, maps)
 
@@ -404,6 +409,32 @@ def test_online_failed_draws_are_left_out(data, tmp_path):
     comp = train_compressor(maps, theta, SIGMA_N, cfg, tmp_path, progress=False, simulate=flaky)
     assert comp.online_failed == comp.online_simulations // 4 == 2 * 12 * 16 // 4
     assert all(math.isfinite(v) for v in comp.history["train_loss"] + comp.history["val_loss"])
+
+    # one step of the run's own program (192 training rows: 12 steps of 16) on a flaky batch
+    batch, shape = cfg.batch_size, (N_BINS, NPIX, NPIX)
+    x, y, weight = _online_draw(flaky, batch, comp.theta_mean, comp.theta_std, shape)(_key(1))
+    failed = np.arange(batch) % 4 == 0
+    np.testing.assert_array_equal(weight, ~failed)
+    program = _program(cfg, 2, 12, _fast_compile(cfg, 192, shape))
+    params, opt_state = program.init(_key(2), shape)
+
+    def step(x, y, w):
+        return program.train_step(params, opt_state, None, x, y, jnp.asarray(w, jnp.float32),
+                                  _key(3), SIGMA_N, comp.map_mean, comp.map_std)
+
+    new, _, _, loss = step(x, y, weight)
+    # failed rows with maps 10x another draw's and θ 5σ from the prior mean
+    x_bad = jnp.where(failed[:, None, None, None], 10 * jnp.roll(x, 1, axis=0), x)
+    y_bad = jnp.where(failed[:, None], 5.0, y)
+    assert float(step(x_bad, y_bad, np.ones(batch))[3]) > 2 * float(loss)  # they would count
+    new_bad, _, _, loss_bad = step(x_bad, y_bad, weight)
+    # bitwise: a weight-0 row adds exact zeros to the loss's sum and to every gradient
+    assert float(loss_bad) == float(loss)
+    jax.tree.map(np.testing.assert_array_equal, new_bad, new)
+    # each kept row's own loss: the same step (same noise and symmetries) weighing it alone
+    own = [float(step(x, y, np.eye(batch)[i])[3]) for i in np.flatnonzero(~failed)]
+    # float32 sum of 12 positive terms: relative rounding <= 12 * 2**-24 = 7e-7
+    assert float(loss) == pytest.approx(np.mean(own), rel=1e-6)
 
 
 def test_online_bad_input(data, tmp_path):

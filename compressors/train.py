@@ -472,7 +472,9 @@ class Compressor:
       input_shape: (n_bins, npix_y, npix_x) of the training maps.
       sigma_n: (n_bins,) shape-noise rms (map units) added in training.
       map_mean, map_std: (n_bins,) input normalisation (noisy training maps, per bin).
-      history: per-epoch "epoch", "train_loss", "val_loss", "lr", "seconds".
+      history: per-epoch "epoch", "train_loss", "val_loss", "lr", "seconds" and "simulations":
+        what the network has trained on by the end of that epoch, online (``config.online``,
+        ``compressor.online = true``) the fresh draws so far, else the fixed training split.
       best_val_loss, best_epoch: lowest validation loss and its (1-based) epoch.
       epochs_trained: epochs run so far; complete: False if training can still be resumed.
       n_simulations: simulations this compressor cost: the maps given (training and

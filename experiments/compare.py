@@ -238,7 +238,9 @@ def _metrics(cfg, out: Path) -> dict:
 
 def budgets(cfg, out: Path) -> dict:
     """Per method: the wall time (s) of every stage it needed, its own and upstream (the
-    observation excepted), and the simulations it consumed (training set or covariance)."""
+    observation excepted), and the simulations it consumed: the training set, or the covariance
+    simulations, plus, for an NPE on a compressor trained online (``compressor.online = true``),
+    the fresh simulations that compressor drew while training (``online_simulations``)."""
     by_name = {s.name: s for s in plan(cfg)}
     done = {n: _read_marker(out, n) for n in by_name}
 

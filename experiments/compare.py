@@ -154,7 +154,12 @@ def _progress() -> bool:
 
 
 def _generate_meta(report) -> dict:
-    return {"n_ok": int(getattr(report, "n_ok", 0) or 0)} if report is not None else {}
+    """The sims marker's counts, and the rate of this invocation's own simulations
+    (``GenerateReport.sims_per_s``): after a resume, n_ok counts earlier invocations' too."""
+    if report is None:
+        return {}
+    return {"n_ok": int(report.n_ok), "n_simulated": int(report.n_simulated),
+            "sims_per_s": float(report.sims_per_s)}
 
 
 def _meta(samples) -> dict:

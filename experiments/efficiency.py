@@ -10,8 +10,9 @@ field-level HMC chain (a result only when that chain is converged; the curve say
 Per point: C2ST against the reference (``estimators.metrics.c2st``), FoM(Ω_c, σ_8) and its ratio
 to the reference's, and the simulations spent: n, plus every fresh draw of an online compressor.
 The explicit method enters in the same unit: its gradient evaluations times the measured cost of
-one gradient in forward simulations (seconds per gradient of its sampling over seconds per
-simulation of the training-set stage, both from this run on this machine).
+one gradient in forward simulations (seconds per gradient of its sampling, summed over resumes,
+over seconds per simulation of the training-set stage's simulation loop, measured by the
+invocation that finished it; both from this run on this machine).
 
 Points (trained compressor, NPE and samples) are cached one by one under
 ``efficiency/<method>_n<n>/``, each with the identity of the settings it was trained with: a
@@ -145,12 +146,18 @@ def _converged(cfg, samples) -> bool:
 
 
 def _sims_per_s(out: Path) -> float | None:
-    """Training-set simulations per second of this run (the ``sims`` stage's marker: the
-    invocation that finished the stage, so a resumed ``generate`` overstates the rate)."""
+    """Training-set simulations per second of this run: the simulations the invocation that
+    finished the ``sims`` stage ran over the time of its simulation loop (compilation excluded),
+    a rate a resumed ``generate`` leaves right. None when unknown (that invocation had nothing
+    left to simulate)."""
     path = out / "stages" / "sims.json"
     if not path.is_file():
         return None
     marker = json.loads(path.read_text())
+    if "sims_per_s" in marker:
+        return marker["sims_per_s"] or None
+    # a marker without the rate: all ok simulations over the finishing invocation's time, too
+    # high if that invocation resumed
     n, wall = marker.get("n_ok"), marker.get("wall_s")
     return n / wall if n and wall else None
 

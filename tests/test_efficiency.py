@@ -116,6 +116,29 @@ def test_rescoring_keeps_the_trained_points(run):
     assert len(json.loads((out / "efficiency.json").read_text())["points"]) == 4
 
 
+def test_simulation_rate_after_a_resumed_generate(tmp_path):
+    """The rate that turns HMC gradients into simulations is the finishing generate's own: a
+    call that found 80 of 100 simulations done and ran the other 20 in 10 s of loop (12 s in
+    all) did 2 sims/s, not the file's 100 ok simulations over its time (8.3/s). A call that
+    found all of them done measured nothing."""
+    from experiments.compare import _generate_meta, _write_marker
+    from experiments.dataset import GenerateReport
+    from experiments.efficiency import _sims_per_s
+
+    def marker(n_resumed, sims_per_s):
+        report = GenerateReport(path=tmp_path / "sims.h5", n_requested=100, n_ok=100,
+                                n_failed=0, n_resumed=n_resumed, n_simulated=100 - n_resumed,
+                                n_pending=0, failed_indices=(), wall_s=12.0, compile_s=1.5,
+                                sims_per_s=sims_per_s, batch_size=10, n_devices=1,
+                                mode="data-parallel")
+        _write_marker(tmp_path, "sims", {"wall_s": 12.0, **_generate_meta(report)})
+
+    marker(80, 20 / 10.0)
+    assert _sims_per_s(tmp_path) == 2.0
+    marker(100, 0.0)
+    assert _sims_per_s(tmp_path) is None
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"compare.efficiency": [12, 40]}, r"compare.efficiency: size 40 exceeds the 36 training "
                                        r"simulations"),

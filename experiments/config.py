@@ -942,6 +942,11 @@ class HmcSection(_Section):
         6, "NUTS: at most 2^depth - 1 gradient evaluations per sample")
     target_accept: Annotated[Float, Between(0, 1)] = _key(
         0.8, "NUTS and MAMS: target acceptance probability of the step-size adaptation")
+    energy_variance: Annotated[Float, Between(0, 1)] = _key(
+        5e-4, "MCLMC, and the first warm-up stage of MAMS: the energy-error variance per "
+              "dimension the step size is tuned to (blackjax's desired_energy_var). MCLMC is "
+              "unadjusted: its bias shrinks with the step (~ step^2), and the step with this "
+              "variance (~ its 4th root), at proportionally more gradients per effective sample")
     precondition: OneOf("none", "fourier") = _key(
         "none", '"none" or "fourier": sample the latent field with each Fourier mode scaled by its '
                 "linearised posterior width, estimated once at the start from 8 Hessian-vector "

@@ -209,7 +209,8 @@ class MCLMCStepper:
             state, params, _ = blackjax.mclmc_find_L_and_step_size(
                 mclmc_kernel=self.kernel, num_steps=n, state=state,
                 rng_key=k12, logdensity_fn=self.ld.logdensity, frac_tune1=f1, frac_tune2=f2,
-                frac_tune3=0.0, diagonal_preconditioning=True, params=initial)
+                frac_tune3=0.0, diagonal_preconditioning=True, params=initial,
+                desired_energy_var=self.settings.energy_variance)
             params = type(params)(*(jnp.asarray(p, jnp.float64) for p in params))
             n3 = round(n * f3)
             return self._tune_L(k3, state, params, n3) if n3 >= 2 else (state, params)

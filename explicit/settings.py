@@ -12,7 +12,7 @@ __all__ = ["HMCSettings", "MIN_MCLMC_WARMUP"]
 
 # Keys added after runs were first written, with the value that reproduces those runs: a saved
 # settings dict without them still resumes and extends.
-LATER_KEYS = {"precondition": "none"}
+LATER_KEYS = {"precondition": "none", "energy_variance": 5e-4}
 
 
 def _configured(name: str):
@@ -41,6 +41,8 @@ class HMCSettings:
       num_chains: chains, run one after another, >= 1.
       max_tree_depth: NUTS tree depth cap (at most 2^depth gradients per iteration), 1..15.
       target_accept: NUTS and MAMS dual-averaging target acceptance probability, in (0, 1).
+      energy_variance: MCLMC (and MAMS's MCLMC warm-up stage): energy-error variance per
+        dimension that blackjax tunes the step size to; smaller is less biased and slower.
       dense_theta: NUTS mass matrix dense over the θ sites and diagonal for the field
         (otherwise diagonal everywhere).
       precondition: "none" or "fourier": sample the field in the variables of
@@ -58,6 +60,7 @@ class HMCSettings:
     max_tree_depth: int = _configured("max_tree_depth")
     target_accept: float = _configured("target_accept")
     dense_theta: bool = True
+    energy_variance: float = _configured("energy_variance")
     precondition: str = _configured("precondition")
     segment: int = _configured("segment")
     thin_field: int = _configured("thin_field")
@@ -72,6 +75,7 @@ class HMCSettings:
             key, _, problem = str(e).removeprefix("hmc.").partition(": ")
             raise ValueError(f"{key} {problem}") from None
         object.__setattr__(self, "target_accept", section.target_accept)
+        object.__setattr__(self, "energy_variance", section.energy_variance)
         if not isinstance(self.dense_theta, bool):
             raise ValueError(f"dense_theta must be True or False, got {self.dense_theta!r}")
 

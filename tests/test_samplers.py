@@ -151,3 +151,30 @@ def test_saved_settings_without_precondition_still_resume():
     """Runs written before the precondition key existed compare equal to precondition = 'none'."""
     old = {k: v for k, v in HMCSettings().to_dict().items() if k != "precondition"}
     assert HMCSettings.with_later_keys(old) == HMCSettings().to_dict()
+
+
+def test_energy_variance_reaches_the_mclmc_tuning(tmp_path, monkeypatch):
+    """hmc.energy_variance is the energy-error variance per dimension blackjax tunes MCLMC's step
+    to (its tuner runs for real here; the wrapper only records what it was given)."""
+    import blackjax
+
+    real, seen = blackjax.mclmc_find_L_and_step_size, []
+
+    def recording(*args, **kw):
+        seen.append(kw.get("desired_energy_var"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(blackjax, "mclmc_find_L_and_step_size", recording)
+    s = HMCSettings(sampler="mclmc", num_warmup=40, num_samples=2, num_chains=1, segment=2,
+                    thin_field=0, seed=1, energy_variance=3e-5)
+    res = run_toy(tmp_path, s)
+    assert seen == [3e-5]
+    assert np.isfinite(res.theta).all()
+
+
+def test_saved_settings_without_energy_variance_still_resume():
+    """Runs written before the energy_variance key existed compare equal to blackjax's 5e-4."""
+    old = {k: v for k, v in HMCSettings().to_dict().items() if k != "energy_variance"}
+    assert HMCSettings.with_later_keys(old) == HMCSettings().to_dict()
+    with pytest.raises(ValueError, match="energy_variance"):
+        HMCSettings(energy_variance=0.0)

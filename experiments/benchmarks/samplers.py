@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 HMC_KEYS = ("num_warmup", "num_samples", "max_tree_depth", "target_accept", "segment",
-            "start_steps", "seed")
+            "start_steps", "seed", "energy_variance")
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -41,7 +41,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
         key, _, value = item.partition("=")
         if key not in HMC_KEYS:
             raise SystemExit(f"--variant {text!r}: unknown key {key!r}; valid: {', '.join(HMC_KEYS)}")
-        changes[f"hmc.{key}"] = float(value) if "." in value else int(value)
+        changes[f"hmc.{key}"] = float(value) if any(c in value for c in ".e") else int(value)
     return text, changes
 
 

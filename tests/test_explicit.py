@@ -53,7 +53,7 @@ def toy_posterior():
 
 
 def run_toy(out, settings, **kw):
-    return run_hmc(toy_model, settings, out, theta_names=("theta",), progress=False, **kw)
+    return run_hmc(toy_model, settings, out, theta_names=("theta",), **{"progress": False, **kw})
 
 
 # NUTS: 2 chains, warm-up (40) ending inside the third segment, a short masked last segment.

@@ -153,9 +153,10 @@ def test_saved_settings_without_precondition_still_resume():
     assert HMCSettings.with_later_keys(old) == HMCSettings().to_dict()
 
 
-def test_energy_variance_reaches_the_mclmc_tuning(tmp_path, monkeypatch):
+def test_energy_variance_reaches_the_mclmc_tuning(tmp_path, monkeypatch, capsys):
     """hmc.energy_variance is the energy-error variance per dimension blackjax tunes MCLMC's step
-    to (its tuner runs for real here; the wrapper only records what it was given)."""
+    to (its tuner runs for real here; the wrapper only records what it was given). The tuning,
+    one long call without a checkpoint, is announced and reported in the log."""
     import blackjax
 
     real, seen = blackjax.mclmc_find_L_and_step_size, []
@@ -167,9 +168,13 @@ def test_energy_variance_reaches_the_mclmc_tuning(tmp_path, monkeypatch):
     monkeypatch.setattr(blackjax, "mclmc_find_L_and_step_size", recording)
     s = HMCSettings(sampler="mclmc", num_warmup=40, num_samples=2, num_chains=1, segment=2,
                     thin_field=0, seed=1, energy_variance=3e-5)
-    res = run_toy(tmp_path, s)
+    res = run_toy(tmp_path, s, progress=True)
     assert seen == [3e-5]
     assert np.isfinite(res.theta).all()
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("hmc chain 0: tun")]
+    grads = res.diagnostics["gradient_evaluations"]["warmup"]
+    assert lines[0] == "hmc chain 0: tuning (40 warm-up steps; checkpointed once tuned)"
+    assert lines[1].startswith("hmc chain 0: tuned in ") and f" {grads} gradients (L " in lines[1]
 
 
 def test_saved_settings_without_energy_variance_still_resume():

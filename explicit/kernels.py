@@ -10,6 +10,7 @@ program (a PM gradient can take minutes to compile).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Callable
@@ -107,7 +108,7 @@ class NUTSStepper:
     def first_sample_row(self) -> int:
         return self.settings.num_warmup
 
-    def start(self, key: Array, position: dict) -> tuple[Any, int]:
+    def start(self, key: Array, position: dict, log=None) -> tuple[Any, int]:
         """Initial state (and gradients spent outside the loop: the start's one and the 2d of the
         θ Hessian that sets the initial θ mass, ``theta_inverse_mass``)."""
         # The initial inverse mass depends on the start, so a NUTS object made for this chain
@@ -254,7 +255,7 @@ class MCLMCStepper:
         d = jnp.asarray(diag.size, jnp.float64)
         return MCLMCAdaptationState(jnp.sqrt(d), 0.25 * jnp.sqrt(d), inverse_mass_matrix=diag)
 
-    def start(self, key: Array, position: dict) -> tuple[Any, int]:
+    def start(self, key: Array, position: dict, log=None) -> tuple[Any, int]:
         k_init, k_tune, k_sample = jax.random.split(key, 3)
         state = self._init(position, k_init)
         state, params = self._tune(k_tune, state, self.initial_params(position),
@@ -414,23 +415,36 @@ class MAMSStepper:
 
         return jax.jit(lengthen, static_argnums=3)
 
-    def start(self, key: Array, position: dict) -> tuple[Any, int]:
+    def start(self, key: Array, position: dict, log=None) -> tuple[Any, int]:
+        """Warm-up in three stages (MCLMC tuning, step-size adaptation, L stage); ``log``, if
+        given, is called with one line after each: the stages are long single calls."""
         from blackjax.mcmc.dynamic_hmc import DynamicHMCState
 
         k_init, k_tune, k_adapt, k_len, k_arg, k_sample = jax.random.split(key, 6)
         n1, n2, n3 = self._n_warmup()
         mc = self.mclmc
+        t0 = time.perf_counter()
+
+        def report(stage, n, g, p):
+            if log is not None:
+                log(f"{stage}: {n} steps, {g} gradients, {time.perf_counter() - t0:.0f} s so far; "
+                    f"L {float(p.L):.4g}, step {float(p.step_size):.4g} "
+                    f"({float(p.L / p.step_size):.1f} steps per trajectory)")
+
         st = mc._init(position, k_init)
         st, params = mc._tune(k_tune, st, mc.initial_params(position), n1)
         params = params._replace(L=MAMS_L_FACTOR * params.L)
         state = DynamicHMCState(st.position, st.logdensity, st.logdensity_grad, k_arg)
         grads = mc.tuning_steps(n1)
+        report("MCLMC tuning", n1, grads, params)
         if n2 > 0:
             state, params, g = self._adapt(k_adapt, state, params, n2)
             grads += int(g)
+            report("step-size adaptation", n2, int(g), params)
         if n3 >= 10:  # fewer draws say nothing about the autocorrelation
             state, params, g = self._lengthen(k_len, state, params, n3)
             grads += int(g)
+            report("L stage", n3, int(g), params)
         return {"state": state, "params": params, "key": k_sample}, grads
 
     def template(self, key: Array, position: dict) -> Any:

@@ -320,14 +320,18 @@ def _sample(model, settings, out_dir, chains, theta_names, field_site, init, pro
             path = ckpt.chain_path(out_dir, c)
             if ck is None or ck.leaves is None:
                 t0 = time.perf_counter()
-                if show and stepper.first_sample_row == 0:  # MCLMC/MAMS tune in one call
-                    bar.write(f"hmc chain {c}: tuning ({settings.num_warmup} warm-up steps; "
-                              f"checkpointed once tuned)", file=sys.stderr)
-                state, tuning_grads = stepper.start(k_kernel, position)
-                if show and stepper.first_sample_row == 0:
+                # MCLMC and MAMS tune in long calls before the first checkpoint: say so, and how
+                # it went (MAMS also reports each of its stages)
+                tunes = show and stepper.first_sample_row == 0
+                say = (lambda m, c=c: bar.write(f"hmc chain {c}: {m}", file=sys.stderr)) \
+                    if tunes else None
+                if tunes:
+                    say(f"tuning ({settings.num_warmup} warm-up steps; checkpointed once tuned)")
+                state, tuning_grads = stepper.start(k_kernel, position, log=say)
+                if tunes:
                     tuned = ", ".join(f"{k} {v:.4g}" for k, v in stepper.tuned(state).items())
-                    bar.write(f"hmc chain {c}: tuned in {time.perf_counter() - t0:.0f} s, "
-                              f"{tuning_grads} gradients ({tuned})", file=sys.stderr)
+                    say(f"tuned in {time.perf_counter() - t0:.0f} s, {tuning_grads} gradients "
+                        f"({tuned})")
                 leaves = _host(state, model)
                 ck = ChainCheckpoint(0, stepper.first_sample_row, tuning_grads,
                                      time.perf_counter() - t0, False, _empty_records(len(theta_names)),

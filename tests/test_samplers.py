@@ -183,3 +183,20 @@ def test_saved_settings_without_energy_variance_still_resume():
     assert HMCSettings.with_later_keys(old) == HMCSettings().to_dict()
     with pytest.raises(ValueError, match="energy_variance"):
         HMCSettings(energy_variance=0.0)
+
+
+def test_mams_warm_up_stages_are_logged(tmp_path, capsys):
+    """MAMS's warm-up (three long calls before the first checkpoint) logs a line per stage with
+    its gradients and the L and step it reached; the lines' gradients add up to the warm-up's."""
+    settings = HMCSettings(sampler="mams", num_warmup=40, num_samples=2, num_chains=1, segment=2,
+                           thin_field=0, seed=4)
+    res = run_toy(tmp_path, settings, progress=True)
+    lines = [ln.removeprefix("hmc chain 0: ") for ln in capsys.readouterr().err.splitlines()
+             if ln.startswith("hmc chain 0: ") and "iterations" not in ln]
+    assert lines[0].startswith("tuning (40 warm-up steps")
+    assert lines[1].startswith("MCLMC tuning: 20 steps, ")
+    assert lines[2].startswith("step-size adaptation: 12 steps, ")  # 8 L-stage steps: skipped
+    assert lines[3].startswith("tuned in ") and len(lines) == 4
+    grads = [int(ln.split(" steps, ")[1].split(" gradients")[0]) for ln in lines[1:3]]
+    assert sum(grads) == res.diagnostics["gradient_evaluations"]["warmup"]
+    assert "steps per trajectory" in lines[2]

@@ -325,6 +325,22 @@ MAMS_L_FACTOR = 1.0 / MCLMC_L_FACTOR
 MAMS_L_GROWTH = 4.0
 
 
+def mams_step_factor(dim: int, energy_variance: float, target_accept: float) -> float:
+    """Where MAMS's step-size adaptation starts, relative to MCLMC's tuned step.
+
+    MCLMC tunes its step so that the energy error per step has variance ``energy_variance`` per
+    dimension; an adjusted chain needs the whole error small: with ΔE ~ N(σ²/2, σ²) the mean
+    acceptance is 2Φ(−σ/2), so ``target_accept`` asks for σ² = (2Φ⁻¹(target_accept / 2))². The
+    error variance goes as step⁴, hence the factor (σ² / (dim · energy_variance))^¼. On the
+    27,648-cell quick field at 0.8 this is ~0.37: adaptation started from MCLMC's own step spent
+    its first trajectories (and most of a warm-up) far too coarse. Dual averaging corrects the rest
+    (the error also grows along a trajectory)."""
+    from scipy.stats import norm
+
+    sigma2 = (2.0 * norm.ppf(target_accept / 2.0)) ** 2
+    return float((sigma2 / (dim * energy_variance)) ** 0.25)
+
+
 @dataclass(frozen=True, eq=False)
 class MAMSStepper:
     """Metropolis-adjusted microcanonical HMC (Robnik et al. 2025; blackjax
@@ -433,7 +449,9 @@ class MAMSStepper:
 
         st = mc._init(position, k_init)
         st, params = mc._tune(k_tune, st, mc.initial_params(position), n1)
-        params = params._replace(L=MAMS_L_FACTOR * params.L)
+        dim = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(position))
+        params = params._replace(L=MAMS_L_FACTOR * params.L, step_size=params.step_size * min(
+            1.0, mams_step_factor(dim, self.settings.energy_variance, self.settings.target_accept)))
         state = DynamicHMCState(st.position, st.logdensity, st.logdensity_grad, k_arg)
         grads = mc.tuning_steps(n1)
         report("MCLMC tuning", n1, grads, params)

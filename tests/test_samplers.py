@@ -200,3 +200,19 @@ def test_mams_warm_up_stages_are_logged(tmp_path, capsys):
     grads = [int(ln.split(" steps, ")[1].split(" gradients")[0]) for ln in lines[1:3]]
     assert sum(grads) == res.diagnostics["gradient_evaluations"]["warmup"]
     assert "steps per trajectory" in lines[2]
+
+
+@pytest.mark.parametrize("target", [0.6, 0.8, 0.9])
+def test_mams_starting_step_meets_the_acceptance_target(target):
+    """mams_step_factor inverts the acceptance of a Gaussian energy error ΔE ~ N(σ²/2, σ²)
+    (Metropolis: E min(1, e^-ΔE)): at the σ² it asks for, a Monte Carlo estimate of the mean
+    acceptance (10⁶ draws: standard error < 5e-4) is the target within 2e-3. The factor scales
+    the step as (σ² / (dim · per-dimension variance))^¼."""
+    from explicit.kernels import mams_step_factor
+
+    dim, var = 1000, 5e-4
+    f = mams_step_factor(dim, var, target)
+    sigma2 = f ** 4 * dim * var
+    de = np.random.default_rng(0).normal(sigma2 / 2, np.sqrt(sigma2), 1_000_000)
+    assert abs(np.minimum(1.0, np.exp(-de)).mean() - target) < 2e-3
+    assert mams_step_factor(16 * dim, var, target) == pytest.approx(f / 2, rel=1e-12)

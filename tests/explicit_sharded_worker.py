@@ -1,6 +1,7 @@
 """Run in a subprocess with 2 fake CPU devices: the field-level log-density, its gradient and a short
-MCLMC run for a tiny PM lightcone model on one device and sharded over a 2x1 grid, and a short
-NUTS run on the 2x1 grid, written to an .npz that tests/test_explicit.py compares.
+MCLMC run for a tiny PM lightcone model on one device and sharded over a 2x1 grid, written to an
+.npz that tests/test_explicit.py compares. The short NUTS run of explicit_multiprocess_worker is
+defined here too.
 
 usage: python explicit_sharded_worker.py OUT.npz
 """
@@ -94,9 +95,6 @@ def main():
     _, sharded = evaluate(DeviceGrid((2, 1), halo=4), data)
     out = {f"single_{k}": v for k, v in single.items()}
     out.update({f"sharded_{k}": v for k, v in sharded.items()})
-    # the reference of explicit_multiprocess_worker: the same NUTS run, the grid in one process
-    run = run_nuts(nuts_model(DeviceGrid((2, 1), halo=4)), tempfile.mkdtemp())
-    out.update(sharded_nuts_theta=run.theta, sharded_nuts_fields=run.fields(0))
     np.savez(sys.argv[1], **out)
 
 

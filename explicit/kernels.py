@@ -441,20 +441,22 @@ class MAMSStepper:
         mc = self.mclmc
         t0 = time.perf_counter()
 
-        def report(stage, n, g, p):
+        def report(stage, n, g, p, then=""):
             if log is not None:
                 log(f"{stage}: {n} steps, {g} gradients, {time.perf_counter() - t0:.0f} s so far; "
                     f"L {float(p.L):.4g}, step {float(p.step_size):.4g} "
-                    f"({float(p.L / p.step_size):.1f} steps per trajectory)")
+                    f"({float(p.L / p.step_size):.1f} steps per trajectory){then}")
 
         st = mc._init(position, k_init)
-        st, params = mc._tune(k_tune, st, mc.initial_params(position), n1)
+        st, tuned = mc._tune(k_tune, st, mc.initial_params(position), n1)
         dim = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(position))
-        params = params._replace(L=MAMS_L_FACTOR * params.L, step_size=params.step_size * min(
-            1.0, mams_step_factor(dim, self.settings.energy_variance, self.settings.target_accept)))
+        factor = min(1.0, mams_step_factor(dim, self.settings.energy_variance,
+                                           self.settings.target_accept))
+        params = tuned._replace(L=MAMS_L_FACTOR * tuned.L, step_size=tuned.step_size * factor)
         state = DynamicHMCState(st.position, st.logdensity, st.logdensity_grad, k_arg)
         grads = mc.tuning_steps(n1)
-        report("MCLMC tuning", n1, grads, params)
+        report("MCLMC tuning", n1, grads, tuned,
+               f"; MAMS starts at L {float(params.L):.4g}, step {float(params.step_size):.4g}")
         if n2 > 0:
             state, params, g = self._adapt(k_adapt, state, params, n2)
             grads += int(g)

@@ -199,7 +199,7 @@ def test_mams_warm_up_stages_are_logged(tmp_path, capsys):
     assert lines[3].startswith("tuned in ") and len(lines) == 4
     grads = [int(ln.split(" steps, ")[1].split(" gradients")[0]) for ln in lines[1:3]]
     assert sum(grads) == res.diagnostics["gradient_evaluations"]["warmup"]
-    assert "steps per trajectory" in lines[2]
+    assert "steps per trajectory" in lines[2] and "; MAMS starts at L " in lines[1]
 
 
 @pytest.mark.parametrize("target", [0.6, 0.8, 0.9])

@@ -1,9 +1,9 @@
 """Run in a subprocess with N fake CPU devices: sharded results for several device grids, next to
-the single-device path, written to an .npz that tests compare (see test_distributed.py). The PM
-run is made on the grids named; the lightcone maps on LIGHTCONE_LAYOUTS; the halo exchange's
-adjoint is checked on both.
+the single-device path, written to an .npz that tests compare (see test_distributed.py, which
+names the grids). The PM run is made on the first list of grids, the lightcone maps on the second;
+the halo exchange's adjoint is checked on both.
 
-usage: python multidevice_worker.py N_DEVICES OUT.npz PX1xPY1 [PX2xPY2 ...]
+usage: python multidevice_worker.py N_DEVICES OUT.npz PX1xPY1[,PX2xPY2...] PX1xPY1[,...]
 """
 
 import os
@@ -20,8 +20,6 @@ from simulators.grid import pad_shard, unpad_shard  # noqa: E402
 from experiments.config import parse_pdims  # noqa: E402
 from sim_cases import BASE, COSMO, loss_fn  # noqa: E402
 import lightcone_cases as lcc  # noqa: E402
-
-LIGHTCONE_LAYOUTS = ("2x2", "4x1")
 
 
 def run_lightcone(cfg, prefix, results):
@@ -71,16 +69,17 @@ def halo_dot_test(grid, results, prefix):
 def main():
     import simulators
     simulators.enable_x64()
-    out_path, layouts = sys.argv[2], sys.argv[3:]
+    out_path = sys.argv[2]
+    layouts, lightcone_layouts = (sys.argv[i].split(",") for i in (3, 4))
     results = {}
     run(SimConfig(**BASE), "single_", results)
     run_lightcone(SimConfig(**lcc.BASE, dtype="float64"), "single_", results)
-    for text in dict.fromkeys([*layouts, *LIGHTCONE_LAYOUTS]):
+    for text in dict.fromkeys([*layouts, *lightcone_layouts]):
         grid = DeviceGrid(parse_pdims(text), halo=4)
         halo_dot_test(grid, results, f"{text}_")
         if text in layouts:
             run(SimConfig(**BASE, grid=grid), f"{text}_", results)
-        if text in LIGHTCONE_LAYOUTS:
+        if text in lightcone_layouts:
             run_lightcone(SimConfig(**lcc.BASE, dtype="float64", grid=grid), f"{text}_", results)
     # a halo too small for the displacements must raise, not give a silently wrong density
     try:

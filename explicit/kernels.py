@@ -35,6 +35,11 @@ MCLMC_FRACS = (0.4, 0.3, 0.2)
 MCLMC_L_FACTOR = 0.4
 
 
+def _dimension(position: dict) -> int:
+    """Number of sampled coordinates (θ and every field cell)."""
+    return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(position))
+
+
 def _theta_vector(ld: LogDensity, position: dict) -> Array:
     theta = ld.constrain(position)
     return jnp.stack([jnp.asarray(theta[n], jnp.float64) for n in ld.theta_names])
@@ -266,9 +271,8 @@ class MCLMCStepper:
         from blackjax.adaptation.mclmc_adaptation import MCLMCAdaptationState
 
         state = jax.eval_shape(self._init, position, key)
-        dim = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(position))
         f64 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float64)  # noqa: E731
-        params = MCLMCAdaptationState(f64(), f64(), f64(dim))
+        params = MCLMCAdaptationState(f64(), f64(), f64(_dimension(position)))
         return {"state": state, "params": params, "key": jax.ShapeDtypeStruct(key.shape, key.dtype)}
 
     def tuned(self, st) -> dict:
@@ -449,8 +453,7 @@ class MAMSStepper:
 
         st = mc._init(position, k_init)
         st, tuned = mc._tune(k_tune, st, mc.initial_params(position), n1)
-        dim = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(position))
-        factor = min(1.0, mams_step_factor(dim, self.settings.energy_variance,
+        factor = min(1.0, mams_step_factor(_dimension(position), self.settings.energy_variance,
                                            self.settings.target_accept))
         params = tuned._replace(L=MAMS_L_FACTOR * tuned.L, step_size=tuned.step_size * factor)
         state = DynamicHMCState(st.position, st.logdensity, st.logdensity_grad, k_arg)

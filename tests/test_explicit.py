@@ -52,8 +52,8 @@ def toy_posterior():
     return cov @ h.T @ TOY_DATA / TOY_SIG**2, cov
 
 
-def run_toy(out, settings, **kw):
-    return run_hmc(toy_model, settings, out, theta_names=("theta",), **{"progress": False, **kw})
+def run_toy(out, settings, progress=False, **kw):
+    return run_hmc(toy_model, settings, out, theta_names=("theta",), progress=progress, **kw)
 
 
 # NUTS: 2 chains, warm-up (40) ending inside the third segment, a short masked last segment.

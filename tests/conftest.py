@@ -9,6 +9,18 @@ cache key) is compiled once per run. The directory is fresh for every run (remov
 a run never reuses programs compiled by an older version of the code or of JAX; set
 JAX_COMPILATION_CACHE_DIR yourself to keep one across runs. A program loaded from the cache is the
 executable the compiler produced for the same key.
+
+`make test` (and so CI) leaves out the three tests marked slow; `make test-slow` runs them. Each
+is an end-to-end check of a path whose parts the rest of the suite proves, and each costs minutes
+of compilation in its own processes on the 2-core machine:
+- test_cli_hmc's two tests (~5 min of CPU): chains in child processes and one run over two
+  jax.distributed processes through the command line. The per-chain equality and resume are
+  test_explicit's, in-process; the two-process checkpoint, kill and resume are test_explicit's
+  two-process workers; sharded == single-device values and gradients are test_explicit's and
+  test_distributed's.
+- test_explicit's sharded MCLMC chain (~2 min): MCLMC's tuning through the sharded lightcone. The
+  sharded log density and gradient it differentiates are checked in `make test`; MCLMC itself is
+  checked against exact posteriors there (test_explicit, test_samplers).
 """
 
 import os
@@ -22,7 +34,7 @@ _OWN_CACHE: str | None = None
 # running, from b4662ed's measured durations and this branch's cuts). `make test` runs two files at
 # a time; a long file started last would run alone at the end while the other core idles, and
 # xdist's own order (most tests first, or here the alphabetical one) may start these last.
-SLOW_FILES = ("test_explicit.py", "test_cli_hmc.py", "test_compare.py", "test_distributed.py",
+SLOW_FILES = ("test_explicit.py", "test_compare.py", "test_distributed.py", "test_cli_hmc.py",
               "test_pipeline.py", "test_nbody.py", "test_lensing_maps.py", "test_generate.py",
               "test_cli.py", "test_cl_baseline.py", "test_lightcone.py", "test_efficiency.py")
 

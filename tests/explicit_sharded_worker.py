@@ -1,9 +1,10 @@
-"""Run in a subprocess with 2 fake CPU devices: the field-level log-density, its gradient and a short
-MCLMC run for a tiny PM lightcone model on one device and sharded over a 2x1 grid, written to an
-.npz that tests/test_explicit.py compares. The short NUTS run of explicit_multiprocess_worker is
-defined here too.
+"""Run in a subprocess with 2 fake CPU devices: the field-level log-density, its gradient and
+(with ``mclmc``) a short MCLMC run for a tiny PM lightcone model on one device and sharded over a
+2x1 grid, written to an .npz that tests/test_explicit.py compares. The MCLMC run is most of the
+worker's time (its compilations, ~2 min), so only the slow test asks for it. The short NUTS run of
+explicit_multiprocess_worker is defined here too.
 
-usage: python explicit_sharded_worker.py OUT.npz
+usage: python explicit_sharded_worker.py OUT.npz [mclmc]
 """
 
 import os
@@ -30,7 +31,7 @@ BASE = dict(mesh_shape=(16, 16, 16), box_size=(128.0, 128.0, 128.0), a_init=0.3,
 PRIORS = {"Omega_c": dist.Uniform(0.15, 0.4), "sigma8": dist.Uniform(0.5, 1.1)}
 
 
-def evaluate(grid: DeviceGrid, data=None):
+def evaluate(grid: DeviceGrid, data=None, mclmc: bool = False):
     cone = Lightcone(FlatSky(4.0, 16), lcc.CHI_MAX)
     pm = PMLensing(SimConfig(**BASE, grid=grid), cone, lcc.BINS)
     sigma = noise_sigma(lcc.BINS, cone.sky)
@@ -49,12 +50,13 @@ def evaluate(grid: DeviceGrid, data=None):
         return bool(a.sharding.is_equivalent_to(layout, 3)) if grid.sharded else a.is_fully_replicated
 
     default = ld.init_position(jax.random.PRNGKey(1))[ld.field_site]  # the default start draw
-    # a short MCLMC run run (blackjax tuning differentiates the lightcone inside its own trace)
-    run = run_hmc(model, HMCSettings(sampler="mclmc", num_warmup=20, num_samples=2, num_chains=1),
-                  tempfile.mkdtemp(), theta_names=model.theta_names, progress=False,
-                  init={"Omega_c": 0.27, "sigma8": 0.85,
-                        ld.field_site: 0.9 * np.asarray(truth, np.float64)})
-    results = {"mclmc_theta": np.asarray(run.theta)}
+    results = {}
+    if mclmc:  # a short MCLMC run (blackjax's tuning differentiates the lightcone in its own trace)
+        run = run_hmc(model, HMCSettings(sampler="mclmc", num_warmup=20, num_samples=2, num_chains=1),
+                      tempfile.mkdtemp(), theta_names=model.theta_names, progress=False,
+                      init={"Omega_c": 0.27, "sigma8": 0.85,
+                            ld.field_site: 0.9 * np.asarray(truth, np.float64)})
+        results["mclmc_theta"] = np.asarray(run.theta)
     results.update(logp=np.asarray(logp), grad_theta=np.array([grad[n] for n in ld.theta_names]),
                    grad_field=np.asarray(g_field), grad_field_sharded=np.asarray(laid_out(g_field)),
                    start_sharded=np.asarray(laid_out(pos[ld.field_site])),
@@ -91,8 +93,9 @@ def run_nuts(model_and_truth, out_dir, **kw):
 def main():
     import simulators
     simulators.enable_x64()
-    data, single = evaluate(DeviceGrid())
-    _, sharded = evaluate(DeviceGrid((2, 1), halo=4), data)
+    mclmc = sys.argv[2:] == ["mclmc"]
+    data, single = evaluate(DeviceGrid(), mclmc=mclmc)
+    _, sharded = evaluate(DeviceGrid((2, 1), halo=4), data, mclmc=mclmc)
     out = {f"single_{k}": v for k, v in single.items()}
     out.update({f"sharded_{k}": v for k, v in sharded.items()})
     np.savez(sys.argv[1], **out)

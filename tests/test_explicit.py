@@ -458,20 +458,20 @@ def test_log_density_matches_numpyro_and_start(tmp_path):
 
 @pytest.fixture(scope="module", autouse=True)
 def sharded_worker(request, tmp_path_factory):
-    """Start the 2-device worker (PM gradient and MCLMC compilations on one and two devices,
-    ~2 min) as soon as this module runs, so that it compiles while the other tests run;
-    ``sharded`` waits for it."""
-    wanted = any(item.name in ("test_sharded_log_density_equals_single_device",
-                               "test_start_fields_are_laid_out_like_the_field",
-                               "test_sharded_mclmc_follows_the_single_device_chain")
-                 for item in request.session.items)
-    if not wanted:
+    """Start the 2-device worker (PM gradient compilations on one and two devices, plus MCLMC's
+    when its slow test is selected, ~2 min more) as soon as this module runs, so that it compiles
+    while the other tests run; ``sharded`` waits for it."""
+    names = {item.name for item in request.session.items}
+    mclmc = "test_sharded_mclmc_follows_the_single_device_chain" in names
+    if not mclmc and not names & {"test_sharded_log_density_equals_single_device",
+                                  "test_start_fields_are_laid_out_like_the_field"}:
         yield None
         return
     out = tmp_path_factory.mktemp("sharded") / "results.npz"
     env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "PYTHONPATH": str(HERE.parent)}
     log = open(out.with_suffix(".log"), "w")
-    proc = subprocess.Popen([sys.executable, str(HERE / "explicit_sharded_worker.py"), str(out)],
+    proc = subprocess.Popen([sys.executable, str(HERE / "explicit_sharded_worker.py"), str(out)]
+                            + (["mclmc"] if mclmc else []),
                             cwd=HERE.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
     yield proc, out
     if proc.poll() is None:
@@ -546,6 +546,7 @@ def test_start_fields_are_laid_out_like_the_field(sharded):
     assert np.std(sharded["single_default_start"]) > 0.05  # FIELD_INIT_SCALE × N(0, 1), not zeros
 
 
+@pytest.mark.slow
 def test_sharded_mclmc_follows_the_single_device_chain(sharded):
     """MCLMC (blackjax's tuning differentiates the lightcone inside its own trace, which a
     shard_map closing over θ-dependent tables broke) runs on the 2x1 grid, and its 20 tuning + 2
@@ -567,8 +568,8 @@ def test_multiprocess_nuts_resumes_after_a_kill(multiprocess_workers):
     bit (a misplaced or stale piece of the state would change the resumed draws). That a
     two-process run equals the same run with the 2x1 grid in one process is
     test_cli_hmc.test_hmc_over_two_processes_equals_one_process (the same partitioned programs,
-    through `lensbench hmc --distributed`); a one-process reference here would compile this NUTS
-    a third time (~40 s)."""
+    through `lensbench hmc --distributed`; marked slow); a one-process reference here would
+    compile this NUTS a third time (~40 s)."""
     procs, work, out = multiprocess_workers
     for i, proc in enumerate(procs):
         proc.wait(timeout=HANG)

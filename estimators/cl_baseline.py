@@ -35,6 +35,7 @@ Units: ℓ dimensionless, C_ℓ in steradians. Everything here needs float64 (``
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -488,11 +489,14 @@ class ClLikelihood:
         """log p(data | θ) + log prior(θ) (unnormalised posterior)."""
         return self.log_likelihood(theta, data) + self.prior.log_prob(theta)
 
-    def model(self, data=None):
-        """numpyro model: θ ~ prior (one site per parameter name), data ~ likelihood."""
+    def model(self, data=None, tap=None):
+        """numpyro model: θ ~ prior (one site per parameter name), data ~ likelihood. ``tap``: an
+        identity on θ (d,) that the sampler wraps around it (its gradient counter)."""
         import numpyro
 
         theta = self.prior.sample_sites()
+        if tap is not None:
+            theta = tap(theta)
         numpyro.sample("data", self.distribution(self.mean(theta)),
                        obs=None if data is None else self._kept(data))
 
@@ -673,7 +677,6 @@ def sample_cl_posterior(likelihood: ClLikelihood, data, *, num_warmup: int = 500
         warmup, sampling), grad_evals_sampling (leapfrog steps after warmup), mean_tree_steps,
         step_size, accept_prob, and the likelihood summary (kind, n_cov, n_data, hartlap, ...).
     """
-    import numpyro
     from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
     from numpyro.infer import MCMC, NUTS, init_to_median, init_to_value
 
@@ -708,12 +711,7 @@ def sample_cl_posterior(likelihood: ClLikelihood, data, *, num_warmup: int = 500
 
     tap, counter = _grad_counter()
 
-    def model(data):  # ``likelihood.model`` with the gradient counter on θ
-        theta = tap(likelihood.prior.sample_sites())
-        numpyro.sample("data", likelihood.distribution(likelihood.mean(theta)),
-                       obs=likelihood._kept(data))
-
-    kernel = NUTS(model, init_strategy=strategy, dense_mass=dense_mass,
+    kernel = NUTS(functools.partial(likelihood.model, tap=tap), init_strategy=strategy, dense_mass=dense_mass,
                   max_tree_depth=max_tree_depth, target_accept_prob=target_accept_prob,
                   inverse_mass_matrix=inv_mass)
     # One run (warmup + sampling): a separate warmup() would compile the NUTS loop twice.

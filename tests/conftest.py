@@ -5,7 +5,8 @@ Most of the suite's time is XLA compiling tiny programs, for this process and fo
 subprocess (chains in child processes, jax.distributed workers, fake-device workers). A cache
 directory named in the environment before JAX is imported is seen by this process and inherited
 by every subprocess, so each distinct program (same HLO, options, devices and XLA flags: JAX's
-cache key) is compiled once per run. The directory is fresh for every run (removed at the end), so
+cache key) is compiled once per run, however short its compilation. Programs with host
+callbacks (the simulator's progress bar, the C_ℓ sampler's gradient counter) are never cached. The directory is fresh for every run (removed at the end), so
 a run never reuses programs compiled by an older version of the code or of JAX; set
 JAX_COMPILATION_CACHE_DIR yourself to keep one across runs. A program loaded from the cache is the
 executable the compiler produced for the same key.
@@ -48,9 +49,15 @@ def pytest_configure(config):
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
     _OWN_CACHE = tempfile.mkdtemp(prefix="lensbench-test-xla-")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
-    if "jax" in sys.modules:  # imported by a plugin before this ran: tell the live config too
-        sys.modules["jax"].config.update("jax_compilation_cache_dir", _OWN_CACHE)
+    # Every program, not only those compiling for over a second (JAX's default): the many small
+    # ones (cosmology tables, map set-up) are otherwise compiled again by each xdist worker and
+    # each subprocess (7 % of the CLI/generate/lightcone files' time, measured).
+    settings = {"jax_compilation_cache_dir": _OWN_CACHE,
+                "jax_persistent_cache_min_compile_time_secs": 0}
+    for name, value in settings.items():
+        os.environ[name.upper()] = str(value)
+        if "jax" in sys.modules:  # imported by a plugin before this ran: tell the live config too
+            sys.modules["jax"].config.update(name, value)
 
 
 def pytest_unconfigure(config):

@@ -243,8 +243,10 @@ def analytic_covariance(bins: RedshiftBins, fiducial: Cosmology, field_deg: floa
     estimator, white shape noise of rms ``sigma_n`` (n_bins,) per pixel. (k, k) float64."""
     edges = np.asarray(ell_edges, np.float64)
     ell_unique, counts = _bin_modes_matrix(float(field_deg), int(npix), edges)
-    cl = flatsky.limber_cl(fiducial, bins, jnp.asarray(ell_unique), n_chi=n_chi,
-                           nonlinear=nonlinear, power_filter=power_filter)
+    # one compiled call: evaluated eagerly, the Limber/halofit graph compiles op by op (~10 s)
+    cl = jax.jit(lambda c, ell: flatsky.limber_cl(c, bins, ell, n_chi=n_chi, nonlinear=nonlinear,
+                                                  power_filter=power_filter))(
+        fiducial, jnp.asarray(ell_unique))
     noise = (np.broadcast_to(np.asarray(sigma_n, np.float64), (bins.n_bins,)) ** 2
              * flatsky.pixel_area_sr(float(field_deg), int(npix)))
     return gaussian_covariance(np.asarray(cl), counts, noise)

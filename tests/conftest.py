@@ -11,9 +11,9 @@ a run never reuses programs compiled by an older version of the code or of JAX; 
 JAX_COMPILATION_CACHE_DIR yourself to keep one across runs. A program loaded from the cache is the
 executable the compiler produced for the same key.
 
-`make test` (and so CI) leaves out the three tests marked slow; `make test-slow` runs them. Each
-is an end-to-end check of a path whose parts the rest of the suite proves, and each costs minutes
-of compilation in its own processes on the 2-core machine:
+`make test` (and so CI) leaves out the four tests marked slow; `make test-slow` runs them. Each
+is an end-to-end check of a path whose parts, or whose property on another problem, the rest of
+the suite proves, and each costs a minute or more of compilation on the 2-core machine:
 - test_cli_hmc's two tests (~5 min of CPU): chains in child processes and one run over two
   jax.distributed processes through the command line. The per-chain equality and resume are
   test_explicit's, in-process; the two-process checkpoint, kill and resume are test_explicit's
@@ -22,6 +22,10 @@ of compilation in its own processes on the 2-core machine:
 - test_explicit's sharded MCLMC chain (~2 min): MCLMC's tuning through the sharded lightcone. The
   sharded log density and gradient it differentiates are checked in `make test`; MCLMC itself is
   checked against exact posteriors there (test_explicit, test_samplers).
+- test_explicit's NUTS against the exact posterior of a 1-parameter 8x8 Gaussian-field problem
+  (~1 min): the same known-answer check of field-level NUTS runs in `make test` on a 2-parameter
+  problem through the whole compare pipeline (test_compare::
+  test_methods_agree_with_the_exact_posterior: means, widths and C2ST against the exact draws).
 """
 
 import os

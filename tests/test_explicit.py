@@ -271,6 +271,7 @@ def test_mclmc_recovers_gaussian_posterior(mclmc_ref):
     assert all(t["L"] > 0 and t["step_size"] > 0 for t in d["tuned"])
 
 
+@pytest.mark.slow
 def test_nuts_matches_exact_gaussian_field_posterior(tmp_path):
     """NUTS over (σ8, 64 latent pixels) of a 1-bin 8x8 GaussianLensing problem: the σ8 mean and std
     agree with the exact grid posterior (latent field marginalised analytically) within 4.5 Monte

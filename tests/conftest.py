@@ -11,14 +11,16 @@ a run never reuses programs compiled by an older version of the code or of JAX; 
 JAX_COMPILATION_CACHE_DIR yourself to keep one across runs. A program loaded from the cache is the
 executable the compiler produced for the same key.
 
-`make test` (and so CI) leaves out the four tests marked slow; `make test-slow` runs them. Each
+`make test` (and so CI) leaves out the five tests marked slow; `make test-slow` runs them. Each
 is an end-to-end check of a path whose parts, or whose property on another problem, the rest of
 the suite proves, and each costs a minute or more of compilation on the 2-core machine:
-- test_cli_hmc's two tests (~5 min of CPU): chains in child processes and one run over two
-  jax.distributed processes through the command line. The per-chain equality and resume are
-  test_explicit's, in-process; the two-process checkpoint, kill and resume are test_explicit's
-  two-process workers; sharded == single-device values and gradients are test_explicit's and
-  test_distributed's.
+- the field-level sampler over two jax.distributed processes: test_cli_hmc's two tests (~5 min of
+  CPU; chains in child processes, and one run over two processes through the command line, equal
+  to the one-process run) and test_explicit's two-process NUTS killed and resumed (~1.5 min).
+  In `make test`: the per-chain equality and resume in-process (test_explicit), the per-process
+  pieces of a split array written and joined back (test_explicit), two jax.distributed processes
+  equal to one for the simulator (test_multiprocess), sharded == single-device values and
+  gradients (test_explicit, test_distributed).
 - test_explicit's sharded MCLMC chain (~2 min): MCLMC's tuning through the sharded lightcone. The
   sharded log density and gradient it differentiates are checked in `make test`; MCLMC itself is
   checked against exact posteriors there (test_explicit, test_samplers).

@@ -562,6 +562,7 @@ def test_sharded_mclmc_follows_the_single_device_chain(sharded):
     np.testing.assert_allclose(got, ref, rtol=0, atol=0.01)
 
 
+@pytest.mark.slow
 def test_multiprocess_nuts_resumes_after_a_kill(multiprocess_workers):
     """The tiny PM model's field split over two jax.distributed processes (one device each): NUTS
     runs, checkpoints each process's own pieces of the field-shaped state and kept fields (no

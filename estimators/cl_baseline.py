@@ -714,8 +714,8 @@ def sample_cl_posterior(likelihood: ClLikelihood, data, *, num_warmup: int = 500
     tap, counter = _grad_counter()
 
     kernel = NUTS(functools.partial(likelihood.model, tap=tap), init_strategy=strategy,
-                  dense_mass=dense_mass, max_tree_depth=max_tree_depth, target_accept_prob=target_accept_prob,
-                  inverse_mass_matrix=inv_mass)
+                  dense_mass=dense_mass, max_tree_depth=max_tree_depth,
+                  target_accept_prob=target_accept_prob, inverse_mass_matrix=inv_mass)
     # One run (warmup + sampling): a separate warmup() would compile the NUTS loop twice.
     mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples, num_chains=num_chains,
                 chain_method=chain_method, progress_bar=progress)

@@ -6,8 +6,9 @@ subprocess (chains in child processes, jax.distributed workers, fake-device work
 directory named in the environment before JAX is imported is seen by this process and inherited
 by every subprocess, so each distinct program (same HLO, options, devices and XLA flags: JAX's
 cache key) is compiled once per run, however short its compilation. Programs with host
-callbacks (the simulator's progress bar, the C_ℓ sampler's gradient counter) are never cached. The directory is fresh for every run (removed at the end), so
-a run never reuses programs compiled by an older version of the code or of JAX; set
+callbacks (the simulator's progress bar, the C_ℓ sampler's gradient counter) are never cached.
+The directory is fresh for every run (removed at the end), so a run never reuses programs
+compiled by an older version of the code or of JAX; set
 JAX_COMPILATION_CACHE_DIR yourself to keep one across runs. A program loaded from the cache is the
 executable the compiler produced for the same key.
 
@@ -37,13 +38,13 @@ import tempfile
 
 _OWN_CACHE: str | None = None
 
-# Files started first, longest first (each 60-200 s in a `make test` run with nothing else
-# running, from b4662ed's measured durations and this branch's cuts). `make test` runs two files at
-# a time; a long file started last would run alone at the end while the other core idles, and
-# xdist's own order (most tests first, or here the alphabetical one) may start these last.
-SLOW_FILES = ("test_explicit.py", "test_compare.py", "test_distributed.py", "test_cli_hmc.py",
-              "test_pipeline.py", "test_nbody.py", "test_lensing_maps.py", "test_generate.py",
-              "test_cli.py", "test_cl_baseline.py", "test_lightcone.py", "test_efficiency.py")
+# Files started first, longest first (each ~20-200 s in a `make test` run with nothing else
+# running, from the measured durations). `make test` runs two files at a time; a long file
+# started last would run alone at the end while the other core idles, and xdist's own order (most
+# tests first, or here the alphabetical one) may start these last.
+SLOW_FILES = ("test_explicit.py", "test_compare.py", "test_distributed.py", "test_pipeline.py",
+              "test_nbody.py", "test_lensing_maps.py", "test_generate.py", "test_cli.py",
+              "test_cl_baseline.py", "test_lightcone.py", "test_efficiency.py")
 
 
 def pytest_configure(config):

@@ -2,11 +2,12 @@
 jax.distributed processes equal the sequential one-process run.
 
 Apart from test_cli.py (same helpers) because these two tests are most of the command line's test
-time: as a file of their own, `make test` runs them beside the rest instead of after it. Both are
-marked slow: what they test is the child processes themselves (hmc.processes, --distributed); the
-sampler's own resume and per-chain equalities are proven in-process (or with its own lighter
-workers) in test_explicit.py. The two-process run's equality with the one-process run of the same
-device grid is proven here only (test_explicit's two-process workers check their resume).
+time. Both are marked slow (`make test-slow`, not `make test`; tests/conftest.py says what
+`make test` keeps): what they test is the child processes themselves (hmc.processes,
+--distributed); the sampler's own resume and per-chain equalities are proven in-process (or with
+its own lighter workers) in test_explicit.py. The two-process run's equality with the one-process
+run of the same device grid is proven here only (test_explicit's two-process workers check their
+resume).
 """
 
 import subprocess

@@ -53,6 +53,12 @@ def pytest_configure(config):
     from experiments.jaxsetup import enable_x64
 
     enable_x64()
+    from tests.procs import TEST_XLA_FLAGS
+
+    # the suite's compiler settings (tests/procs.py says why), here and in every subprocess
+    flags = os.environ.get("XLA_FLAGS", "")
+    if TEST_XLA_FLAGS not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {TEST_XLA_FLAGS}".strip()
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
     _OWN_CACHE = tempfile.mkdtemp(prefix="lensbench-test-xla-")

@@ -6,11 +6,12 @@ writes both runs' θ records and kept fields to OUT.npz (see test_explicit.py).
 usage: python explicit_multiprocess_worker.py PROCESS_ID PORT WORK_DIR OUT.npz
 """
 
-import os
 import sys
 from pathlib import Path
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+from procs import set_xla_flags  # noqa: E402
+
+set_xla_flags(1)
 
 import jax  # noqa: E402
 

@@ -11,8 +11,11 @@ import os
 import sys
 import tempfile
 
+from procs import set_xla_flags  # noqa: E402
+
 # 2 fake devices, unless the importer (explicit_multiprocess_worker) already chose its own
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    set_xla_flags(2)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

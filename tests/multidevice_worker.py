@@ -6,10 +6,11 @@ the halo exchange's adjoint is checked on both.
 usage: python multidevice_worker.py N_DEVICES OUT.npz PX1xPY1[,PX2xPY2...] PX1xPY1[,...]
 """
 
-import os
 import sys
 
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={sys.argv[1]}"
+from procs import set_xla_flags
+
+set_xla_flags(int(sys.argv[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -4,10 +4,11 @@ usage: python multiprocess_worker.py PROCESS_ID PORT OUT.npz
 Process 0 gathers the global results and writes them to OUT.npz (see test_multiprocess.py).
 """
 
-import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+from procs import set_xla_flags  # noqa: E402
+
+set_xla_flags(2)
 
 import jax  # noqa: E402
 

@@ -16,6 +16,26 @@ REPO = Path(__file__).resolve().parents[1]
 # takes 5 minutes alone may take 20 (the whole suite must fit in CI's 90 minutes anyway).
 HANG = 2400
 
+# XLA compiler settings of every process the suite runs (conftest sets them; `cli_env`, `xla_flags`
+# and the workers pass them on). Most of the suite's time is XLA compiling, and jax 0.10's CPU
+# fusion emitters compile this project's programs about twice as slowly as the legacy emitters:
+# measured, the C_ell likelihood's theory 8.0 -> 3.7 s, quick's PM gradient 14.3 -> 8.2 s (its
+# run time 119 -> 123 ms per gradient, peak memory halved), a C_ell NUTS run 53 -> 32 s. Same
+# programs, same semantics: the tests check this project's numbers, not XLA's code generator.
+TEST_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
+
+
+def xla_flags(devices: int | None = None) -> str:
+    """XLA_FLAGS for a test process: the suite's compiler settings, and ``devices`` fake CPU
+    devices if given."""
+    count = [] if devices is None else [f"--xla_force_host_platform_device_count={devices}"]
+    return " ".join([TEST_XLA_FLAGS, *count])
+
+
+def set_xla_flags(devices: int | None = None) -> None:
+    """``xla_flags`` into this process's environment (a worker, before it imports JAX)."""
+    os.environ["XLA_FLAGS"] = xla_flags(devices)
+
 
 def free_port() -> int:
     """A TCP port free on localhost now (for the jax.distributed coordinator)."""
@@ -25,9 +45,11 @@ def free_port() -> int:
 
 
 def cli_env() -> dict[str, str]:
-    """This environment for a `lensbench` subprocess: CPU only, the repository importable, and no
-    device count inherited (the command picks its own from --pdims or its configuration)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    """This environment for a `lensbench` subprocess: CPU only, the repository importable, the
+    suite's compiler settings, and no device count inherited (the command picks its own from
+    --pdims or its configuration)."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+    env["XLA_FLAGS"] = xla_flags()
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env

@@ -27,7 +27,7 @@ from simulators.lensing import GaussianLensing, simulate_maps
 from simulators.lightcone import FlatSky
 from simulators.sources import RedshiftBins
 
-from tests.procs import HANG
+from tests.procs import HANG, xla_flags
 
 HERE = Path(__file__).parent
 
@@ -469,7 +469,7 @@ def sharded_worker(request, tmp_path_factory):
         yield None
         return
     out = tmp_path_factory.mktemp("sharded") / "results.npz"
-    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "PYTHONPATH": str(HERE.parent)}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(), "PYTHONPATH": str(HERE.parent)}
     log = open(out.with_suffix(".log"), "w")
     proc = subprocess.Popen([sys.executable, str(HERE / "explicit_sharded_worker.py"), str(out)]
                             + (["mclmc"] if mclmc else []),
@@ -493,7 +493,7 @@ def multiprocess_workers(request, tmp_path_factory):
 
     work = tmp_path_factory.mktemp("multiprocess")
     out, port = work / "results.npz", free_port()
-    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "PYTHONPATH": str(HERE.parent)}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(), "PYTHONPATH": str(HERE.parent)}
     logs = [open(work / f"p{i}.log", "w") for i in range(2)]
     procs = [subprocess.Popen([sys.executable, str(HERE / "explicit_multiprocess_worker.py"), str(i),
                                str(port), str(work), str(out)], cwd=HERE.parent, env=env,

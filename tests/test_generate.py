@@ -26,7 +26,7 @@ from experiments.dataset import (CHUNK_DELAY_ENV, FORMAT, PART_ATTRS, SIMS_ATTRS
 from experiments.files import OutputError
 from experiments.priors import lsst_y10
 
-from tests.procs import HANG, cli_env, invoke
+from tests.procs import HANG, cli_env, invoke, xla_flags
 GAUSS = {"simulation.kind": "gaussian", "maps.npix": 16, "sources.n_bins": 2,
          "scales.ell_max": None}  # quick's validated range is for its own 3 bins
 CFG = load_config("quick").with_(**GAUSS)
@@ -173,7 +173,7 @@ def test_data_parallel_two_devices(reference, tmp_path):
     ref, _ = reference
     out = tmp_path / "dp.h5"
     proc = subprocess.run([sys.executable, "-c", child_script(2), str(out)], cwd=tmp_path,
-                          env=child_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+                          env=child_env(XLA_FLAGS=xla_flags(2)),
                           capture_output=True, text=True, timeout=HANG)
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -67,6 +67,24 @@ def _metrics(samples, reference=None) -> dict:
     return out
 
 
+def _check_same_observation(ref, cfg, error) -> None:
+    """Refuse a reference posterior drawn for another observation: its configuration must give
+    the same maps (the sections that define them, less the simulation's execution keys: gradient
+    method and device grid) and the same observation seed."""
+    from experiments.config import load_config_text
+
+    execution = {"gradient", "pdims", "halo"}
+    theirs = load_config_text(ref.config_toml)
+    for key in ("seed", "cosmology", "simulation", "lightcone", "shells", "maps", "sources",
+                "prior"):
+        a, b = getattr(theirs, key, None), getattr(cfg, key, None)
+        if key == "simulation":
+            a, b = a.model_dump(exclude=execution), b.model_dump(exclude=execution)
+        if a != b:
+            error(f"--reference-samples: its configuration's [{key}] differs from this run's; "
+                  "it is a posterior for another observation")
+
+
 def main(argv=None):
     import simulators
     simulators.enable_x64()
@@ -77,11 +95,16 @@ def main(argv=None):
     ap.add_argument("--losses", default="mse,mae,gnll,vmim")
     ap.add_argument("--reference", default=None, help="method whose posterior is the C2ST "
                     "reference; 'exact': the exact posterior (Gaussian-field configurations)")
+    ap.add_argument("--reference-samples", type=Path, default=None, metavar="H5",
+                    help="a Samples file on the same observation (e.g. the committed field-level "
+                         "reference posterior) as the C2ST reference, named 'field_level'")
     ap.add_argument("--skip-cl", action="store_true", help="skip both C_ell baselines")
     ap.add_argument("--out", type=Path, default=Path("experiments/benchmarks/results_implicit.json"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key, e.g. --set compressor.epochs=100 (TOML value)")
     args = ap.parse_args(argv)
+    if args.reference_samples is not None and args.reference is not None:
+        ap.error("give --reference or --reference-samples, not both")
 
     from experiments import pipeline
     from experiments.maps import run_maps
@@ -91,6 +114,8 @@ def main(argv=None):
     cfg = load_config(args.config)
     if args.set:
         cfg = cfg.with_(**parse_overrides(args.set))
+    if args.reference_samples is not None:
+        _check_same_observation(read_samples(args.reference_samples), cfg, ap.error)
     sizes = sorted(int(v) for v in args.n_train.split(","))
     losses = [v for v in args.losses.split(",") if v]
     work = args.work
@@ -130,6 +155,9 @@ def main(argv=None):
         smp = work / "samples_exact.h5"
         _stage("exact", smp, lambda: pipeline.run_exact(cfg, obs, smp), timings)
         methods["exact"] = {"samples": smp}
+    if args.reference_samples is not None:
+        methods["field_level"] = {"samples": args.reference_samples}
+        args.reference = "field_level"
     ref_name = args.reference or (f"npe_vmim_n{sizes[-1]}" if "vmim" in losses else None)
     reference = read_samples(methods[ref_name]["samples"]).samples if ref_name in methods else None
     results = {"config": cfg.name, "overrides": args.set, "observation_seed": cfg.seed, "generate": {

@@ -180,6 +180,12 @@ def main(argv=None):
             entry["compressor_simulations"] = (hist.get("simulations") or [None])[-1]
             entry["compressor_s"] = float(np.sum(secs)) if secs else None
             entry["compressor_s_per_epoch"] = float(np.median(secs)) if secs else None
+        if s.method == "hmc":  # a field-level reference: its convergence certificate
+            params = s.info.get("parameters") or {}
+            entry.update(ess={n: p.get("ess") for n, p in params.items()},
+                         r_hat={n: p.get("r_hat") for n, p in params.items()},
+                         sampler=s.info.get("sampler"), num_chains=s.info.get("num_chains"),
+                         n_gradients=s.info.get("n_gradients"))
         if s.method == "cl_analytic":
             entry.update({k: s.info.get(k) for k in ("divergences", "ess", "r_hat", "wall_time_s",
                                                         "grad_evals", "n_cov", "hartlap",

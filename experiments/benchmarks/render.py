@@ -830,7 +830,8 @@ def render_metrics(data: Mapping, source: Source | None) -> list[str]:
 
 _LOSS_LABELS = {"npe_mse": "NPE on MSE summaries", "npe_mae": "NPE on MAE summaries",
                 "npe_gnll": "NPE on GNLL summaries", "npe_vmim": "NPE on VMIM summaries",
-                "npe_cl": "NPE on C_ℓ", "cl_analytic": "analytic C_ℓ (NUTS)"}
+                "npe_cl": "NPE on C_ℓ", "cl_analytic": "analytic C_ℓ (NUTS)",
+                "hmc": "field-level reference (HMC)"}
 
 
 def _implicit_status(m: Mapping) -> str:

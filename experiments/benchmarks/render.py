@@ -273,6 +273,28 @@ SOURCES: dict[str, Source] = {
                 "experiments/benchmarks/results_efficiency_gaussian_check.json",
         recorded="2026-12-06, " + VM + "; a compressor training run shared one core",
         notebook="12b"),
+    "results_implicit_quick_reference.json": Source(
+        title="Implicit inference on quick against the converged field-level posterior",
+        what="The shipped `quick` configuration, observation seed 0 (the observation of the "
+             "committed field-level reference posterior, `reference_quick_field_level.h5`: MCLMC "
+             "+ fourier, 4 × 17,000 draws, NOTEBOOK 15), which is the C2ST reference. 5100 PM "
+             "simulations, the last 100 held out for SBC/TARP; a VMIM ResNet compressor (width "
+             "16, depth 3, 6-number summary, weight average 0.99, 60 epochs) on the first 5000, "
+             "sbi NSF NPE on 4 noise copies of its summaries; NPE on the C_ℓ data vector; the "
+             "analytic C_ℓ likelihood with NUTS (200-simulation covariance). The issue's targets: "
+             "NPE on VMIM summaries ≥ 0.9× the field-level FoM, C2ST ≤ 0.65.",
+        command=".venv/bin/python -m experiments.benchmarks.implicit --config quick --work "
+                "runs/q26 \\\n"
+                "    --n-train 5000 --losses vmim \\\n"
+                "    --reference-samples experiments/benchmarks/reference_quick_field_level.h5 "
+                "\\\n"
+                "    --set compressor.width=16 --set compressor.summary_dim=6 "
+                "--set compressor.ema=0.99 \\\n"
+                "    --set compressor.epochs=60 --set compressor.patience=15 \\\n"
+                "    --out experiments/benchmarks/results_implicit_quick_reference.json",
+        recorded="2026-12-06, " + VM + ", one core (`taskset -c 1`); test runs and profiling "
+                 "used the other",
+        notebook="16"),
     "results_implicit_losses.json": Source(
         title="Implicit inference on quick: every compressor loss and both C_ℓ baselines",
         what="The shipped `quick` configuration (simulator after the lightcone fix of NOTEBOOK "
@@ -321,7 +343,8 @@ ORDER = ("results_pm.json", "results_scaling.json", "results_lensing.json",
          "results_cl_hires_patch_random.json", "results_pk_box.json", "results_hmc.json",
          "results_hmc_coverage.json", "results_gaussian_check.json",
          "results_implicit_online.json", "results_efficiency_gaussian_check.json",
-         "results_implicit_losses.json", "results_implicit_scan.json", "results_implicit.json")
+         "results_implicit_quick_reference.json", "results_implicit_losses.json",
+         "results_implicit_scan.json", "results_implicit.json")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ demo: venv
 # Two test files at a time (pytest-xdist; whole files, so module fixtures and their background
 # workers run once): one process mostly compiles on one core, which leaves the other idle. Files
 # start in tests/conftest.py's order (the slowest first), not xdist's (the most tests first).
-# `make test` (what CI runs) leaves out the five tests marked slow: end-to-end checks whose parts,
+# `make test` (what CI runs) leaves out the tests marked slow: end-to-end checks whose parts,
 # or whose property on another problem, the rest of the suite proves (tests/conftest.py lists
 # them and why); `make test-slow` runs those.
 PYTEST := $(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder

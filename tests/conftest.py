@@ -12,9 +12,9 @@ compiled by an older version of the code or of JAX; set
 JAX_COMPILATION_CACHE_DIR yourself to keep one across runs. A program loaded from the cache is the
 executable the compiler produced for the same key.
 
-`make test` (and so CI) leaves out the five tests marked slow; `make test-slow` runs them. Each
-is an end-to-end check of a path whose parts, or whose property on another problem, the rest of
-the suite proves, and each costs a minute or more of compilation on the 2-core machine:
+`make test` (and so CI) leaves out the tests marked slow; `make test-slow` runs them. Each is a
+check of a path whose parts, or whose property on another problem, the rest of the suite proves,
+and each costs a minute or more of compilation on the 2-core machine:
 - the field-level sampler over two jax.distributed processes: test_cli_hmc's two tests (~5 min of
   CPU; chains in child processes, and one run over two processes through the command line, equal
   to the one-process run) and test_explicit's two-process NUTS killed and resumed (~1.5 min).
@@ -29,6 +29,11 @@ the suite proves, and each costs a minute or more of compilation on the 2-core m
   (~1 min): the same known-answer check of field-level NUTS runs in `make test` on a 2-parameter
   problem through the whole compare pipeline (test_compare::
   test_methods_agree_with_the_exact_posterior: means, widths and C2ST against the exact draws).
+- test_distributed's 1x2 device grid and its lightcone on 4x1 (~1 min): `make test` keeps a grid
+  with one device along an axis (4x1) and one split along both (2x4, and 2x2 for the lightcone).
+
+Every process of the suite compiles with XLA's legacy CPU emitters (``tests/procs.py``,
+``TEST_XLA_FLAGS``: about twice as fast to compile, which is most of the suite's time).
 """
 
 import os

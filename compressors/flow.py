@@ -166,7 +166,8 @@ class ConditionalFlow(nn.Module):
             # Output i depends on x_<i only, so d passes recover x exactly, in order.
             for i in range(self.dim):
                 raw = cond(x, context)[..., i, :]
-                x = x.at[..., i].set(_inverse_scalar(y[..., i], raw))
+                # float32 like x, whatever dtype the parameters were given in
+                x = x.at[..., i].set(_inverse_scalar(y[..., i], raw).astype(x.dtype))
         return x
 
     def sample(self, key: jax.Array, context: jnp.ndarray, n: int) -> jnp.ndarray:

@@ -14,8 +14,8 @@ from experiments.io import Samples, read_samples, write_samples
 
 def _reference(path, cfg):
     rng = np.random.default_rng(0)
-    write_samples(path, Samples(rng.normal([0.3, 0.8], 0.05, (100, 2)), ("Omega_c", "sigma8"), "hmc",
-                                config_toml=cfg.to_toml()))
+    draws = rng.normal([0.3, 0.8], 0.05, (100, 2))
+    write_samples(path, Samples(draws, ("Omega_c", "sigma8"), "hmc", config_toml=cfg.to_toml()))
     return path
 
 
@@ -53,7 +53,8 @@ def test_reference_and_reference_samples_together_are_refused(tmp_path, capsys):
 
 def test_an_unconverged_field_level_reference_is_flagged(tmp_path):
     entry = {"method": "hmc", "n_samples": 4000, "fom_omega_c_sigma8": 150.0, "sigma_S8": 0.09,
-             "mean": {"Omega_c": 0.36, "sigma8": 0.78}, "bias_sigma": {"Omega_c": 0.9, "sigma8": -0.7},
+             "mean": {"Omega_c": 0.36, "sigma8": 0.78},
+             "bias_sigma": {"Omega_c": 0.9, "sigma8": -0.7},
              "ess": {"Omega_c": 120.0, "sigma8": 300.0}, "r_hat": {"Omega_c": 1.02, "sigma8": 1.0}}
     (tmp_path / "results_implicit_ref.json").write_text(json.dumps({
         "config": "quick", "reference": "field_level", "methods": {"field_level": entry}}))

@@ -48,7 +48,8 @@ def _grids(fast, slow):
 
 PM_GRIDS = _grids(LAYOUTS, SLOW_LAYOUTS)
 LIGHTCONE_GRIDS = _grids(LIGHTCONE_LAYOUTS, SLOW_LIGHTCONE_LAYOUTS)
-HALO_GRIDS = _grids(list(dict.fromkeys(LAYOUTS + LIGHTCONE_LAYOUTS)),  # the worker checks every grid
+# the worker checks the halo exchange on every grid it runs
+HALO_GRIDS = _grids(list(dict.fromkeys(LAYOUTS + LIGHTCONE_LAYOUTS)),
                     list(dict.fromkeys(SLOW_LAYOUTS + SLOW_LIGHTCONE_LAYOUTS)))
 
 

@@ -320,13 +320,22 @@ def lensing_efficiency(cosmo: Cosmology, bins: RedshiftBins, chi, bg: Background
     z = jnp.asarray(bins.z, jnp.float64)
     nz = jnp.asarray(bins.nz, jnp.float64)
     chi = jnp.atleast_1d(jnp.asarray(chi, jnp.float64))
-    chi_z = bg.comoving_distance(1.0 / (1.0 + z))  # (n_z,)
+    chi_z = bg.comoving_distance(1.0 / (1.0 + z))  # (n_z,), increasing with z
     # chi(z = 0) = 0: the source can't be behind any lens, weight 0; safe denominator for grad.
     pos = chi_z > 0
-    ratio = chi[:, None] / jnp.where(pos, chi_z, 1.0)[None, :]  # (n_chi, n_z)
-    w = jnp.where(pos[None, :], jnp.maximum(1.0 - ratio, 0.0), 0.0)
     # trapezoid weights on the (possibly non-uniform) z table
     dz = z[1:] - z[:-1]
     tw = 0.5 * (jnp.concatenate([dz, jnp.zeros(1)]) + jnp.concatenate([jnp.zeros(1), dz]))
-    g = (nz * tw) @ w.T  # (n_bins, n_chi)
+    c = jnp.where(pos, nz * tw, 0.0)  # (n_bins, n_z)
+    inv = jnp.where(pos, 1.0 / jnp.where(pos, chi_z, 1.0), 0.0)
+    # sum_j c_j max(0, 1 - chi/chi_j) = A(chi) - chi B(chi), A and B the sums of c_j and c_j/chi_j
+    # over the sources behind chi: tail sums (accumulated from the far end, so no cancellation of
+    # a total) read at the first chi_j > chi. O(n_z + n_chi) instead of an (n_chi, n_z) product;
+    # where chi crosses a chi_j the dropped term is 0, so the gradient is that of the product.
+    def tail(x):
+        return jnp.concatenate([jnp.cumsum(x[:, ::-1], axis=1)[:, ::-1],
+                                jnp.zeros((x.shape[0], 1))], axis=1)
+
+    first = jnp.searchsorted(chi_z, chi, side="right")  # (n_chi,) in [0, n_z]
+    g = tail(c)[:, first] - chi[None, :] * tail(c * inv)[:, first]  # (n_bins, n_chi)
     return _prefactor(cosmo) * (chi / bg.a_of_chi(chi))[None, :] * g

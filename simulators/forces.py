@@ -86,16 +86,23 @@ def pm_force(cfg: SimConfig, disp: Array) -> Array:
     Returns:
       (npx, npy, npz, 3) force F = -∇∇⁻²δ in Mpc/h.
     """
+    return pm_force_and_density(cfg, disp)[0]
+
+
+def pm_force_and_density(cfg: SimConfig, disp: Array) -> tuple[Array, Array]:
+    """``pm_force`` and the density 1 + δ it was computed from (``paint_density``, grid layout),
+    which observers of the same positions reuse instead of painting it again."""
     grid = cfg.grid
     dtype = disp.dtype
-    rho_k = grid.fft(paint_density(cfg, disp))
+    density = paint_density(cfg, disp)
+    rho_k = grid.fft(density)
     extra = 1.0
     if cfg.deconvolve:  # undo the smoothing of painting and of reading
         extra = 1.0 / cic_window(grid, cfg.mesh_shape, cfg.box_size, dtype) ** 2
     comps = gradient_of_inverse_laplacian(grid, cfg.mesh_shape, cfg.box_size, rho_k, extra,
                                           finite_difference=True)
     field = jnp.stack([-c for c in comps], axis=-1)
-    return cic_read(grid, field, _in_cells(cfg, disp), cfg.mesh_factor)
+    return cic_read(grid, field, _in_cells(cfg, disp), cfg.mesh_factor), density
 
 
 def paint_density(cfg: SimConfig, disp: Array) -> Array:

@@ -379,14 +379,20 @@ class BornLightcone:
         return jnp.zeros((self.lightcone.sky.n_rays, self.n_bins), state.disp.dtype)
 
     def update(self, params: BornParams, step, a0, a1, before, after, obs):
-        delta0 = self.density_contrast(before.disp)
-        delta1 = self.density_contrast(after.disp)
+        # the densities the forces were computed from: painting the particles again would cost two
+        # paints per step forward and their transposes in the adjoint
+        delta0 = self.contrast_of(before.density)
+        delta1 = self.contrast_of(after.density)
         return obs + self.project(params, step, delta0, delta1)
 
     def density_contrast(self, disp: Array) -> Array:
         """δ on the mesh (grid layout) as the rays read it: CIC-painted, and with the transverse
         painting and reading windows divided out when ``lightcone.compensate``."""
-        delta = paint_density(self.cfg, disp) - 1
+        return self.contrast_of(paint_density(self.cfg, disp))
+
+    def contrast_of(self, density: Array) -> Array:
+        """``density_contrast`` from the painted density 1 + δ (grid layout)."""
+        delta = density - 1
         if not self.lightcone.compensate:
             return delta
         cfg, grid = self.cfg, self.cfg.grid

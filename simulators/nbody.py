@@ -26,7 +26,7 @@ import numpy as np
 
 from .config import SimConfig
 from .cosmology import Cosmology, E, GrowthTable
-from .forces import pm_force
+from .forces import pm_force_and_density
 
 Array = jax.Array
 
@@ -34,15 +34,20 @@ Array = jax.Array
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class ParticleState:
-    """Particles on the Lagrangian grid, each array (npx, npy, npz, 3).
+    """Particles on the Lagrangian grid, each array (npx, npy, npz, 3), and the mesh density they
+    paint.
 
     disp: displacement x - q, Mpc/h.  mom: p = a³E dx/da, Mpc/h (H0 = 1).
     force: F = -∇∇⁻²δ at x, Mpc/h (evaluated at the state's time).
+    density: 1 + δ on the force mesh (``forces.paint_density`` of disp, grid layout), the one the
+      force came from: observers read it instead of painting the particles again, and in the
+      adjoint its cotangent joins the force's before the paint is transposed once.
     """
 
     disp: Array
     mom: Array
     force: Array
+    density: Array
 
 
 class Observer(Protocol):
@@ -101,8 +106,8 @@ def kdk(cfg: SimConfig, state: ParticleState, factors: Array) -> ParticleState:
     k1, dr, k2 = (factors[i].astype(state.disp.dtype) for i in range(3))
     mom = state.mom + k1 * state.force
     disp = state.disp + dr * mom
-    force = pm_force(cfg, disp)
-    return ParticleState(disp, mom + k2 * force, force)
+    force, density = pm_force_and_density(cfg, disp)
+    return ParticleState(disp, mom + k2 * force, force, density)
 
 
 def kdk_reverse(cfg: SimConfig, state: ParticleState, factors: Array) -> ParticleState:
@@ -110,8 +115,8 @@ def kdk_reverse(cfg: SimConfig, state: ParticleState, factors: Array) -> Particl
     k1, dr, k2 = (factors[i].astype(state.disp.dtype) for i in range(3))
     mom = state.mom - k2 * state.force
     disp = state.disp - dr * mom
-    force = pm_force(cfg, disp)
-    return ParticleState(disp, mom - k1 * force, force)
+    force, density = pm_force_and_density(cfg, disp)
+    return ParticleState(disp, mom - k1 * force, force, density)
 
 
 def _max_displacement_cells(cfg: SimConfig, disp: Array) -> Array:

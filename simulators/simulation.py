@@ -13,7 +13,7 @@ import numpy as np
 
 from .config import SimConfig
 from .cosmology import Cosmology, growth_table
-from .forces import paint_density, pm_force
+from .forces import paint_density, pm_force_and_density
 from .ics import linear_field, lpt_state, white_noise
 from .nbody import (Observer, ParticleState, Snapshots, integrate, run_steps, start_steps,
                     step_factors)
@@ -71,7 +71,7 @@ def initial_particles(cosmo: Cosmology, cfg: SimConfig, delta_lin: Array
     growth = growth_table(cosmo)
     a_steps = cfg.step_scale_factors
     disp, mom = lpt_state(cosmo, growth, cfg, delta_lin, a_steps[0])
-    state = ParticleState(disp, mom, pm_force(cfg, disp))
+    state = ParticleState(disp, mom, *pm_force_and_density(cfg, disp))
     return state, step_factors(cosmo, growth, a_steps)
 
 

@@ -150,6 +150,11 @@ ffi::Error Paint(ffi::Buffer<DT> disp, ffi::Buffer<DT> values, ffi::ResultBuffer
     Stencil<T> s;
     Lagrangian q(g, b);
     for (int64_t p = b; p < e; ++p, q.next(g)) {
+      // a point whose values are all zero adds nothing: the lightcone's adjoint paints ray-sample
+      // cotangents, about half of them zero (samples of a step's window outside its shell)
+      bool zero = true;
+      for (int64_t ch = 0; ch < g.C; ++ch) zero = zero && v[p * g.C + ch] == T(0);
+      if (zero) continue;
       stencil(g, d, p, q, &s);
       if (g.C == 1) {  // the density
         const T vp = v[p];

@@ -73,7 +73,7 @@ def _load() -> bool:
         warnings.warn(f"lensbench: native CIC kernels unavailable, using pure JAX ({err})",
                       RuntimeWarning, stacklevel=2)
         return False
-    for kind in ("paint", "read", "read_grad"):
+    for kind in ("paint", "read", "read_first", "read_grad"):
         for suffix in _SUFFIX.values():
             name = f"lb_cic_{kind}_{suffix}"
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
@@ -103,6 +103,13 @@ def read(field, disp, mesh_factor, offset, wrap):
     shape = disp.shape[:3] + (field.shape[-1],)
     return _call("read", shape, disp.dtype, field, disp, mesh_factor=mesh_factor,
                  offset=offset, wrap=wrap)
+
+
+def read_first(field, disp, count, mesh_factor, offset, wrap):
+    """``read`` of the first ``count`` (int32 scalar, traced) particles in C order; 0 for the rest."""
+    shape = disp.shape[:3] + (field.shape[-1],)
+    return _call("read_first", shape, disp.dtype, field, disp, jnp.asarray(count, jnp.int32),
+                 mesh_factor=mesh_factor, offset=offset, wrap=wrap)
 
 
 def read_grad(field, disp, cotangent, mesh_factor, offset, wrap):

@@ -125,39 +125,45 @@ _read_native.defvjp(_read_native_fwd, _read_native_bwd)
 # positions do not depend on anything differentiated, so the backward pass is the paint alone.
 
 @jax.custom_vjp
-def _read_points_native(field, cells):
+def _read_points_native(field, cells, count):
     n = cells.shape[0]
-    out = native.read(field, cells.reshape(n, 1, 1, 3), 0, 0, True)
+    out = native.read_first(field, cells.reshape(n, 1, 1, 3), count, 0, 0, True)
     return out.reshape(n, field.shape[-1])
 
 
-def _read_points_native_fwd(field, cells):
-    return _read_points_native(field, cells), (field.shape[:3], cells)
+def _read_points_native_fwd(field, cells, count):
+    return _read_points_native(field, cells, count), (field.shape[:3], cells)
 
 
 def _read_points_native_bwd(res, ct):
+    # the points past ``count`` read 0 whatever the field: their cotangents do not reach it (the
+    # paint skips points whose values are 0, and the caller's are 0 there)
     shape, cells = res
     n = cells.shape[0]
     ct_field = native.paint(shape, cells.reshape(n, 1, 1, 3), ct.reshape(n, 1, 1, -1), 0, 0, True)
-    return ct_field, jnp.zeros_like(cells)
+    return ct_field, jnp.zeros_like(cells), None
 
 
 _read_points_native.defvjp(_read_points_native_fwd, _read_points_native_bwd)
 
 
-def read_points_periodic(field: Array, cells: Array) -> Array | None:
+def read_points_periodic(field: Array, cells: Array, count: Array | None = None) -> Array | None:
     """Trilinear (CIC) interpolation of a periodic one-device mesh at fixed points with the compiled
     CPU kernels, or None where they do not run (then the caller gathers in JAX).
 
     Args:
       field: (nx, ny, nz, C) mesh values; cell i's value sits at coordinate i.
       cells: (N, 3) cell coordinates of the points, treated as constants (no gradient flows to them).
+      count: optional int scalar (may be traced): only the first ``count`` points are read, the
+        others return 0 (and must get zero cotangents: the adjoint paints them as they come).
     Returns:
       (N, C) values; differentiable in ``field`` (the adjoint paints the cotangents).
     """
     if not native.available(field.dtype):
         return None
-    return _read_points_native(field, jax.lax.stop_gradient(cells.astype(field.dtype)))
+    n = cells.shape[0] if count is None else jnp.minimum(count, cells.shape[0])
+    return _read_points_native(field, jax.lax.stop_gradient(cells.astype(field.dtype)),
+                               jnp.asarray(n, jnp.int32))
 
 
 # ---- pure-JAX path (GPU, or no compiler) --------------------------------------------------

@@ -76,3 +76,16 @@ def test_point_read_matches_the_lightcone_gather():
     np.testing.assert_allclose(g_native, g_xla, atol=1e-12)
     g_cells = jax.grad(lambda c: jnp.vdot(ct, painting.read_points_periodic(field, c)))(cells)
     assert np.all(np.asarray(g_cells) == 0)
+
+    # a traced count reads the first points only (the lightcone's samples inside a step's shell);
+    # the rest are 0 and, with zero cotangents there, the field's gradient is the gather's
+    read_first = jax.jit(painting.read_points_periodic)
+    for count in (0, 57, cells.shape[0], cells.shape[0] + 5):
+        got = np.asarray(read_first(field, cells, jnp.int32(count)))
+        k = min(count, cells.shape[0])
+        np.testing.assert_allclose(got[:k], gather(field, cells)[:k], atol=1e-13)
+        assert np.all(got[k:] == 0)
+        ct_k = ct.at[k:].set(0.0)
+        g_first = jax.grad(lambda f: jnp.vdot(ct_k, read_first(f, cells, jnp.int32(count))))(field)
+        g_ref = jax.grad(lambda f: jnp.vdot(ct_k, gather(f, cells)))(field)
+        np.testing.assert_allclose(g_first, g_ref, atol=1e-12)

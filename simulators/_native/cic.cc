@@ -170,17 +170,13 @@ ffi::Error Paint(ffi::Buffer<DT> disp, ffi::Buffer<DT> values, ffi::ResultBuffer
   return ffi::Error::Success();
 }
 
-// out[p, c] = sum_corners w * field[idx, c]
-template <ffi::DataType DT>
-ffi::Error Read(ffi::Buffer<DT> field, ffi::Buffer<DT> disp, ffi::ResultBuffer<DT> out,
-                int64_t mesh_factor, int64_t offset, int64_t wrap_xy) {
-  using T = ffi::NativeType<DT>;
-  const Geometry g = geometry(disp.dimensions(), field.dimensions(), mesh_factor, offset, wrap_xy);
+// out[p, c] = sum_corners w * field[idx, c] for the first `limit` points, 0 for the others
+template <typename T>
+void ReadPoints(const Geometry& g, const T* f, const T* d, T* o, int64_t limit) {
   const int64_t n = g.npx * g.npy * g.npz;
-  const T* f = field.typed_data();
-  const T* d = disp.typed_data();
-  T* o = out->typed_data();
-  parallel_for(n, n_threads(n), [&, g](int, int64_t b, int64_t e) {
+  limit = std::min(std::max<int64_t>(limit, 0), n);
+  std::fill(o + limit * g.C, o + n * g.C, T(0));
+  parallel_for(limit, n_threads(limit), [&, g](int, int64_t b, int64_t e) {
     Stencil<T> s;
     Lagrangian q(g, b);
     for (int64_t p = b; p < e; ++p, q.next(g)) {
@@ -205,6 +201,25 @@ ffi::Error Read(ffi::Buffer<DT> field, ffi::Buffer<DT> disp, ffi::ResultBuffer<D
       }
     }
   });
+}
+
+template <ffi::DataType DT>
+ffi::Error Read(ffi::Buffer<DT> field, ffi::Buffer<DT> disp, ffi::ResultBuffer<DT> out,
+                int64_t mesh_factor, int64_t offset, int64_t wrap_xy) {
+  const Geometry g = geometry(disp.dimensions(), field.dimensions(), mesh_factor, offset, wrap_xy);
+  ReadPoints(g, field.typed_data(), disp.typed_data(), out->typed_data(), g.npx * g.npy * g.npz);
+  return ffi::Error::Success();
+}
+
+// Read of the first `count` points only (the others 0): a lightcone step's ray samples beyond its
+// shell carry weight 0, and they are the tail of the block (samples-major order).
+template <ffi::DataType DT>
+ffi::Error ReadFirst(ffi::Buffer<DT> field, ffi::Buffer<DT> disp, ffi::Buffer<ffi::S32> count,
+                     ffi::ResultBuffer<DT> out, int64_t mesh_factor, int64_t offset,
+                     int64_t wrap_xy) {
+  const Geometry g = geometry(disp.dimensions(), field.dimensions(), mesh_factor, offset, wrap_xy);
+  ReadPoints(g, field.typed_data(), disp.typed_data(), out->typed_data(),
+             static_cast<int64_t>(count.typed_data()[0]));
   return ffi::Error::Success();
 }
 
@@ -256,6 +271,12 @@ ffi::Error ReadGrad(ffi::Buffer<DT> field, ffi::Buffer<DT> disp, ffi::Buffer<DT>
                                 ffi::Ffi::Bind()                                                \
                                     .Arg<ffi::Buffer<DT>>()                                     \
                                     .Arg<ffi::Buffer<DT>>()                                     \
+                                    .Ret<ffi::Buffer<DT>>() LB_ATTRS);                          \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(lb_cic_read_first_##SUFFIX, ReadFirst<DT>,                     \
+                                ffi::Ffi::Bind()                                                \
+                                    .Arg<ffi::Buffer<DT>>()                                     \
+                                    .Arg<ffi::Buffer<DT>>()                                     \
+                                    .Arg<ffi::Buffer<ffi::S32>>()                               \
                                     .Ret<ffi::Buffer<DT>>() LB_ATTRS);                          \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(lb_cic_read_grad_##SUFFIX, ReadGrad<DT>,                        \
                                 ffi::Ffi::Bind()                                                \

@@ -6,6 +6,8 @@ and this one): fresh processes, alternating trees and modes, so both see the sam
         --rounds 3 --evals 20 --out ab_quick.jsonl
     python experiments/benchmarks/ab_gradient.py --trees /tmp/parent,. --config lsst_y10 \
         --mesh 32,32,128 --rounds 2 --evals 3 --out ab_lsst.jsonl
+    python experiments/benchmarks/ab_gradient.py --trees /tmp/parent,. --config quick \
+        --modes forward --rounds 3 --evals 20       # the κ maps alone (PM + lightcone)
 
 Each process imports everything from its tree, builds the field-level log density as
 ``experiments.benchmarks.hmc grads`` does, times each value-and-gradient after the first (median),
@@ -40,21 +42,31 @@ def one(root: str, name: str, mode: str, evals: int, mesh: str | None) -> dict:
     from simulators.lensing import noise_sigma
 
     assert Path(simulators.__file__).resolve().is_relative_to(Path(root).resolve()), simulators.__file__
-    cfg = _config(name, mesh, mode)
+    cfg = _config(name, mesh, "adjoint" if mode == "forward" else mode)
     model = cfg.build_model()
     prior = cfg.prior()
     data = np.zeros((model.bins.n_bins,) + tuple(model.sky.shape))
     ld = log_density(field_model(model, prior.numpyro_dists(), cfg.cosmology(), data,
                                  noise_sigma(model.bins, model.sky)), prior.names)
     pos = ld.init_position(jax.random.PRNGKey(0))
+    if mode == "forward":  # the κ maps alone (PM + lightcone), no gradient
+        cosmo, latent = cfg.cosmology(), model.latent(0)
+        fn = jax.jit(lambda z: model.kappa(cosmo, z))
+        args = (latent,)
+    else:
+        fn, args = ld.value_and_grad, (pos,)
     t0 = time.perf_counter()
-    value, grad = jax.block_until_ready(ld.value_and_grad(pos))
+    out = jax.block_until_ready(fn(*args))
     compile_s = time.perf_counter() - t0
     times = []
     for _ in range(evals):
         t0 = time.perf_counter()
-        jax.block_until_ready(ld.value_and_grad(pos))
+        jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
+    if mode == "forward":
+        value, grad = float(jnp.sum(jnp.asarray(out, jnp.float64) ** 2)), []
+    else:
+        value, grad = out
     x = jnp.asarray(np.random.default_rng(0).normal(size=(128,) * 3), jnp.float32)
 
     @jax.jit
@@ -86,7 +98,8 @@ def main(argv=None):
     ap.add_argument("--trees", required=True, help="comma-separated source trees, e.g. /tmp/parent,.")
     ap.add_argument("--config", default="quick")
     ap.add_argument("--mesh", default=None)
-    ap.add_argument("--modes", default="adjoint,checkpoint")
+    ap.add_argument("--modes", default="adjoint,checkpoint",
+                    help="gradient modes, and/or 'forward' (the maps alone: PM + lightcone)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--evals", type=int, default=20)
     ap.add_argument("--out", type=Path, default=None, help="append the JSON lines here")
@@ -111,8 +124,9 @@ def main(argv=None):
             rs = [r for r in rows if r["root"] == root and r["mode"] == mode]
             med = np.median([r["median_ms"] for r in rs])
             ratio = np.median([r["median_ms"] / r["fft_ms"] for r in rs])
-            print(f"{root} {args.config} {mode}: median {med:.0f} ms per gradient, "
-                  f"gradient / FFT floor {ratio:.2f} ({len(rs)} processes)")
+            what = "map" if mode == "forward" else "gradient"
+            print(f"{root} {args.config} {mode}: median {med:.0f} ms per {what}, "
+                  f"{what} / FFT floor {ratio:.2f} ({len(rs)} processes)")
 
 
 if __name__ == "__main__":

@@ -204,9 +204,10 @@ SOURCES: dict[str, Source] = {
         recorded="2026-11-26/27, " + VM + ", shared with the test suite or `compare` during "
                  "each run (wall times high by up to about 2×)",
         notebook="7b",
-        caveat="The gradient timings are superseded by NOTEBOOK 7l's side-by-side measurement "
-               "against the FFT floor (quick ≈ 220 ms, reduced lsst_y10 ≈ 11 s per adjoint "
-               "gradient under load; not in a results file); the peak memory here is the latest. "
+        caveat="The gradient timings are superseded by the side-by-side measurements against "
+               "the parent commit and the FFT floor in NOTEBOOK 7l, 10 and 19 (latest, 2026-12-06, "
+               "one core: quick 128 → 67 ms per adjoint gradient, 1.3 FFT floors; reduced "
+               "lsst_y10 6.1 → 5.0 s; not in a results file); the peak memory here is the latest. "
                "None of the chains is converged; NOTEBOOK 7k has longer MCLMC chains on the same "
                "observation (not in a results file)."),
     "results_hmc_coverage.json": Source(

@@ -429,9 +429,9 @@ def growth_table(cosmo: Cosmology, a_min: float = 1e-3, n: int = N_GROWTH,
     # (D1, D1') obeys a linear ODE, so a step is a 2x2 matrix M_k; (D2, D2') obeys the same one
     # forced by -1.5 Omega_m(a) D1^2, so a step is affine, M_k y + c_k, with c_k from the D1 values
     # at the step's RK4 stages. Prefix products by an associative scan replace a loop of n - 1
-    # iterations (each ~450 small ops forward and backward: most of a C_ell theory gradient's
-    # time and ~15 % of a quick field-level gradient's). The arithmetic of each step is the
-    # classical RK4 stage by stage; only the order of the products differs (round-off).
+    # iterations of ~450 small ops each (and as many in reverse), whose launches cost more than
+    # their arithmetic (NOTEBOOK 19). The arithmetic of each step is the classical RK4 stage by
+    # stage; only the order of the products differs (round-off).
     h = jnp.repeat((log_a[1:] - log_a[:-1]) / substeps, substeps)  # (N,) N = (n - 1) substeps
     x0 = jnp.repeat(log_a[:-1], substeps) + h * jnp.tile(jnp.arange(substeps), n - 1)
     s0, d0 = coefficients(x0)

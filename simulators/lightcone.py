@@ -531,7 +531,7 @@ class BornLightcone:
                 cells = jax.lax.dynamic_slice(table, (start, 0, 0), (per, n_rays, 3)).reshape(-1, 3)
             # the block's samples inside the shell come first (s counts up from the shell's near
             # end), so read only those: the rest have length 0 (about half of quick's reads)
-            used = jnp.max(jnp.where(length > 0, j - c * per + 1, 0)) * n_rays
+            used = jnp.max(jnp.where(length > 0, jnp.arange(1, per + 1), 0)) * n_rays
             vals = None if grid.sharded else read_points_periodic(field, cells, used)
             if vals is None:
                 vals = _trilinear(field, cells, lo, local, grid.halo, not grid.sharded)

@@ -327,7 +327,7 @@ def lensing_efficiency(cosmo: Cosmology, bins: RedshiftBins, chi, bg: Background
     dz = z[1:] - z[:-1]
     tw = 0.5 * (jnp.concatenate([dz, jnp.zeros(1)]) + jnp.concatenate([jnp.zeros(1), dz]))
     c = jnp.where(pos, nz * tw, 0.0)  # (n_bins, n_z)
-    inv = jnp.where(pos, 1.0 / jnp.where(pos, chi_z, 1.0), 0.0)
+    inv = 1.0 / jnp.where(pos, chi_z, 1.0)  # multiplies c, which is 0 where not pos
     # sum_j c_j max(0, 1 - chi/chi_j) = A(chi) - chi B(chi), A and B the sums of c_j and c_j/chi_j
     # over the sources behind chi: tail sums (accumulated from the far end, so no cancellation of
     # a total) read at the first chi_j > chi. O(n_z + n_chi) instead of an (n_chi, n_z) product;

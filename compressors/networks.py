@@ -12,6 +12,14 @@ standardised per bin by the caller (``compressors.train`` uses training-set stat
 residual branch starts at zero (its last convolution is zero-initialised), so the ResNet begins
 as a well-conditioned stack of identities plus a few convolutions.
 Flat-sky patches are not periodic, so convolutions use zero ("SAME") padding.
+
+Band powers (``power_bands`` > 0, and the ``"power"`` network): a convolution stack has to learn
+the quadratic, scale-by-scale weighting of the modes that the optimal compressor of a Gaussian
+field is (the score of its likelihood, a weighted sum of the cross-spectra); it does so slowly
+and, on ``gaussian_check``, to about half the exact posterior's figure of merit (NOTEBOOK 12).
+``band_power_features`` hands the head that statistic directly (per annulus of the FFT grid: the
+log auto-power of every bin and the correlation coefficient of every bin pair), so the network
+starts from the power spectrum and the convolutions only have to add what it misses.
 """
 
 from __future__ import annotations
@@ -21,8 +29,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
-__all__ = ["ResNet", "SimpleCNN", "NETWORKS", "build_network"]
+__all__ = ["ResNet", "SimpleCNN", "PowerNet", "NETWORKS", "build_network", "band_power_features",
+           "band_membership"]
 
 
 def _to_nhwc(x: jnp.ndarray) -> jnp.ndarray:
@@ -31,15 +41,75 @@ def _to_nhwc(x: jnp.ndarray) -> jnp.ndarray:
     return jnp.transpose(x.astype(jnp.float32), (0, 2, 3, 1))
 
 
+def band_membership(ny: int, nx: int, n_bands: int) -> np.ndarray:
+    """(ny * nx, n) float32: row m holds 1 / (modes in the band) in the column of the band of FFT
+    mode m (row-major over ``fft2``'s (ky, kx) grid), zeros elsewhere, so ``power @ W`` averages
+    over each band. Bands are annuli of |k| in grid units (k = 1 is the map's fundamental mode),
+    of equal width from 0.5 to the grid's corner; the mean (k = 0) is in none. There are
+    ``min(n_bands, floor(k_corner - 0.5))`` bands, so that each is at least one grid unit wide
+    and holds modes."""
+    ky = np.fft.fftfreq(ny) * ny
+    kx = np.fft.fftfreq(nx) * nx
+    k = np.hypot(*np.meshgrid(ky, kx, indexing="ij")).ravel()
+    n = int(min(n_bands, np.floor(k.max() - 0.5)))
+    if n < 1:
+        raise ValueError(f"maps of {ny}x{nx} pixels are too small for band powers")
+    edges = np.linspace(0.5, k.max() * (1 + 1e-9), n + 1)
+    band = np.digitize(k, edges) - 1                      # -1: the mean; n never (edge above max)
+    weights = np.zeros((k.size, n), np.float32)
+    inside = band >= 0
+    weights[np.flatnonzero(inside), band[inside]] = 1.0
+    return weights / weights.sum(axis=0, keepdims=True)
+
+
+def band_power_features(maps: jnp.ndarray, n_bands: int) -> jnp.ndarray:
+    """Band powers of tomographic maps: (batch, n_bins, ny, nx) → (batch, n_features) float32.
+
+    Per band (``band_membership``) and bin pair i <= j of the unitary FFT: for i = j the log of the
+    mean |F_i|² (the maps are standardised, so O(1)), for i < j the correlation coefficient
+    Re⟨F_i F_j*⟩ / √(⟨|F_i|²⟩⟨|F_j|²⟩). A band whose power is zero (removed by a scale cut) gives
+    0 in both, with a finite gradient. n_features = n_bins (n_bins + 1) / 2 × bands.
+    """
+    x = maps.astype(jnp.float32)
+    batch, n_bins, ny, nx = x.shape
+    w = jnp.asarray(band_membership(ny, nx, n_bands))
+    f = jnp.fft.fft2(x, norm="ortho").reshape(batch, n_bins, ny * nx)
+    i, j = np.triu_indices(n_bins)
+    cross = jnp.real(f[:, i] * jnp.conj(f[:, j])) @ w     # (batch, pairs, bands)
+    auto = jnp.real(f * jnp.conj(f)) @ w                   # (batch, n_bins, bands)
+    tiny = jnp.float32(1e-12)
+    ok = auto > tiny
+    log_auto = jnp.where(ok, jnp.log(jnp.where(ok, auto, 1.0)), 0.0)
+    norm = auto[:, i] * auto[:, j]
+    ok2 = norm > tiny * tiny
+    coeff = jnp.where(ok2, cross / jnp.sqrt(jnp.where(ok2, norm, 1.0)), 0.0)
+    feats = jnp.where((i == j)[None, :, None], log_auto[:, i], coeff)
+    return feats.reshape(batch, -1)
+
+
+class _PowerBranch(nn.Module):
+    """Band powers of the input maps through one hidden layer (``hidden`` features)."""
+
+    n_bands: int
+    hidden: int
+
+    @nn.compact
+    def __call__(self, maps: jnp.ndarray) -> jnp.ndarray:
+        return nn.silu(nn.Dense(self.hidden)(band_power_features(maps, self.n_bands)))
+
+
 class _Head(nn.Module):
-    """Global average pool, one hidden layer, linear output."""
+    """Global average pool (joined by ``extra`` features, if given), one hidden layer, linear
+    output."""
 
     n_out: int
     hidden: int
 
     @nn.compact
-    def __call__(self, h: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, h: jnp.ndarray, extra: jnp.ndarray | None = None) -> jnp.ndarray:
         h = jnp.mean(h, axis=(1, 2))
+        if extra is not None:
+            h = jnp.concatenate([h, extra], axis=-1)
         h = nn.silu(nn.Dense(self.hidden)(h))
         return nn.Dense(self.n_out)(h)
 
@@ -78,6 +148,8 @@ class ResNet(nn.Module):
       depth: number of stages (>= 1).
       blocks: residual blocks per stage (>= 1).
       head_hidden: width of the head's hidden layer.
+      power_bands: > 0: the head also sees the maps' band powers (``band_power_features``
+        through a hidden layer) in at most this many bands.
     """
 
     n_out: int
@@ -85,6 +157,7 @@ class ResNet(nn.Module):
     depth: int = 3
     blocks: int = 1
     head_hidden: int = 64
+    power_bands: int = 0
 
     @nn.compact
     def __call__(self, maps: jnp.ndarray) -> jnp.ndarray:
@@ -95,7 +168,9 @@ class ResNet(nn.Module):
             for block in range(self.blocks):
                 stride = 2 if (stage > 0 and block == 0) else 1
                 h = _ResBlock(channels, stride)(h)
-        return _Head(self.n_out, self.head_hidden)(nn.silu(h))
+        extra = (_PowerBranch(self.power_bands, self.head_hidden)(maps)
+                 if self.power_bands else None)
+        return _Head(self.n_out, self.head_hidden)(nn.silu(h), extra)
 
 
 class SimpleCNN(nn.Module):
@@ -106,12 +181,14 @@ class SimpleCNN(nn.Module):
       width: channels of the first convolution.
       depth: number of convolutions (>= 1).
       head_hidden: width of the head's hidden layer.
+      power_bands: as for ``ResNet``.
     """
 
     n_out: int
     width: int = 16
     depth: int = 3
     head_hidden: int = 64
+    power_bands: int = 0
 
     @nn.compact
     def __call__(self, maps: jnp.ndarray) -> jnp.ndarray:
@@ -120,15 +197,43 @@ class SimpleCNN(nn.Module):
         for layer in range(self.depth):
             h = nn.Conv(self.width * 2**layer, (3, 3), strides=2, padding="SAME")(h)
             h = nn.silu(h)
-        return _Head(self.n_out, self.head_hidden)(h)
+        extra = (_PowerBranch(self.power_bands, self.head_hidden)(maps)
+                 if self.power_bands else None)
+        return _Head(self.n_out, self.head_hidden)(h, extra)
 
 
-NETWORKS: dict[str, Callable[..., nn.Module]] = {"resnet": ResNet, "cnn": SimpleCNN}
+class PowerNet(nn.Module):
+    """The maps' band powers alone (``band_power_features``) through a two-hidden-layer MLP: a
+    learned compression of the power spectrum, blind to everything a power spectrum misses.
+
+    Attributes:
+      n_out: output dimension.
+      power_bands: at most this many bands (>= 1).
+      head_hidden: width of the hidden layers.
+    """
+
+    n_out: int
+    power_bands: int = 32
+    head_hidden: int = 64
+
+    @nn.compact
+    def __call__(self, maps: jnp.ndarray) -> jnp.ndarray:
+        """maps (batch, n_bins, npix, npix) → (batch, n_out)."""
+        if maps.ndim != 4:
+            raise ValueError(f"expected maps shaped (batch, n_bins, npix, npix), got {maps.shape}")
+        h = _PowerBranch(self.power_bands, self.head_hidden)(maps)
+        h = nn.silu(nn.Dense(self.head_hidden)(h))
+        return nn.Dense(self.n_out)(h)
+
+
+NETWORKS: dict[str, Callable[..., nn.Module]] = {"resnet": ResNet, "cnn": SimpleCNN,
+                                                 "power": PowerNet}
 
 
 def build_network(name: str, n_out: int, **kw: Any) -> nn.Module:
-    """Network ``name`` ("resnet" or "cnn") with ``n_out`` outputs; ``kw`` are its attributes
-    (``width``, ``depth``, ``head_hidden``, and ``blocks`` for the ResNet)."""
+    """Network ``name`` ("resnet", "cnn" or "power") with ``n_out`` outputs; ``kw`` are its
+    attributes (``width``, ``depth``, ``head_hidden``, ``power_bands``, and ``blocks`` for the
+    ResNet; the "power" network takes only ``power_bands`` and ``head_hidden``)."""
     if name not in NETWORKS:
         raise ValueError(f"unknown network {name!r}; choose one of {sorted(NETWORKS)}")
     if int(n_out) < 1:
@@ -136,6 +241,12 @@ def build_network(name: str, n_out: int, **kw: Any) -> nn.Module:
     for key in ("width", "depth", "blocks", "head_hidden"):
         if key in kw and int(kw[key]) < 1:
             raise ValueError(f"{key} must be >= 1, got {kw[key]}")
+    if "power_bands" in kw and int(kw["power_bands"]) < 0:
+        raise ValueError(f"power_bands must be >= 0, got {kw['power_bands']}")
+    if name == "power":
+        if int(kw.get("power_bands", 1)) < 1:
+            raise ValueError("the 'power' network needs power_bands >= 1")
+        kw = {k: v for k, v in kw.items() if k in ("power_bands", "head_hidden")}
     try:
         return NETWORKS[name](n_out=int(n_out), **kw)
     except TypeError as err:

@@ -89,11 +89,13 @@ class TrainConfig:
 
     Attributes:
       loss: "mse" | "mae" | "gnll" | "vmim" (see ``compressors.losses``).
-      network: "resnet" | "cnn".
+      network: "resnet" | "cnn" | "power" (the band powers alone through an MLP).
       width: channels of the first convolution stage.
       depth: ResNet stages / CNN convolutions; each after the first halves the resolution.
       blocks: residual blocks per ResNet stage (ignored by "cnn").
       head_hidden: width of the MLP head's hidden layer.
+      power_bands: > 0: the head also sees the maps' band powers in at most this many annuli of
+        the FFT grid (``networks.band_power_features``); the "power" network needs >= 1.
       summary_dim: VMIM only: size of the summary t (default: d, the number of parameters).
       epochs: maximum number of epochs (early stopping may end sooner).
       batch_size: maps per optimisation step (capped at the training-set size).
@@ -129,6 +131,7 @@ class TrainConfig:
     depth: int = _configured("depth")
     blocks: int = 1
     head_hidden: int = 64
+    power_bands: int = _configured("power_bands")
     summary_dim: int | None = None
     epochs: int = _configured("epochs")
     batch_size: int = _configured("batch_size")
@@ -180,6 +183,7 @@ class TrainConfig:
                      "flow_layers", "flow_hidden"):
             integer(name, 1)
         integer("summary_dim", 1, allow_none=True)
+        integer("power_bands", 1 if self.network == "power" else 0)
         integer("warmup_epochs", 0)
         integer("patience", 1, allow_none=True)
         integer("seed", 0)
@@ -221,7 +225,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
-        data = {"online": False, "ema": None, **data}  # models written before these existed
+        # models written before these existed
+        data = {"online": False, "ema": None, "power_bands": 0, **data}
         if data.get("scales") is not None:  # JSON lists -> the hashable tuples of a static config
             data["scales"] = tuple(tuple(float(v) for v in part) for part in data["scales"])
         unknown = set(data) - names
@@ -230,7 +235,10 @@ class TrainConfig:
         return cls(**data)
 
     def network_kwargs(self) -> dict[str, int]:
-        kw = dict(width=self.width, depth=self.depth, head_hidden=self.head_hidden)
+        if self.network == "power":
+            return dict(power_bands=self.power_bands, head_hidden=self.head_hidden)
+        kw = dict(width=self.width, depth=self.depth, head_hidden=self.head_hidden,
+                  power_bands=self.power_bands)
         if self.network == "resnet":
             kw["blocks"] = self.blocks
         return kw

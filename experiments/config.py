@@ -816,7 +816,14 @@ class CompressorSection(_Section):
     """Neural compressor training (``compressors.TrainConfig``; ``lensbench train-compressor``)."""
 
     loss: OneOf("mse", "mae", "gnll", "vmim") = _key("vmim", "training loss")
-    network: OneOf("resnet", "cnn") = _key("resnet", "architecture")
+    network: OneOf("resnet", "cnn", "power") = _key(
+        "resnet", 'architecture: "resnet", "cnn", or "power" (the maps\' band powers alone '
+                  'through an MLP: a learned compression of the power spectrum)')
+    power_bands: Annotated[Int, AtLeast(0)] = _key(
+        0, "band powers of the maps (per annulus of the FFT grid, at most this many: the log "
+           "auto-power of each bin and the correlation coefficient of each bin pair) fed to the "
+           "network's head beside its convolutional features; 0: none. The optimal summary of "
+           "a Gaussian field is a weighted sum of these, which a CNN learns slowly (NOTEBOOK 22)")
     width: Annotated[Int, AtLeast(1)] = _key(16, "channels of the first stage")
     depth: Annotated[Int, AtLeast(1)] = _key(3, "stages, each halving the maps")
     epochs: Annotated[Int, Count(2, MAX_EPOCHS)] = _key(

@@ -146,8 +146,8 @@ class TrainConfig:
     augment: bool = True
     ema: float | None = None
     online: bool = False
-    flow_layers: int = 4
-    flow_hidden: int = 32
+    flow_layers: int = _configured("flow_layers")
+    flow_hidden: int = _configured("flow_hidden")
     scales: tuple | None = None
     field_deg: float | None = None
 

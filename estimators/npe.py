@@ -154,7 +154,8 @@ class CompressorFlowPosterior:
 
     def log_prob(self, theta, x, **_) -> torch.Tensor:
         th = np.atleast_2d(np.asarray(theta, np.float32))
-        t = np.broadcast_to(np.asarray(x, np.float32).reshape(1, -1), (len(th), np.size(x)))
+        t1 = np.asarray(x, np.float32).reshape(1, -1)    # x: numpy or torch, like sbi's
+        t = np.broadcast_to(t1, (len(th), t1.shape[1]))
         return torch.from_numpy(self._log_q(th, np.ascontiguousarray(t)))
 
     def log_prob_batched(self, theta, x, **_) -> torch.Tensor:

@@ -841,6 +841,11 @@ class CompressorSection(_Section):
         None, "VMIM: size of the summary (more than the number of parameters can keep "
               "information a d-dimensional summary must trade away across the prior; the other "
               "losses output one number per parameter)", "the number of parameters")
+    flow_layers: Annotated[Int, AtLeast(1)] = _key(
+        4, "VMIM: autoregressive layers of the conditional flow q(theta | t) trained with the "
+           "compressor")
+    flow_hidden: Annotated[Int, AtLeast(1)] = _key(
+        32, "VMIM: hidden width of that flow's conditioner networks")
     ema: Annotated[OrNone(Float), Between(0, 1)] = _key(
         None, "decay per step of an exponential moving average of the weights used for "
               "validation, early stopping and the saved model (e.g. 0.99: a time constant of "

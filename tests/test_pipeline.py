@@ -189,6 +189,18 @@ def test_vmim_flow_as_the_posterior(work):
     # the std within 10 % (4 × its standard error 1/sqrt(2 × 4000) = 1.1 %, plus the 161² grid)
     assert np.all(np.abs(s.samples.mean(0) - mean) <= 4 * std / np.sqrt(4000))
     np.testing.assert_allclose(s.samples.std(0), std, rtol=0.1)
+    # log_prob takes the summary as sbi's posteriors do (a torch tensor) or as numpy, and is the
+    # flow's density in θ units (the flow works in standardised θ: minus Σ ln θ_std).
+    import torch
+
+    from estimators.npe import CompressorFlowPosterior
+
+    post = CompressorFlowPosterior(work / "comp_vmim", prior.torch())
+    pts = s.samples[:5].astype(np.float32)
+    want = (comp.flow_log_prob(pts, np.repeat(t, 5, 0)) - np.sum(np.log(comp.theta_std)))
+    for x in (t, torch.from_numpy(t)):
+        np.testing.assert_allclose(post.log_prob(torch.from_numpy(pts), x=x).numpy(), want,
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_npe_on_cl(work):

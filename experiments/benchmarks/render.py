@@ -262,6 +262,24 @@ SOURCES: dict[str, Source] = {
         recorded="2026-12-06, " + VM + ", one run at a time (a test run or a short script "
                  "shared the cores part of the time)",
         notebook="12"),
+    "results_implicit_gaussian_optimum.json": Source(
+        title="VMIM on gaussian_check at the exact posterior: the flow's width and the steps",
+        what="`gaussian_check`, observation seed 0, against the exact grid posterior. VMIM "
+             "compressors on the maps' band powers (`network = \"power\"`) or a ResNet with "
+             "them (`power_bands`), their flow q(θ | t) 32 or 128 units wide, trained online "
+             "(1900 fixed maps validate) or on 10,000 fixed maps with fresh noise in every batch "
+             "(epochs × steps × batch in each label); NPE: sbi NSF on 4 noise copies of the "
+             "training summaries, or the compressor's own flow (last row). Calibration on the "
+             "last 100 of the simulations: 2000 in the online rows, 10,100 in the last two. Each row's keys: `overrides` in the JSON.",
+        command=".venv/bin/python -m experiments.benchmarks.implicit --config gaussian_check "
+                "--work runs/g22x \\\n"
+                "    --n-train 10000 --losses vmim --reference exact --skip-cl \\\n"
+                "    --set compressor.network='\"power\"' --set compressor.power_bands=32 "
+                "--set compressor.flow_hidden=128 \\\n"
+                "    --set compressor.online=false --set compressor.batch_size=128 "
+                "--set compressor.epochs=100 --set compressor.patience=20   # row g22x",
+        recorded="2026-12-07, " + VM + ", one run per core, at most two at a time",
+        notebook="22"),
     "results_efficiency_gaussian_check.json": Source(
         title="The simulation-efficiency curve on gaussian_check",
         what="`lensbench compare` with `[compare] efficiency = [250, 500, 1000, 1900]` on "
@@ -345,7 +363,8 @@ ORDER = ("results_pm.json", "results_scaling.json", "results_lensing.json",
          "results_hmc_coverage.json", "results_gaussian_check.json",
          "results_implicit_online.json", "results_efficiency_gaussian_check.json",
          "results_implicit_quick_reference.json", "results_implicit_losses.json",
-         "results_implicit_scan.json", "results_implicit.json")
+         "results_implicit_scan.json", "results_implicit.json",
+         "results_implicit_gaussian_optimum.json")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -264,7 +264,8 @@ SOURCES: dict[str, Source] = {
         notebook="12"),
     "results_implicit_gaussian_optimum.json": Source(
         title="VMIM on gaussian_check at the exact posterior: the flow's width and the steps",
-        what="`gaussian_check`, observation seed 0, against the exact grid posterior. VMIM "
+        what="`gaussian_check`, observation seed 0 unless the label says, against the exact grid "
+             "posterior of the same observation. VMIM "
              "compressors on the maps' band powers (`network = \"power\"`) or a ResNet with "
              "them (`power_bands`), their flow q(θ | t) 32 or 128 units wide, trained online "
              "(1900 fixed maps validate) or on 10,000 fixed maps with fresh noise in every batch "

@@ -76,7 +76,7 @@ def band_power_features(maps: jnp.ndarray, n_bands: int) -> jnp.ndarray:
     f = jnp.fft.fft2(x, norm="ortho").reshape(batch, n_bins, ny * nx)
     i, j = np.triu_indices(n_bins)
     cross = jnp.real(f[:, i] * jnp.conj(f[:, j])) @ w     # (batch, pairs, bands)
-    auto = jnp.real(f * jnp.conj(f)) @ w                   # (batch, n_bins, bands)
+    auto = cross[:, np.flatnonzero(i == j)]               # (batch, n_bins, bands), bins in order
     tiny = jnp.float32(1e-12)
     ok = auto > tiny
     log_auto = jnp.where(ok, jnp.log(jnp.where(ok, auto, 1.0)), 0.0)
@@ -99,17 +99,18 @@ class _PowerBranch(nn.Module):
 
 
 class _Head(nn.Module):
-    """Global average pool (joined by ``extra`` features, if given), one hidden layer, linear
-    output."""
+    """Global average pool, joined (``power_bands`` > 0) by the band powers of the input ``maps``
+    through ``_PowerBranch``; one hidden layer, linear output."""
 
     n_out: int
     hidden: int
+    power_bands: int = 0
 
     @nn.compact
-    def __call__(self, h: jnp.ndarray, extra: jnp.ndarray | None = None) -> jnp.ndarray:
+    def __call__(self, h: jnp.ndarray, maps: jnp.ndarray) -> jnp.ndarray:
         h = jnp.mean(h, axis=(1, 2))
-        if extra is not None:
-            h = jnp.concatenate([h, extra], axis=-1)
+        if self.power_bands:
+            h = jnp.concatenate([h, _PowerBranch(self.power_bands, self.hidden)(maps)], axis=-1)
         h = nn.silu(nn.Dense(self.hidden)(h))
         return nn.Dense(self.n_out)(h)
 
@@ -168,9 +169,7 @@ class ResNet(nn.Module):
             for block in range(self.blocks):
                 stride = 2 if (stage > 0 and block == 0) else 1
                 h = _ResBlock(channels, stride)(h)
-        extra = (_PowerBranch(self.power_bands, self.head_hidden)(maps)
-                 if self.power_bands else None)
-        return _Head(self.n_out, self.head_hidden)(nn.silu(h), extra)
+        return _Head(self.n_out, self.head_hidden, self.power_bands)(nn.silu(h), maps)
 
 
 class SimpleCNN(nn.Module):
@@ -197,9 +196,7 @@ class SimpleCNN(nn.Module):
         for layer in range(self.depth):
             h = nn.Conv(self.width * 2**layer, (3, 3), strides=2, padding="SAME")(h)
             h = nn.silu(h)
-        extra = (_PowerBranch(self.power_bands, self.head_hidden)(maps)
-                 if self.power_bands else None)
-        return _Head(self.n_out, self.head_hidden)(h, extra)
+        return _Head(self.n_out, self.head_hidden, self.power_bands)(h, maps)
 
 
 class PowerNet(nn.Module):
@@ -243,10 +240,8 @@ def build_network(name: str, n_out: int, **kw: Any) -> nn.Module:
             raise ValueError(f"{key} must be >= 1, got {kw[key]}")
     if "power_bands" in kw and int(kw["power_bands"]) < 0:
         raise ValueError(f"power_bands must be >= 0, got {kw['power_bands']}")
-    if name == "power":
-        if int(kw.get("power_bands", 1)) < 1:
-            raise ValueError("the 'power' network needs power_bands >= 1")
-        kw = {k: v for k, v in kw.items() if k in ("power_bands", "head_hidden")}
+    if name == "power" and int(kw.get("power_bands", 1)) < 1:
+        raise ValueError("the 'power' network needs power_bands >= 1")
     try:
         return NETWORKS[name](n_out=int(n_out), **kw)
     except TypeError as err:

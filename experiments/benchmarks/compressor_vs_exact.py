@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", required=True)
     ap.add_argument("--sims", type=Path, required=True)
     ap.add_argument("--compressor", type=Path, required=True, help="a VMIM compressor directory")
-    ap.add_argument("--npe", type=Path, default=None, help="an NPE fitted on its summaries")
+    ap.add_argument("--npe", type=Path, default=None,
+                    help="a `lensbench fit-posterior` directory fitted on its summaries")
     ap.add_argument("--n", type=int, default=50, help="held-out simulations (the file's last n)")
     ap.add_argument("--draws", type=int, default=4000, help="draws per map for a flow's FoM")
     ap.add_argument("--seed", type=int, default=12345, help="seed of the shape noise")
@@ -90,7 +91,15 @@ def main(argv=None) -> int:
     if comp.config.loss != "vmim":
         ap.error(f"--compressor {args.compressor}: a {comp.config.loss!r} compressor has no flow")
     flow_post = CompressorFlowPosterior(args.compressor, prior.torch())
-    npe = None if args.npe is None else load_npe(args.npe / "npe" if (args.npe / "npe").is_dir() else args.npe)
+    npe = None
+    if args.npe is not None:
+        from experiments.pipeline import _posterior_meta
+
+        fitted_on = _posterior_meta(args.npe).get("compressor")
+        if fitted_on is None or Path(fitted_on).resolve() != args.compressor.resolve():
+            ap.error(f"--npe {args.npe} was fitted on {fitted_on or 'C_ell'}, not on the summaries "
+                     f"of --compressor {args.compressor}")
+        npe = load_npe(args.npe / "npe")
 
     kappa, theta = sims.kappa[-args.n:], sims.theta[-args.n:]
     rng = np.random.default_rng(args.seed)

@@ -98,6 +98,12 @@ class TrainConfig:
         the FFT grid (``networks.band_power_features``); the "power" network needs >= 1.
       summary_dim: VMIM only: size of the summary t (default: d, the number of parameters).
       epochs: maximum number of epochs (early stopping may end sooner).
+      steps_per_epoch: optimiser steps per epoch, the unit of validation, early stopping, the
+        learning-rate schedule and checkpoints. None: one pass over the training split
+        (n_train // batch_size). A fixed value makes the optimisation budget (epochs ×
+        steps_per_epoch) the same for every training-set size, a small set being cycled several
+        times per epoch: with one-pass epochs, 1,000 maps and 100 epochs of batch 128 give 800
+        steps, and VMIM stops far from its optimum (NOTEBOOK 22).
       batch_size: maps per optimisation step (capped at the training-set size).
       learning_rate: peak AdamW learning rate.
       lr_schedule: "cosine" (linear warm-up, then cosine decay to 1% over all epochs) or
@@ -134,6 +140,7 @@ class TrainConfig:
     power_bands: int = _configured("power_bands")
     summary_dim: int | None = None
     epochs: int = _configured("epochs")
+    steps_per_epoch: int | None = None
     batch_size: int = _configured("batch_size")
     learning_rate: float = _configured("learning_rate")
     lr_schedule: str = "cosine"
@@ -183,6 +190,7 @@ class TrainConfig:
                      "flow_layers", "flow_hidden"):
             integer(name, 1)
         integer("summary_dim", 1, allow_none=True)
+        integer("steps_per_epoch", 1, allow_none=True)
         integer("power_bands", 1 if self.network == "power" else 0)
         integer("warmup_epochs", 0)
         integer("patience", 1, allow_none=True)
@@ -226,7 +234,7 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         # models written before these existed
-        data = {"online": False, "ema": None, "power_bands": 0, **data}
+        data = {"online": False, "ema": None, "power_bands": 0, "steps_per_epoch": None, **data}
         if data.get("scales") is not None:  # JSON lists -> the hashable tuples of a static config
             data["scales"] = tuple(tuple(float(v) for v in part) for part in data["scales"])
         unknown = set(data) - names
@@ -322,15 +330,15 @@ def _schedule(config: TrainConfig, steps_per_epoch: int):
                                  optax.constant_schedule(lr)], [warmup])
 
 
-def _fast_compile(config: TrainConfig, n_train: int, input_shape) -> bool:
+def _fast_compile(config: TrainConfig, maps_per_epoch: int, input_shape) -> bool:
     """Skip LLVM's optimisation passes for the training programs of small runs.
 
     They cost seconds of compile time and buy ~10% of step time, which pays off only when a run
-    trains on more than ~1e7 pixel-maps (epochs × maps × bins × pixels) — the default 64² problem
-    is well above, unit-test-sized problems far below. A function of the config and data shape
-    only, so a resumed run compiles the same programs.
+    trains on more than ~1e7 pixel-maps (epochs × maps per epoch × bins × pixels) — the default
+    64² problem is well above, unit-test-sized problems far below. A function of the config and
+    data shape only, so a resumed run compiles the same programs.
     """
-    return config.epochs * n_train * math.prod(input_shape) < 10_000_000
+    return config.epochs * maps_per_epoch * math.prod(input_shape) < 10_000_000
 
 
 @functools.lru_cache(maxsize=16)
@@ -817,15 +825,20 @@ def train_compressor(maps, theta, sigma_n, config: TrainConfig, out_dir: str | P
     map_std = np.where(map_std > 0, map_std, 1.0).astype(np.float32)
 
     n_train = len(train_idx)
-    # Online: an epoch is as many fresh batches as the fixed split would give (at least one).
+    # Unless the config fixes it, an epoch is one pass over the split, without the remainder
+    # (one compiled batch shape); online, as many fresh batches as that pass would give.
     batch = config.batch_size if config.online else min(config.batch_size, n_train)
-    steps_per_epoch = max(1, n_train // batch)  # drop the remainder: one compiled batch shape
+    steps_per_epoch = config.steps_per_epoch or max(1, n_train // batch)
+    # the epoch's batches: as many passes over the split, each in a fresh order, as it needs
+    passes = -(-steps_per_epoch * batch // n_train)
     draw = (_online_draw(simulate, batch, theta_mean, theta_std, input_shape)
             if config.online else None)
     online_key = jax.random.fold_in(jax.random.key(config.seed), _ONLINE_TAG)
     ones = np.ones(batch, np.float32)
     program = _program(config, d, steps_per_epoch,
-                       _fast_compile(config, n_train, input_shape))
+                       _fast_compile(config, (config.steps_per_epoch and
+                                              config.steps_per_epoch * batch) or n_train,
+                                     input_shape))
 
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -871,7 +884,8 @@ def train_compressor(maps, theta, sigma_n, config: TrainConfig, out_dir: str | P
                     break
                 t0 = time.perf_counter()
                 key = jax.random.fold_in(epoch_key, epoch)
-                perm = np.random.default_rng([config.seed, epoch]).permutation(n_train)
+                rng = np.random.default_rng([config.seed, epoch])
+                perm = np.concatenate([rng.permutation(n_train) for _ in range(passes)])
                 step_losses = []
                 failed = []
                 for step in range(steps_per_epoch):

@@ -828,6 +828,12 @@ class CompressorSection(_Section):
     depth: Annotated[Int, AtLeast(1)] = _key(3, "stages, each halving the maps")
     epochs: Annotated[Int, Count(2, MAX_EPOCHS)] = _key(
         30, "maximum epochs; early stopping may end sooner")
+    steps_per_epoch: Annotated[OrNone(Int), AtLeast(1)] = _key(
+        None, "optimiser steps per epoch (the unit of validation, patience and the schedule): "
+              "fixing it gives every training-set size the same optimisation budget, a small "
+              "set being cycled several times per epoch (the efficiency curve needs this: with "
+              "one pass per epoch, 1,000 maps get a tenth of the steps 10,000 do)",
+        "one pass over the training split")
     batch_size: Annotated[Int, AtLeast(1)] = _key(32, "maps per step")
     learning_rate: Annotated[Float, Positive] = _key(
         1e-3, "peak AdamW learning rate (warm-up, cosine decay)")

@@ -242,6 +242,12 @@ def summarise(kind: str, maps: np.ndarray, *, compressor=None, field_deg=None, e
     raise ValueError(f"unknown summary {kind!r}; valid: {', '.join(SUMMARIES)}")
 
 
+def _summary_settings(cfg, compressor=None) -> dict:
+    """``summarise``'s keywords for a configuration: what NPE is fitted on and sampled with."""
+    return dict(compressor=compressor, field_deg=cfg.maps.field_deg, ell_edges=cfg.ell_edges(),
+                scales=cfg.scale_cuts())
+
+
 def run_compress(compressor_dir, inputs, out, *, noisy: bool = True, seed: int = 0,
                  overwrite: bool = True) -> Path:
     """Apply a trained compressor to a map file (its noisy maps, or noise-free with noisy=False)
@@ -320,8 +326,7 @@ def run_fit_posterior(config, sims_path, out, *, compressor=None, summary: str |
     _check_ram(len(split.train) * npe.noise_copies * sims.kappa[0].nbytes,
                f"npe.noise_copies = {npe.noise_copies} noisy copies of {len(split.train)} "
                f"training maps")
-    geo = dict(compressor=comp, field_deg=cfg.maps.field_deg, ell_edges=cfg.ell_edges(),
-               scales=cfg.scale_cuts())
+    geo = _summary_settings(cfg, comp)
     if npe.vmim_flow and comp is not None and comp.config.loss == "vmim":
         _log(f"NPE: the VMIM compressor's own flow ({comp.n_simulations or '?'} simulations)")
         result = compressor_flow_npe(compressor, prior.torch(), names=prior.names,
@@ -417,9 +422,8 @@ def run_sample(posterior_dir, maps_path, out, *, n: int | None = None, seed: int
         from compressors import load_compressor
 
         comp = load_compressor(meta["compressor"])
-    x = summarise(meta["summary"], obs.kappa_noisy[None].astype(np.float32), compressor=comp,
-                  field_deg=cfg.maps.field_deg, ell_edges=cfg.ell_edges(),
-                  scales=cfg.scale_cuts())[0]
+    x = summarise(meta["summary"], obs.kappa_noisy[None].astype(np.float32),
+                  **_summary_settings(cfg, comp))[0]
     post = load_npe(Path(posterior_dir) / "npe")
     n = cfg.npe.n_samples if n is None else int(n)
     ensure_space(out, 8 * n * (len(meta["names"]) + 1), what="the samples file")

@@ -266,6 +266,46 @@ def test_resume_matches_uninterrupted(trained, data, tmp_path):
     assert again.history == done.history
 
 
+def test_steps_per_epoch_cycles_the_split(data, tmp_path, monkeypatch):
+    """A fixed epoch length larger than the split: each epoch's batches run through whole passes
+    over the training maps, each map once per pass, and the schedule spans every step."""
+    import compressors.train as T
+
+    batches = []
+    real = T._program
+
+    def spy(*args, **kw):
+        program = real(*args, **kw)
+
+        def train_step(params, opt_state, ema, maps, y, *rest):
+            batches.append(np.asarray(y))
+            return program.train_step(params, opt_state, ema, maps, y, *rest)
+
+        return program._replace(train_step=train_step)
+
+    monkeypatch.setattr(T, "_program", spy)
+    maps, theta = data
+    # 40 maps, a quarter for validation: 30 training maps; 7 steps of 8 = 56 maps per epoch,
+    # i.e. one whole pass and 26 maps of a second one.
+    cfg = dataclasses.replace(_config("mse"), epochs=2, batch_size=8, steps_per_epoch=7)
+    comp = train_compressor(maps[:40], theta[:40], SIGMA_N, cfg, tmp_path, progress=False)
+    assert len(batches) == 14 and comp.epochs_trained == 2
+    for epoch in (batches[:7], batches[7:]):
+        rows = [tuple(r) for r in np.concatenate(epoch)]
+        assert len(set(rows[:30])) == 30                  # the first pass: every map once ...
+        assert len(set(rows[30:])) == 26                  # ... the second: no map twice ...
+        assert set(rows[30:]) <= set(rows[:30])           # ... drawn from the same 30 maps
+    # the cosine schedule decays over all 14 steps: to 1% of the peak at the last one
+    assert comp.history["lr"][-1] == pytest.approx(0.01 * cfg.learning_rate, rel=1e-4)
+    # without the key an epoch is one pass without the remainder: 30 // 8 = 3 steps
+    batches.clear()
+    train_compressor(maps[:40], theta[:40], SIGMA_N, dataclasses.replace(cfg, steps_per_epoch=None),
+                     tmp_path / "pass", progress=False)
+    assert len(batches) == 6
+    with pytest.raises(ValueError, match="TrainConfig.steps_per_epoch must be an integer >= 1"):
+        dataclasses.replace(cfg, steps_per_epoch=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. bad input
 # ---------------------------------------------------------------------------------------------

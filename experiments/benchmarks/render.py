@@ -239,7 +239,9 @@ SOURCES: dict[str, Source] = {
                "changed "
                "(analytic covariance, 24 linear ℓ bins: NOTEBOOK 8, ≥ 0.9× the exact FoM on "
                "average), so the cl_analytic row and the ratios to it are those of the old "
-               "settings (simulated covariance, 8 log bins)."),
+               "settings (simulated covariance, 8 log bins). The NPE rows are the old recipe's: "
+               "section 21 has every implicit method and the C_ℓ likelihood with the current "
+               "one, on four observation seeds."),
     "results_implicit_online.json": Source(
         title="Online-trained VMIM compressors on gaussian_check against the exact posterior",
         what="`gaussian_check` (Gaussian-field maps, 2 bins of 32² pixels over 5°, LSST-Y10 "
@@ -281,18 +283,56 @@ SOURCES: dict[str, Source] = {
                 "--set compressor.epochs=100 --set compressor.patience=20   # row g22x",
         recorded="2026-12-07, " + VM + ", one run per core, at most two at a time",
         notebook="22"),
+    "results_gaussian_check_methods.json": Source(
+        title="Every method against the exact posterior on gaussian_check, four observation seeds",
+        what="The shipped `gaussian_check` (Gaussian-field maps, 2 bins of 32² pixels over 5°, "
+             "LSST-Y10 prior on Ω_c, σ_8): 10,100 simulations, the last 100 held out for "
+             "SBC/TARP. Band-power compressors (`network = \"power\"`, 128-wide VMIM flow, "
+             "≤ 100 epochs of 70 steps of 128 maps, fresh noise in every batch) trained with "
+             "each loss; NPE: sbi MAF on 4 noise copies of the summaries, except VMIM, whose "
+             "own flow is the posterior (`npe.vmim_flow`); NPE on the 72-number C_ℓ vector "
+             "(MAF); the analytic C_ℓ likelihood (analytic Gaussian covariance, 24 linear ℓ "
+             "bins, NUTS 2 × 1000). Observation seed 0 for every method; seeds 1–3: the same "
+             "fitted posteriors (and a new C_ℓ chain) on other observations, each row against "
+             "its own observation's exact posterior (its FoM in the label; C2ST against it). "
+             "The issue's targets: NPE on compressed summaries ≥ 0.9× the exact FoM with C2ST ≤ "
+             "0.60, analytic C_ℓ ≥ 0.9× with C2ST ≤ 0.60, NPE on C_ℓ ≥ 0.85×.",
+        command=".venv/bin/python -m experiments.benchmarks.implicit --config gaussian_check "
+                "--work runs/loss23 \\\n"
+                "    --n-train 10000 --losses mse,mae,gnll,vmim --reference exact "
+                "--out runs/loss23/out.json\n"
+                "# seeds s = 1, 2, 3: runs/loss23's sims, comp_vmim_n10000, post_vmim_n10000 and "
+                "post_cl_n10000 copied into runs/loss23_s$s, then\n"
+                ".venv/bin/python -m experiments.benchmarks.implicit --config gaussian_check "
+                "--work runs/loss23_s$s \\\n"
+                "    --n-train 10000 --losses vmim --reference exact --set seed=$s "
+                "--out runs/loss23_s$s/out.json\n"
+                "# merged (rows relabelled, exact FoM added) into "
+                "results_gaussian_check_methods.json",
+        recorded="2026-12-07, " + VM + ", one core each (`taskset`), at most two runs at a time; "
+                 "the training set of NOTEBOOK 22 copied in",
+        notebook="23"),
     "results_efficiency_gaussian_check.json": Source(
         title="The simulation-efficiency curve on gaussian_check",
-        what="`lensbench compare` with `[compare] efficiency = [250, 500, 1000, 1900]` on "
-             "`gaussian_check` as before NOTEBOOK 12 (VMIM compressor: CNN width 8 on the fixed "
-             "training set), methods exact, npe_cl, npe_vmim: each NPE method retrained on the "
-             "first n training simulations and compared with the exact posterior (C2ST: sklearn "
-             "MLP, 5 folds, 2000 samples a side).",
-        command="lensbench compare --config runs/eff/gc_eff.toml --out runs/eff/results\n"
-                "cp runs/eff/results/efficiency.json "
+        what="`lensbench compare` with `[compare] efficiency = [250, 500, 1000, 2000, 5000, "
+             "10000]` on the shipped `gaussian_check` (observation seed 0), methods exact, "
+             "npe_cl, npe_vmim: each NPE method retrained on the first n training simulations "
+             "and compared with the exact posterior (C2ST: sklearn MLP, 5 folds, 2000 samples a "
+             "side). VMIM: the band-power compressor with its own 128-wide flow as the "
+             "posterior, 100 epochs of a fixed 70 steps of 128 maps at every n "
+             "(`compressor.steps_per_epoch`: a small training set is cycled), early stopping "
+             "after 20 epochs without a better validation loss; NPE on C_ℓ: sbi MAF on 4 noise "
+             "copies of the 72-number C_ℓ vectors. The issue's target: C2ST ≤ 0.58 at 1000 "
+             "simulations.",
+        command="sed -e 's/^methods = .*/methods = [\"exact\", \"npe_cl\", \"npe_vmim\"]\\n"
+                "efficiency = [250, 500, 1000, 2000, 5000, 10000]/' \\\n"
+                "    experiments/configs/gaussian_check.toml > runs/eff23/gc_eff.toml\n"
+                "lensbench compare --config runs/eff23/gc_eff.toml --out runs/eff23/results\n"
+                "cp runs/eff23/results/efficiency.json "
                 "experiments/benchmarks/results_efficiency_gaussian_check.json",
-        recorded="2026-12-06, " + VM + "; a compressor training run shared one core",
-        notebook="12b"),
+        recorded="2026-12-07, " + VM + ", one core (`taskset -c 0`; the training set of NOTEBOOK "
+                 "22 copied in); other benchmarks used the other core; 2510 s in all",
+        notebook="23"),
     "results_implicit_quick_reference.json": Source(
         title="Implicit inference on quick against the converged field-level posterior",
         what="The shipped `quick` configuration, observation seed 0 (the observation of the "
@@ -365,7 +405,7 @@ ORDER = ("results_pm.json", "results_scaling.json", "results_lensing.json",
          "results_implicit_online.json", "results_efficiency_gaussian_check.json",
          "results_implicit_quick_reference.json", "results_implicit_losses.json",
          "results_implicit_scan.json", "results_implicit.json",
-         "results_implicit_gaussian_optimum.json")
+         "results_implicit_gaussian_optimum.json", "results_gaussian_check_methods.json")
 
 
 # ---------------------------------------------------------------------------------------------

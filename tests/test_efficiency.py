@@ -24,6 +24,7 @@ TINY = {
     "training_set.n_sims": 48, "training_set.n_calibration": 12,
     "compressor.network": "cnn", "compressor.width": 4, "compressor.depth": 2,
     "compressor.epochs": 2, "compressor.batch_size": 8, "compressor.loss": "mse",
+    "compressor.steps_per_epoch": 3,
     "compressor.online": True,
     "npe.max_epochs": 5, "npe.noise_copies": 2, "npe.n_samples": 400,
     "npe.calibration_samples": 20,
@@ -56,8 +57,8 @@ def test_points_budgets_and_scores(run):
     assert sorted(points) == [("npe_cl", 12), ("npe_cl", 24), ("npe_mse", 12), ("npe_mse", 24)]
     for (method, n), p in points.items():
         # NPE on C_ell spends the n training rows; the online compressor also its draws:
-        # 2 epochs of max(1, (n - n // 10) // 8) fresh batches of 8 (10 % of n validates)
-        drawn = 0 if method == "npe_cl" else 2 * max(1, (n - round(0.1 * n)) // 8) * 8
+        # 2 epochs of compressor.steps_per_epoch = 3 fresh batches of 8, whatever n
+        drawn = 0 if method == "npe_cl" else 2 * 3 * 8
         assert p["online_simulations"] == drawn and p["n_simulations"] == n + drawn
         s = read_samples(out / "efficiency" / f"{method}_n{n}" / "samples.h5")
         assert s.samples.shape == (400, 2) and s.method == method

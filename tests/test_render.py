@@ -130,6 +130,17 @@ def test_implicit_layout_flags_uncalibrated_npe_and_short_cl_chain(tmp_path):
     assert row_of(page, "NPE on C_ℓ").endswith("| miscalibrated σ_8 (SBC KS p 0.004) |")
     assert "(reference)" in row_of(page, "NPE on C_ℓ")
     assert row_of(page, "analytic C_ℓ").endswith("| unconverged (ESS 46/89, R̂ 1.03) |")
+    # FoM over the reference's (70), or over a row's own exact posterior where it records one
+    assert "| FoM / npe_cl_n500 |" in page
+    assert "| 90.0 | 1.29 |" in row_of(page, "analytic C_ℓ")
+    write(tmp_path, "results_implicit_new.json", {
+        "config": "gaussian_check", "reference": "exact",
+        "methods": {"exact": {**npe, "method": "exact", "fom_omega_c_sigma8": 400.0},
+                    "npe_mse_n500": npe,
+                    "npe_mse_s1": {**npe, "method": "seed 1", "exact_fom_omega_c_sigma8": 80.0}}})
+    page = section_of(render.render_page(tmp_path), "results_implicit_new.json")
+    assert "| 70.0 | 0.17 |" in row_of(page, "NPE on MSE summaries")
+    assert "| 70.0 | 0.88 |" in row_of(page, "seed 1")
 
 
 def test_unknown_layout_renders_a_key_value_table(tmp_path):

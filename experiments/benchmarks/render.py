@@ -934,6 +934,11 @@ def render_implicit(data: Mapping, source: Source | None) -> list[str]:
     epochs = any("compressor_epochs" in m for m in methods.values())
     names = next((list(m["mean"]) for m in methods.values() if m.get("mean")), [])
     pnames = ", ".join(param(p) for p in names)
+    # FoM over the reference's: the row's own exact posterior where it records one (rows of other
+    # observation seeds), else the reference method's
+    ref = methods.get(data.get("reference")) or {}
+    ratios = any(m.get("exact_fom_omega_c_sigma8") for m in methods.values()) or bool(
+        ref.get("fom_omega_c_sigma8"))
     rows = []
     for key, m in methods.items():
         cal = m.get("calibration") or {}
@@ -944,14 +949,20 @@ def render_implicit(data: Mapping, source: Source | None) -> list[str]:
         if epochs:
             row.append(m.get("compressor_epochs", "–"))
         c2 = "(reference)" if key == data.get("reference") else fixed(m.get("c2st_vs_reference"), 3)
-        row += [num(m.get("fom_omega_c_sigma8")), num(m.get("sigma_S8")),
+        row.append(num(m.get("fom_omega_c_sigma8")))
+        if ratios:
+            base = m.get("exact_fom_omega_c_sigma8") or ref.get("fom_omega_c_sigma8")
+            fom = m.get("fom_omega_c_sigma8")
+            row.append(fixed(fom / base, 2) if fom and base else "–")
+        row += [num(m.get("sigma_S8")),
                 pair((m.get("bias_sigma") or {}).values(), signed),
                 signed(cal.get("tarp_atc"), 3) if cal else "–",
                 pair((cal.get("sbc_ks_pvals") or {}).values(), pval) if cal else "–",
                 c2, _implicit_status(m)]
         rows.append(row)
     header = ["method", "n_train"] + (["epochs run"] if epochs else []) + [
-        f"FoM({pnames})", "σ(S_8)", f"bias {pnames} [σ]", "TARP ATC", f"SBC KS p {pnames}",
+        f"FoM({pnames})"] + ([f"FoM / {data.get('reference', '?')}"] if ratios else []) + [
+        "σ(S_8)", f"bias {pnames} [σ]", "TARP ATC", f"SBC KS p {pnames}",
         f"C2ST vs {data.get('reference', '?')}", "status"]
     gen = data.get("generate") or {}
     facts = [f"Configuration `{data.get('config', '?')}`, observation seed "

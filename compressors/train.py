@@ -829,6 +829,7 @@ def train_compressor(maps, theta, sigma_n, config: TrainConfig, out_dir: str | P
     # (one compiled batch shape); online, as many fresh batches as that pass would give.
     batch = config.batch_size if config.online else min(config.batch_size, n_train)
     steps_per_epoch = config.steps_per_epoch or max(1, n_train // batch)
+    maps_per_epoch = n_train if config.steps_per_epoch is None else steps_per_epoch * batch
     # the epoch's batches: as many passes over the split, each in a fresh order, as it needs
     passes = -(-steps_per_epoch * batch // n_train)
     draw = (_online_draw(simulate, batch, theta_mean, theta_std, input_shape)
@@ -836,9 +837,7 @@ def train_compressor(maps, theta, sigma_n, config: TrainConfig, out_dir: str | P
     online_key = jax.random.fold_in(jax.random.key(config.seed), _ONLINE_TAG)
     ones = np.ones(batch, np.float32)
     program = _program(config, d, steps_per_epoch,
-                       _fast_compile(config, (config.steps_per_epoch and
-                                              config.steps_per_epoch * batch) or n_train,
-                                     input_shape))
+                       _fast_compile(config, maps_per_epoch, input_shape))
 
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -428,10 +428,11 @@ def growth_table(cosmo: Cosmology, a_min: float = 1e-3, n: int = N_GROWTH,
     # RK4 in ``substeps`` steps per table interval, written as maps between consecutive steps:
     # (D1, D1') obeys a linear ODE, so a step is a 2x2 matrix M_k; (D2, D2') obeys the same one
     # forced by -1.5 Omega_m(a) D1^2, so a step is affine, M_k y + c_k, with c_k from the D1 values
-    # at the step's RK4 stages. Prefix products by an associative scan replace a loop of n - 1
-    # iterations of ~450 small ops each (and as many in reverse), whose launches cost more than
-    # their arithmetic (NOTEBOOK 19). The arithmetic of each step is the classical RK4 stage by
-    # stage; only the order of the products differs (round-off).
+    # at the step's RK4 stages. The maps are built for all steps at once (vectorised), so the
+    # sequential loop only applies a 2x2 map per step: its reverse is as small, and it compiles
+    # 3x faster and runs faster than prefix products by an associative scan (NOTEBOOK 24). The
+    # arithmetic of each step is the classical RK4 stage by stage; only the order of the products
+    # differs (round-off).
     h = jnp.repeat((log_a[1:] - log_a[:-1]) / substeps, substeps)  # (N,) N = (n - 1) substeps
     x0 = jnp.repeat(log_a[:-1], substeps) + h * jnp.tile(jnp.arange(substeps), n - 1)
     s0, d0 = coefficients(x0)
@@ -460,13 +461,13 @@ def growth_table(cosmo: Cosmology, a_min: float = 1e-3, n: int = N_GROWTH,
     col1, _ = stages(zero, one)
     M = jnp.stack([jnp.stack(col0, -1), jnp.stack(col1, -1)], -1)  # (N, 2, 2): M[k] @ y
 
-    def compose(a, b):  # the affine map "a then b"
-        return (jnp.einsum("...ij,...jk->...ik", b[0], a[0]),
-                jnp.einsum("...ij,...j->...i", b[0], a[1]) + b[1])
-
     def run(c, start):  # the state after every step from ``start``: (N + 1, 2)
-        P, q = jax.lax.associative_scan(compose, (M, c))
-        return jnp.concatenate([start[None], jnp.einsum("kij,j->ki", P, start) + q], axis=0)
+        def step(y, mc):
+            y = mc[0] @ y + mc[1]
+            return y, y
+
+        _, ys = jax.lax.scan(step, start, (M, c))
+        return jnp.concatenate([start[None], ys], axis=0)
 
     y1 = run(jnp.zeros((h.shape[0], 2)), y0[:2])
     _, d1_stages = stages(y1[:-1, 0], y1[:-1, 1])

@@ -36,7 +36,9 @@ such as ``typer.testing.CliRunner``).
 
 Compiled programs are kept between runs: unless ``JAX_COMPILATION_CACHE_DIR`` is set, every command
 uses JAX's persistent compilation cache in ``$XDG_CACHE_HOME/lensbench/xla/<host CPU signature>``
-(``jaxsetup.use_compilation_cache``; ``JAX_ENABLE_COMPILATION_CACHE=false`` turns it off).
+(``jaxsetup.use_compilation_cache``; ``JAX_ENABLE_COMPILATION_CACHE=false`` turns it off). They
+are compiled with XLA's legacy CPU fusion emitters unless ``XLA_FLAGS`` sets
+``--xla_cpu_use_fusion_emitters`` (``jaxsetup.use_legacy_cpu_emitters`` says why).
 
 Errors. Bad input (invalid cosmology or configuration, an unreadable file, a usage error) ends with
 a single ``lensbench: error: ...`` line on stderr and a non-zero exit (2 for usage errors, 1 for
@@ -60,6 +62,7 @@ from typer.core import TyperGroup
 from .config import MAX_SAMPLES, MAX_SIMS, OptionError, parse_pdims
 from .jaxsetup import enable_x64 as _enable_x64
 from .jaxsetup import use_compilation_cache as _use_compilation_cache
+from .jaxsetup import use_legacy_cpu_emitters as _use_legacy_cpu_emitters
 
 try:  # typer >= 0.20 ships its own copy of click
     from typer._click import exceptions as _click_exceptions
@@ -92,6 +95,7 @@ class _OneLineErrors(TyperGroup):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         _use_compilation_cache()
+        _use_legacy_cpu_emitters()
         _enable_x64()
         import warnings
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner, Result
 
+from experiments.jaxsetup import CPU_EMITTER_FLAG
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Time limit [s] for a test's subprocess: a guard against hangs, not a speed target. `make test`
@@ -17,12 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 HANG = 2400
 
 # XLA compiler settings of every process the suite runs (conftest sets them; `cli_env`, `xla_flags`
-# and the workers pass them on). Most of the suite's time is XLA compiling, and jax 0.10's CPU
-# fusion emitters compile this project's programs about twice as slowly as the legacy emitters:
-# measured, the C_ell likelihood's theory 8.0 -> 3.7 s, quick's PM gradient 14.3 -> 8.2 s (its
-# run time 119 -> 123 ms per gradient, peak memory halved), a C_ell NUTS run 53 -> 32 s. Same
-# programs, same semantics: the tests check this project's numbers, not XLA's code generator.
-TEST_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
+# and the workers pass them on): the legacy CPU fusion emitters that every `lensbench` command uses
+# (experiments.jaxsetup says why), also in the suite's in-process tests and workers, which do not
+# start through the CLI. Most of the suite's time is XLA compiling.
+TEST_XLA_FLAGS = CPU_EMITTER_FLAG
 
 
 def xla_flags(devices: int | None = None) -> str:

@@ -517,6 +517,27 @@ def test_commands_use_a_persistent_compilation_cache(tmp_path):
     assert out[2] == "2"
 
 
+def test_commands_compile_with_the_legacy_cpu_emitters(tmp_path):
+    """Every command adds jaxsetup.CPU_EMITTER_FLAG to XLA_FLAGS, after the flags already there;
+    flags that choose the emitters themselves are left as they are (fresh interpreters: this
+    session set its own flags)."""
+    from experiments.jaxsetup import CPU_EMITTER_FLAG
+
+    def flags(**env_extra):
+        code = ("import os; from experiments.cli import _use_legacy_cpu_emitters as u; u(); "
+                "print(os.environ['XLA_FLAGS'])")
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        env.update(PYTHONPATH=str(REPO), **env_extra)
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, check=True).stdout.strip()
+
+    assert flags() == CPU_EMITTER_FLAG == "--xla_cpu_use_fusion_emitters=false"
+    devices = "--xla_force_host_platform_device_count=4"
+    assert flags(XLA_FLAGS=devices) == f"{devices} {CPU_EMITTER_FLAG}"
+    mine = "--xla_cpu_use_fusion_emitters=true"
+    assert flags(XLA_FLAGS=mine) == mine
+
+
 def test_compilation_cache_is_named_by_the_simulators_cpu_signature(tmp_path):
     """The cache directory is named by simulators.cpu.cpu_signature (the signature the compiled
     CIC kernels are keyed by too), found without importing JAX or simulators."""

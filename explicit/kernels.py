@@ -33,6 +33,10 @@ Array = jax.Array
 MCLMC_FRACS = (0.4, 0.3, 0.2)
 # L per autocorrelation time (in path length) of the slow directions: blackjax's default factor
 MCLMC_L_FACTOR = 0.4
+# blackjax's step-size predictor: the energy errors are averaged over ~MCLMC_N_EFF steps and
+# weighted by how far they are from the target, in units of MCLMC_TRUST (its defaults)
+MCLMC_N_EFF = 150
+MCLMC_TRUST = 1.5
 
 
 def _dimension(position: dict) -> int:
@@ -157,8 +161,8 @@ class NUTSStepper:
 
 @dataclass(frozen=True, eq=False)
 class MCLMCStepper:
-    """blackjax MCLMC (isokinetic velocity Verlet: one gradient per step), tuned in one call by
-    ``mclmc_find_L_and_step_size``. State: {"state": IntegratorState, "params":
+    """blackjax MCLMC (isokinetic velocity Verlet: one gradient per step), tuned as blackjax's
+    ``mclmc_find_L_and_step_size`` tunes it (``tune``). State: {"state": IntegratorState, "params":
     MCLMCAdaptationState, "key": the sampling key, folded with the iteration number per step}."""
 
     model: Callable[[], None]
@@ -202,43 +206,101 @@ class MCLMCStepper:
 
         return jax.jit(generate_unit_vector)
 
+    def tune(self, key: Array, state, initial, n: int):
+        """(state, params) after n tuning steps from ``initial`` (MCLMCAdaptationState).
+
+        Stages 1-2 are blackjax's ``mclmc_find_L_and_step_size`` (its step-size predictor, its
+        NaN handling, its streaming mean and variance for the diagonal preconditioner, the same
+        keys), stage 3 is ``_tune_L``, all run as a Python loop over one compiled step
+        (``_tuning_step``): blackjax's tuner compiles the kernel, and with it the model's
+        gradient, once per stage (three programs: ~35 s of compilation on quick against ~13 s for
+        the one step; NOTEBOOK 24). The loop costs microseconds per step on the host.
+        """
+        from blackjax.adaptation.mclmc_adaptation import MCLMCAdaptationState
+
+        f1, f2, f3 = MCLMC_FRACS
+        k12, k3 = jax.random.split(key)
+        part1, _ = jax.random.split(k12)  # blackjax's own third stage (key 2) is not used
+        n1, n2, n3 = round(n * f1), round(n * f2), round(n * f3)
+        dim = _dimension(state.position)
+        params = MCLMCAdaptationState(*(jnp.asarray(p, jnp.float64) for p in initial))
+        f64 = lambda v: jnp.asarray(v, jnp.float64)  # noqa: E731
+        yes = jnp.asarray(True)
+
+        def run(state, params, keys, weights):
+            adaptive = (f64(0.0), f64(0.0), f64(jnp.inf))
+            avg = (f64(0.0), jnp.zeros((2, dim), jnp.float64))
+            for k, w in zip(keys, weights):
+                state, params, adaptive, avg, _ = self._tuning_step(k, state, params, adaptive,
+                                                                    avg, f64(w), yes)
+            return state, params, avg[1]
+
+        keys = jax.random.split(part1, n1 + n2 + 1)
+        state, params, average = run(state, params, keys[:-1], [0.0] * n1 + [1.0] * n2)
+        if n2 > 1:  # stage 2's weighted variances: the diagonal preconditioner, L = sqrt(dim)
+            variances = average[1] - jnp.square(average[0])
+            params = params._replace(L=jnp.sqrt(f64(dim)), inverse_mass_matrix=variances)
+            m = round(n2 / 3)  # the step size re-adapted to it
+            state, params, _ = run(state, params, jax.random.split(keys[-1], m), [1.0] * m)
+        return self._tune_L(k3, state, params, n3) if n3 >= 2 else (state, params)
+
     @cached_property
-    def _tune(self) -> Callable:
-        """jit: (key, state, initial params, n) → (state, params) after n tuning steps (n static)."""
-        # One jit around blackjax's tuning: its inner jits are rebuilt on every call (never cached),
-        # so without this each chain would recompile its stages.
-        import blackjax
+    def _tuning_step(self) -> Callable:
+        """jit: (key, state, params, (time, x_average, step_max), (weight total, (2, d) mean of
+        x and x²), weight, adapt) → the same after one kernel step. With ``adapt``, blackjax's
+        stage-1/2 step (``make_L_step_size_adaptation``: the step size from the energy error's
+        weighted mean, a diverging step undone and the maximum step lowered, x and x² averaged
+        with weight × success × step size); without, the plain kernel step from ``key``, the
+        parameters unchanged (stage 3). Also returns θ after the step."""
+        from blackjax.adaptation.mclmc_adaptation import handle_nans
+        from blackjax.util import incremental_value_update
+        from jax.flatten_util import ravel_pytree
 
-        def tune(key, state, initial, n):
-            f1, f2, f3 = MCLMC_FRACS
-            k12, k3 = jax.random.split(key)
-            state, params, _ = blackjax.mclmc_find_L_and_step_size(
-                mclmc_kernel=self.kernel, num_steps=n, state=state,
-                rng_key=k12, logdensity_fn=self.ld.logdensity, frac_tune1=f1, frac_tune2=f2,
-                frac_tune3=0.0, diagonal_preconditioning=True, params=initial,
-                desired_energy_var=self.settings.energy_variance)
-            params = type(params)(*(jnp.asarray(p, jnp.float64) for p in params))
-            n3 = round(n * f3)
-            return self._tune_L(k3, state, params, n3) if n3 >= 2 else (state, params)
+        decay = (MCLMC_N_EFF - 1.0) / (MCLMC_N_EFF + 1.0)
+        target = self.settings.energy_variance
 
-        return jax.jit(tune, static_argnums=3)
+        def step(key, state, params, adaptive, avg, weight, adapt):
+            t, x_avg, step_max = adaptive
+            k_move, k_nan = jax.random.split(key)
+            k_move = jnp.where(adapt, k_move, key)
+            nxt, info = self.kernel(k_move, state, self.ld.logdensity, params.inverse_mass_matrix,
+                                    params.L, params.step_size)
+            ok, kept, new_max, d_e = handle_nans(state, nxt, params.step_size, step_max,
+                                                 info.energy_change, info.nonans, k_nan)
+            dim = _dimension(state.position)
+            xi = jnp.square(d_e) / (dim * target) + 1e-8
+            w = jnp.exp(-0.5 * jnp.square(jnp.log(xi) / (6.0 * MCLMC_TRUST)))
+            x_avg = decay * x_avg + w * (xi / jnp.power(params.step_size, 6.0))
+            t = decay * t + w
+            eps = jnp.power(x_avg / t, -1.0 / 6.0)
+            eps = (eps < new_max) * eps + (eps > new_max) * new_max
+            pick = lambda a, b: jax.tree.map(lambda u, v: jnp.where(adapt, u, v), a, b)  # noqa: E731
+            state = pick(kept, nxt)
+            params = params._replace(step_size=jnp.where(adapt, eps, params.step_size))
+            adaptive = pick((t, x_avg, new_max), adaptive)
+            x = ravel_pytree(state.position)[0]
+            avg = incremental_value_update(jnp.array([x, jnp.square(x)]), avg,
+                                           weight=weight * ok * params.step_size)
+            return state, params, adaptive, avg, _theta_vector(self.ld, state.position)
+
+        return jax.jit(step)
 
     def _tune_L(self, key, state, params, n: int):
         """blackjax's third tuning stage, L = MCLMC_L_FACTOR × step × n / ESS over n steps, with
         the autocorrelation measured on the θ sites alone. blackjax's own keeps all n positions
         (n × the field: 100 × 4 GB for a 1024³ float32 field) and averages the autocorrelation
         time over every dimension, i.e. over field cells, while θ is what mixes slowest and what
-        the run is for."""
+        the run is for. The steps are ``_tuning_step``'s plain kernel steps."""
         from blackjax.diagnostics import effective_sample_size
 
-        def step(s, k):
-            s, _ = self.kernel(k, s, self.ld.logdensity, params.inverse_mass_matrix, params.L,
-                               params.step_size)
-            return s, jnp.stack([jnp.asarray(s.position[n], jnp.float64)
-                                 for n in self.ld.theta_names])
-
-        state, trace = jax.lax.scan(step, state, jax.random.split(key, n))
-        tau = n / effective_sample_size(trace[None])  # (d,) steps per effective sample
+        zero = jnp.asarray(0.0, jnp.float64)
+        adaptive, avg = (zero, zero, zero), (zero, jnp.zeros((2, _dimension(state.position))))
+        trace = []
+        for k in jax.random.split(key, n):
+            state, params, adaptive, avg, theta = self._tuning_step(
+                k, state, params, adaptive, avg, zero, jnp.asarray(False))
+            trace.append(theta)
+        tau = n / effective_sample_size(jnp.stack(trace)[None])  # (d,) steps per effective sample
         finite = jnp.isfinite(tau)  # a θ that never moved has ESS 0: no information on L
         L = jnp.where(jnp.any(finite),
                       MCLMC_L_FACTOR * params.step_size * jnp.mean(tau, where=finite), params.L)
@@ -263,8 +325,8 @@ class MCLMCStepper:
     def start(self, key: Array, position: dict, log=None) -> tuple[Any, int]:
         k_init, k_tune, k_sample = jax.random.split(key, 3)
         state = self._init(position, k_init)
-        state, params = self._tune(k_tune, state, self.initial_params(position),
-                                   self.settings.num_warmup)
+        state, params = self.tune(k_tune, state, self.initial_params(position),
+                                  self.settings.num_warmup)
         return {"state": state, "params": params, "key": k_sample}, self.tuning_steps()
 
     def template(self, key: Array, position: dict) -> Any:
@@ -452,7 +514,7 @@ class MAMSStepper:
                     f"({float(p.L / p.step_size):.1f} steps per trajectory){then}")
 
         st = mc._init(position, k_init)
-        st, tuned = mc._tune(k_tune, st, mc.initial_params(position), n1)
+        st, tuned = mc.tune(k_tune, st, mc.initial_params(position), n1)
         factor = min(1.0, mams_step_factor(_dimension(position), self.settings.energy_variance,
                                            self.settings.target_accept))
         params = tuned._replace(L=MAMS_L_FACTOR * tuned.L, step_size=tuned.step_size * factor)

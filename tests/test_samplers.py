@@ -15,7 +15,7 @@ from explicit import checkpoint as ckpt
 from explicit.precondition import FourierScale, estimate_scale, shell_labels
 
 from tests.test_explicit import (assert_same_run, interrupt, Killed, mc_tolerances, run_toy,
-                                 toy_posterior)
+                                 toy_model, toy_posterior)
 
 SHAPE = (4, 4, 6)  # a small 3-D field: Fourier axes all three, the last one the line of sight
 AXES = (0, 1, 2)
@@ -153,23 +153,62 @@ def test_saved_settings_without_precondition_still_resume():
     assert HMCSettings.with_later_keys(old) == HMCSettings().to_dict()
 
 
-def test_energy_variance_reaches_the_mclmc_tuning(tmp_path, monkeypatch, capsys):
-    """hmc.energy_variance is the energy-error variance per dimension blackjax tunes MCLMC's step
-    to (its tuner runs for real here; the wrapper only records what it was given). The tuning,
-    one long call without a checkpoint, is announced and reported in the log."""
+def test_mclmc_tuning_equals_blackjax():
+    """MCLMCStepper.tune (one compiled step in a Python loop) is blackjax's
+    ``mclmc_find_L_and_step_size`` (stages 1-2, same keys, with hmc.energy_variance as its target)
+    followed by the θ-only L stage run as one compiled scan (the implementation it replaces):
+    the same tuned L, step size, diagonal preconditioner and end state, to round-off (the same
+    arithmetic compiled in other programs: 1e-9 relative is ~10⁶ float64 ulps, while a changed
+    key, stage length or weight moves them by O(1)). And the tuning compiles the kernel once."""
     import blackjax
 
-    real, seen = blackjax.mclmc_find_L_and_step_size, []
+    from explicit.kernels import MCLMC_FRACS, MCLMCStepper
 
-    def recording(*args, **kw):
-        seen.append(kw.get("desired_energy_var"))
-        return real(*args, **kw)
+    settings = HMCSettings(sampler="mclmc", num_warmup=60, num_samples=2, num_chains=1,
+                           segment=2, thin_field=0, seed=1, energy_variance=3e-5)
+    ld = log_density(toy_model, ("theta",))
+    stepper = MCLMCStepper(toy_model, ld, settings)
+    key = jax.random.PRNGKey(3)
+    position = ld.init_position(jax.random.PRNGKey(4))
+    state = stepper._init(position, jax.random.PRNGKey(5))
+    initial = stepper.initial_params(position)
 
-    monkeypatch.setattr(blackjax, "mclmc_find_L_and_step_size", recording)
+    ours_state, ours = stepper.tune(key, state, initial, settings.num_warmup)
+    assert stepper._tuning_step._cache_size() == 1  # one compiled kernel step for every stage
+
+    def reference():
+        f1, f2, f3 = MCLMC_FRACS
+        k12, k3 = jax.random.split(key)
+        st, params, _ = blackjax.mclmc_find_L_and_step_size(
+            mclmc_kernel=stepper.kernel, num_steps=settings.num_warmup, state=state, rng_key=k12,
+            logdensity_fn=ld.logdensity, frac_tune1=f1, frac_tune2=f2, frac_tune3=0.0,
+            diagonal_preconditioning=True, params=initial, desired_energy_var=3e-5)
+        params = type(params)(*(jnp.asarray(p, jnp.float64) for p in params))
+        n3 = round(settings.num_warmup * f3)
+
+        def step(s, k):
+            s, _ = stepper.kernel(k, s, ld.logdensity, params.inverse_mass_matrix, params.L,
+                                  params.step_size)
+            return s, jnp.stack([jnp.asarray(ld.constrain(s.position)["theta"], jnp.float64)])
+
+        st, trace = jax.lax.scan(step, st, jax.random.split(k3, n3))
+        tau = n3 / blackjax.diagnostics.effective_sample_size(trace[None])
+        return st, params._replace(L=0.4 * params.step_size * jnp.mean(tau))
+
+    ref_state, ref = reference()
+    for a, b in [(ours.L, ref.L), (ours.step_size, ref.step_size),
+                 (ours.inverse_mass_matrix, ref.inverse_mass_matrix),
+                 (ours_state.position["z"], ref_state.position["z"]),
+                 (ours_state.position["theta"], ref_state.position["theta"])]:
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)
+    assert float(ours.step_size) != float(initial.step_size)  # it did tune
+
+
+def test_mclmc_tuning_is_announced(tmp_path, capsys):
+    """The tuning, run before the first checkpoint, is announced and reported in the log."""
     s = HMCSettings(sampler="mclmc", num_warmup=40, num_samples=2, num_chains=1, segment=2,
                     thin_field=0, seed=1, energy_variance=3e-5)
     res = run_toy(tmp_path, s, progress=True)
-    assert seen == [3e-5]
     assert np.isfinite(res.theta).all()
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("hmc chain 0: tun")]
     grads = res.diagnostics["gradient_evaluations"]["warmup"]

@@ -343,7 +343,9 @@ class ClLikelihood:
         ``scale_cut_keep``): only these entries enter the likelihood (their block of ``cov``, the
         Hartlap factor of their number). ``mean`` still returns the whole vector.
     Derived (read-only): n_data (entries kept), n_pairs, n_ell, n_modes, ell_mean, noise_vector, hartlap, df,
-    scale_tril (the Cholesky factor the distribution is built from), ell_unique, mode_weights.
+    scale_tril (the Cholesky factor the distribution is built from), ell_unique, mode_weights,
+    ell_needed and needed_weights (the distinct |ℓ| of the kept ℓ bins and their columns of
+    mode_weights: what the likelihood evaluates).
     """
 
     bins: RedshiftBins
@@ -424,11 +426,15 @@ class ClLikelihood:
         noise = np.zeros((len(i), n_ell))
         a_pix = flatsky.pixel_area_sr(self.field_deg, self.npix)
         noise[i == j] = (sigma**2 * a_pix)[:, None]
+        # the distinct |ell| that the kept entries' ell bins average over: the likelihood needs
+        # Limber at these only (scale cuts drop the high-ell bins, most of the distinct modes)
+        needed = np.flatnonzero(weights[np.unique(sel % n_ell)].any(axis=0))
         derived = dict(
             n_data=k, n_total=n_total, n_pairs=len(i), n_ell=n_ell, hartlap=h, df=df,
             scale_tril=jnp.asarray(tril), n_modes=n_modes, ell_mean=_static_array(ell_mean),
             noise_vector=_static_array(noise.reshape(-1)), ell_unique=_static_array(ell_unique),
-            mode_weights=_static_array(weights))
+            mode_weights=_static_array(weights), ell_needed=_static_array(ell_unique[needed]),
+            needed_weights=_static_array(weights[:, needed]))
         for name, value in derived.items():  # not fields: plain read-only-by-convention attributes
             object.__setattr__(self, name, value)
         # The theory is jitted on its own: numpyro evaluates the model eagerly while initialising
@@ -437,6 +443,7 @@ class ClLikelihood:
         # once for its derivative), and eager ``mean``/``log_likelihood``/``jax.grad`` calls
         # reuse it. Inside other traces (NUTS, user jit/vmap/grad) the nested jit is inlined.
         object.__setattr__(self, "_theory_jit", jax.jit(self.theory_cl))
+        object.__setattr__(self, "_kept_theory_jit", jax.jit(self._kept_theory))
 
     # ---- theory ------------------------------------------------------------------------------
     def cosmology(self, theta) -> Cosmology:
@@ -457,6 +464,12 @@ class ClLikelihood:
         segment sums over the full FFT grid)."""
         return self.limber(cosmo, self.ell_unique) @ jnp.asarray(self.mode_weights).T
 
+    def _kept_theory(self, cosmo: Cosmology) -> jax.Array:
+        """(n_data,) the kept entries of ``theory_cl`` (noise-free), from Limber at
+        ``ell_needed`` only: the other distinct modes have weight 0 in every kept ℓ bin."""
+        cl = self.limber(cosmo, self.ell_needed) @ jnp.asarray(self.needed_weights).T
+        return cl.reshape(-1)[jnp.asarray(self.selected)]
+
     def theory_cl_reference(self, cosmo: Cosmology) -> jax.Array:
         """``theory_cl`` through ``flatsky.binned_model_cl`` on the full FFT grid (slow; checks)."""
         return flatsky.binned_model_cl(lambda ell: self.limber(cosmo, ell), self.field_deg,
@@ -473,11 +486,19 @@ class ClLikelihood:
         x = jnp.asarray(x, jnp.float64)
         return x if self.n_data == self.n_total else x[..., jnp.asarray(self.selected)]
 
+    def kept_mean(self, theta) -> jax.Array:
+        """(n_data,) the kept entries of ``mean(θ)``, at a fraction of its cost where scale cuts
+        drop the high-ℓ bins (``_kept_theory``)."""
+        cl = self._kept_theory_jit(self.cosmology(theta))
+        return cl + jnp.asarray(self.noise_vector)[jnp.asarray(self.selected)]
+
     def distribution(self, mean):
         """The numpyro distribution of the kept data entries given the whole mean vector."""
+        return self._kept_distribution(self._kept(mean))
+
+    def _kept_distribution(self, mean):
         import numpyro.distributions as dist
 
-        mean = self._kept(mean)
         if self.kind == "gaussian":
             return dist.MultivariateNormal(loc=mean, scale_tril=self.scale_tril)
         return dist.MultivariateStudentT(df=self.df, loc=mean, scale_tril=self.scale_tril)
@@ -485,7 +506,7 @@ class ClLikelihood:
     def log_likelihood(self, theta, data) -> jax.Array:
         """log p(data | θ) of the kept entries (normalised; jit/grad-able in θ); data: the whole
         (k,) vector."""
-        return self.distribution(self.mean(theta)).log_prob(self._kept(data))
+        return self._kept_distribution(self.kept_mean(theta)).log_prob(self._kept(data))
 
     def log_posterior(self, theta, data) -> jax.Array:
         """log p(data | θ) + log prior(θ) (unnormalised posterior)."""
@@ -499,7 +520,7 @@ class ClLikelihood:
         theta = self.prior.sample_sites()
         if tap is not None:
             theta = tap(theta)
-        numpyro.sample("data", self.distribution(self.mean(theta)),
+        numpyro.sample("data", self._kept_distribution(self.kept_mean(theta)),
                        obs=None if data is None else self._kept(data))
 
     def fisher(self, theta, rel_step: float = 1e-3) -> np.ndarray:

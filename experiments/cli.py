@@ -411,8 +411,9 @@ def cl_baseline(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ):
     """The analytic C_ell baseline: Gaussian likelihood with a simulated covariance, NUTS."""
-    from .pipeline import run_cl_baseline
+    from .pipeline import run_cl_baseline, start_child_process
 
+    start_child_process()
     run_cl_baseline(config, maps_file, out, progress=progress)
 
 
@@ -449,9 +450,9 @@ def hmc(
     """Explicit full-field inference: NUTS, MCLMC or MAMS over the cosmology and the initial field."""
     from .config import load_config, parse_overrides
     from .jaxsetup import cpu_devices_for, device_grid, start_distributed
-    from .pipeline import run_hmc, start_chain_process
+    from .pipeline import run_hmc, start_child_process
 
-    start_chain_process()
+    start_child_process()
 
     changes = parse_overrides(overrides or ())
     with _usage_errors():

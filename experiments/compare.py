@@ -17,6 +17,7 @@ Output directory layout::
     samples/<method>.h5       posterior samples, one file per method (``experiments.io.Samples``)
     metrics.json, figures/, report.md
     stages/<stage>.json       one marker per finished stage (see below)
+    logs/<stage>.log          the output of a stage run in the background (see Cores)
 
 Caching. A stage's marker records a fingerprint of the configuration sections it reads and of the
 runs of the stages it depends on. A rerun skips a stage whose marker matches, reruns one whose
@@ -26,10 +27,17 @@ compressor training, HMC segments), so a killed ``compare`` loses at most the wo
 last checkpoint. A stage redone because its inputs changed starts clean, except where the only
 change is a larger value of a key the stage can grow into (``Stage.grows``: a larger
 ``hmc.num_samples`` continues the finished chains rather than sampling them again).
+
+Cores. The C_ℓ likelihood's NUTS (``cl_analytic``) keeps one core busy for a minute or more, while
+the implicit stages after it leave the other one mostly idle. On a CPU with two cores or more it
+therefore runs as a child process (``lensbench cl-baseline``, pinned to the last core, its log in
+``logs/cl_analytic.log``) while the stages after it run here; it is waited for before a stage that
+needs it or uses every core (``hmc``). Its results and marker are the same either way.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -71,6 +79,13 @@ class Stage:
     outputs: tuple[str, ...] = ()
     # "section.key"s whose increase the stage continues into from its finished outputs
     grows: tuple[str, ...] = ()
+    # the stage as a ``lensbench`` command line, for a child process that runs it while the
+    # stages after it run here (``_in_background`` decides), and its marker fields read from its
+    # outputs afterwards; None: always in this process
+    command: Callable[[Path], list[str]] | None = None
+    collect: Callable[[Path], dict] | None = None
+    # a stage that keeps every core busy: stages running in the background finish before it
+    exclusive: bool = False
 
 
 def _log(message: str) -> None:
@@ -91,6 +106,16 @@ def plan(cfg) -> list[Stage]:
     stages = [Stage("observation", _MAPS + ("seed", "compare.observation"), (),
                     lambda out: _observation(cfg, out), ("observation.h5",))]
     obs = lambda out: out / "observation.h5"  # noqa: E731
+    if "cl_analytic" in methods:  # first after the observation: it may run in the background
+        cl_out = lambda out: out / "samples/cl_analytic.h5"  # noqa: E731
+        stages.append(Stage("cl_analytic", ("prior", "cl", "cl_baseline", "scales"), ("observation",),
+                            lambda out: _meta(pipeline.run_cl_baseline(
+                                cfg, obs(out), cl_out(out), progress=_progress())),
+                            ("samples/cl_analytic.h5",),
+                            command=lambda out: ["cl-baseline", "--config", str(out / "config.toml"),
+                                                 "--maps", str(obs(out)), "--out", str(cl_out(out)),
+                                                 "--no-progress"],
+                            collect=lambda out: _meta(_read_samples(cl_out(out)))))
     npe = [m for m in methods if m.startswith("npe_")]
     if npe:
         stages.append(Stage("sims", _MAPS + ("prior", "training_set"), (),
@@ -108,17 +133,12 @@ def plan(cfg) -> list[Stage]:
         stages.append(Stage(m, sections, needs,
                             lambda out, m=m, summary=summary: _npe(cfg, out, m, summary),
                             (f"posteriors/{m}", f"samples/{m}.h5")))
-    if "cl_analytic" in methods:
-        stages.append(Stage("cl_analytic", ("prior", "cl", "cl_baseline", "scales"), ("observation",),
-                            lambda out: _meta(pipeline.run_cl_baseline(
-                                cfg, obs(out), out / "samples/cl_analytic.h5", progress=_progress())),
-                            ("samples/cl_analytic.h5",)))
     if "hmc" in methods:
         stages.append(Stage("hmc", ("prior", "hmc", "scales"), ("observation",),
                             lambda out: _meta(pipeline.run_hmc(cfg, obs(out), out / "hmc",
                                                                samples_out=out / "samples/hmc.h5",
                                                                progress=True)),  # lines off a tty
-                            ("hmc", "samples/hmc.h5"), grows=("hmc.num_samples",)))
+                            ("hmc", "samples/hmc.h5"), grows=("hmc.num_samples",), exclusive=True))
     if "exact" in methods:
         stages.append(Stage("exact", ("prior", "scales"), ("observation",),
                             lambda out: _meta(pipeline.run_exact(cfg, obs(out),
@@ -160,6 +180,12 @@ def _generate_meta(report) -> dict:
         return {}
     return {"n_ok": int(report.n_ok), "n_simulated": int(report.n_simulated),
             "sims_per_s": float(report.sims_per_s)}
+
+
+def _read_samples(path: Path):
+    from .io import read_samples
+
+    return read_samples(path)
 
 
 def _meta(samples) -> dict:
@@ -397,46 +423,119 @@ def compare(cfg, out, *, force: tuple[str, ...] = ()) -> dict:
     write_text(out / "config.toml", cfg.to_toml())
     runs: dict[str, str] = {}
     t_all = time.perf_counter()
-    for i, stage in enumerate(stages):
-        upstream = {d: runs[d] for d in stage.needs}
-        fp = _fingerprint(cfg, stage, upstream)
-        marker = _read_marker(out, stage.name)
-        outputs_there = all((out / o).exists() for o in stage.outputs)
-        if (marker and marker.get("fingerprint") == fp and stage.name not in force
-                and outputs_there):
-            runs[stage.name] = marker["run_id"]
-            _log(f"[{i + 1}/{len(stages)}] {stage.name}: done before ({marker['wall_s']:.0f} s), "
-                 f"skipped")
-            continue
-        why = ("forced" if stage.name in force else "first run" if marker is None
-               else "outputs missing" if not outputs_there else "inputs changed")
-        grows = _grows(cfg, stage, upstream, marker) if why == "inputs changed" else None
-        if grows:
-            why = f"continuing: {grows}"
-        _log(f"[{i + 1}/{len(stages)}] {stage.name}: running ({why})")
-        if grows:
-            _marker_path(out, stage.name).unlink()  # a kill from here on resumes the stage
-        elif marker is not None:
-            # a finished stage being redone: start clean. Without a marker (first run, or a run
-            # killed inside the stage) its partial outputs stay, so that the stage resumes.
-            _remove_outputs(out, stage)
-            _marker_path(out, stage.name).unlink()
-        t0 = time.perf_counter()
-        extra = stage.run(out) or {}
-        wall = time.perf_counter() - t0
-        run_id = uuid.uuid4().hex[:12]
-        _write_marker(out, stage.name, {"stage": stage.name, "fingerprint": fp, "run_id": run_id,
-                                        "base_fingerprint": _fingerprint(cfg, stage, upstream,
-                                                                         without_grows=True),
-                                        "grows": _grow_values(cfg, stage), "wall_s": wall,
-                                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                        "outputs": list(stage.outputs), **extra})
-        runs[stage.name] = run_id
-        _log(f"[{i + 1}/{len(stages)}] {stage.name}: finished in {wall:.0f} s")
-        _test_hook_stop(stage.name)
+    pending: dict[str, _Background] = {}
+    try:
+        for i, stage in enumerate(stages):
+            for name in [n for n in pending if stage.exclusive or n in stage.needs]:
+                runs[name] = pending.pop(name).finish()
+            upstream = {d: runs[d] for d in stage.needs}
+            fp = _fingerprint(cfg, stage, upstream)
+            marker = _read_marker(out, stage.name)
+            outputs_there = all((out / o).exists() for o in stage.outputs)
+            if (marker and marker.get("fingerprint") == fp and stage.name not in force
+                    and outputs_there):
+                runs[stage.name] = marker["run_id"]
+                _log(f"[{i + 1}/{len(stages)}] {stage.name}: done before ({marker['wall_s']:.0f} "
+                     f"s), skipped")
+                continue
+            why = ("forced" if stage.name in force else "first run" if marker is None
+                   else "outputs missing" if not outputs_there else "inputs changed")
+            grows = _grows(cfg, stage, upstream, marker) if why == "inputs changed" else None
+            if grows:
+                why = f"continuing: {grows}"
+            background = stage.command is not None and _in_background()
+            where = (f" in a background process (log: {out / 'logs' / stage.name}.log)"
+                     if background else "")
+            _log(f"[{i + 1}/{len(stages)}] {stage.name}: running ({why}){where}")
+            if grows:
+                _marker_path(out, stage.name).unlink()  # a kill from here on resumes the stage
+            elif marker is not None:
+                # a finished stage being redone: start clean. Without a marker (first run, or a
+                # run killed inside the stage) its partial outputs stay, so that the stage resumes.
+                _remove_outputs(out, stage)
+                _marker_path(out, stage.name).unlink()
+            done = functools.partial(_finish_stage, cfg, out, stage, upstream, fp,
+                                     f"[{i + 1}/{len(stages)}]")
+            if background:
+                pending[stage.name] = _Background(out, stage, done)
+                continue
+            t0 = time.perf_counter()
+            extra = stage.run(out) or {}
+            runs[stage.name] = done(time.perf_counter() - t0, extra)
+        for name in list(pending):
+            runs[name] = pending.pop(name).finish()
+    finally:
+        for job in pending.values():  # an error here: stop the background stages too
+            job.stop()
     _log(f"compare: all {len(stages)} stages done ({time.perf_counter() - t_all:.0f} s this run); "
          f"report: {out / 'report.md'}")
     return json.loads((out / "metrics.json").read_text())
+
+
+def _finish_stage(cfg, out: Path, stage: Stage, upstream: dict, fp: str, counter: str,
+                  wall: float, extra: dict) -> str:
+    """Write a stage's marker after it ran (``wall`` seconds, ``extra`` marker fields) and
+    return its run id."""
+    run_id = uuid.uuid4().hex[:12]
+    _write_marker(out, stage.name, {"stage": stage.name, "fingerprint": fp, "run_id": run_id,
+                                    "base_fingerprint": _fingerprint(cfg, stage, upstream,
+                                                                     without_grows=True),
+                                    "grows": _grow_values(cfg, stage), "wall_s": wall,
+                                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                    "outputs": list(stage.outputs), **extra})
+    _log(f"{counter} {stage.name}: finished in {wall:.0f} s")
+    _test_hook_stop(stage.name)
+    return run_id
+
+
+def _in_background() -> bool:
+    """Whether a stage with a command line runs in a child process: on a CPU backend with at
+    least two cores for this process (Linux), where it then takes the last one."""
+    import jax
+
+    return (jax.default_backend() == "cpu" and hasattr(os, "sched_getaffinity")
+            and len(os.sched_getaffinity(0)) >= 2)
+
+
+class _Background:
+    """A stage running as a ``lensbench`` child process (``Stage.command``), pinned to this
+    process's last core and stopped if this process dies (``pipeline.start_child_process``);
+    ``finish`` waits for it, echoes its log and writes its marker."""
+
+    def __init__(self, out: Path, stage: Stage, done: Callable[[float, dict], str]):
+        import subprocess
+
+        from .pipeline import CHILD_CORES_ENV, PARENT_PID_ENV
+
+        self.out, self.stage, self.done, self.t0 = out, stage, done, time.time()
+        self.log_path = out / "logs" / f"{stage.name}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.log_path, "w")
+        core = sorted(os.sched_getaffinity(0))[-1]
+        env = dict(os.environ, LENSBENCH_THREADS="1",
+                   **{PARENT_PID_ENV: str(os.getpid()), CHILD_CORES_ENV: str(core)})
+        cmd = [sys.executable, "-m", "experiments.cli", *stage.command(out)]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def finish(self) -> str:
+        code = self.proc.wait()
+        self.log.close()
+        # the child's own time: until its last line, not until this process came to wait for it
+        wall = max(0.0, min(time.time(), self.log_path.stat().st_mtime) - self.t0)
+        text = self.log_path.read_text()
+        if code:
+            raise ChildProcessError(f"stage {self.stage.name} failed in its background process "
+                                    f"(exit {code}); the end of {self.log_path}:\n{text[-3000:]}")
+        for line in text.splitlines():
+            if line.strip():
+                _log(f"  {self.stage.name}: {line}")
+        return self.done(wall, self.stage.collect(self.out) or {})
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait()
+        self.log.close()
 
 
 def run_compare(config, out: Path, *, force: tuple[str, ...] = (),

@@ -720,7 +720,7 @@ def _chains_in_processes(cfg, settings, maps_path: Path, out: Path, processes: i
             child_env = env
             if cores:  # CPU: each child on its own cores, its compiled kernels' threads to match
                 child_env = dict(env, LENSBENCH_THREADS=str(len(cores[i])),
-                                 **{CHAIN_CORES_ENV: ",".join(map(str, cores[i]))})
+                                 **{CHILD_CORES_ENV: ",".join(map(str, cores[i]))})
             children.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                               env=child_env), log, group))
         # until all are done, or one fails (the others' checkpoints are kept when stopped)
@@ -769,21 +769,22 @@ def _cores_per_process(processes: int) -> list[list[int]] | None:
 
 
 PARENT_PID_ENV = "LENSBENCH_PARENT_PID"
-CHAIN_CORES_ENV = "LENSBENCH_CHAIN_CORES"
+CHILD_CORES_ENV = "LENSBENCH_CHILD_CORES"
 
 
-def start_chain_process() -> None:
-    """In a chain process started by ``_chains_in_processes`` (Linux): run on the cores the parent
-    dealt it (before JAX sizes its thread pool to them), and get SIGTERM when the parent dies,
-    even by SIGKILL, so that a rerun never races orphans on the same chain files (each keeps its
-    last checkpoint). Called first thing by ``lensbench hmc``; a no-op elsewhere."""
+def start_child_process() -> None:
+    """In a child process that lensbench started (a chain process of ``_chains_in_processes``,
+    or a stage ``compare`` runs in the background; Linux): run on the cores the parent dealt it
+    (before JAX sizes its thread pool to them), and get SIGTERM when the parent dies, even by
+    SIGKILL, so that a rerun never races orphans on the same files (a chain keeps its last
+    checkpoint). Called first thing by ``lensbench hmc`` and ``cl-baseline``; a no-op elsewhere."""
     import ctypes
     import signal
 
     parent = os.environ.get(PARENT_PID_ENV)
     if parent is None:
         return
-    cores = os.environ.get(CHAIN_CORES_ENV)
+    cores = os.environ.get(CHILD_CORES_ENV)
     if cores and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, [int(c) for c in cores.split(",")])
     try:
@@ -791,7 +792,7 @@ def start_chain_process() -> None:
     except (AttributeError, OSError):  # not Linux: the parent's `finally` still stops us
         return
     if os.getppid() != int(parent):  # the parent died before prctl took effect
-        raise SystemExit(f"lensbench hmc: parent process {parent} is gone; stopping")
+        raise SystemExit(f"lensbench: parent process {parent} is gone; stopping")
 
 
 def _field_start(model, names, out: Path, seed: int, steps: int, resume: bool):

@@ -82,6 +82,11 @@ def test_killed_compare_resumes_from_finished_stages(results):
         assert f"{stage}: done before" in log
     for stage in ("cl_analytic", "hmc", "exact", "metrics", "report"):
         assert f"{stage}: running (first run)" in log
+    if len(os.sched_getaffinity(0)) >= 2:  # the C_ell NUTS ran beside the stages after it
+        assert "cl_analytic: running (first run) in a background process" in log
+        assert "cl_analytic: C_ell likelihood:" in log  # its log, echoed when it was waited for
+        marker = json.loads((out / "stages" / "cl_analytic.json").read_text())
+        assert 0 < marker["wall_s"] and marker["n_samples"] == REDUCED["cl_baseline.num_samples"]
     report = (out / "report.md").read_text()
     for method in REDUCED["compare.methods"]:
         assert f"`{method}`" in report

@@ -293,11 +293,11 @@ def test_chain_processes_get_their_own_cores():
     import subprocess
     import sys
 
-    from experiments.pipeline import CHAIN_CORES_ENV, PARENT_PID_ENV
+    from experiments.pipeline import CHILD_CORES_ENV, PARENT_PID_ENV
 
-    env = dict(os.environ, **{PARENT_PID_ENV: str(os.getpid()), CHAIN_CORES_ENV: str(mine[-1])})
-    code = ("import os; from experiments.pipeline import start_chain_process; "
-            "start_chain_process(); print(sorted(os.sched_getaffinity(0)))")
+    env = dict(os.environ, **{PARENT_PID_ENV: str(os.getpid()), CHILD_CORES_ENV: str(mine[-1])})
+    code = ("import os; from experiments.pipeline import start_child_process; "
+            "start_child_process(); print(sorted(os.sched_getaffinity(0)))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout
     assert out.split() == [f"[{mine[-1]}]"]

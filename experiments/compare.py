@@ -526,9 +526,10 @@ class _Background:
         if code:
             raise ChildProcessError(f"stage {self.stage.name} failed in its background process "
                                     f"(exit {code}); the end of {self.log_path}:\n{text[-3000:]}")
+        name = self.stage.name
         for line in text.splitlines():
             if line.strip():
-                _log(f"  {self.stage.name}: {line}")
+                _log(f"  {line if line.startswith(name + ':') else f'{name}: {line}'}")
         return self.done(wall, self.stage.collect(self.out) or {})
 
     def stop(self) -> None:

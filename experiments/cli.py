@@ -411,9 +411,12 @@ def cl_baseline(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ):
     """The analytic C_ell baseline: Gaussian likelihood with a simulated covariance, NUTS."""
+    from .jaxsetup import cpu_devices_for, device_grid
     from .pipeline import run_cl_baseline, start_child_process
 
     start_child_process()
+    with _usage_errors():
+        cpu_devices_for(device_grid(config, {}))  # its covariance simulations use the grid
     run_cl_baseline(config, maps_file, out, progress=progress)
 
 

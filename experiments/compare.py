@@ -426,8 +426,9 @@ def compare(cfg, out, *, force: tuple[str, ...] = ()) -> dict:
     pending: dict[str, _Background] = {}
     try:
         for i, stage in enumerate(stages):
-            for name in [n for n in pending if stage.exclusive or n in stage.needs]:
-                runs[name] = pending.pop(name).finish()
+            for name in [n for n in pending if n in stage.needs]:
+                runs[name] = pending[name].finish()
+                del pending[name]
             upstream = {d: runs[d] for d in stage.needs}
             fp = _fingerprint(cfg, stage, upstream)
             marker = _read_marker(out, stage.name)
@@ -443,6 +444,9 @@ def compare(cfg, out, *, force: tuple[str, ...] = ()) -> dict:
             grows = _grows(cfg, stage, upstream, marker) if why == "inputs changed" else None
             if grows:
                 why = f"continuing: {grows}"
+            for name in list(pending) if stage.exclusive else ():  # it needs every core
+                runs[name] = pending[name].finish()
+                del pending[name]
             background = stage.command is not None and _in_background()
             where = (f" in a background process (log: {out / 'logs' / stage.name}.log)"
                      if background else "")
@@ -463,9 +467,10 @@ def compare(cfg, out, *, force: tuple[str, ...] = ()) -> dict:
             extra = stage.run(out) or {}
             runs[stage.name] = done(time.perf_counter() - t0, extra)
         for name in list(pending):
-            runs[name] = pending.pop(name).finish()
+            runs[name] = pending[name].finish()
+            del pending[name]
     finally:
-        for job in pending.values():  # an error here: stop the background stages too
+        for job in pending.values():  # an error here: keep what finished, stop the others
             job.stop()
     _log(f"compare: all {len(stages)} stages done ({time.perf_counter() - t_all:.0f} s this run); "
          f"report: {out / 'report.md'}")
@@ -524,8 +529,10 @@ class _Background:
         wall = max(0.0, min(time.time(), self.log_path.stat().st_mtime) - self.t0)
         text = self.log_path.read_text()
         if code:
+            for line in text[-3000:].splitlines():
+                _log(f"  {self.stage.name} | {line}")
             raise ChildProcessError(f"stage {self.stage.name} failed in its background process "
-                                    f"(exit {code}); the end of {self.log_path}:\n{text[-3000:]}")
+                                    f"(exit {code}); its log: {self.log_path}")
         name = self.stage.name
         for line in text.splitlines():
             if line.strip():
@@ -533,6 +540,14 @@ class _Background:
         return self.done(wall, self.stage.collect(self.out) or {})
 
     def stop(self) -> None:
+        """After an error elsewhere: a child that finished cleanly gets its marker (its work is
+        kept), a running one is stopped."""
+        if self.proc.poll() == 0:
+            try:
+                self.finish()
+                return
+            except Exception:  # noqa: BLE001 -- the error being raised matters more
+                pass
         if self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait()

@@ -85,15 +85,23 @@ def use_compilation_cache() -> None:
 
 # XLA's legacy CPU fusion emitters (module docstring); the test suite compiles with them too
 CPU_EMITTER_FLAG = "--xla_cpu_use_fusion_emitters=false"
+CPU_EMITTER_JAXLIB = "0.10."  # the jaxlib versions it is added for
 
 
 def use_legacy_cpu_emitters() -> None:
     """Add ``CPU_EMITTER_FLAG`` to ``XLA_FLAGS`` (module docstring) unless the flags already name
-    ``xla_cpu_use_fusion_emitters`` (the user's choice). XLA reads the variable when its first
+    ``xla_cpu_use_fusion_emitters`` (the user's choice), on jaxlib ``CPU_EMITTER_JAXLIB`` (a later
+    one may not know the flag, and XLA stops at unknown flags). XLA reads the variable when its first
     backend starts, so call this before any JAX computation; child processes inherit it. On GPU
     it only concerns programs compiled for the host."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:  # XLA stops at unknown flags: add it only to the jaxlib it was measured with
+        known = version("jaxlib").startswith(CPU_EMITTER_JAXLIB)
+    except PackageNotFoundError:
+        known = False
     flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_use_fusion_emitters" not in flags:
+    if known and "xla_cpu_use_fusion_emitters" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} {CPU_EMITTER_FLAG}".strip()
 
 

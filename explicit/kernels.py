@@ -239,9 +239,10 @@ class MCLMCStepper:
         state, params, average = run(state, params, keys[:-1], [0.0] * n1 + [1.0] * n2)
         if n2 > 1:  # stage 2's weighted variances: the diagonal preconditioner, L = sqrt(dim)
             variances = average[1] - jnp.square(average[0])
-            params = params._replace(L=jnp.sqrt(f64(dim)), inverse_mass_matrix=variances)
+            params = params._replace(inverse_mass_matrix=variances)
             m = round(n2 / 3)  # the step size re-adapted to it
             state, params, _ = run(state, params, jax.random.split(keys[-1], m), [1.0] * m)
+            params = params._replace(L=jnp.sqrt(f64(dim)))
         return self._tune_L(k3, state, params, n3) if n3 >= 2 else (state, params)
 
     @cached_property
@@ -251,7 +252,7 @@ class MCLMCStepper:
         stage-1/2 step (``make_L_step_size_adaptation``: the step size from the energy error's
         weighted mean, a diverging step undone and the maximum step lowered, x and x² averaged
         with weight × success × step size); without, the plain kernel step from ``key``, the
-        parameters unchanged (stage 3). Also returns θ after the step."""
+        parameters unchanged (stage 3). Also returns θ after the step (unconstrained)."""
         from blackjax.adaptation.mclmc_adaptation import handle_nans
         from blackjax.util import incremental_value_update
         from jax.flatten_util import ravel_pytree
@@ -281,7 +282,10 @@ class MCLMCStepper:
             x = ravel_pytree(state.position)[0]
             avg = incremental_value_update(jnp.array([x, jnp.square(x)]), avg,
                                            weight=weight * ok * params.step_size)
-            return state, params, adaptive, avg, _theta_vector(self.ld, state.position)
+            # θ in the sampler's (unconstrained) coordinates, where L is a path length
+            theta = jnp.stack([jnp.asarray(state.position[n], jnp.float64)
+                               for n in self.ld.theta_names])
+            return state, params, adaptive, avg, theta
 
         return jax.jit(step)
 

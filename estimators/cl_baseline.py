@@ -468,7 +468,7 @@ class ClLikelihood:
         """(n_data,) the kept entries of ``theory_cl`` (noise-free), from Limber at
         ``ell_needed`` only: the other distinct modes have weight 0 in every kept ℓ bin."""
         cl = self.limber(cosmo, self.ell_needed) @ jnp.asarray(self.needed_weights).T
-        return cl.reshape(-1)[jnp.asarray(self.selected)]
+        return self._kept(cl.reshape(-1))
 
     def theory_cl_reference(self, cosmo: Cosmology) -> jax.Array:
         """``theory_cl`` through ``flatsky.binned_model_cl`` on the full FFT grid (slow; checks)."""
@@ -490,7 +490,7 @@ class ClLikelihood:
         """(n_data,) the kept entries of ``mean(θ)``, at a fraction of its cost where scale cuts
         drop the high-ℓ bins (``_kept_theory``)."""
         cl = self._kept_theory_jit(self.cosmology(theta))
-        return cl + jnp.asarray(self.noise_vector)[jnp.asarray(self.selected)]
+        return cl + self._kept(self.noise_vector)
 
     def distribution(self, mean):
         """The numpyro distribution of the kept data entries given the whole mean vector."""

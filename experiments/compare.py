@@ -233,9 +233,7 @@ def _npe(cfg, out: Path, method: str, summary: str) -> dict:
 
 
 def _load_samples(cfg, out: Path) -> dict:
-    from .io import read_samples
-
-    return {m: read_samples(out / "samples" / f"{m}.h5") for m in cfg.compare.methods}
+    return {m: _read_samples(out / "samples" / f"{m}.h5") for m in cfg.compare.methods}
 
 
 def _truth_and_base(cfg, out: Path) -> tuple[dict, dict]:
@@ -424,11 +422,15 @@ def compare(cfg, out, *, force: tuple[str, ...] = ()) -> dict:
     runs: dict[str, str] = {}
     t_all = time.perf_counter()
     pending: dict[str, _Background] = {}
+
+    def join(names) -> None:  # wait for these background stages; their run ids into runs
+        for name in list(names):
+            runs[name] = pending[name].finish()
+            del pending[name]
+
     try:
         for i, stage in enumerate(stages):
-            for name in [n for n in pending if n in stage.needs]:
-                runs[name] = pending[name].finish()
-                del pending[name]
+            join(n for n in pending if n in stage.needs)
             upstream = {d: runs[d] for d in stage.needs}
             fp = _fingerprint(cfg, stage, upstream)
             marker = _read_marker(out, stage.name)
@@ -444,9 +446,8 @@ def compare(cfg, out, *, force: tuple[str, ...] = ()) -> dict:
             grows = _grows(cfg, stage, upstream, marker) if why == "inputs changed" else None
             if grows:
                 why = f"continuing: {grows}"
-            for name in list(pending) if stage.exclusive else ():  # it needs every core
-                runs[name] = pending[name].finish()
-                del pending[name]
+            if stage.exclusive:  # it needs every core
+                join(pending)
             background = stage.command is not None and _in_background()
             where = (f" in a background process (log: {out / 'logs' / stage.name}.log)"
                      if background else "")
@@ -466,9 +467,7 @@ def compare(cfg, out, *, force: tuple[str, ...] = ()) -> dict:
             t0 = time.perf_counter()
             extra = stage.run(out) or {}
             runs[stage.name] = done(time.perf_counter() - t0, extra)
-        for name in list(pending):
-            runs[name] = pending[name].finish()
-            del pending[name]
+        join(pending)
     finally:
         for job in pending.values():  # an error here: keep what finished, stop the others
             job.stop()

@@ -483,9 +483,8 @@ def mesh_power_window(cell_size, n_phi: int = 32):
     Below the table the window is 1 − O(k²Δ²) ≈ its first node; above, ≈ 0 (its last node).
     Built with numpy: safe to call inside a trace.
     """
-    dx, dy = (float(c) for c in np.asarray(cell_size)[:2])
     log_k = np.linspace(np.log(K_WINDOW_MIN), np.log(K_WINDOW_MAX), N_WINDOW)
-    x = np.exp(log_k)[:, None] * (_azimuths(n_phi) * np.array([[dx], [dy]]) / 2)[:, None, :]
+    x = np.exp(log_k)[:, None] * _half_cells(cell_size, n_phi)[:, None, :]
     s, ds = _sinc_and_derivative(x)  # (2, n_k, n_phi): along x and y
     w = np.mean((s[0] * s[1]) ** 8, axis=-1)
     # dW/dln k = mean 8 (s_x s_y)^7 (x s_x' s_y + y s_x s_y')
@@ -500,10 +499,12 @@ def mesh_power_window(cell_size, n_phi: int = 32):
     return window
 
 
-def _azimuths(n_phi: int) -> np.ndarray:
-    """(2, n_phi) cos φ and sin φ of n_phi midpoints of one quadrant (the window is even in kx, ky)."""
+def _half_cells(cell_size, n_phi: int) -> np.ndarray:
+    """(2, n_phi) Δx cos φ / 2 and Δy sin φ / 2 at n_phi midpoints φ of one quadrant (the window
+    is even in kx, ky): k times these are the sinc arguments along x and y."""
+    dx, dy = (float(c) for c in np.asarray(cell_size)[:2])
     phi = (np.arange(n_phi) + 0.5) * (np.pi / 2) / n_phi
-    return np.stack([np.cos(phi), np.sin(phi)])
+    return np.stack([np.cos(phi) * dx, np.sin(phi) * dy]) / 2
 
 
 def _sinc_and_derivative(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -517,8 +518,7 @@ def _sinc_and_derivative(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def mesh_power_window_direct(cell_size, n_phi: int = 32):
     """``mesh_power_window`` evaluated directly: the mean of Π sinc⁸ over n_phi azimuths per k."""
-    dx, dy = (float(c) for c in np.asarray(cell_size)[:2])
-    c = jnp.asarray(_azimuths(n_phi) * np.array([[dx], [dy]]) / 2)
+    c = jnp.asarray(_half_cells(cell_size, n_phi))
 
     def window(k):
         k = jnp.asarray(k)[..., None]

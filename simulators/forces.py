@@ -92,17 +92,41 @@ def pm_force(cfg: SimConfig, disp: Array) -> Array:
 def pm_force_and_density(cfg: SimConfig, disp: Array) -> tuple[Array, Array]:
     """``pm_force`` and the density 1 + δ it was computed from (``paint_density``, grid layout),
     which observers of the same positions reuse instead of painting it again."""
-    grid = cfg.grid
-    dtype = disp.dtype
     density = paint_density(cfg, disp)
+    return read_force(cfg, force_mesh(cfg, density), disp), density
+
+
+def force_mesh(cfg: SimConfig, density: Array) -> Array:
+    """(nx, ny, nz, 3) force -∇∇⁻²δ on the mesh, Mpc/h, from the density 1 + δ (``cfg.mesh_shape``);
+    linear in the density."""
+    grid = cfg.grid
+    dtype = density.dtype
     rho_k = grid.fft(density)
     extra = 1.0
     if cfg.deconvolve:  # undo the smoothing of painting and of reading
         extra = 1.0 / cic_window(grid, cfg.mesh_shape, cfg.box_size, dtype) ** 2
     comps = gradient_of_inverse_laplacian(grid, cfg.mesh_shape, cfg.box_size, rho_k, extra,
                                           finite_difference=True)
-    field = jnp.stack([-c for c in comps], axis=-1)
-    return cic_read(grid, field, _in_cells(cfg, disp), cfg.mesh_factor), density
+    return jnp.stack([-c for c in comps], axis=-1)
+
+
+def read_force(cfg: SimConfig, field: Array, disp: Array) -> Array:
+    """(npx, npy, npz, 3) CIC read of the force mesh ``field`` at displacements ``disp`` (Mpc/h)."""
+    return cic_read(cfg.grid, field, _in_cells(cfg, disp), cfg.mesh_factor)
+
+
+def pm_force_and_density_vjp(cfg: SimConfig, disp: Array, density: Array, ct_force: Array,
+                             ct_density: Array) -> Array:
+    """Cotangent of ``disp`` from those of ``pm_force_and_density(cfg, disp)``'s outputs, given the
+    density that call painted: the force mesh is rebuilt from it (FFTs only), so neither the paint
+    nor the read is repeated (their primal results are unused and compiled away)."""
+    field, mesh_vjp = jax.vjp(lambda rho: force_mesh(cfg, rho), density)
+    _, read_vjp = jax.vjp(lambda f, d: read_force(cfg, f, d), field, disp)
+    ct_field, ct_disp = read_vjp(ct_force)
+    (ct_rho,) = mesh_vjp(ct_field)
+    _, paint_vjp = jax.vjp(lambda d: paint_density(cfg, d), disp)
+    (ct_disp_paint,) = paint_vjp(ct_rho + ct_density)
+    return ct_disp + ct_disp_paint
 
 
 def paint_density(cfg: SimConfig, disp: Array) -> Array:

@@ -26,7 +26,7 @@ import numpy as np
 
 from .config import SimConfig
 from .cosmology import Cosmology, E, GrowthTable
-from .forces import pm_force_and_density
+from .forces import pm_force_and_density, pm_force_and_density_vjp
 
 Array = jax.Array
 
@@ -101,13 +101,40 @@ def step_factors(cosmo: Cosmology, growth: GrowthTable, a_steps) -> Array:
     return jnp.stack([kick1, drift, kick2], axis=-1)
 
 
-def kdk(cfg: SimConfig, state: ParticleState, factors: Array) -> ParticleState:
-    """One kick-drift-kick step; ``factors`` = (kick₁, drift, kick₂)."""
+def kdk(cfg: SimConfig, state: ParticleState, factors: Array,
+        known: tuple[Array, Array] | None = None) -> ParticleState:
+    """One kick-drift-kick step; ``factors`` = (kick₁, drift, kick₂). ``known``: the (force,
+    density) at the step's end, already computed (the adjoint's backward pass has them in the
+    later state), used instead of computing them again, with the same gradient."""
     k1, dr, k2 = (factors[i].astype(state.disp.dtype) for i in range(3))
     mom = state.mom + k1 * state.force
     disp = state.disp + dr * mom
-    force, density = pm_force_and_density(cfg, disp)
+    if known is None:
+        force, density = pm_force_and_density(cfg, disp)
+    else:
+        force, density = _known_force(cfg, disp, *known)
     return ParticleState(disp, mom + k2 * force, force, density)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _known_force(cfg: SimConfig, disp: Array, force: Array, density: Array):
+    """(force, density) = ``pm_force_and_density(cfg, disp)``, computed before; the gradient is
+    that function's (``pm_force_and_density_vjp``), as pmwd's ``force_adj``."""
+    return force, density
+
+
+def _known_force_fwd(cfg, disp, force, density):
+    return (force, density), (disp, density)
+
+
+def _known_force_bwd(cfg, res, ct):
+    disp, density = res
+    ct_disp = pm_force_and_density_vjp(cfg, disp, density, *ct)
+    # the given values are constants of the step being differentiated
+    return ct_disp, jnp.zeros_like(disp), jnp.zeros_like(density)
+
+
+_known_force.defvjp(_known_force_fwd, _known_force_bwd)
 
 
 def kdk_reverse(cfg: SimConfig, state: ParticleState, factors: Array) -> ParticleState:
@@ -170,8 +197,8 @@ def _adjoint_bwd(cfg, observer, progress, residuals, cotangents):
     ct_state, ct_obs, _ = cotangents
     a_steps = jnp.asarray(cfg.step_scale_factors)
 
-    def forward_step(i, state, facs, params):
-        new = kdk(cfg, state, facs[i])
+    def forward_step(i, known, state, facs, params):
+        new = kdk(cfg, state, facs[i], known)
         # additive observer: its value in ``obs`` does not matter, only g's dependence
         obs = observer.update(params, i, a_steps[i], a_steps[i + 1], state, new, obs_final)
         return new, obs
@@ -179,7 +206,8 @@ def _adjoint_bwd(cfg, observer, progress, residuals, cotangents):
     def back(carry, i):
         state_next, ct_s, ct_f, ct_p = carry
         state = kdk_reverse(cfg, state_next, factors[i])
-        _, vjp = jax.vjp(partial(forward_step, i), state, factors, obs_params)
+        known = (state_next.force, state_next.density)  # not recomputed: only its gradient is
+        _, vjp = jax.vjp(partial(forward_step, i, known), state, factors, obs_params)
         ct_s, ct_f_i, ct_p_i = vjp((ct_s, ct_obs))
         ct_f = ct_f + ct_f_i
         ct_p = jax.tree.map(jnp.add, ct_p, ct_p_i)

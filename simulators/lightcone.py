@@ -539,11 +539,35 @@ class BornLightcone:
             delta = ((1 - t).astype(dtype)[:, None] * vals[..., 0]
                      + t.astype(dtype)[:, None] * vals[..., 1])  # (per, n_rays)
             w = (params.q_at(chi) * length).astype(dtype)  # (n_bins, per)
-            return acc + jnp.einsum("sr,bs->rb", delta, w, precision="highest"), None
+            return acc + _weighted_sum(delta, w), None
 
         acc0 = jnp.zeros((n_rays, self.n_bins), dtype)
         acc, _ = jax.lax.scan(block, acc0, jnp.arange(n_blocks))
         return acc
+
+
+@jax.custom_vjp
+def _weighted_sum(delta: Array, w: Array) -> Array:
+    """(n_rays, n_bins) Σ_s delta[s, r] w[b, s], for delta (n_s, n_rays) and w (n_bins, n_s).
+
+    Broadcast products and sums, forward and backward: XLA's CPU dot took 0.3-0.45 ms for each of
+    quick's (3, 98) x (98, 1024) contractions (the forward and its two transposes), a fused product
+    and sum ~0.07 ms."""
+    return jnp.sum(delta[:, :, None] * w.T[:, None, :], axis=0)
+
+
+def _weighted_sum_fwd(delta, w):
+    return _weighted_sum(delta, w), (delta, w)
+
+
+def _weighted_sum_bwd(res, ct):
+    delta, w = res  # ct: (n_rays, n_bins)
+    ct_delta = jnp.sum(w.T[:, None, :] * ct[None, :, :], axis=-1)  # (n_s, n_rays)
+    ct_w = jnp.sum(ct.T[:, None, :] * delta[None, :, :], axis=-1)  # (n_bins, n_s)
+    return ct_delta, ct_w
+
+
+_weighted_sum.defvjp(_weighted_sum_fwd, _weighted_sum_bwd)
 
 
 # The sample table's points, by the same compiled arithmetic as a block's own transform.

@@ -205,9 +205,10 @@ SOURCES: dict[str, Source] = {
                  "each run (wall times high by up to about 2×)",
         notebook="7b",
         caveat="The gradient timings are superseded by the side-by-side measurements against "
-               "the parent commit and the FFT floor in NOTEBOOK 7l, 10 and 19 (latest, 2026-12-06, "
-               "one core: quick 130 → 62 ms per adjoint gradient, 1.4 FFT floors; reduced "
-               "lsst_y10 6.1 → 5.0 s; not in a results file); the peak memory here is the latest. "
+               "the parent commit and the FFT floor in NOTEBOOK 7l, 10, 19 and 25 (latest, "
+               "2026-12-07, one core: quick 64 → 46 ms per adjoint gradient, 0.94 FFT floors; "
+               "reduced lsst_y10 3.9 → 3.7 s; not in a results file); the peak memory here is the "
+               "latest. "
                "None of the chains is converged; NOTEBOOK 7k has longer MCLMC chains on the same "
                "observation (not in a results file)."),
     "results_hmc_coverage.json": Source(

@@ -88,21 +88,26 @@ CPU_EMITTER_FLAG = "--xla_cpu_use_fusion_emitters=false"
 CPU_EMITTER_JAXLIB = "0.10."  # the jaxlib versions it is added for
 
 
-def use_legacy_cpu_emitters() -> None:
-    """Add ``CPU_EMITTER_FLAG`` to ``XLA_FLAGS`` (module docstring) unless the flags already name
-    ``xla_cpu_use_fusion_emitters`` (the user's choice), on jaxlib ``CPU_EMITTER_JAXLIB`` (a later
-    one may not know the flag, and XLA stops at unknown flags). XLA reads the variable when its first
-    backend starts, so call this before any JAX computation; child processes inherit it. On GPU
-    it only concerns programs compiled for the host."""
+def cpu_emitter_flags() -> list[str]:
+    """``[CPU_EMITTER_FLAG]`` on jaxlib ``CPU_EMITTER_JAXLIB``, else ``[]``: a later jaxlib may not
+    know the flag, and XLA stops at unknown flags."""
     from importlib.metadata import PackageNotFoundError, version
 
-    try:  # XLA stops at unknown flags: add it only to the jaxlib it was measured with
+    try:
         known = version("jaxlib").startswith(CPU_EMITTER_JAXLIB)
     except PackageNotFoundError:
         known = False
+    return [CPU_EMITTER_FLAG] if known else []
+
+
+def use_legacy_cpu_emitters() -> None:
+    """Add ``cpu_emitter_flags()`` to ``XLA_FLAGS`` (module docstring) unless the flags already name
+    ``xla_cpu_use_fusion_emitters`` (the user's choice). XLA reads the variable when its first
+    backend starts, so call this before any JAX computation; child processes inherit it. On GPU
+    it only concerns programs compiled for the host."""
     flags = os.environ.get("XLA_FLAGS", "")
-    if known and "xla_cpu_use_fusion_emitters" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {CPU_EMITTER_FLAG}".strip()
+    if "xla_cpu_use_fusion_emitters" not in flags:
+        os.environ["XLA_FLAGS"] = " ".join([flags, *cpu_emitter_flags()]).strip()
 
 
 def enable_x64() -> None:

@@ -32,8 +32,9 @@ and each costs a minute or more of compilation on the 2-core machine:
 - test_distributed's 1x2 device grid and its lightcone on 4x1 (~1 min): `make test` keeps a grid
   with one device along an axis (4x1) and one split along both (2x4, and 2x2 for the lightcone).
 
-Every process of the suite compiles with XLA's legacy CPU emitters (``tests/procs.py``,
-``TEST_XLA_FLAGS``: about twice as fast to compile, which is most of the suite's time).
+Every process of the suite compiles with XLA's legacy CPU emitters, as every command does
+(``experiments.jaxsetup.use_legacy_cpu_emitters`` here, ``tests/procs.xla_flags`` for
+subprocesses): about twice as fast to compile, which is most of the suite's time.
 """
 
 import os
@@ -58,12 +59,10 @@ def pytest_configure(config):
     from experiments.jaxsetup import enable_x64
 
     enable_x64()
-    from tests.procs import TEST_XLA_FLAGS
+    from experiments.jaxsetup import use_legacy_cpu_emitters
 
-    # the suite's compiler settings (tests/procs.py says why), here and in every subprocess
-    flags = os.environ.get("XLA_FLAGS", "")
-    if TEST_XLA_FLAGS not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {TEST_XLA_FLAGS}".strip()
+    # the commands' compiler settings (module docstring), here and in every subprocess
+    use_legacy_cpu_emitters()
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
     _OWN_CACHE = tempfile.mkdtemp(prefix="lensbench-test-xla-")

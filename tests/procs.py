@@ -9,7 +9,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner, Result
 
-from experiments.jaxsetup import CPU_EMITTER_FLAG
+from experiments.jaxsetup import cpu_emitter_flags
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,18 +18,13 @@ REPO = Path(__file__).resolve().parents[1]
 # takes 5 minutes alone may take 20 (the whole suite must fit in CI's 90 minutes anyway).
 HANG = 2400
 
-# XLA compiler settings of every process the suite runs (conftest sets them; `cli_env`, `xla_flags`
-# and the workers pass them on): the legacy CPU fusion emitters that every `lensbench` command uses
-# (experiments.jaxsetup says why), also in the suite's in-process tests and workers, which do not
-# start through the CLI. Most of the suite's time is XLA compiling.
-TEST_XLA_FLAGS = CPU_EMITTER_FLAG
-
 
 def xla_flags(devices: int | None = None) -> str:
-    """XLA_FLAGS for a test process: the suite's compiler settings, and ``devices`` fake CPU
-    devices if given."""
+    """XLA_FLAGS for a test process: the legacy CPU fusion emitters that every `lensbench` command
+    and the suite's own process use (``experiments.jaxsetup.cpu_emitter_flags``; most of the
+    suite's time is XLA compiling), and ``devices`` fake CPU devices if given."""
     count = [] if devices is None else [f"--xla_force_host_platform_device_count={devices}"]
-    return " ".join([TEST_XLA_FLAGS, *count])
+    return " ".join([*cpu_emitter_flags(), *count])
 
 
 def set_xla_flags(devices: int | None = None) -> None:

@@ -95,8 +95,8 @@ inline T sum8(const T* t) {
   return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
 }
 
-// Calls body.template operator()<NC>() with the channel count as a compile-time constant where it
-// is one of the counts the simulator uses, else with NC = 0 (the runtime count g.C).
+// Calls body(std::integral_constant<int, NC>) with the channel count NC as a compile-time constant
+// where it is one the simulator uses, else with NC = 0 (the loops then read the runtime count).
 template <typename F>
 void by_channels(int64_t C, F body) {
   switch (C) {

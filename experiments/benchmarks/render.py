@@ -355,6 +355,38 @@ SOURCES: dict[str, Source] = {
         recorded="2026-12-06, " + VM + ", one core (`taskset -c 1`); test runs and profiling "
                  "used the other",
         notebook="16"),
+    "results_implicit_quick_deep.json": Source(
+        title="Implicit inference on quick without repeated structure, against its field-level "
+              "posterior",
+        what="`quick_deep`: quick with one 200 × 200 × 5000 Mpc/h box as deep as the lightcone "
+             "(24 × 24 × 240 cells, quick's cell size) instead of quick's 1000 Mpc/h box tiled five "
+             "times along each line of sight (issue 27 §3), observation seed 0. C2ST reference: "
+             "its field-level posterior (`reference_quick_deep_field_level.h5`: MCLMC + fourier at "
+             "energy variance 10⁻⁴, 4 × 6000 draws, NOTEBOOK 26). 5100 PM simulations, the last 100 "
+             "held out for SBC/TARP; the VMIM recipe of the quick rows above (ResNet width 16, "
+             "6-number summary, weight average 0.99, 60 epochs) with the shipped MAF NPE; NPE on "
+             "C_ℓ; the analytic C_ℓ likelihood with NUTS (200-simulation covariance). Compare the "
+             "ratios to the field level with quick's (section above and NOTEBOOK 16).",
+        command="lensbench maps --config quick_deep --out obs.h5\n"
+                "lensbench hmc --config quick_deep --maps obs.h5 --out run --set hmc.sampler=mclmc "
+                "\\\n"
+                "    --set hmc.precondition=fourier --set hmc.energy_variance=1e-4 "
+                "--set hmc.num_warmup=400 \\\n"
+                "    --set hmc.num_samples=6000 --set hmc.num_chains=4 --set hmc.processes=1 "
+                "--set hmc.segment=500\n"
+                "cp run/samples.h5 experiments/benchmarks/reference_quick_deep_field_level.h5\n"
+                ".venv/bin/python -m experiments.benchmarks.implicit --config quick_deep --work "
+                "runs/deep27/imp \\\n"
+                "    --n-train 5000 --losses vmim \\\n"
+                "    --reference-samples experiments/benchmarks/reference_quick_deep_field_level.h5 "
+                "\\\n"
+                "    --set compressor.width=16 --set compressor.summary_dim=6 "
+                "--set compressor.ema=0.99 \\\n"
+                "    --set compressor.epochs=60 --set compressor.patience=15 \\\n"
+                "    --out experiments/benchmarks/results_implicit_quick_deep.json",
+        recorded="2026-12-07, " + VM + "; the chains on one core (`taskset -c 1`), the "
+                 "implicit stages on the other, beside gradient timings and a compressor scan",
+        notebook="26"),
     "results_implicit_losses.json": Source(
         title="Implicit inference on quick: every compressor loss and both C_ℓ baselines",
         what="The shipped `quick` configuration (simulator after the lightcone fix of NOTEBOOK "
@@ -403,7 +435,8 @@ ORDER = ("results_pm.json", "results_scaling.json", "results_lensing.json",
          "results_cl_hires_patch_random.json", "results_pk_box.json", "results_hmc.json",
          "results_hmc_coverage.json", "results_gaussian_check.json",
          "results_implicit_online.json", "results_efficiency_gaussian_check.json",
-         "results_implicit_quick_reference.json", "results_implicit_losses.json",
+         "results_implicit_quick_reference.json", "results_implicit_quick_deep.json",
+         "results_implicit_losses.json",
          "results_implicit_scan.json", "results_implicit.json",
          "results_implicit_gaussian_optimum.json", "results_gaussian_check_methods.json")
 

@@ -130,7 +130,7 @@ def _known_force_fwd(cfg, disp, force, density):
 def _known_force_bwd(cfg, res, ct):
     disp, density = res
     ct_disp = pm_force_and_density_vjp(cfg, disp, density, *ct)
-    # the given values are constants of the step being differentiated
+    # the given values are constants of the step being differentiated (the force has disp's shape)
     return ct_disp, jnp.zeros_like(disp), jnp.zeros_like(density)
 
 

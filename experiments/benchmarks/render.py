@@ -385,7 +385,11 @@ SOURCES: dict[str, Source] = {
                 "    --set compressor.epochs=60 --set compressor.patience=15 \\\n"
                 "    --out experiments/benchmarks/results_implicit_quick_deep.json",
         recorded="2026-12-07, " + VM + "; the chains on one core (`taskset -c 1`), the "
-                 "implicit stages on the other, beside gradient timings and a compressor scan",
+                 "implicit stages on the other, beside gradient timings and a compressor scan. "
+                 "The chains ran in parts (one process, then `--chain 2` and `--chain 3` beside "
+                 "each other, then extended from 6000 to 7000 draws: the same run as the single "
+                 "command); the implicit command was run again against the extended chains with "
+                 "its stages cached (the first run generated the 5100 simulations in 391 s)",
         notebook="26"),
     "results_implicit_losses.json": Source(
         title="Implicit inference on quick: every compressor loss and both C_ℓ baselines",

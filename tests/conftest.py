@@ -56,11 +56,9 @@ SLOW_FILES = ("test_explicit.py", "test_compare.py", "test_distributed.py", "tes
 def pytest_configure(config):
     global _OWN_CACHE
     # float64 for the cosmology tables (simulators.runtime), here and in every subprocess
-    from experiments.jaxsetup import enable_x64
+    from experiments.jaxsetup import enable_x64, use_legacy_cpu_emitters
 
     enable_x64()
-    from experiments.jaxsetup import use_legacy_cpu_emitters
-
     # the commands' compiler settings (module docstring), here and in every subprocess
     use_legacy_cpu_emitters()
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):

@@ -29,8 +29,11 @@ Array = jax.Array
 # MCLMC tuning budget split over the stages (fractions of num_warmup): blackjax's step size (stage
 # 1) and step size with a diagonal preconditioner (stage 2, plus a third of it again to re-adapt
 # the step size), then L from θ's autocorrelation (stage 3, ``MCLMCStepper._tune_L``):
-# 0.4 + 0.3 + 0.1 + 0.2 = all of num_warmup.
-MCLMC_FRACS = (0.4, 0.3, 0.2)
+# 0.3 + 0.15 + 0.05 + 0.5 = all of num_warmup. Stage 3 has half: it needs a window many times θ's
+# autocorrelation time (tens of steps at a good L on quick), the step size settles in ~100 steps.
+MCLMC_FRACS = (0.3, 0.15, 0.5)
+# Stage 3 runs in rounds, each at the L the previous one measured (``MCLMCStepper._tune_L``)
+MCLMC_L_ROUNDS = 2
 # L per autocorrelation time (in path length) of the slow directions: blackjax's default factor
 MCLMC_L_FACTOR = 0.4
 # blackjax's step-size predictor: the energy errors are averaged over ~MCLMC_N_EFF steps and
@@ -290,8 +293,15 @@ class MCLMCStepper:
         return jax.jit(step)
 
     def _tune_L(self, key, state, params, n: int):
-        """blackjax's third tuning stage, L = MCLMC_L_FACTOR × step × n / ESS over n steps, with
-        the autocorrelation measured on the θ sites alone. blackjax's own keeps all n positions
+        """blackjax's third tuning stage, L = MCLMC_L_FACTOR × step × τ with τ = steps per
+        effective sample of the θ sites (mean over θ), run as MCLMC_L_ROUNDS rounds that split
+        the n steps, each at the L the previous round found.
+
+        Why rounds: τ depends on L, and a window of w steps measures τ only when w ≫ τ; shorter
+        windows over-estimate the ESS, so L comes out short, and a short L raises τ further. On
+        quick, 80-step windows gave L ≈ 200 where the chain's own τ at L = 700-1400 gives the
+        self-consistent L ≈ 900 (NOTEBOOK 28); the first round moves L from √d towards that fixed
+        point, the second measures τ near it. Only θ enters: blackjax keeps all n positions
         (n × the field: 100 × 4 GB for a 1024³ float32 field) and averages the autocorrelation
         time over every dimension, i.e. over field cells, while θ is what mixes slowest and what
         the run is for. The steps are ``_tuning_step``'s plain kernel steps."""
@@ -299,16 +309,23 @@ class MCLMCStepper:
 
         zero = jnp.asarray(0.0, jnp.float64)
         adaptive, avg = (zero, zero, zero), (zero, jnp.zeros((2, _dimension(state.position))))
-        trace = []
-        for k in jax.random.split(key, n):
-            state, params, adaptive, avg, theta = self._tuning_step(
-                k, state, params, adaptive, avg, zero, jnp.asarray(False))
-            trace.append(theta)
-        tau = n / effective_sample_size(jnp.stack(trace)[None])  # (d,) steps per effective sample
-        finite = jnp.isfinite(tau)  # a θ that never moved has ESS 0: no information on L
-        L = jnp.where(jnp.any(finite),
-                      MCLMC_L_FACTOR * params.step_size * jnp.mean(tau, where=finite), params.L)
-        return state, params._replace(L=L)
+        keys = jax.random.split(key, n)
+        bounds = np.linspace(0, n, MCLMC_L_ROUNDS + 1).round().astype(int)
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            trace = []
+            for k in keys[lo:hi]:
+                state, params, adaptive, avg, theta = self._tuning_step(
+                    k, state, params, adaptive, avg, zero, jnp.asarray(False))
+                trace.append(theta)
+            if hi - lo < 2:  # one step has no autocorrelation
+                continue
+            # (d,) steps per effective sample; a θ that never moved has ESS 0: no information on L
+            tau = (hi - lo) / effective_sample_size(jnp.stack(trace)[None])
+            finite = jnp.isfinite(tau)
+            params = params._replace(L=jnp.where(
+                jnp.any(finite), MCLMC_L_FACTOR * params.step_size * jnp.mean(tau, where=finite),
+                params.L))
+        return state, params
 
     def initial_params(self, position: dict):
         """blackjax's starting L = √d and step √d / 4, with a diagonal preconditioner whose θ

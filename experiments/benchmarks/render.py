@@ -222,6 +222,50 @@ SOURCES: dict[str, Source] = {
         recorded="2026-11-27, " + VM + ", both cores shared with the test suite; exact posteriors "
                  "recomputed after the grid fix of 38e733a",
         notebook="7f"),
+    "results_samplers_gaussian_check.json": Source(
+        title="MCLMC at energy variance 2×10⁻⁵ on `gaussian_check` against the exact posterior",
+        what="MCLMC with the Fourier field preconditioner (the sampler and setting of the quick "
+             "posterior in the next section), 4 chains, on `gaussian_check` (Gaussian-field maps, "
+             "observation seed 0), against the exact grid posterior: ESS and split R̂, sampling "
+             "gradients per effective sample of the slowest parameter (with the warm-up in "
+             "brackets), the tuned L and step, C2ST (2000 draws each), mean offsets in exact σ, "
+             "std ratios and FoM ratio. The issue's rule for an adopted sampler: C2ST ≤ 0.55 and "
+             "offsets ≤ 0.1 σ.",
+        command="python -m experiments.benchmarks.samplers --config gaussian_check --reference "
+                "exact --chains 4 --work runs/gc42 \\\n"
+                "    --variant mclmc+fourier:energy_variance=2e-5,num_warmup=2000,"
+                "num_samples=16000,segment=2000,processes=2 \\\n"
+                "    --out experiments/benchmarks/results_samplers_gaussian_check.json",
+        recorded="2026-12-07, " + VM + ", both cores (two chains per process)",
+        notebook="28"),
+    "results_samplers_quick.json": Source(
+        title="A converged quick field-level posterior: MCLMC at energy variance 2×10⁻⁵",
+        what="MCLMC with the Fourier field preconditioner at energy variance 2×10⁻⁵ (5× below "
+             "the 10⁻⁴ of `reference_quick_field_level.h5`), the L stage of NOTEBOOK 28 (2000 "
+             "warm-up steps, half of them measuring L), 4 chains × 20,000 on the quick "
+             "observation (seed 0); its draws are `reference_quick_field_level_ev2e-5.h5`. "
+             "Compared with the 10⁻⁴ reference posterior (C2ST, offsets in that posterior's σ, "
+             "std ratios, FoM ratio). The issue's target: ≤ 150 gradients per effective sample, "
+             "4 chains at ESS ≥ 400 and split R̂ ≤ 1.01 within an hour on the 2 cores.",
+        command="lensbench maps --config quick --out obs.h5\n"
+                "lensbench hmc --config quick --maps obs.h5 --out runs/sq42/mclmc_fourier_"
+                "energy_variance2e-5_num_warmup2000_num_samples20000_segment500_processes2 \\\n"
+                "    --set hmc.sampler=mclmc --set hmc.precondition=fourier "
+                "--set hmc.energy_variance=2e-5 --set hmc.num_warmup=2000 \\\n"
+                "    --set hmc.num_samples=20000 --set hmc.num_chains=4 --set hmc.processes=2 "
+                "--set hmc.segment=500\n"
+                "python -m experiments.benchmarks.samplers --config quick --maps obs.h5 --chains 4 "
+                "--work runs/sq42 \\\n"
+                "    --reference experiments/benchmarks/reference_quick_field_level.h5 \\\n"
+                "    --variant mclmc+fourier:energy_variance=2e-5,num_warmup=2000,"
+                "num_samples=20000,segment=500,processes=2 \\\n"
+                "    --out experiments/benchmarks/results_samplers_quick.json",
+        recorded="2026-12-07, " + VM + ", both cores (two chains per process); 47 min 23 s from "
+                 "the start field to the samples file, run as 10,000 draws per chain and then "
+                 "extended to 20,000 (the same draws), beside a niced test run and a `make venv` "
+                 "for a few minutes; the file's wall times are the benchmark's resume of the "
+                 "finished run",
+        notebook="28"),
     "results_gaussian_check.json": Source(
         title="Every method against the exact posterior: full-size `gaussian_check`",
         what="`lensbench compare` on the shipped `gaussian_check` (Gaussian-field maps, 2 bins of "
@@ -437,7 +481,8 @@ ORDER = ("results_pm.json", "results_scaling.json", "results_lensing.json",
          "results_cl_validation.json", "results_cl_lsst_y10.json", "results_cl_lsst_y10_window.json",
          "results_cl_quick_window.json", "results_cl_hires_patch.json",
          "results_cl_hires_patch_random.json", "results_pk_box.json", "results_hmc.json",
-         "results_hmc_coverage.json", "results_gaussian_check.json",
+         "results_hmc_coverage.json", "results_samplers_gaussian_check.json",
+         "results_samplers_quick.json", "results_gaussian_check.json",
          "results_implicit_online.json", "results_efficiency_gaussian_check.json",
          "results_implicit_quick_reference.json", "results_implicit_quick_deep.json",
          "results_implicit_losses.json",
@@ -811,6 +856,44 @@ def render_hmc(data: Sequence[Mapping], source: Source | None) -> list[str]:
     return out
 
 
+def _span(values: Sequence[float]) -> str:
+    """"a–b" over several chains' values, one value when they agree to 3 figures."""
+    lo, hi = num(min(values)), num(max(values))
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+def render_samplers(data: Mapping, source: Source | None) -> list[str]:
+    """``experiments.benchmarks.samplers``: one row per variant with its draws, ESS, split R̂,
+    gradients per effective sample of the slowest parameter, tuned L and step, and, against the
+    file's reference posterior, C2ST, mean offsets, std ratios and FoM ratio; chains flagged."""
+    rows = []
+    names = ""
+    for r in data.get("rows", []):
+        ess, rh = r.get("ess") or {}, r.get("r_hat") or {}
+        names = ", ".join(param(p) for p in ess)
+        grads = r.get("gradients") or {}
+        per_chain = grads.get("per_chain_sampling") or []
+        tuned = [t for t in (r.get("tuned") or []) if t]
+        ls = [t["L"] for t in tuned if "L" in t]
+        steps = [t["step_size"] for t in tuned if "step_size" in t]
+        has_ref = "c2st" in r
+        rows.append([
+            r["variant"], f"{r['chains']} × {per_chain[0] if per_chain else '–'}",
+            pair(ess.values(), lambda v: str(math.floor(v)) if _defined(v) else "–"),
+            pair(rh.values(), lambda v: r_hat_text(v) if _defined(v) else "–"),
+            f"{num(r['sampling_gradients_per_min_ess'])} ({num(r['gradients_per_min_ess'])})",
+            f"{_span(ls) if ls else '–'}, {_span(steps) if steps else '–'}",
+            num(r["c2st"]) if has_ref else "–",
+            pair(r["mean_offset_sigma"], signed) if has_ref else "–",
+            pair(r["std_ratio"]) if has_ref else "–",
+            num(r["fom_ratio"]) if has_ref else "–",
+            status(mcmc_flag(ess, rh), "converged")])
+    return [table(["variant", "chains × draws", f"ESS {names}", f"split R̂ {names}",
+                   "sampling grads / min ESS (with warm-up)", "tuned L, step",
+                   "C2ST vs reference", "mean offsets [σ]", "std ratios", "FoM / reference",
+                   "status"], rows)]
+
+
 def coverage_command(data: Mapping) -> str:
     """The hmc_coverage command line, rebuilt from the config and overrides the file records."""
     parts = ["python -m experiments.benchmarks.hmc_coverage"]
@@ -1096,6 +1179,8 @@ RENDERERS: dict[str, Callable] = {
     "results_efficiency_gaussian_check.json": render_efficiency,
     "results_hmc.json": render_hmc,
     "results_hmc_coverage.json": render_coverage,
+    "results_samplers_quick.json": render_samplers,
+    "results_samplers_gaussian_check.json": render_samplers,
 }
 
 

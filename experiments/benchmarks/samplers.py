@@ -9,7 +9,8 @@ C2ST, mean offsets in reference σ and std ratios.
         --chains 4 --out samplers_quick.json --work runs/samplers_quick
 
 A variant is ``SAMPLER[+fourier][:key=value,...]`` with [hmc] keys (``num_warmup``,
-``num_samples``, ``max_tree_depth``, ``target_accept``, ``segment``); ``+fourier`` sets
+``num_samples``, ``max_tree_depth``, ``target_accept``, ``segment``, ``energy_variance``,
+``processes``: chains run at once, one process each, which changes no draw); ``+fourier`` sets
 ``hmc.precondition = "fourier"``. Every variant runs ``--chains`` chains through
 ``experiments.pipeline.run_hmc`` (checkpointed: an interrupted benchmark resumes each run from
 ``--work``). The observation is ``--maps`` or a map at the config's seed. ``--reference exact``
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 HMC_KEYS = ("num_warmup", "num_samples", "max_tree_depth", "target_accept", "segment",
-            "start_steps", "seed", "energy_variance")
+            "start_steps", "seed", "energy_variance", "processes")
 
 
 def parse_variant(text: str) -> tuple[str, dict]:

@@ -30,7 +30,8 @@ Array = jax.Array
 # 1) and step size with a diagonal preconditioner (stage 2, plus a third of it again to re-adapt
 # the step size), then L from θ's autocorrelation (stage 3, ``MCLMCStepper._tune_L``):
 # 0.3 + 0.15 + 0.05 + 0.5 = all of num_warmup. Stage 3 has half: it needs a window many times θ's
-# autocorrelation time (tens of steps at a good L on quick), the step size settles in ~100 steps.
+# autocorrelation time (100-200 steps per effective sample on quick), while the step size settles
+# in ~100 steps. Windows shorter than ~10 autocorrelation times still return an L that is short.
 MCLMC_FRACS = (0.3, 0.15, 0.5)
 # Stage 3 runs in rounds, each at the L the previous one measured (``MCLMCStepper._tune_L``)
 MCLMC_L_ROUNDS = 2
@@ -404,7 +405,8 @@ MAMS_MIN_STEPS, MAMS_MAX_STEPS = 2, 1024
 # sample) suits its partial momentum refresh; MAMS refreshes fully once per trajectory, which must
 # then span the path length of one effective sample: the L stage's starting point. On the 13-d
 # linear-Gaussian toy of the tests, without the L stage: 144 gradients per effective θ sample at
-# factor 1, 27 at 2.5, 16 at 5; at 2.5 with the L stage, 17.
+# factor 1, 27 at 2.5, 16 at 5; at 2.5 with the L stage, 17 (with MCLMC's L stage of 1 round over
+# a fifth of the warm-up, as it was then).
 MAMS_L_FACTOR = 1.0 / MCLMC_L_FACTOR
 # The L stage lengthens trajectories that are still diffusive for θ: with τ adjusted draws per
 # effective θ sample, L grows by √τ (in the ballistic regime ESS per draw goes as L²), at most by

@@ -165,7 +165,9 @@ def test_mclmc_tuning_equals_blackjax():
     key, stage length or weight moves them by O(1)). And the tuning compiles the kernel once."""
     import blackjax
 
-    from explicit.kernels import MCLMC_FRACS, MCLMCStepper
+    from explicit.kernels import MCLMC_FRACS, MCLMC_L_ROUNDS, MCLMCStepper
+
+    assert MCLMC_L_ROUNDS == 2  # the reference below runs two rounds
 
     settings = HMCSettings(sampler="mclmc", num_warmup=60, num_samples=2, num_chains=1,
                            segment=2, thin_field=0, seed=1, energy_variance=3e-5)
@@ -194,7 +196,8 @@ def test_mclmc_tuning_equals_blackjax():
             return s, jnp.stack([jnp.asarray(s.position["theta"], jnp.float64)])
 
         keys = jax.random.split(k3, n3)
-        for lo, hi in [(0, n3 // 2), (n3 // 2, n3)]:  # two rounds, the second at the first's L
+        half = round(n3 / 2)
+        for lo, hi in [(0, half), (half, n3)]:  # two rounds, the second at the first's L
             st, trace = jax.lax.scan(partial(step, p=params), st, keys[lo:hi])
             tau = (hi - lo) / blackjax.diagnostics.effective_sample_size(trace[None])
             params = params._replace(L=0.4 * params.step_size * jnp.mean(tau))

@@ -16,9 +16,10 @@ Metrics per method: posterior mean/std, bias (mean - truth) / std, FoM(Omega_c, 
 1/sqrt(det Cov), sigma(S8), TARP ATC and SBC KS p-values, wall times; C2ST (sklearn MLP, 5 folds,
 ``estimators.metrics.c2st``) of every posterior against the reference, which is the VMIM NPE
 posterior at the largest training set unless --reference names another method, or
---reference-samples gives a posterior file of the same observation (e.g. the committed
-field-level reference, ``reference_quick_field_level.h5``, for ``--config quick``; refused when
-its configuration gives other maps).
+--reference-samples gives a posterior file of the same observation (e.g. a committed quick
+field-level posterior for ``--config quick``: ``reference_quick_field_level_ev2e-5.h5``, the
+least biased (NOTEBOOK 28), or ``reference_quick_field_level.h5``, NOTEBOOK 15; refused when its
+configuration gives other maps).
 """
 
 from __future__ import annotations

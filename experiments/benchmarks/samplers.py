@@ -9,8 +9,9 @@ C2ST, mean offsets in reference σ and std ratios.
         --chains 4 --out samplers_quick.json --work runs/samplers_quick
 
 A variant is ``SAMPLER[+fourier][:key=value,...]`` with [hmc] keys (``num_warmup``,
-``num_samples``, ``max_tree_depth``, ``target_accept``, ``segment``, ``energy_variance``,
-``processes``: chains run at once, one process each, which changes no draw); ``+fourier`` sets
+``num_samples``, ``max_tree_depth``, ``target_accept``, ``segment``, ``start_steps``, ``seed``,
+``energy_variance``, ``processes``: chains run at once, one process each, which changes no
+draw); ``+fourier`` sets
 ``hmc.precondition = "fourier"``. Every variant runs ``--chains`` chains through
 ``experiments.pipeline.run_hmc`` (checkpointed: an interrupted benchmark resumes each run from
 ``--work``). The observation is ``--maps`` or a map at the config's seed. ``--reference exact``
@@ -107,6 +108,7 @@ def main(argv=None) -> None:
         grads = info["gradient_evaluations"]
         ess = {k: v["ess"] for k, v in params.items()}
         row = {"variant": name, "config": args.config, "chains": args.chains, "changes": changes,
+               "draws_per_chain": len(s.samples) // args.chains,
                "ess": ess, "r_hat": {k: v["r_hat"] for k, v in params.items()},
                "gradients": grads, "wall_s": wall, "sampling_wall_s": info.get("wall_time_s"),
                "gradients_per_min_ess": grads["total"] / min(ess.values()),

@@ -290,7 +290,12 @@ def plot_triangle(out, samples: dict, *, base, truth: dict | None = None, method
         g = gdplots.get_subplot_plotter(width_inch=max(4.0, 2.0 * len(drawn) + 1))
         g.settings.legend_fontsize = 10
         g.settings.axes_labelsize = 12
-        g.triangle_plot(roots, drawn, filled=True, markers=markers, legend_loc="upper right")
+        # drawn in reverse, so that the first method (the field level, usually the narrowest) is
+        # filled on top instead of under the others; colours and legend keep the methods' order
+        n, solid = len(roots), g.settings.solid_colors
+        colors = [solid[(n - i - 1) % len(solid)] for i in range(n)]
+        g.triangle_plot(roots[::-1], drawn, filled=True, markers=markers, legend_loc="upper right",
+                        contour_colors=colors[::-1], label_order=-1)
         if title:
             g.extra_artists.append(_title_above(g.fig, title))  # extra artists: kept by export
         g.export(str(out))

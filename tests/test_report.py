@@ -59,6 +59,29 @@ def test_triangle_plot_methods_params_and_derived(samples, tmp_path):
         plot_triangle(tmp_path / "x.png", samples, base=BASE, methods=["exact"])
 
 
+def test_triangle_plot_fills_the_first_method_on_top(samples, tmp_path, monkeypatch):
+    """The first method (the field level, usually the narrowest) is filled last, on top of the
+    wider posteriors, in the colour of its legend entry, and the legend keeps the methods' order:
+    drawn first, the field level's filled contours lay under the others, invisible."""
+    from getdist import plots as gdplots
+
+    seen = {}
+    export = gdplots.GetDistPlotter.export
+    monkeypatch.setattr(gdplots.GetDistPlotter, "export",
+                        lambda self, *a, **k: seen.setdefault("g", self) and export(self, *a, **k))
+    plot_triangle(tmp_path / "t.png", samples, base=BASE, methods=["hmc", "cl_analytic"],
+                  params=["Omega_c", "sigma8"])
+    g = seen["g"]
+    legend = g.legend
+    assert [t.get_text() for t in legend.get_texts()] == [method_label("hmc"),
+                                                         method_label("cl_analytic")]
+    handle_rgb = [np.asarray(h.get_facecolor())[:3] for h in legend.legend_handles]
+    filled = [c for c in g.subplots[1][0].collections if len(c.get_facecolor())]
+    inner_rgb = [np.asarray(c.get_facecolor())[-1][:3] for c in filled]  # the 68 % region
+    np.testing.assert_allclose(inner_rgb[-1], handle_rgb[0], atol=1e-6)  # hmc on top
+    np.testing.assert_allclose(inner_rgb[0], handle_rgb[1], atol=1e-6)
+
+
 def test_triangle_plot_survives_degenerate_methods(samples, tmp_path):
     rng = np.random.default_rng(1)
     const = samples["hmc"].samples.copy()

@@ -596,6 +596,11 @@ def _defined(v) -> bool:
     return v is not None and math.isfinite(v)
 
 
+def r_hat_cell(r_hat: Mapping) -> str:
+    """Per-parameter split R̂ in one cell ("–" where undefined)."""
+    return pair(r_hat.values(), lambda v: r_hat_text(v) if _defined(v) else "–")
+
+
 def mcmc_flag(ess: Mapping | None, r_hat: Mapping | None) -> str | None:
     """None when every parameter has ESS >= ESS_MIN and split R̂ <= R_HAT_MAX; else
     "unconverged (ESS a/b, R̂ x)" with ESS rounded down (a failing value never reads as passing)
@@ -850,7 +855,7 @@ def render_hmc(data: Sequence[Mapping], source: Source | None) -> list[str]:
             ess, rh = r.get("ess") or {}, r.get("r_hat") or {}
             rows.append([r["sampler"], r["config"], r.get("run", ""), r.get("gradients", "–"),
                          pair(ess.values()),
-                         pair(rh.values(), lambda v: r_hat_text(v) if _defined(v) else "–"),
+                         r_hat_cell(rh),
                          num(r.get("min_ess_per_1000_gradients")), num(r.get("min_ess_per_hour")),
                          status(mcmc_flag(ess, rh), "converged")])
         names = ", ".join(param(p) for p in (chains[0].get("ess") or {}))
@@ -863,7 +868,9 @@ def render_hmc(data: Sequence[Mapping], source: Source | None) -> list[str]:
 
 
 def _span(values: Sequence[float]) -> str:
-    """"a–b" over several chains' values, one value when they agree to 3 figures."""
+    """"a–b" over several chains' values, one value when they agree to 3 figures, "–" for none."""
+    if not values:
+        return "–"
     lo, hi = num(min(values)), num(max(values))
     return lo if lo == hi else f"{lo}–{hi}"
 
@@ -885,9 +892,9 @@ def render_samplers(data: Mapping, source: Source | None) -> list[str]:
         rows.append([
             r["variant"], f"{r['chains']} × {draws}",
             pair(ess.values(), lambda v: str(math.floor(v)) if _defined(v) else "–"),
-            pair(rh.values(), lambda v: r_hat_text(v) if _defined(v) else "–"),
+            r_hat_cell(rh),
             f"{num(r['sampling_gradients_per_min_ess'])} ({num(r['gradients_per_min_ess'])})",
-            f"{_span(ls) if ls else '–'}, {_span(steps) if steps else '–'}",
+            f"{_span(ls)}, {_span(steps)}",
             num(r["c2st"]) if has_ref else "–",
             pair(r["mean_offset_sigma"], signed) if has_ref else "–",
             pair(r["std_ratio"]) if has_ref else "–",

@@ -263,3 +263,15 @@ def test_mams_starting_step_meets_the_acceptance_target(target):
     de = np.random.default_rng(0).normal(sigma2 / 2, np.sqrt(sigma2), 1_000_000)
     assert abs(np.minimum(1.0, np.exp(-de)).mean() - target) < 2e-3
     assert mams_step_factor(16 * dim, var, target) == pytest.approx(f / 2, rel=1e-12)
+
+
+def test_samplers_benchmark_rejects_a_bad_variant_before_running(tmp_path):
+    """A variant whose [hmc] value the config model refuses stops the benchmark with one line
+    naming the key, before any run, map or work directory is made."""
+    from experiments.benchmarks.samplers import main
+
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit, match=r"^--variant: .*hmc\.processes: must be >= 1, got 0$"):
+        main(["--config", "gaussian_check", "--variant", "mclmc:processes=0", "--chains", "2",
+              "--out", str(tmp_path / "out.json"), "--work", str(work)])
+    assert not work.exists() and not (tmp_path / "out.json").exists()

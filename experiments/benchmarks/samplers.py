@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     import simulators
     simulators.enable_x64()
     from experiments.maps import run_maps
-    from experiments.config import load_config
+    from experiments.config import ConfigError, load_config
     from experiments.files import write_json
     from experiments.io import read_samples
     from experiments.pipeline import run_exact, run_hmc
@@ -84,6 +84,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     variants = [parse_variant(v) for v in args.variant]
     cfg = load_config(args.config).with_(**{"hmc.num_chains": args.chains})
+    try:  # every variant's settings checked before any run starts
+        configs = {name: cfg.with_(**changes) for name, changes in variants}
+    except ConfigError as e:
+        raise SystemExit(f"--variant: {e}") from None
     work = args.work or Path(tempfile.mkdtemp(prefix="samplers_"))
     work.mkdir(parents=True, exist_ok=True)
     obs = args.maps or work / "obs.h5"
@@ -101,7 +105,7 @@ def main(argv=None) -> None:
     for name, changes in variants:
         out = work / name.replace(":", "_").replace("=", "").replace(",", "_").replace("+", "_")
         t0 = time.perf_counter()
-        s = run_hmc(cfg.with_(**changes), obs, out, progress=False)
+        s = run_hmc(configs[name], obs, out, progress=False)
         wall = time.perf_counter() - t0
         info = s.info
         params = info["parameters"]

@@ -938,6 +938,10 @@ def _tree_depth(v):
     return None
 
 
+# MCLMC's isokinetic integrators (blackjax.mcmc.integrators) and their gradients per step: a
+# palindromic scheme of k force stages reuses its last gradient as the next step's first
+MCLMC_INTEGRATORS = {"velocity_verlet": 1, "mclachlan": 2}
+
 COMPARE_METHODS = ("cl_analytic", "npe_cl", "npe_mse", "npe_mae", "npe_gnll", "npe_vmim",
                    "npe_maps", "hmc", "exact")
 
@@ -966,6 +970,12 @@ class HmcSection(_Section):
               "unadjusted: its bias shrinks with the step (~ step^2), and the step with this "
               "variance (~ its 6th root in blackjax's step-size model; 5x smaller gave 0.78x "
               "the step on quick), at proportionally more gradients per effective sample")
+    integrator: OneOf(*MCLMC_INTEGRATORS) = _key(
+        "velocity_verlet", "MCLMC, and the first warm-up stage of MAMS: the isokinetic "
+                           'integrator of one step: "velocity_verlet" (1 gradient per step) or '
+                           '"mclachlan" (2 gradients; both second order, McLachlan\'s minimal-'
+                           "norm scheme with a much smaller error, so the tuned step is longer). "
+                           "Gradients are counted per step as stated")
     precondition: OneOf("none", "fourier") = _key(
         "none", '"none" or "fourier": sample the latent field with each Fourier mode scaled by its '
                 "linearised posterior width, estimated once at the start from 8 Hessian-vector "

@@ -21,6 +21,8 @@ import numpy as np
 from numpyro.infer import NUTS
 from numpyro.infer.util import ParamInfo
 
+from experiments.config import MCLMC_INTEGRATORS
+
 from .model import LogDensity
 from .settings import HMCSettings
 
@@ -165,7 +167,8 @@ class NUTSStepper:
 
 @dataclass(frozen=True, eq=False)
 class MCLMCStepper:
-    """blackjax MCLMC (isokinetic velocity Verlet: one gradient per step), tuned as blackjax's
+    """blackjax MCLMC (the isokinetic integrator ``settings.integrator``: velocity Verlet's one
+    gradient per step by default), tuned as blackjax's
     ``mclmc_find_L_and_step_size`` tunes it (``tune``). State: {"state": IntegratorState, "params":
     MCLMCAdaptationState, "key": the sampling key, folded with the iteration number per step}."""
 
@@ -176,9 +179,14 @@ class MCLMCStepper:
     @property
     def kernel(self):
         import blackjax
-        from blackjax.mcmc.integrators import isokinetic_velocity_verlet
+        from blackjax.mcmc import integrators
 
-        return blackjax.mcmc.mclmc.build_kernel(integrator=isokinetic_velocity_verlet)
+        scheme = getattr(integrators, f"isokinetic_{self.settings.integrator}")
+        return blackjax.mcmc.mclmc.build_kernel(integrator=scheme)
+
+    @property
+    def grads_per_step(self) -> int:
+        return MCLMC_INTEGRATORS[self.settings.integrator]
 
     @property
     def first_sample_row(self) -> int:
@@ -191,8 +199,8 @@ class MCLMCStepper:
         f1, f2, f3 = MCLMC_FRACS
         n2 = round(n * f2)
         n3 = round(n * f3)
-        return (1 + 2 * len(self.ld.theta_names) + round(n * f1) + n2
-                + (round(n2 / 3) if n2 > 1 else 0) + (n3 if n3 >= 2 else 0))
+        steps = (round(n * f1) + n2 + (round(n2 / 3) if n2 > 1 else 0) + (n3 if n3 >= 2 else 0))
+        return 1 + 2 * len(self.ld.theta_names) + self.grads_per_step * steps
 
     def _init(self, position: dict, key: Array):
         """``blackjax.mcmc.mclmc.init`` (the same state: log p, its gradient, a random unit
@@ -374,7 +382,7 @@ class MCLMCStepper:
     def record(self, st, info) -> dict:
         return {"theta": _theta_vector(self.ld, st["state"].position),
                 "potential_energy": -st["state"].logdensity.astype(jnp.float64),
-                "num_grads": jnp.asarray(1, jnp.int64),
+                "num_grads": jnp.asarray(self.grads_per_step, jnp.int64),
                 "diverging": jnp.logical_not(info.nonans),
                 "accept_prob": jnp.asarray(jnp.nan, jnp.float64),
                 "step_size": st["params"].step_size,

@@ -12,7 +12,7 @@ __all__ = ["HMCSettings", "MIN_MCLMC_WARMUP"]
 
 # Keys added after runs were first written, with the value that reproduces those runs: a saved
 # settings dict without them still resumes and extends.
-LATER_KEYS = {"precondition": "none", "energy_variance": 5e-4}
+LATER_KEYS = {"precondition": "none", "energy_variance": 5e-4, "integrator": "velocity_verlet"}
 
 
 def _configured(name: str):
@@ -43,6 +43,8 @@ class HMCSettings:
       target_accept: NUTS and MAMS dual-averaging target acceptance probability, in (0, 1).
       energy_variance: MCLMC (and MAMS's MCLMC warm-up stage): energy-error variance per
         dimension that blackjax tunes the step size to; smaller is less biased and slower.
+      integrator: MCLMC (and MAMS's MCLMC warm-up stage): "velocity_verlet" or "mclachlan"
+        (``experiments.config.MCLMC_INTEGRATORS``: 1 and 2 gradients per step).
       dense_theta: NUTS mass matrix dense over the θ sites and diagonal for the field
         (otherwise diagonal everywhere).
       precondition: "none" or "fourier": sample the field in the variables of
@@ -61,6 +63,7 @@ class HMCSettings:
     target_accept: float = _configured("target_accept")
     dense_theta: bool = True
     energy_variance: float = _configured("energy_variance")
+    integrator: str = _configured("integrator")
     precondition: str = _configured("precondition")
     segment: int = _configured("segment")
     thin_field: int = _configured("thin_field")

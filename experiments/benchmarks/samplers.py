@@ -10,7 +10,7 @@ C2ST, mean offsets in reference σ and std ratios.
 
 A variant is ``SAMPLER[+fourier][:key=value,...]`` with [hmc] keys (``num_warmup``,
 ``num_samples``, ``max_tree_depth``, ``target_accept``, ``segment``, ``start_steps``, ``seed``,
-``energy_variance``, ``processes``: chains run at once, one process each, which changes no
+``energy_variance``, ``integrator``, ``processes``: chains run at once, one process each, which changes no
 draw); ``+fourier`` sets
 ``hmc.precondition = "fourier"``. Every variant runs ``--chains`` chains through
 ``experiments.pipeline.run_hmc`` (checkpointed: an interrupted benchmark resumes each run from
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 HMC_KEYS = ("num_warmup", "num_samples", "max_tree_depth", "target_accept", "segment",
-            "start_steps", "seed", "energy_variance", "processes")
+            "start_steps", "seed", "energy_variance", "integrator", "processes")
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -43,8 +43,18 @@ def parse_variant(text: str) -> tuple[str, dict]:
         key, _, value = item.partition("=")
         if key not in HMC_KEYS:
             raise SystemExit(f"--variant {text!r}: unknown key {key!r}; valid: {', '.join(HMC_KEYS)}")
-        changes[f"hmc.{key}"] = float(value) if any(c in value for c in ".e") else int(value)
+        changes[f"hmc.{key}"] = _value(value)
     return text, changes
+
+
+def _value(text: str):
+    """'400' → 400, '2e-5' → 2e-05, 'mclachlan' → 'mclachlan'."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def fom(x: np.ndarray) -> float:

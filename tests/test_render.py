@@ -79,22 +79,24 @@ def sampler_row(variant, ess, r_hat, reference=True):
            "tuned": [{"L": 500.0, "step_size": 35.0}, {"L": 890.0, "step_size": 31.5}]}
     if reference:
         row.update(c2st=0.573, mean_offset_sigma=[-0.16, 0.1], std_ratio=[0.94, 0.98],
-                   fom_ratio=1.09)
+                   fom_ratio=1.09, reference="ref.h5")
     return row
 
 
 def test_sampler_rows_are_flagged_and_compared(tmp_path):
     write(tmp_path, "results_samplers_quick.json", {"config": "quick", "rows": [
         sampler_row("mclmc short", (57.0, 90.0), (1.02, 1.01)),
-        sampler_row("mclmc long", (577.0, 1066.0), (1.003, 1.001), reference=False)]})
+        {**sampler_row("mclmc long", (577.0, 1066.0), (1.003, 1.001), reference=False),
+         "observation_seed": 1}]})
     page = section_of(render.render_page(tmp_path), "results_samplers_quick.json")
     short = row_of(page, "mclmc short")
     assert short.endswith("| unconverged (ESS 57/90, R̂ 1.02) |")
-    assert "| 4 × 1000 |" in short and "| 140 (150) |" in short
+    assert "| mclmc short | – | 4 × 1000 |" in short and "| 140 (150) |" in short
     assert "| 57, 90 | 1.02, 1.01 |" in short
     assert "| 500–890, 31.5–35.0 |" in short
-    assert "| 0.573 | −0.16, +0.10 | 0.940, 0.980 | 1.09 |" in short
-    assert row_of(page, "mclmc long").endswith("| – | – | – | – | converged |")
+    assert "| `ref.h5` | 0.573 | −0.16, +0.10 | 0.940, 0.980 | 1.09 |" in short
+    assert row_of(page, "mclmc long").endswith("| – | – | – | – | – | converged |")
+    assert "| mclmc long | 1 | 4 × 1000 |" in row_of(page, "mclmc long")  # observation seed
 
 
 def metrics_file(converged):

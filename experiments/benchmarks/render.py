@@ -223,34 +223,49 @@ SOURCES: dict[str, Source] = {
                  "recomputed after the grid fix of 38e733a",
         notebook="7f"),
     "results_samplers_gaussian_check.json": Source(
-        title="MCLMC at energy variance 2×10⁻⁵ on `gaussian_check` against the exact posterior",
-        what="MCLMC with the Fourier field preconditioner (the sampler and setting of the quick "
-             "posterior in the next section), 4 chains, on `gaussian_check` (Gaussian-field maps, "
-             "observation seed 0), against the exact grid posterior: ESS and split R̂, sampling "
-             "gradients per effective sample of the slowest parameter (with the warm-up in "
-             "brackets), the tuned L and step, C2ST (2000 draws each), mean offsets in exact σ, "
-             "std ratios and FoM ratio. The issue's rule for an adopted sampler: C2ST ≤ 0.55 and "
-             "offsets ≤ 0.1 σ.",
+        title="MCLMC at energy variance 2×10⁻⁵ on `gaussian_check` against the exact posterior: "
+              "velocity Verlet and McLachlan",
+        what="MCLMC with the Fourier field preconditioner at energy variance 2×10⁻⁵ (the setting "
+             "of the quick posteriors in the next section), 4 chains, on `gaussian_check` "
+             "(Gaussian-field maps), with blackjax's isokinetic velocity Verlet (1 gradient per "
+             "step) and McLachlan (`hmc.integrator = \"mclachlan\"`, 2 per step), against the "
+             "exact grid posterior of each observation: ESS and split R̂, sampling gradients per "
+             "effective sample of the slowest parameter (with the warm-up in brackets), the tuned "
+             "L and step, C2ST (2000 draws each), mean offsets in exact σ, std ratios and FoM "
+             "ratio. The issue's rule for an adopted sampler: C2ST ≤ 0.55 and offsets ≤ 0.1 σ.",
         command="python -m experiments.benchmarks.samplers --config gaussian_check --reference "
                 "exact --chains 4 --work runs/gc42 \\\n"
                 "    --variant mclmc+fourier:energy_variance=2e-5,num_warmup=2000,"
                 "num_samples=16000,segment=2000,processes=2 \\\n"
-                "    --out experiments/benchmarks/results_samplers_gaussian_check.json",
-        recorded="2026-12-07, " + VM + ", both cores (two chains per process), 1490 s for the "
-                 "run; the file's `wall_s` is the benchmark's resume of the finished run",
-        notebook="28",
-        caveat="Converged, but not unbiased by the issue's rule: σ_8's mean is 0.13 σ low "
-               "(Monte Carlo error 0.034 σ) against ≤ 0.1 σ, though the C2ST (0.544) meets ≤ "
-               "0.55."),
+                "    --variant mclmc+fourier:integrator=mclachlan,energy_variance=2e-5,"
+                "num_warmup=2000,num_samples=8000,segment=2000,processes=2 \\\n"
+                "    --out experiments/benchmarks/results_samplers_gaussian_check.json\n"
+                "lensbench maps --config gaussian_check --seed 1 --out runs/gc43_s1/obs.h5\n"
+                "python -m experiments.benchmarks.samplers --config gaussian_check --reference "
+                "exact --chains 4 --work runs/gc43_s1 \\\n"
+                "    --maps runs/gc43_s1/obs.h5 --variant mclmc+fourier:integrator=mclachlan,"
+                "energy_variance=2e-5,num_warmup=2000,num_samples=8000,segment=2000,processes=2 "
+                "\\\n    --out gc_s1.json   # its row appended to this file",
+        recorded="2026-12-07, " + VM + ", both cores (two chains per process): velocity Verlet "
+                 "1490 s, McLachlan 1714 s (seed 0; a few minutes of tests on one core beside "
+                 "it); the first row's `wall_s` is the benchmark's resume of the finished run",
+        notebook="28 (velocity Verlet) and 29 (McLachlan)",
+        caveat="Velocity Verlet is converged but not unbiased by the issue's rule: σ_8's mean "
+               "0.13 σ low (Monte Carlo error 0.034 σ). McLachlan at the same energy variance "
+               "meets it (C2ST 0.512, offsets +0.03, −0.06 σ) on observation seed 0."),
     "results_samplers_quick.json": Source(
-        title="A converged quick field-level posterior: MCLMC at energy variance 2×10⁻⁵",
-        what="MCLMC with the Fourier field preconditioner at energy variance 2×10⁻⁵ (5× below "
-             "the 10⁻⁴ of `reference_quick_field_level.h5`), the L stage of NOTEBOOK 28 (2000 "
-             "warm-up steps, half of them measuring L), 4 chains × 20,000 on the quick "
-             "observation (seed 0); its draws are `reference_quick_field_level_ev2e-5.h5`. "
-             "Compared with the 10⁻⁴ reference posterior (C2ST, offsets in that posterior's σ, "
-             "std ratios, FoM ratio). The issue's target: ≤ 150 gradients per effective sample, "
-             "4 chains at ESS ≥ 400 and split R̂ ≤ 1.01 within an hour on the 2 cores.",
+        title="A converged quick field-level posterior: MCLMC (McLachlan) at energy variance "
+              "2×10⁻⁵",
+        what="MCLMC with the Fourier field preconditioner at energy variance 2×10⁻⁵ with the L "
+             "stage of NOTEBOOK 28 (2000 warm-up steps, half of them measuring L) on the quick "
+             "observation (seed 0), 4 chains: velocity Verlet × 20,000 draws "
+             "(`reference_quick_field_level_ev2e-5.h5`, compared with the 10⁻⁴ reference "
+             "`reference_quick_field_level.h5`) and McLachlan × 8,000 "
+             "(`reference_quick_field_level_mclachlan.h5`, the project's quick reference "
+             "posterior, compared with the velocity-Verlet one). C2ST, offsets in the reference's "
+             "σ, std ratios, FoM ratio. The issue's target: an unbiased sampler at ≤ 150 "
+             "gradients per effective sample, 4 chains at ESS ≥ 400 and split R̂ ≤ 1.01 within "
+             "an hour on the 2 cores.",
         command="lensbench maps --config quick --out obs.h5\n"
                 "lensbench hmc --config quick --maps obs.h5 --out runs/sq42/mclmc_fourier_"
                 "energy_variance2e-5_num_warmup2000_num_samples20000_segment500_processes2 \\\n"
@@ -262,16 +277,27 @@ SOURCES: dict[str, Source] = {
                 "--work runs/sq42 \\\n"
                 "    --reference experiments/benchmarks/reference_quick_field_level.h5 \\\n"
                 "    --variant mclmc+fourier:energy_variance=2e-5,num_warmup=2000,"
-                "num_samples=20000,segment=500,processes=2 \\\n"
-                "    --out experiments/benchmarks/results_samplers_quick.json",
-        recorded="2026-12-07, " + VM + ", both cores (two chains per process); 47 min 23 s from "
-                 "the start field to the samples file, run as 10,000 draws per chain and then "
-                 "extended to 20,000 (the same draws), beside a niced test run and a `make venv` "
-                 "for a few minutes; the file's `wall_s` is the benchmark's resume of the "
-                 "finished run, its `sampling_wall_s` the chains' own (summed over chains)",
-        notebook="28",
-        caveat="Converged, from a sampler that is not certified unbiased: the same setting on "
-               "`gaussian_check` (previous section) leaves σ_8's mean 0.13 σ low."),
+                "num_samples=20000,segment=500,processes=2 --out quick_vv.json\n"
+                "python -m experiments.benchmarks.samplers --config quick --maps obs.h5 --chains 4 "
+                "--work runs/sq43 \\\n"
+                "    --reference experiments/benchmarks/reference_quick_field_level_ev2e-5.h5 "
+                "\\\n"
+                "    --variant mclmc+fourier:integrator=mclachlan,energy_variance=2e-5,"
+                "num_warmup=2000,num_samples=8000,segment=500,processes=2 --out quick_mcl.json\n"
+                "cp runs/sq43/mclmc_fourier_integratormclachlan_energy_variance2e-5_num_warmup2000_"
+                "num_samples8000_segment500_processes2/samples.h5 \\\n"
+                "    experiments/benchmarks/reference_quick_field_level_mclachlan.h5\n"
+                "# the two files' rows, in this order, are results_samplers_quick.json",
+        recorded="2026-12-07, " + VM + ", both cores (two chains per process). Velocity Verlet: "
+                 "47 min 23 s from the start field to the samples file, run as 10,000 draws per "
+                 "chain and then extended to 20,000 (the same draws), beside a niced test run "
+                 "and a `make venv` for a few minutes; its `wall_s` is the benchmark's resume of "
+                 "the finished run. McLachlan: 2101 s (35 min) for the whole benchmark run, start "
+                 "field and compilation included, with a few compile-only memory probes on one "
+                 "core beside it for ~2 minutes",
+        notebook="28 (velocity Verlet) and 29 (McLachlan)",
+        caveat="The velocity-Verlet row's sampler is not certified unbiased (previous section); "
+               "the McLachlan row's meets the issue's rule on `gaussian_check`."),
     "results_gaussian_check.json": Source(
         title="Every method against the exact posterior: full-size `gaussian_check`",
         what="`lensbench compare` on the shipped `gaussian_check` (Gaussian-field maps, 2 bins of "
@@ -889,20 +915,24 @@ def render_samplers(data: Mapping, source: Source | None) -> list[str]:
         ls = [t["L"] for t in tuned if "L" in t]
         steps = [t["step_size"] for t in tuned if "step_size" in t]
         has_ref = "c2st" in r
+        seed = r.get("observation_seed")
         rows.append([
-            r["variant"], f"{r['chains']} × {draws}",
+            r["variant"], "–" if seed is None else str(seed), f"{r['chains']} × {draws}",
             pair(ess.values(), lambda v: str(math.floor(v)) if _defined(v) else "–"),
             r_hat_cell(rh),
             f"{num(r['sampling_gradients_per_min_ess'])} ({num(r['gradients_per_min_ess'])})",
             f"{_span(ls)}, {_span(steps)}",
+            f"`{r['reference']}`" if r.get("reference") else "–",
             num(r["c2st"]) if has_ref else "–",
             pair(r["mean_offset_sigma"], signed) if has_ref else "–",
             pair(r["std_ratio"]) if has_ref else "–",
             num(r["fom_ratio"]) if has_ref else "–",
             status(mcmc_flag(ess, rh), "converged")])
-    return [table(["variant", "chains × draws", f"ESS {names}", f"split R̂ {names}",
+    return [table(["variant", "observation seed", "chains × draws", f"ESS {names}",
+                   f"split R̂ {names}",
                    "sampling grads / min ESS (with warm-up)", "tuned L, step",
-                   "C2ST vs reference", "mean offsets [σ]", "std ratios", "FoM / reference",
+                   "reference", "C2ST vs reference", "mean offsets [σ]", "std ratios",
+                   "FoM / reference",
                    "status"], rows)]
 
 

@@ -57,6 +57,15 @@ def _value(text: str):
     return text
 
 
+def _observation_seed(path: Path) -> int | None:
+    """The seed the observed maps were simulated with (the maps file's attribute)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        seed = f.attrs.get("seed")
+    return None if seed is None else int(seed)
+
+
 def fom(x: np.ndarray) -> float:
     """1 / sqrt(det cov) of the first two columns."""
     return float(1.0 / np.sqrt(np.linalg.det(np.cov(x[:, :2], rowvar=False))))
@@ -111,6 +120,7 @@ def main(argv=None) -> None:
         ref = read_samples(path).samples
     elif args.reference:
         ref = read_samples(args.reference).samples
+    obs_seed = _observation_seed(obs)
     rows = []
     for name, changes in variants:
         out = work / name.replace(":", "_").replace("=", "").replace(",", "_").replace("+", "_")
@@ -121,7 +131,9 @@ def main(argv=None) -> None:
         params = info["parameters"]
         grads = info["gradient_evaluations"]
         ess = {k: v["ess"] for k, v in params.items()}
-        row = {"variant": name, "config": args.config, "chains": args.chains, "changes": changes,
+        row = {"variant": name, "config": args.config, "observation_seed": obs_seed,
+               "reference": None if ref is None else Path(args.reference).name,
+               "chains": args.chains, "changes": changes,
                "draws_per_chain": len(s.samples) // args.chains,
                "ess": ess, "r_hat": {k: v["r_hat"] for k, v in params.items()},
                "gradients": grads, "wall_s": wall, "sampling_wall_s": info.get("wall_time_s"),

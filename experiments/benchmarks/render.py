@@ -247,12 +247,15 @@ SOURCES: dict[str, Source] = {
                 "energy_variance=2e-5,num_warmup=2000,num_samples=8000,segment=2000,processes=2 "
                 "\\\n    --out gc_s1.json   # its row appended to this file",
         recorded="2026-12-07, " + VM + ", both cores (two chains per process): velocity Verlet "
-                 "1490 s, McLachlan 1714 s (seed 0; a few minutes of tests on one core beside "
-                 "it); the first row's `wall_s` is the benchmark's resume of the finished run",
+                 "1490 s, McLachlan 1714 s (seed 0) and 1498 s (seed 1), each with a few "
+                 "minutes of tests on one core beside it; the first row's `wall_s` is the "
+                 "benchmark's resume of the finished run",
         notebook="28 (velocity Verlet) and 29 (McLachlan)",
         caveat="Velocity Verlet is converged but not unbiased by the issue's rule: σ_8's mean "
                "0.13 σ low (Monte Carlo error 0.034 σ). McLachlan at the same energy variance "
-               "meets it (C2ST 0.512, offsets +0.03, −0.06 σ) on observation seed 0."),
+               "meets it on both observation seeds (C2ST 0.512 and 0.523, offsets ≤ 0.09 σ), "
+               "but σ_8 comes out low on both (−0.06 and −0.09 σ, ± 0.035 each): a residual "
+               "bias of ~0.07 σ, inside the rule's 0.1 σ."),
     "results_samplers_quick.json": Source(
         title="A converged quick field-level posterior: MCLMC (McLachlan) at energy variance "
               "2×10⁻⁵",

@@ -10,8 +10,8 @@ C2ST, mean offsets in reference σ and std ratios.
 
 A variant is ``SAMPLER[+fourier][:key=value,...]`` with [hmc] keys (``num_warmup``,
 ``num_samples``, ``max_tree_depth``, ``target_accept``, ``segment``, ``start_steps``, ``seed``,
-``energy_variance``, ``integrator``, ``processes``: chains run at once, one process each, which changes no
-draw); ``+fourier`` sets
+``energy_variance``, ``integrator``, ``processes``: chains run at once, one process each, which
+changes no draw); ``+fourier`` sets
 ``hmc.precondition = "fourier"``. Every variant runs ``--chains`` chains through
 ``experiments.pipeline.run_hmc`` (checkpointed: an interrupted benchmark resumes each run from
 ``--work``). The observation is ``--maps`` or a map at the config's seed. ``--reference exact``

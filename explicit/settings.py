@@ -34,9 +34,9 @@ class HMCSettings:
       sampler: "nuts" (numpyro NUTS, step size and mass matrix adapted in warm-up), "mclmc"
         (blackjax microcanonical Langevin, L and step size tuned in warm-up; 1 or 2 gradients per
         step, see integrator; unadjusted, so biased by its step size) or "mams" (Metropolis-
-        adjusted microcanonical
-        HMC, Robnik et al. 2025: MCLMC's tuning, then the step size adapted to target_accept;
-        unbiased; a random number of gradients per iteration, ~L / step size on average).
+        adjusted microcanonical HMC, Robnik et al. 2025: MCLMC's tuning, then the step size
+        adapted to target_accept; unbiased; a random number of gradients per iteration, ~L /
+        step size on average).
       num_warmup: warm-up iterations per chain (NUTS: adaptation; MCLMC/MAMS: tuning, >= 20).
       num_samples: kept iterations per chain, >= 1.
       num_chains: chains, run one after another, >= 1.

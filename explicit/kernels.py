@@ -394,15 +394,14 @@ class MCLMCStepper:
 # kernel's step size at that L, then the L stage (``MAMSStepper._lengthen``); the rest of
 # num_warmup.
 MAMS_FRACS = (0.5, 0.3)
-# Gradient evaluations per step of the isokinetic McLachlan integrator (two force stages; the last
-# gradient is the next step's first). The MAMS paper's integrator: at equal cost its energy error
-# is smaller than velocity Verlet's in high dimension, which is what the acceptance test sees.
-MCLACHLAN_GRADS = 2
 
 
 def _mams_grads(info) -> Array:
-    """Gradient evaluations of one MAMS transition (int64)."""
-    return MCLACHLAN_GRADS * info.num_integration_steps.astype(jnp.int64)
+    """Gradient evaluations of one MAMS transition (int64). Its trajectories use the isokinetic
+    McLachlan integrator (the MAMS paper's: at equal cost its energy error is smaller than
+    velocity Verlet's in high dimension, which is what the acceptance test sees), whose gradients
+    per step ``MCLMC_INTEGRATORS`` states."""
+    return MCLMC_INTEGRATORS["mclachlan"] * info.num_integration_steps.astype(jnp.int64)
 # Step sizes the adaptation may reach, relative to L: at least 2 and at most 1024 integration steps
 # per trajectory on average. At 1 step the trajectory is a Langevin step and MAMS a random walk
 # (on gaussian_check the step then grew to L, acceptance stayed ~0.9 and two chains had ESS 1);

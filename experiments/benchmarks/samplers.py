@@ -57,15 +57,6 @@ def _value(text: str):
     return text
 
 
-def _observation_seed(path: Path) -> int | None:
-    """The seed the observed maps were simulated with (the maps file's attribute)."""
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        seed = f.attrs.get("seed")
-    return None if seed is None else int(seed)
-
-
 def fom(x: np.ndarray) -> float:
     """1 / sqrt(det cov) of the first two columns."""
     return float(1.0 / np.sqrt(np.linalg.det(np.cov(x[:, :2], rowvar=False))))
@@ -89,7 +80,7 @@ def main(argv=None) -> None:
     from experiments.maps import run_maps
     from experiments.config import ConfigError, load_config
     from experiments.files import write_json
-    from experiments.io import read_samples
+    from experiments.io import read_maps, read_samples
     from experiments.pipeline import run_exact, run_hmc
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -120,7 +111,7 @@ def main(argv=None) -> None:
         ref = read_samples(path).samples
     elif args.reference:
         ref = read_samples(args.reference).samples
-    obs_seed = _observation_seed(obs)
+    obs_seed = int(read_maps(obs).attrs["seed"])  # every map file has it (io.MAP_ATTRS)
     rows = []
     for name, changes in variants:
         out = work / name.replace(":", "_").replace("=", "").replace(",", "_").replace("+", "_")

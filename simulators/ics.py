@@ -8,11 +8,13 @@ p = a³E dx/da = a²E (f₁D₁Ψ₁ + f₂D₂Ψ₂).
 
 from __future__ import annotations
 
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._adjoint import after_cotangents
 from .config import SimConfig
 from .cosmology import Cosmology, E, GrowthTable, linear_power
 from .forces import fourier_kernels, gradient_of_inverse_laplacian
@@ -52,23 +54,55 @@ def linear_field(cosmo: Cosmology, cfg: SimConfig, noise: Array) -> Array:
     Returns:
       (npx, npy, npz) dimensionless overdensity, dtype of ``noise``.
     """
-    grid = cfg.grid
-    shape, box = cfg.particle_shape, cfg.box_size
-    dtype = noise.dtype
-    k, _, _ = fourier_kernels(grid, shape, box, dtype)
-    log_k = 0.5 * jnp.log(jnp.maximum(k[0] ** 2 + k[1] ** 2 + k[2] ** 2, jnp.finfo(dtype).tiny))
     # P(k) on a 1-D log-k table, interpolated onto the grid: evaluating the transfer function on
     # every mode would make its reverse-mode gradient store dozens of full-grid f64 intermediates
     # (measured: ~4x the whole forward simulation's memory at 64³). Log-log interpolation over
     # 1024 points is accurate to ~1e-6.
-    k_lo = np.pi / max(box) / 2
+    k_table = _k_table(cfg)
+    cell_volume = float(np.prod(cfg.box_size)) / cfg.n_particles
+    log_amp = 0.5 * jnp.log(linear_power(cosmo, jnp.asarray(k_table)) / cell_volume)
+    return _linear_field(cfg, noise, log_amp.astype(noise.dtype))
+
+
+def _k_table(cfg: SimConfig) -> np.ndarray:
+    """(1024,) log-spaced k in h/Mpc from half the fundamental mode to beyond the grid's corner."""
+    shape, box = cfg.particle_shape, cfg.box_size
     k_hi = 1.01 * np.sqrt(3) * np.pi * max(n / length for n, length in zip(shape, box))
-    k_table = jnp.geomspace(k_lo, k_hi, 1024)
-    cell_volume = float(np.prod(box)) / cfg.n_particles
-    log_amp = 0.5 * jnp.log(linear_power(cosmo, k_table) / cell_volume)
-    amplitude = jnp.exp(jnp.interp(log_k, jnp.log(k_table).astype(dtype), log_amp.astype(dtype)))
-    amplitude = jnp.where(log_k > np.log(k_lo), amplitude, 0.0)  # the k = 0 mode carries no power
+    return np.geomspace(np.pi / max(box) / 2, k_hi, 1024)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _linear_field(cfg: SimConfig, noise: Array, log_amp: Array) -> Array:
+    """δ_L from white noise and log sqrt(P/V_cell) on ``_k_table`` (``noise``'s dtype).
+
+    Its backward keeps only its inputs and recomputes the grid's interpolation weights after the
+    simulation's backward: autodiff would hold ~4 half-mesh index and weight arrays through it.
+    """
+    grid, shape = cfg.grid, cfg.particle_shape
+    dtype = noise.dtype
+    k, _, _ = fourier_kernels(grid, shape, cfg.box_size, dtype)
+    log_k = 0.5 * jnp.log(jnp.maximum(k[0] ** 2 + k[1] ** 2 + k[2] ** 2, jnp.finfo(dtype).tiny))
+    k_table = _k_table(cfg)
+    amplitude = jnp.exp(jnp.interp(log_k, jnp.log(jnp.asarray(k_table)).astype(dtype), log_amp))
+    amplitude = jnp.where(log_k > np.log(k_table[0]), amplitude, 0.0)  # k = 0 carries no power
     return grid.ifft(grid.fft(noise) * amplitude, shape)
+
+
+def _linear_field_fwd(cfg, noise, log_amp):
+    return _linear_field(cfg, noise, log_amp), (noise, log_amp)
+
+
+def _linear_field_bwd(cfg, inputs, ct_delta):
+    def adjoint(inputs, ct_delta):
+        noise, log_amp = inputs
+        # inside the conditional the fields' layouts are unknown to the partitioner
+        noise, ct_delta = cfg.grid.constrain(noise), cfg.grid.constrain(ct_delta)
+        return jax.vjp(partial(_linear_field.fun, cfg), noise, log_amp)[1](ct_delta)
+
+    return after_cotangents(adjoint, inputs, ct_delta)
+
+
+_linear_field.defvjp(_linear_field_fwd, _linear_field_bwd)
 
 
 def lpt_displacements(cfg: SimConfig, delta_lin: Array) -> tuple[Array, Array | None]:
@@ -79,24 +113,97 @@ def lpt_displacements(cfg: SimConfig, delta_lin: Array) -> tuple[Array, Array | 
     Returns:
       Ψ₁, Ψ₂ each (npx, npy, npz, 3) in Mpc/h (Ψ₂ is None for 1LPT).
     """
-    grid = cfg.grid
-    shape, box = cfg.particle_shape, cfg.box_size
-    dtype = delta_lin.dtype
-    delta_k = grid.fft(delta_lin)
-    # Ψ₁ = -∇φ₁ = -∇∇⁻²δ
-    psi1 = jnp.stack([-c for c in gradient_of_inverse_laplacian(grid, shape, box, delta_k)], -1)
+    delta_k = cfg.grid.fft(delta_lin)
+    psi1 = _psi1(cfg, delta_k)
     if cfg.lpt_order == 1:
         return psi1, None
-    k, kgrad, inv_k2 = fourier_kernels(grid, shape, box, dtype)
+    return psi1, _psi2(cfg, _source2(*_hessian(cfg, delta_k)))
+
+
+def lpt_displacements_vjp(cfg: SimConfig, delta_lin: Array, ct_psi1: Array,
+                          ct_psi2: Array | None) -> Array:
+    """Cotangent of ``delta_lin`` from those of Ψ₁ and Ψ₂ (``lpt_displacements``), written per
+    operator so that the 2LPT source's Hessian fields are recomputed here rather than saved: the
+    source is quadratic in them, so its adjoint multiplies the source's cotangent by them.
+
+    Returns:
+      (npx, npy, npz) cotangent of ``delta_lin``.
+    """
+    delta_k, fft_vjp = jax.vjp(cfg.grid.fft, delta_lin)
+    # the linear maps' primal outputs are unused, so XLA drops them
+    ct_k = jax.vjp(partial(_psi1, cfg), delta_k)[1](ct_psi1)[0]
+    if ct_psi2 is not None:
+        fields, hessian_vjp = jax.vjp(lambda dk: tuple(_hessian(cfg, dk)), delta_k)
+        xx, yy, zz, xy, xz, yz = fields
+        (ct_s,) = jax.vjp(partial(_psi2, cfg), xx)[1](ct_psi2)
+        # ∂source/∂(xx, yy, zz, xy, xz, yz)
+        ct_fields = (ct_s * (yy + zz), ct_s * (xx + zz), ct_s * (xx + yy),
+                     -2 * ct_s * xy, -2 * ct_s * xz, -2 * ct_s * yz)
+        ct_k = ct_k + hessian_vjp(ct_fields)[0]
+    return fft_vjp(ct_k)[0]
+
+
+def _psi1(cfg: SimConfig, delta_k: Array) -> Array:
+    """Ψ₁ = -∇φ₁ = -∇∇⁻²δ, (npx, npy, npz, 3) Mpc/h, from δ's spectrum."""
+    comps = gradient_of_inverse_laplacian(cfg.grid, cfg.particle_shape, cfg.box_size, delta_k)
+    return jnp.stack([-c for c in comps], -1)
+
+
+_HESSIAN_PAIRS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
+
+
+def _hessian(cfg: SimConfig, delta_k: Array) -> list[Array]:
+    """φ₁,ᵢⱼ for (i, j) in ``_HESSIAN_PAIRS``: six dimensionless (npx, npy, npz) fields, linear in δ."""
+    grid, shape = cfg.grid, cfg.particle_shape
+    k, kgrad, inv_k2 = fourier_kernels(grid, shape, cfg.box_size, delta_k.real.dtype)
     phi_k = -delta_k * inv_k2  # φ₁
-    # second derivatives φ,ᵢⱼ = -kᵢkⱼ φ(k); diagonal terms use the full k (even kernel)
-    pairs = [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)]
-    kernels = [k[i] * k[j] if i == j else kgrad[i] * kgrad[j] for i, j in pairs]
-    xx, yy, zz, xy, xz, yz = grid.ifft_many([-kij * phi_k for kij in kernels], shape)
-    source = xx * yy + xx * zz + yy * zz - xy**2 - xz**2 - yz**2
-    # Ψ₂ = ∇φ₂ = ∇∇⁻² source
-    psi2 = jnp.stack(gradient_of_inverse_laplacian(grid, shape, box, grid.fft(source)), -1)
-    return psi1, psi2
+    # φ,ᵢⱼ = -kᵢkⱼ φ(k); the diagonal uses the full k (an even kernel keeps its Nyquist plane)
+    kernels = [k[i] * k[j] if i == j else kgrad[i] * kgrad[j] for i, j in _HESSIAN_PAIRS]
+    return grid.ifft_many([-kij * phi_k for kij in kernels], shape)
+
+
+def _source2(xx, yy, zz, xy, xz, yz) -> Array:
+    """∇²φ₂ = Σ_{i>j} (φ₁,ᵢᵢ φ₁,ⱼⱼ − φ₁,ᵢⱼ²)."""
+    return xx * yy + xx * zz + yy * zz - xy**2 - xz**2 - yz**2
+
+
+def _psi2(cfg: SimConfig, source: Array) -> Array:
+    """Ψ₂ = ∇φ₂ = ∇∇⁻² source, (npx, npy, npz, 3) Mpc/h; linear in the source."""
+    comps = gradient_of_inverse_laplacian(cfg.grid, cfg.particle_shape, cfg.box_size,
+                                          cfg.grid.fft(source))
+    return jnp.stack(comps, -1)
+
+
+def lpt_coefficients(cosmo: Cosmology, growth: GrowthTable, order: int, a) -> Array:
+    """Growth factors that turn Ψ₁, Ψ₂ into displacements and momenta at scale factor ``a``.
+
+    Returns:
+      (2, order) float64: row 0 multiplies Ψₙ in the displacement (Dₙ), row 1 in the momentum
+      p = a³E dx/da (a²E fₙ Dₙ); column n-1 belongs to Ψₙ.
+    """
+    a = jnp.asarray(a, jnp.float64)
+    a2e = a**2 * E(cosmo, a)
+    d1, f1 = growth.D1_at(a), growth.f1_at(a)
+    columns = [(d1, a2e * f1 * d1)]
+    if order == 2:
+        d2, f2 = growth.D2_at(a), growth.f2_at(a)
+        columns.append((d2, a2e * f2 * d2))
+    return jnp.stack([jnp.stack(c) for c in columns], axis=1)
+
+
+def lpt_combine(cfg: SimConfig, delta_lin: Array, coefs: Array) -> tuple[Array, Array]:
+    """Displacements and momenta Σₙ coefs[:, n-1] Ψₙ from the linear field.
+
+    Args:
+      delta_lin: (npx, npy, npz) linear overdensity at z = 0.
+      coefs: (2, lpt_order) ``lpt_coefficients`` in ``delta_lin``'s dtype.
+    Returns:
+      disp (Mpc/h), mom (Mpc/h, H0 = 1): each (npx, npy, npz, 3).
+    """
+    psis = [psi for psi in lpt_displacements(cfg, delta_lin) if psi is not None]
+    disp = sum(coefs[0, n] * psi for n, psi in enumerate(psis))
+    mom = sum(coefs[1, n] * psi for n, psi in enumerate(psis))
+    return disp, mom
 
 
 def lpt_state(cosmo: Cosmology, growth: GrowthTable, cfg: SimConfig, delta_lin: Array,
@@ -106,15 +213,5 @@ def lpt_state(cosmo: Cosmology, growth: GrowthTable, cfg: SimConfig, delta_lin: 
     Returns:
       disp, mom: each (npx, npy, npz, 3) of ``delta_lin``'s dtype.
     """
-    dtype = delta_lin.dtype
-    psi1, psi2 = lpt_displacements(cfg, delta_lin)
-    a = jnp.asarray(a, jnp.float64)
-    d1, f1 = growth.D1_at(a), growth.f1_at(a)
-    a2e = a**2 * E(cosmo, a)
-    disp = d1.astype(dtype) * psi1
-    mom = (a2e * f1 * d1).astype(dtype) * psi1
-    if psi2 is not None:
-        d2, f2 = growth.D2_at(a), growth.f2_at(a)
-        disp = disp + d2.astype(dtype) * psi2
-        mom = mom + (a2e * f2 * d2).astype(dtype) * psi2
-    return disp, mom
+    coefs = lpt_coefficients(cosmo, growth, cfg.lpt_order, a).astype(delta_lin.dtype)
+    return lpt_combine(cfg, delta_lin, coefs)

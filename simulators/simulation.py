@@ -9,12 +9,15 @@ from functools import partial
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from ._adjoint import after_cotangents
 from .config import SimConfig
 from .cosmology import Cosmology, growth_table
-from .forces import paint_density, pm_force_and_density
-from .ics import linear_field, lpt_state, white_noise
+from .forces import paint_density, pm_force_and_density, pm_force_and_density_vjp
+from .ics import (linear_field, lpt_coefficients, lpt_combine, lpt_displacements,
+                  lpt_displacements_vjp, white_noise)
 from .nbody import (Observer, ParticleState, Snapshots, integrate, run_steps, start_steps,
                     step_factors)
 
@@ -70,9 +73,51 @@ def initial_particles(cosmo: Cosmology, cfg: SimConfig, delta_lin: Array
     one growth table."""
     growth = growth_table(cosmo)
     a_steps = cfg.step_scale_factors
-    disp, mom = lpt_state(cosmo, growth, cfg, delta_lin, a_steps[0])
-    state = ParticleState(disp, mom, *pm_force_and_density(cfg, disp))
+    coefs = lpt_coefficients(cosmo, growth, cfg.lpt_order, a_steps[0]).astype(delta_lin.dtype)
+    state = ParticleState(*_lpt_particles(cfg, delta_lin, coefs))
     return state, step_factors(cosmo, growth, a_steps)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lpt_particles(cfg: SimConfig, delta_lin: Array, coefs: Array):
+    """(disp, mom, force, density) of the LPT particles: ``lpt_combine`` and the PM force at them.
+
+    Its backward keeps only the linear field and recomputes the rest once the N-body backward has
+    delivered the cotangents: autodiff would hold 2LPT's Hessian fields, spectra and the CIC
+    read's residuals (~2.5× the forward simulation's working set) through the whole N-body
+    backward (NOTEBOOK 30).
+    """
+    disp, mom = lpt_combine(cfg, delta_lin, coefs)
+    return (disp, mom, *pm_force_and_density(cfg, disp))
+
+
+def _lpt_particles_fwd(cfg, delta_lin, coefs):
+    return _lpt_particles(cfg, delta_lin, coefs), (delta_lin, coefs)
+
+
+def _lpt_particles_bwd(cfg, residuals, cotangents):
+    return after_cotangents(partial(_lpt_particles_adjoint, cfg), residuals, cotangents)
+
+
+def _lpt_particles_adjoint(cfg, residuals, cotangents):
+    # inside the conditional the fields' layouts are unknown to the partitioner (jaxdecomp's FFT
+    # needs them)
+    (delta_lin, coefs), cotangents = residuals, tuple(map(cfg.grid.constrain, cotangents))
+    delta_lin = cfg.grid.constrain(delta_lin)
+    ct_disp, ct_mom, ct_force, ct_density = cotangents
+    psis = [psi for psi in lpt_displacements(cfg, delta_lin) if psi is not None]
+    disp = sum(coefs[0, n] * psi for n, psi in enumerate(psis))
+    ct_disp = ct_disp + pm_force_and_density_vjp(cfg, disp, paint_density(cfg, disp), ct_force,
+                                                 ct_density)
+    # disp = Σₙ coefs[0, n] Ψₙ, mom = Σₙ coefs[1, n] Ψₙ
+    ct_coefs = jnp.stack([jnp.stack([jnp.vdot(ct_disp, psi), jnp.vdot(ct_mom, psi)])
+                          for psi in psis], axis=1)
+    ct_psis = [coefs[0, n] * ct_disp + coefs[1, n] * ct_mom for n in range(len(psis))]
+    ct_psis += [None] * (2 - len(ct_psis))
+    return lpt_displacements_vjp(cfg, delta_lin, *ct_psis), ct_coefs.astype(coefs.dtype)
+
+
+_lpt_particles.defvjp(_lpt_particles_fwd, _lpt_particles_bwd)
 
 
 def check_halo(cfg: SimConfig, max_displacement: float) -> None:

@@ -211,3 +211,20 @@ def test_superseded_file_points_at_its_replacement_without_a_table(tmp_path):
     assert "**Superseded** by `results_implicit_losses.json` (section 1)." in old
     assert "| method |" not in old and "NOTEBOOK.md section 6" in old
     assert "| method |" in section_of(page, "results_implicit_losses.json")
+
+
+def test_scaling_shows_the_baseline_commit_beside_ours():
+    def cell(temp):
+        return {"n": 32, "xla_temp_mb": temp, "peak_rss_mb": 100.0, "median_s": 1.0,
+                "all_s": [1.0]}
+
+    memory = [{"steps": 5, "forward": cell(10.0), "adjoint": cell(20.0), "checkpoint": cell(30.0)}]
+    data = {"memory": memory,
+            "baseline": {"commit": "abc1234", "memory": [{"steps": 5, "adjoint": cell(31.0)}]}}
+    text = "\n".join(render.render_scaling(data, None))
+    assert "grad, reverse adjoint at abc1234" in text
+    row = next(line for line in text.splitlines() if line.startswith("| 5 |"))
+    assert row.rstrip(" |").endswith("3.10")  # the baseline's adjoint / our forward
+    assert "| 2.00 |" in row  # ours
+    without = "\n".join(render.render_scaling({"memory": memory}, None))
+    assert "reverse adjoint at" not in without

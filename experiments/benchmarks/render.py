@@ -90,9 +90,13 @@ SOURCES: dict[str, Source] = {
              "Then 64³ cells per device on D fake CPU devices "
              "(`--xla_force_host_platform_device_count`), which share the machine's 2 cores: this "
              "tests the distributed path's overhead, not real scaling (ideal time grows like D/2).",
-        command=".venv/bin/python experiments/benchmarks/run_scaling.py --n 128 --repeats 1",
-        recorded="2026-11-25, git ef03a97, " + VM,
-        notebook="2 and 3"),
+        command=(".venv/bin/python experiments/benchmarks/run_scaling.py --n 128 --repeats 1\n"
+                 "    # the baseline column: the same script in a worktree of ae415ab, --devices 1"),
+        recorded="memory: 2026-12-07, git 08477eb and its parent ae415ab (the baseline columns), "
+                 + VM + ", one core (`taskset -c 0`) each, a compressor training on the other "
+                 "(and, for the baseline's 40-step row, two chains on both cores: its times are "
+                 "not comparable); weak scaling: 2026-11-25, git ef03a97, both cores",
+        notebook="2, 3 and 31"),
     "results_lensing.json": Source(
         title="Lensing maps: time and memory of one κ map",
         what="`forward` = white noise → noise-free tomographic κ maps (linear field, 2LPT, PM "
@@ -743,19 +747,31 @@ def render_scaling(data: Mapping, source: Source | None) -> list[str]:
     out = []
     memory = data.get("memory") or []
     if memory:
+        # a baseline commit measured the same way in the same session: its adjoint beside ours
+        baseline = data.get("baseline") or {}
+        base_adjoint = {m["steps"]: m.get("adjoint") for m in baseline.get("memory") or []}
         rows = []
         for m in memory:
             f, a = m.get("forward") or {}, m.get("adjoint") or {}
             temp_ratio = (a["xla_temp_mb"] / f["xla_temp_mb"]
                           if a.get("xla_temp_mb") and f.get("xla_temp_mb") else None)
-            rows.append([m["steps"], _mem_cell(f), _mem_cell(a), _mem_cell(m.get("checkpoint")),
-                         num(temp_ratio)])
+            row = [m["steps"], _mem_cell(f), _mem_cell(a), _mem_cell(m.get("checkpoint")),
+                   num(temp_ratio)]
+            if baseline:
+                b = base_adjoint.get(m["steps"]) or {}
+                b_ratio = (b["xla_temp_mb"] / f["xla_temp_mb"]
+                           if b.get("xla_temp_mb") and f.get("xla_temp_mb") else None)
+                row += [_mem_cell(b), num(b_ratio)]
+            rows.append(row)
         n = (memory[0].get("forward") or {}).get("n", "?")
         calls = len((memory[0].get("forward") or {}).get("all_s") or [])
         out.append(f"Gradient memory at {n}³, {calls} timed call(s) per cell. Each cell: XLA "
                    "temporary buffers / process peak RSS ; median time.")
         header = ["steps", "forward", "grad, reverse adjoint",
                   "grad, autodiff + checkpoint per step", "adjoint / forward (temp)"]
+        if baseline:
+            header += [f"grad, reverse adjoint at {baseline.get('commit', 'baseline')}",
+                       "its adjoint / forward (temp)"]
         out.append(table(header, rows))
     scaling = data.get("scaling") or []
     if scaling:

@@ -84,8 +84,8 @@ def _lpt_particles(cfg: SimConfig, delta_lin: Array, coefs: Array):
 
     Its backward keeps only the linear field and recomputes the rest once the N-body backward has
     delivered the cotangents: autodiff would hold 2LPT's Hessian fields, spectra and the CIC
-    read's residuals (~2.5× the forward simulation's working set) through the whole N-body
-    backward (NOTEBOOK 30).
+    read's residuals through the whole N-body backward (with the linear field's, they took the
+    64³ gradient's working set to 3.2× the forward's instead of 2.1×: NOTEBOOK 30–31).
     """
     disp, mom = lpt_combine(cfg, delta_lin, coefs)
     return (disp, mom, *pm_force_and_density(cfg, disp))

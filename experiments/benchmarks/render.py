@@ -742,6 +742,13 @@ def _mem_cell(r: Mapping | None) -> str:
             f"{num(r.get('median_s'))} s")
 
 
+def _temp_ratio(grad: Mapping, forward: Mapping) -> float | None:
+    """XLA temporary buffers of a gradient over the forward's (None where either is missing)."""
+    if grad.get("xla_temp_mb") and forward.get("xla_temp_mb"):
+        return grad["xla_temp_mb"] / forward["xla_temp_mb"]
+    return None
+
+
 def render_scaling(data: Mapping, source: Source | None) -> list[str]:
     """Sections 2 and 3 of the notebook: memory against steps, and fake-device weak scaling."""
     out = []
@@ -753,15 +760,11 @@ def render_scaling(data: Mapping, source: Source | None) -> list[str]:
         rows = []
         for m in memory:
             f, a = m.get("forward") or {}, m.get("adjoint") or {}
-            temp_ratio = (a["xla_temp_mb"] / f["xla_temp_mb"]
-                          if a.get("xla_temp_mb") and f.get("xla_temp_mb") else None)
             row = [m["steps"], _mem_cell(f), _mem_cell(a), _mem_cell(m.get("checkpoint")),
-                   num(temp_ratio)]
+                   num(_temp_ratio(a, f))]
             if baseline:
                 b = base_adjoint.get(m["steps"]) or {}
-                b_ratio = (b["xla_temp_mb"] / f["xla_temp_mb"]
-                           if b.get("xla_temp_mb") and f.get("xla_temp_mb") else None)
-                row += [_mem_cell(b), num(b_ratio)]
+                row += [_mem_cell(b), num(_temp_ratio(b, f))]
             rows.append(row)
         n = (memory[0].get("forward") or {}).get("n", "?")
         calls = len((memory[0].get("forward") or {}).get("all_s") or [])

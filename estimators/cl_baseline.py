@@ -22,6 +22,20 @@ Likelihood
       χ² = (d - μ)ᵀ S⁻¹ (d - μ), c̄ = Γ(n/2) / [(π (n-1))^(k/2) Γ((n-k)/2)]. This is exactly a
       multivariate Student-t with ν = n_cov - k degrees of freedom and scale matrix
       S (n_cov - 1) / (n_cov - k), which is how it is evaluated (numpyro ``MultivariateStudentT``).
+    - "wishart" (analytic covariance only): the exact likelihood of the band powers of a Gaussian
+      field with white noise when the spectra are constant inside each ℓ bin. Bin b's estimate
+      Ĉ_b (n_bins × n_bins, the data's entries of bin b) averages Re(κ_ℓ κ_ℓ^†) over its n_b FFT
+      modes, ℓ and −ℓ both counted; a complex mode pair holds two independent real Gaussian
+      vectors of covariance M_b = mean_b(θ) and a self-conjugate mode one, so n_b Ĉ_b ~
+      Wishart(M_b, ν = n_b) exactly, bins independent:
+        ln p = Σ_b −(ν/2)[tr(M_b⁻¹ Ĉ_b) + ln det M_b] + ((ν − p − 1)/2) ln det(ν Ĉ_b)
+               − (ν p / 2) ln 2 − ln Γ_p(ν/2) + (p(p + 1)/2) ln ν,
+      p the bins kept in ℓ bin b (scale cuts keep whole blocks), the last term the Jacobian from
+      ν Ĉ_b to the data's entries. Its covariance depends on θ, so it keeps the information the
+      fixed-covariance Gaussian loses where the posterior lies away from [cosmology]; with one
+      distinct |ℓ| per bin it is ``explicit.exact``'s likelihood up to a constant.
+      ``cov`` (the analytic Gaussian covariance, its local Gaussian approximation at the
+      fiducial) only sets NUTS's initial mass matrix (``fisher``).
   S is the unbiased sample covariance (ddof = 1). Both distributions are built from a Cholesky
   factor only (numpyro >= 0.15 accepts exactly one of covariance / precision / scale_tril).
 
@@ -56,7 +70,7 @@ __all__ = [
     "sellentin_heavens_scale",
 ]
 
-LIKELIHOODS = ("gaussian", "sellentin_heavens")
+LIKELIHOODS = ("gaussian", "sellentin_heavens", "wishart")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -313,6 +327,121 @@ def fiducial_data_vectors(model, cosmo: Cosmology, sigma_n, field_deg: float, el
 # Likelihood
 
 
+@dataclass(frozen=True, eq=False)
+class _WishartBlocks:
+    """Where the kept data entries sit in the per-ℓ-bin matrices of the Wishart likelihood.
+
+    ell_bin, row, col: (n_data,) int, entry e is element (row, col) = (col, row) of ℓ bin
+    ell_bin's (n_bins, n_bins) matrix. dof: (n_ell,) ν (modes per bin); kept: (n_ell,) p (bins
+    kept in each ℓ bin, 0 for an ℓ bin without data); const: (n_ell,) the θ- and data-independent
+    terms −(ν p / 2) ln 2 − ln Γ_p(ν/2) + (p(p + 1)/2) ln ν + ((ν − p − 1)/2) p ln ν (0 where
+    p = 0). Rows and columns of bins not kept are the identity in both matrices.
+    """
+
+    n_bins: int
+    n_ell: int
+    ell_bin: np.ndarray
+    row: np.ndarray
+    col: np.ndarray
+    dof: np.ndarray
+    kept: np.ndarray
+    const: np.ndarray
+
+
+def _wishart_blocks(n_bins: int, n_ell: int, selected: np.ndarray, n_modes: np.ndarray
+                    ) -> _WishartBlocks:
+    """``_WishartBlocks`` of the kept entries ``selected`` (indices into the pair-major data
+    vector). Raises ValueError when an ℓ bin keeps an incomplete set of pairs (the Wishart needs
+    whole blocks: every pair of its kept bins) or has fewer modes than kept bins (singular)."""
+    from scipy.special import multigammaln
+
+    i, j, b = (a[selected] for a in data_vector_layout(n_bins, n_ell))
+    dof = np.asarray(n_modes, np.float64)
+    kept = np.zeros(n_ell, int)
+    const = np.zeros(n_ell)
+    for e in range(n_ell):
+        bins = np.union1d(i[b == e], j[b == e])
+        p = bins.size
+        if p == 0:
+            continue
+        if np.count_nonzero(b == e) != p * (p + 1) // 2:
+            raise ValueError(f"the Wishart likelihood needs every pair of the bins kept in an ell "
+                             f"bin; ell bin {e} keeps {np.count_nonzero(b == e)} of the "
+                             f"{p * (p + 1) // 2} pairs of bins {bins.tolist()}")
+        nu = dof[e]
+        if nu < p:
+            raise ValueError(f"ell bin {e} holds {int(nu)} Fourier modes for {p} tomographic bins: "
+                             f"its band-power matrix is singular; use wider ell bins")
+        kept[e] = p
+        const[e] = (-0.5 * nu * p * np.log(2.0) - multigammaln(0.5 * nu, p)
+                    + 0.5 * p * (p + 1) * np.log(nu) + 0.5 * (nu - p - 1) * p * np.log(nu))
+    arrays = dict(ell_bin=b, row=i, col=j, dof=dof, kept=kept, const=const)
+    for a in arrays.values():
+        a.setflags(write=False)
+    return _WishartBlocks(n_bins=n_bins, n_ell=n_ell, **arrays)
+
+
+def _block_matrices(blocks: _WishartBlocks, x) -> jax.Array:
+    """(..., n_ell, n_bins, n_bins) symmetric matrices holding the kept entries x (..., n_data),
+    the identity in the rows and columns of bins not kept."""
+    x = jnp.asarray(x, jnp.float64)
+    eye = jnp.broadcast_to(jnp.eye(blocks.n_bins), x.shape[:-1] + (blocks.n_ell, blocks.n_bins,
+                                                                    blocks.n_bins))
+    b, r, c = (jnp.asarray(a) for a in (blocks.ell_bin, blocks.row, blocks.col))
+    return eye.at[..., b, r, c].set(x).at[..., b, c, r].set(x)
+
+
+def _logdet(chol) -> jax.Array:
+    return 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
+
+
+def wishart_log_prob(blocks: _WishartBlocks, mean, data) -> jax.Array:
+    """ln p(data | mean) of the "wishart" likelihood (module docstring) for the kept entries:
+    mean, data (..., n_data). NaN where a data block is not positive definite."""
+    m = _block_matrices(blocks, mean)
+    c = _block_matrices(blocks, data)
+    chol_m = jnp.linalg.cholesky(m)
+    quad = jnp.trace(jax.scipy.linalg.cho_solve((chol_m, True), c), axis1=-2, axis2=-1)
+    nu, p = jnp.asarray(blocks.dof), jnp.asarray(blocks.kept)
+    # the identity rows add n_bins - p to the trace and nothing to either log-determinant
+    per_bin = (-0.5 * nu * (quad - (blocks.n_bins - p) + _logdet(chol_m))
+               + 0.5 * (nu - p - 1) * _logdet(jnp.linalg.cholesky(c)) + jnp.asarray(blocks.const))
+    return jnp.sum(jnp.where(p > 0, per_bin, 0.0), axis=-1)
+
+
+def _wishart_distribution(mean, blocks: _WishartBlocks):
+    """A numpyro distribution over the kept entries given their mean: ``wishart_log_prob``, and
+    draws of ν Gaussian vectors of covariance M_b per ℓ bin averaged into Ĉ_b."""
+    import numpyro.distributions as dist
+
+    class BandPowerWishart(dist.Distribution):
+        support = dist.constraints.real_vector
+        pytree_data_fields = ("loc",)
+
+        def __init__(self, mean):
+            self.loc = jnp.asarray(mean, jnp.float64)
+            super().__init__(batch_shape=self.loc.shape[:-1], event_shape=self.loc.shape[-1:])
+
+        def log_prob(self, value):
+            return wishart_log_prob(blocks, self.loc, value)
+
+        def sample(self, key, sample_shape=()):
+            shape = sample_shape + self.batch_shape
+            chol = jnp.linalg.cholesky(_block_matrices(blocks, self.loc))
+            rows, cols = jnp.asarray(blocks.row), jnp.asarray(blocks.col)
+            out = jnp.zeros(shape + self.event_shape, jnp.float64)
+            for e in np.flatnonzero(blocks.kept):
+                nu = int(blocks.dof[e])
+                u = jax.random.normal(jax.random.fold_in(key, int(e)),
+                                      shape + (nu, blocks.n_bins), jnp.float64)
+                v = jnp.einsum("...ij,...nj->...ni", chol[..., e, :, :], u)
+                chat = jnp.einsum("...ni,...nj->...ij", v, v) / nu
+                out = jnp.where(jnp.asarray(blocks.ell_bin == e), chat[..., rows, cols], out)
+            return out
+
+    return BandPowerWishart(mean)
+
+
 def _static_array(x) -> np.ndarray:
     a = np.array(x, dtype=np.float64)
     a.setflags(write=False)
@@ -333,7 +462,8 @@ class ClLikelihood:
       n_cov: number of simulations S was estimated from; None for an analytic covariance (no
         Hartlap factor; "gaussian" likelihood only).
       prior: ``experiments.priors.Prior`` over θ; base: ``Cosmology`` supplying the other parameters.
-      kind: "gaussian" (Hartlap-debiased) or "sellentin_heavens" (t-distribution).
+      kind: "gaussian" (Hartlap-debiased), "sellentin_heavens" (t-distribution) or "wishart"
+        (the band powers' exact distribution for Gaussian maps; analytic covariance only).
       power_filter: optional k -> factor multiplying P(k) (e.g. ``lensing.mesh_power_window``).
       n_chi, nonlinear: passed to ``flatsky.limber_cl``. The cost of a likelihood gradient grows
         with n_chi (halofit is set up once per χ node): n_chi = 64 is ~3x cheaper than the default
@@ -401,15 +531,18 @@ class ClLikelihood:
         object.__setattr__(self, "selected", sel)
         n_total, k = k, sel.size
         cov = cov[np.ix_(sel, sel)]
+        if self.kind == "wishart" and self.n_cov is not None:
+            raise ValueError("the Wishart likelihood is that of Gaussian maps, whose covariance is "
+                             "analytic: it takes no simulated covariance (n_cov must be None)")
         if self.n_cov is None:  # an analytic covariance: known, not estimated
-            if self.kind != "gaussian":
+            if self.kind == "sellentin_heavens":
                 raise ValueError("the Sellentin-Heavens likelihood needs a simulated covariance "
                                  "(n_cov); an analytic covariance has no sampling noise")
             h = 1.0
         else:
             object.__setattr__(self, "n_cov", int(self.n_cov))
             h = hartlap_factor(self.n_cov, k)
-        if self.kind == "gaussian":
+        if self.kind in ("gaussian", "wishart"):
             df, tril = None, _cholesky(cov / h, "the covariance")
         else:
             df, scale = sellentin_heavens_scale(cov, self.n_cov)
@@ -435,6 +568,8 @@ class ClLikelihood:
             noise_vector=_static_array(noise.reshape(-1)), ell_unique=_static_array(ell_unique),
             mode_weights=_static_array(weights), ell_needed=_static_array(ell_unique[needed]),
             needed_weights=_static_array(weights[:, needed]))
+        if self.kind == "wishart":
+            derived["wishart"] = _wishart_blocks(n_bins, n_ell, sel, n_modes)
         for name, value in derived.items():  # not fields: plain read-only-by-convention attributes
             object.__setattr__(self, name, value)
         # The theory is jitted on its own: numpyro evaluates the model eagerly while initialising
@@ -499,6 +634,8 @@ class ClLikelihood:
     def _kept_distribution(self, mean):
         import numpyro.distributions as dist
 
+        if self.kind == "wishart":
+            return _wishart_distribution(mean, self.wishart)
         if self.kind == "gaussian":
             return dist.MultivariateNormal(loc=mean, scale_tril=self.scale_tril)
         return dist.MultivariateStudentT(df=self.df, loc=mean, scale_tril=self.scale_tril)
@@ -527,7 +664,8 @@ class ClLikelihood:
         """(d, d) Fisher matrix Jᵀ P J at θ, J = d mean / dθ by central differences of ``mean``
         (steps rel_step x prior std; reuses the compiled theory), P the precision the likelihood
         uses ((L Lᵀ)⁻¹ of ``scale_tril``: the Hartlap one for "gaussian", the t scale matrix's
-        inverse for "sellentin_heavens")."""
+        inverse for "sellentin_heavens", the analytic covariance's, which is the Wishart's own
+        Fisher information at the fiducial, for "wishart")."""
         theta = np.asarray(theta, np.float64)
         steps = rel_step * np.asarray(self.prior.std, np.float64)
         cols = []

@@ -906,8 +906,10 @@ class ClBaselineSection(_Section):
                      'terms of PM maps)')
     n_cov: Annotated[Int, Count(3, MAX_SIMS)] = _key(
         200, "fiducial simulations for the simulated covariance")
-    likelihood: OneOf("gaussian", "sellentin_heavens") = _key(
-        "gaussian", '"gaussian" or "sellentin_heavens" (simulated covariance only)')
+    likelihood: OneOf("gaussian", "sellentin_heavens", "wishart") = _key(
+        "gaussian", '"gaussian", "sellentin_heavens" (simulated covariance only) or "wishart" (the '
+                    'exact distribution of the band powers of Gaussian maps, whose covariance '
+                    'follows the cosmology; covariance = "gaussian" only)')
     num_warmup: Annotated[Int, Count(1, MAX_WARMUP)] = _key(500, "NUTS warm-up steps")
     num_samples: Annotated[Int, Count(1, MAX_SAMPLES)] = _key(2000, "NUTS samples per chain")
     num_chains: Annotated[Int, Count(1, MAX_CHAINS)] = _key(2, "NUTS chains")
@@ -923,6 +925,10 @@ class ClBaselineSection(_Section):
         if self.covariance == "gaussian" and self.likelihood == "sellentin_heavens":
             _fail("cl_baseline.likelihood", "'sellentin_heavens' marginalises a simulated "
                                             "covariance's noise: it needs covariance = 'simulated'")
+        if self.covariance == "simulated" and self.likelihood == "wishart":
+            _fail("cl_baseline.likelihood", "'wishart' is the band powers' distribution for "
+                                            "Gaussian maps and takes no simulated covariance: "
+                                            "it needs covariance = 'gaussian'")
         return self
 
 

@@ -539,7 +539,8 @@ def run_cl_baseline(config, maps_path, out, *, progress: bool = True):
                       config_toml=cfg.to_toml())
     path = write_samples(out, samples)
     source = (f"covariance from {cb.n_cov} simulations, Hartlap factor {like.hartlap:.3f}"
-              if simulated else "analytic Gaussian covariance")
+              if simulated else "Wishart band powers" if cb.likelihood == "wishart"
+              else "analytic Gaussian covariance")
     print(f"C_ell likelihood: {like.n_data} data ({cb.likelihood}, {source}); NUTS {info['wall_time_s']:.1f} s, "
           f"{info['divergences']} divergences, ESS "
           + ", ".join(f"{k} {v:.0f}" for k, v in info["ess"].items()))

@@ -9,6 +9,7 @@ p = a³E dx/da = a²E (f₁D₁Ψ₁ + f₂D₂Ψ₂).
 from __future__ import annotations
 
 from functools import partial
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -120,9 +121,14 @@ def lpt_displacements(cfg: SimConfig, delta_lin: Array) -> tuple[Array, Array | 
     return psi1, _psi2(cfg, _source2(*_hessian(cfg, delta_k)))
 
 
-def lpt_displacements_vjp(cfg: SimConfig, delta_lin: Array, ct_psi1: Array,
-                          ct_psi2: Array | None) -> Array:
-    """Cotangent of ``delta_lin`` from those of Ψ₁ and Ψ₂ (``lpt_displacements``), written per
+def lpt_psis(cfg: SimConfig, delta_lin: Array) -> list[Array]:
+    """[Ψ₁] or [Ψ₁, Ψ₂] (``cfg.lpt_order``), each (npx, npy, npz, 3) Mpc/h: ``lpt_displacements``
+    without the placeholder for a missing Ψ₂."""
+    return [psi for psi in lpt_displacements(cfg, delta_lin) if psi is not None]
+
+
+def lpt_displacements_vjp(cfg: SimConfig, delta_lin: Array, ct_psis: Sequence[Array]) -> Array:
+    """Cotangent of ``delta_lin`` from those of ``lpt_psis`` (one per order), written per
     operator so that the 2LPT source's Hessian fields are recomputed here rather than saved: the
     source is quadratic in them, so its adjoint multiplies the source's cotangent by them.
 
@@ -131,11 +137,11 @@ def lpt_displacements_vjp(cfg: SimConfig, delta_lin: Array, ct_psi1: Array,
     """
     delta_k, fft_vjp = jax.vjp(cfg.grid.fft, delta_lin)
     # the linear maps' primal outputs are unused, so XLA drops them
-    ct_k = jax.vjp(partial(_psi1, cfg), delta_k)[1](ct_psi1)[0]
-    if ct_psi2 is not None:
+    ct_k = jax.vjp(partial(_psi1, cfg), delta_k)[1](ct_psis[0])[0]
+    if len(ct_psis) == 2:
         fields, hessian_vjp = jax.vjp(lambda dk: tuple(_hessian(cfg, dk)), delta_k)
         xx, yy, zz, xy, xz, yz = fields
-        (ct_s,) = jax.vjp(partial(_psi2, cfg), xx)[1](ct_psi2)
+        (ct_s,) = jax.vjp(partial(_psi2, cfg), xx)[1](ct_psis[1])
         # ∂source/∂(xx, yy, zz, xy, xz, yz)
         ct_fields = (ct_s * (yy + zz), ct_s * (xx + zz), ct_s * (xx + yy),
                      -2 * ct_s * xy, -2 * ct_s * xz, -2 * ct_s * yz)
@@ -200,10 +206,28 @@ def lpt_combine(cfg: SimConfig, delta_lin: Array, coefs: Array) -> tuple[Array, 
     Returns:
       disp (Mpc/h), mom (Mpc/h, H0 = 1): each (npx, npy, npz, 3).
     """
-    psis = [psi for psi in lpt_displacements(cfg, delta_lin) if psi is not None]
+    return lpt_mix(coefs, lpt_psis(cfg, delta_lin))
+
+
+def lpt_mix(coefs: Array, psis: Sequence[Array]) -> tuple[Array, Array]:
+    """(disp, mom) = Σₙ coefs[:, n-1] Ψₙ for ``lpt_psis``' fields."""
     disp = sum(coefs[0, n] * psi for n, psi in enumerate(psis))
     mom = sum(coefs[1, n] * psi for n, psi in enumerate(psis))
     return disp, mom
+
+
+def lpt_combine_vjp(cfg: SimConfig, delta_lin: Array, coefs: Array, psis: Sequence[Array],
+                    ct_disp: Array, ct_mom: Array) -> tuple[Array, Array]:
+    """Cotangents of (``delta_lin``, ``coefs``) from those of ``lpt_combine``'s (disp, mom), given
+    its Ψₙ (``lpt_psis(cfg, delta_lin)``, recomputed by the caller, which needs them too).
+
+    Returns:
+      (npx, npy, npz) cotangent of ``delta_lin``, (2, lpt_order) of ``coefs`` (its dtype).
+    """
+    ct_coefs = jnp.stack([jnp.stack([jnp.vdot(ct_disp, psi), jnp.vdot(ct_mom, psi)])
+                          for psi in psis], axis=1)
+    ct_psis = [coefs[0, n] * ct_disp + coefs[1, n] * ct_mom for n in range(len(psis))]
+    return lpt_displacements_vjp(cfg, delta_lin, ct_psis), ct_coefs.astype(coefs.dtype)
 
 
 def lpt_state(cosmo: Cosmology, growth: GrowthTable, cfg: SimConfig, delta_lin: Array,

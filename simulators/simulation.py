@@ -16,8 +16,8 @@ from ._adjoint import after_cotangents
 from .config import SimConfig
 from .cosmology import Cosmology, growth_table
 from .forces import paint_density, pm_force_and_density, pm_force_and_density_vjp
-from .ics import (linear_field, lpt_coefficients, lpt_combine, lpt_displacements,
-                  lpt_displacements_vjp, white_noise)
+from .ics import (linear_field, lpt_coefficients, lpt_combine, lpt_combine_vjp, lpt_mix,
+                  lpt_psis, white_noise)
 from .nbody import (Observer, ParticleState, Snapshots, integrate, run_steps, start_steps,
                     step_factors)
 
@@ -105,16 +105,11 @@ def _lpt_particles_adjoint(cfg, residuals, cotangents):
     (delta_lin, coefs), cotangents = residuals, tuple(map(cfg.grid.constrain, cotangents))
     delta_lin = cfg.grid.constrain(delta_lin)
     ct_disp, ct_mom, ct_force, ct_density = cotangents
-    psis = [psi for psi in lpt_displacements(cfg, delta_lin) if psi is not None]
-    disp = sum(coefs[0, n] * psi for n, psi in enumerate(psis))
+    psis = lpt_psis(cfg, delta_lin)
+    disp, _ = lpt_mix(coefs, psis)
     ct_disp = ct_disp + pm_force_and_density_vjp(cfg, disp, paint_density(cfg, disp), ct_force,
                                                  ct_density)
-    # disp = Σₙ coefs[0, n] Ψₙ, mom = Σₙ coefs[1, n] Ψₙ
-    ct_coefs = jnp.stack([jnp.stack([jnp.vdot(ct_disp, psi), jnp.vdot(ct_mom, psi)])
-                          for psi in psis], axis=1)
-    ct_psis = [coefs[0, n] * ct_disp + coefs[1, n] * ct_mom for n in range(len(psis))]
-    ct_psis += [None] * (2 - len(ct_psis))
-    return lpt_displacements_vjp(cfg, delta_lin, *ct_psis), ct_coefs.astype(coefs.dtype)
+    return lpt_combine_vjp(cfg, delta_lin, coefs, psis, ct_disp, ct_mom)
 
 
 _lpt_particles.defvjp(_lpt_particles_fwd, _lpt_particles_bwd)

@@ -149,8 +149,9 @@ def plan(cfg) -> list[Stage]:
 
         # trains its own compressors and NPEs, one per size (kept across reruns: each point
         # knows the settings it was trained with), and scores them against the reference
-        needs = ("sims", "observation", reference_method(methods)) + (
-            ("hmc",) if "hmc" in methods and reference_method(methods) != "hmc" else ())
+        ref = reference_method(methods, cfg.compare.reference)
+        needs = ("sims", "observation") + ((ref,) if ref != "reference" else ()) + (
+            ("hmc",) if "hmc" in methods and ref != "hmc" else ())
         stages.append(Stage("efficiency", ("compare", "training_set", "compressor", "npe", "cl",
                                            "scales"),
                             needs, lambda out: (run_efficiency(cfg, out), {})[1],

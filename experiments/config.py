@@ -1060,8 +1060,15 @@ class CompareSection(_Section):
     efficiency: Ints = _key(
         (), "training-set sizes of the simulation-efficiency curve: every NPE method in "
             "methods is trained again on the first n training simulations for each n and "
-            "compared with the reference posterior (exact, else hmc) by C2ST and FoM "
-            "(efficiency.json, efficiency/efficiency.png, report.md)", "no curve")
+            "compared with the reference posterior (reference, else exact, else hmc) by C2ST "
+            "and FoM (efficiency.json, efficiency/efficiency.png, report.md)", "no curve")
+    reference: OrNone(FilePath) = _key(
+        None, "a posterior samples file of this run's observation (e.g. a committed converged "
+              "field-level posterior, experiments/benchmarks/reference_quick_field_level_"
+              "mclachlan.h5) that the efficiency curve is scored against, when a long chain "
+              "is the only converged reference; its configuration must give the same maps and "
+              "prior; relative paths are relative to the config file",
+        "exact if among methods, else hmc")
 
     @field_validator("efficiency")
     @classmethod
@@ -1224,9 +1231,10 @@ class ExperimentConfig(_Frozen):
             if not any(m.startswith("npe_") for m in methods):
                 _fail("compare.efficiency", "needs an NPE method in compare.methods (npe_cl, "
                                             "npe_maps or npe_<loss>) to train at each size")
-            if "exact" not in methods and "hmc" not in methods:
-                _fail("compare.efficiency", "needs a reference posterior in compare.methods: "
-                                            "'exact' (Gaussian-field maps) or 'hmc'")
+            if "exact" not in methods and "hmc" not in methods and self.compare.reference is None:
+                _fail("compare.efficiency", "needs a reference posterior: compare.reference (a "
+                                            "samples file), or 'exact' (Gaussian-field maps) or "
+                                            "'hmc' in compare.methods")
             n_train = self.training_set.n_sims - self.training_set.n_calibration
             if sizes[-1] > n_train:
                 _fail("compare.efficiency", f"size {sizes[-1]} exceeds the {n_train} training "

@@ -37,9 +37,28 @@ from .files import save_figure, write_json
 __all__ = ["reference_method", "run_efficiency", "plot_efficiency"]
 
 
-def reference_method(methods) -> str | None:
-    """The posterior the curve is measured against: exact if run, else the field-level chain."""
+def reference_method(methods, reference_file=None) -> str | None:
+    """The posterior the curve is measured against: "reference" (``compare.reference``, a
+    samples file) when given, else exact if run, else the field-level chain."""
+    if reference_file is not None:
+        return "reference"
     return "exact" if "exact" in methods else "hmc" if "hmc" in methods else None
+
+
+def read_reference(cfg, out: Path):
+    """The reference posterior's ``Samples``: ``compare.reference`` (refused, naming the section,
+    when drawn for another observation) or the run's own exact / hmc samples."""
+    from .io import observation_mismatch, read_samples
+
+    path = cfg.compare.reference
+    if path is None:
+        return read_samples(out / "samples" / f"{reference_method(cfg.compare.methods)}.h5")
+    reference = read_samples(path)
+    key = observation_mismatch(reference, cfg)
+    if key is not None:
+        raise ValueError(f"compare.reference: {path} was drawn with another [{key}] than this "
+                         f"run's: it is a posterior for another observation")
+    return reference
 
 
 def _fom(samples, names) -> float | None:
@@ -113,8 +132,10 @@ def _point(cfg, out: Path, method: str, n: int) -> dict:
     return point
 
 
-def _explicit_point(cfg, out: Path, reference, sims_per_s: float | None) -> dict | None:
-    """The field-level chain in the curve's unit, or None when it did not run."""
+def _explicit_point(cfg, out: Path, reference, sims_per_s: float | None,
+                    score: bool) -> dict | None:
+    """The field-level chain in the curve's unit, or None when it did not run; ``score``: also
+    its C2ST and FoM against ``reference`` (not when it is the reference)."""
     from .io import read_samples
 
     path = out / "samples" / "hmc.h5"
@@ -131,7 +152,7 @@ def _explicit_point(cfg, out: Path, reference, sims_per_s: float | None) -> dict
     point = {"method": "hmc", "n_gradients": n_grad, "simulations_per_gradient": sims_per_gradient,
              "n_simulations": (n_grad * sims_per_gradient if sims_per_gradient else None),
              "converged": _converged(cfg, s)}
-    if reference.method != "hmc":
+    if score:
         point.update(_score(cfg, s, reference, "hmc"))
     return point
 
@@ -167,8 +188,8 @@ def run_efficiency(cfg, out: Path) -> dict:
     from .io import read_samples
 
     out = Path(out)
-    ref_name = reference_method(cfg.compare.methods)
-    reference = read_samples(out / "samples" / f"{ref_name}.h5")
+    ref_name = reference_method(cfg.compare.methods, cfg.compare.reference)
+    reference = read_reference(cfg, out)
     methods = [m for m in cfg.compare.methods if m.startswith("npe_")]
     points = []
     for n in cfg.compare.efficiency:
@@ -178,11 +199,14 @@ def run_efficiency(cfg, out: Path) -> dict:
             points.append({k: v for k, v in point.items() if k != "identity"}
                           | _score(cfg, samples, reference, f"{m}@n{n}"))
     ref_info = {"method": ref_name, "fom": _fom(reference.samples, list(reference.names))}
-    if ref_name == "hmc":
+    if ref_name != "exact":  # a chain, whose draws may not be converged
         ref_info["converged"] = _converged(cfg, reference)
+    if cfg.compare.reference is not None:
+        ref_info["file"] = str(cfg.compare.reference)
     result = {"reference": ref_info, "budgets": list(cfg.compare.efficiency),
               "c2st_samples": cfg.compare.c2st_samples, "points": points,
-              "explicit": _explicit_point(cfg, out, reference, _sims_per_s(out))}
+              "explicit": _explicit_point(cfg, out, reference, _sims_per_s(out),
+                                          score=ref_name != "hmc")}
     write_json(out / "efficiency.json", result)
     plot_efficiency(result, out / "efficiency" / "efficiency.png")
     return result
@@ -197,7 +221,8 @@ def plot_efficiency(result: dict, path: Path) -> None:
     FigureCanvasAgg(fig)
     ax_c, ax_f = fig.subplots(1, 2)
     ref = result["reference"]
-    ref_label = ref["method"] + ("" if ref.get("converged", True) else " (unconverged)")
+    ref_label = (Path(ref["file"]).stem if ref.get("file") else ref["method"]) + (
+        "" if ref.get("converged", True) else " (unconverged)")
     methods = sorted({p["method"] for p in result["points"]})
     for m in methods:
         pts = sorted((p for p in result["points"] if p["method"] == m),

@@ -529,6 +529,32 @@ def read_samples(path) -> Samples:
                    info=info, config_toml=attrs.get("config_toml", ""))
 
 
+# What defines an observation's maps: these configuration sections, less the simulation's
+# execution keys (gradient method and device grid give the same maps).
+_OBSERVATION_SECTIONS = ("seed", "cosmology", "simulation", "lightcone", "shells", "maps",
+                         "sources", "prior")
+_EXECUTION_KEYS = {"gradient", "pdims", "halo"}
+
+
+def observation_mismatch(samples: Samples, cfg) -> str | None:
+    """The first configuration section (``_OBSERVATION_SECTIONS``) in which the configuration a
+    posterior samples file was drawn with differs from ``cfg``, i.e. why it is a posterior for
+    another observation; None when they give the same maps and prior. A file without its
+    configuration gives "config_toml"."""
+    from .config import load_config_text
+
+    if not samples.config_toml:
+        return "config_toml"
+    theirs = load_config_text(samples.config_toml)
+    for key in _OBSERVATION_SECTIONS:
+        a, b = getattr(theirs, key, None), getattr(cfg, key, None)
+        if key == "simulation":
+            a, b = a.model_dump(exclude=_EXECUTION_KEYS), b.model_dump(exclude=_EXECUTION_KEYS)
+        if a != b:
+            return key
+    return None
+
+
 def _jsonable_tree(value):
     """Nested dicts/lists of numpy values -> plain JSON types (non-finite floats -> None)."""
     if isinstance(value, dict):

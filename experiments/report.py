@@ -268,7 +268,8 @@ def summary_lines(metrics: Mapping, pair: tuple[str, str] = ("Omega_c", "sigma8"
 def efficiency_table(result: Mapping) -> list[str]:
     """The simulation-efficiency section (``efficiency.json``): one row per (method, size)."""
     ref = result["reference"]
-    name = ref["method"] + ("" if ref.get("converged", True) else " (unconverged: not a result)")
+    name = (f"reference ({Path(ref['file']).name})" if ref.get("file") else ref["method"]) + (
+        "" if ref.get("converged", True) else " (unconverged: not a result)")
     lines = ["## Simulation efficiency", "",
              f"Each NPE method trained again on the first n training simulations, against the "
              f"{name} posterior (FoM {_fmt(ref.get('fom'), '.0f')}). Simulations: n plus the "

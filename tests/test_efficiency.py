@@ -117,6 +117,40 @@ def test_rescoring_keeps_the_trained_points(run):
     assert len(json.loads((out / "efficiency.json").read_text())["points"]) == 4
 
 
+def test_a_reference_file_scores_the_curve(run, tmp_path):
+    """compare.reference: a samples file of the same observation (here the run's exact posterior,
+    copied) is the reference without 'exact' among the methods: the cached points are rescored
+    against it with the same subsample (the file's method names it), so the scores are the exact
+    reference's. A file drawn for another observation is refused, naming the section."""
+    import shutil
+
+    from experiments.efficiency import read_reference
+    from experiments.io import Samples, write_samples
+
+    config, out = run
+    seeded = {(p["method"], p["n_train"]): p for p in
+              json.loads((out / "efficiency.json").read_text())["points"]}
+    ref = tmp_path / "reference.h5"
+    shutil.copy(out / "samples" / "exact.h5", ref)
+    result = runner.invoke(cli.app, ["compare", "--config", str(config), "--out", str(out),
+                                     "--set", 'compare.methods=["npe_cl", "npe_mse"]',
+                                     "--set", f'compare.reference="{ref}"',
+                                     "--set", "compare.seed=1"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    eff = json.loads((out / "efficiency.json").read_text())
+    assert eff["reference"]["method"] == "reference" and eff["reference"]["file"] == str(ref)
+    for p in eff["points"]:  # compare.seed=1 as in the rescoring test before this one
+        assert p["c2st"] == pytest.approx(seeded[(p["method"], p["n_train"])]["c2st"], abs=1e-12)
+    assert "reference (reference.h5)" in (out / "report.md").read_text()
+
+    cfg = load_config(config).with_(**{"compare.reference": str(ref)})
+    other = read_samples(ref)
+    write_samples(ref, Samples(other.samples, other.names, other.method, chain=other.chain,
+                               config_toml=cfg.with_(seed=5).to_toml()))
+    with pytest.raises(ValueError, match=r"compare.reference: .* another \[seed\] than this run's"):
+        read_reference(cfg, out)
+
+
 def test_simulation_rate_after_a_resumed_generate(tmp_path):
     """The rate that turns HMC gradients into simulations is the finishing generate's own: a
     call that found 80 of 100 simulations done and ran the other 20 in 10 s of loop (12 s in
@@ -147,7 +181,8 @@ def test_simulation_rate_after_a_resumed_generate(tmp_path):
     ({"compare.efficiency": [1]}, r"compare.efficiency: sizes must be >= 2"),
     ({"compare.efficiency": [4, 12]}, r"compare.efficiency: size 4 leaves an empty compressor "
                                       r"training or validation split"),
-    ({"compare.methods": ["npe_cl"]}, r"compare.efficiency: needs a reference posterior"),
+    ({"compare.methods": ["npe_cl"]}, r"compare.efficiency: needs a reference posterior: "
+                                      r"compare.reference"),
     ({"compare.methods": ["exact", "cl_analytic"]}, r"compare.efficiency: needs an NPE method"),
 ])
 def test_bad_efficiency_settings(changes, message):

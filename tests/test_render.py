@@ -228,3 +228,21 @@ def test_scaling_shows_the_baseline_commit_beside_ours():
     assert "| 2.00 |" in row  # ours
     without = "\n".join(render.render_scaling({"memory": memory}, None))
     assert "reverse adjoint at" not in without
+
+
+def test_cl_likelihood_rows_against_exact_are_flagged(tmp_path):
+    def row(variant, seed, ess, r_hat):
+        return {"seed": seed, "variant": variant, "fom": 600.0, "fom_exact": 650.0,
+                "fom_ratio": 600.0 / 650.0, "mean_offset_sigma": [0.02, -0.1],
+                "std_ratio": [1.04, 1.03], "c2st": 0.51, "names": ["Omega_c", "sigma8"],
+                "ess": {"Omega_c": ess, "sigma8": 700.0}, "r_hat": {"Omega_c": r_hat,
+                                                                    "sigma8": 1.001}}
+    write(tmp_path, "results_cl_gaussian_check_likelihoods.json", {
+        "config": "gaussian_check",
+        "rows": [row("wishart", 0, 650.0, 1.002), row("wishart", 1, 150.0, 1.03)],
+        "summary": {"wishart": {"fom_ratio_mean": 0.923, "c2st_mean": 0.51, "seeds": [0, 1]}}})
+    page = section_of(render.render_page(tmp_path), "results_cl_gaussian_check_likelihoods.json")
+    assert ("| wishart | 0 | 600 | 650 | 0.923 | +0.02, −0.10 | 1.04, 1.03 | 0.510 | 650, 700 "
+            "| 1.00, 1.00 | converged |") in page
+    assert "| wishart | 1 | 600 |" in page and "unconverged (ESS 150/700, R̂ 1.03) |" in page
+    assert "| wishart | 0, 1 | 0.923 | 0.510 |" in page

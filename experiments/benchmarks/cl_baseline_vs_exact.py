@@ -91,7 +91,7 @@ def main(argv=None) -> None:
                 "mean_offset_sigma": ((x.mean(0) - mu_e) / sd_e).tolist(),
                 "std_ratio": (x.std(0) / sd_e).tolist(),
                 "c2st": float(c2st(x[:2000], exact[:2000], seed=0)),
-                "ess": s.info.get("ess"), "names": list(s.names)})
+                "ess": s.info.get("ess"), "r_hat": s.info.get("r_hat"), "names": list(s.names)})
             r = rows[-1]
             print(f"seed {seed} {name:16s} FoM {r['fom']:7.1f} / exact {r['fom_exact']:7.1f} = "
                   f"{r['fom_ratio']:.3f}; offsets {np.round(r['mean_offset_sigma'], 2).tolist()} "

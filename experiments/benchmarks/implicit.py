@@ -72,21 +72,13 @@ def _metrics(samples, reference=None) -> dict:
 
 
 def _check_same_observation(ref, cfg, error) -> None:
-    """Refuse a reference posterior drawn for another observation: its configuration must give
-    the same maps (the sections that define them, less the simulation's execution keys: gradient
-    method and device grid) and the same observation seed."""
-    from experiments.config import load_config_text
+    """Refuse a reference posterior drawn for another observation (``io.observation_mismatch``)."""
+    from experiments.io import observation_mismatch
 
-    execution = {"gradient", "pdims", "halo"}
-    theirs = load_config_text(ref.config_toml)
-    for key in ("seed", "cosmology", "simulation", "lightcone", "shells", "maps", "sources",
-                "prior"):
-        a, b = getattr(theirs, key, None), getattr(cfg, key, None)
-        if key == "simulation":
-            a, b = a.model_dump(exclude=execution), b.model_dump(exclude=execution)
-        if a != b:
-            error(f"--reference-samples: its configuration's [{key}] differs from this run's; "
-                  "it is a posterior for another observation")
+    key = observation_mismatch(ref, cfg)
+    if key is not None:
+        error(f"--reference-samples: its configuration's [{key}] differs from this run's; "
+              "it is a posterior for another observation")
 
 
 def main(argv=None):

@@ -966,6 +966,30 @@ def render_samplers(data: Mapping, source: Source | None) -> list[str]:
                    "status"], rows)]
 
 
+def render_cl_vs_exact(data: Mapping, source: Source | None) -> list[str]:
+    """``experiments.benchmarks.cl_baseline_vs_exact``: each C_ℓ likelihood variant on each
+    observation seed against that seed's exact posterior (FoM ratio, mean offsets and std ratios
+    in exact σ, C2ST, the chain's ESS and split R̂, flagged), then each variant's means."""
+    rows, names = [], ""
+    for r in data.get("rows", []):
+        ess, rh = r.get("ess") or {}, r.get("r_hat") or {}
+        names = ", ".join(param(p) for p in r.get("names", ess))
+        rows.append([r["variant"], str(r["seed"]), num(r["fom"]), num(r["fom_exact"]),
+                     num(r["fom_ratio"]), pair(r["mean_offset_sigma"], signed),
+                     pair(r["std_ratio"]), num(r["c2st"]),
+                     pair(ess.values(), lambda v: str(math.floor(v)) if _defined(v) else "–"),
+                     r_hat_cell(rh), status(mcmc_flag(ess, rh), "converged")])
+    out = [table(["variant", "observation seed", "FoM", "exact FoM", "FoM / exact",
+                  "mean offsets [exact σ]", "std ratios", "C2ST vs exact", f"ESS {names}",
+                  f"split R̂ {names}", "status"], rows)]
+    summary = data.get("summary") or {}
+    if summary:
+        out.append(table(["variant", "seeds", "mean FoM / exact", "mean C2ST"],
+                         [[k, ", ".join(map(str, v["seeds"])), num(v["fom_ratio_mean"]),
+                           num(v["c2st_mean"])] for k, v in summary.items()]))
+    return out
+
+
 def coverage_command(data: Mapping) -> str:
     """The hmc_coverage command line, rebuilt from the config and overrides the file records."""
     parts = ["python -m experiments.benchmarks.hmc_coverage"]
@@ -1253,6 +1277,7 @@ RENDERERS: dict[str, Callable] = {
     "results_hmc_coverage.json": render_coverage,
     "results_samplers_quick.json": render_samplers,
     "results_samplers_gaussian_check.json": render_samplers,
+    "results_cl_gaussian_check_likelihoods.json": render_cl_vs_exact,
 }
 
 

@@ -402,7 +402,32 @@ SOURCES: dict[str, Source] = {
                 "results_gaussian_check_methods.json",
         recorded="2026-12-07, " + VM + ", one core each (`taskset`), at most two runs at a time; "
                  "the training set of NOTEBOOK 22 copied in",
+        caveat="The analytic C_ℓ rows use the fixed-covariance Gaussian likelihood, "
+               "`gaussian_check`'s default when they ran; the Wishart band-power likelihood, its "
+               "default since, reaches 0.92–1.00× the exact FoM on the same four observations "
+               "(mean 0.947, C2ST ≤ 0.515: results_cl_gaussian_check_likelihoods.json).",
         notebook="23"),
+    "results_cl_gaussian_check_likelihoods.json": Source(
+        title="The C_ℓ likelihood against the exact posterior on gaussian_check: fixed-covariance "
+              "Gaussian and Wishart band powers, four observation seeds",
+        what="The shipped `gaussian_check` binning (24 linear ℓ bins from 72 to 1640, 72 data), "
+             "NUTS 2 × (300 + 1000) on each of two likelihoods of the same band powers: "
+             "`gaussian` (N(d | mean(θ), C), C the analytic Gaussian covariance at [cosmology]) "
+             "and `wishart` (`cl_baseline.likelihood = \"wishart\"`: n_b Ĉ_b ~ Wishart(M_b(θ), "
+             "n_b) per ℓ bin, the band powers' exact distribution for Gaussian maps, whose "
+             "covariance follows θ), each against the exact grid posterior of the same "
+             "observation (C2ST: 2000 samples a side). The issue's target: the analytic C_ℓ "
+             "likelihood ≥ 0.9× the exact FoM with C2ST ≤ 0.60, on several observation seeds.",
+        command="python -m experiments.benchmarks.cl_baseline_vs_exact --seeds 0 1 2 3 \\\n"
+                "    --variant gaussian_24:covariance=gaussian \\\n"
+                "    --variant wishart_24:covariance=gaussian,likelihood=wishart \\\n"
+                "    --work runs/clw --out experiments/benchmarks/"
+                "results_cl_gaussian_check_likelihoods.json\n"
+                "# the rows' split R̂ read from runs/clw's samples files (this run's script "
+                "did not record it yet)",
+        recorded="2026-12-07, " + VM + ", one core (`taskset -c 0`), beside a compressor's "
+                 "training and test runs on the other; 2–5.5 minutes per chain pair",
+        notebook="35"),
     "results_efficiency_gaussian_check.json": Source(
         title="The simulation-efficiency curve on gaussian_check",
         what="`lensbench compare` with `[compare] efficiency = [250, 500, 1000, 2000, 5000, "

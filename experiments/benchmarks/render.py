@@ -449,6 +449,36 @@ SOURCES: dict[str, Source] = {
         recorded="2026-12-07, " + VM + ", one core (`taskset -c 0`; the training set of NOTEBOOK "
                  "22 copied in); other benchmarks used the other core; 2510 s in all",
         notebook="23"),
+    "results_efficiency_quick.json": Source(
+        title="The simulation-efficiency curve on quick against the converged field-level "
+              "posterior",
+        what="`lensbench compare` on `quick` (PM maps, observation seed 0) with methods npe_cl and "
+             "npe_vmim, `[compare] efficiency = [250, 500, 1000, 2000, 5000]` and `compare."
+             "reference` = the committed converged field-level posterior "
+             "(`reference_quick_field_level_mclachlan.h5`, MCLMC McLachlan + fourier, 4 × 8000 "
+             "draws, RESULTS 14): each NPE method retrained on the first n of 5000 training "
+             "simulations and compared with it (C2ST: sklearn MLP, 5 folds, 2000 samples a "
+             "side). VMIM: ResNet width 16, 6-number summary, weight average 0.99, its own "
+             "128-wide flow as the posterior, 40 epochs of a fixed 140 steps of 32 maps at every "
+             "n (early stopping after 10 without a better validation loss); NPE on C_ℓ: sbi MAF "
+             "on 4 noise copies of the C_ℓ vectors.",
+        command="lensbench compare --config quick --out runs/qeff \\\n"
+                "    --set training_set.n_sims=5100 --set 'compare.methods=[\"npe_cl\", "
+                "\"npe_vmim\"]' \\\n"
+                "    --set 'compare.efficiency=[250, 500, 1000, 2000, 5000]' \\\n"
+                "    --set \"compare.reference='$PWD/experiments/benchmarks/"
+                "reference_quick_field_level_mclachlan.h5'\" \\\n"
+                "    --set compare.c2st_samples=2000 --set compressor.width=16 "
+                "--set compressor.summary_dim=6 \\\n"
+                "    --set compressor.ema=0.99 --set compressor.epochs=40 "
+                "--set compressor.patience=10 \\\n"
+                "    --set compressor.steps_per_epoch=140 --set compressor.flow_hidden=128 "
+                "--set npe.vmim_flow=true\n"
+                "cp runs/qeff/efficiency.json experiments/benchmarks/results_efficiency_quick.json"
+                "   # reference.file made relative",
+        recorded="2026-12-07, " + VM + ", one core (`taskset -c 0`), the other running MAMS "
+                 "chains; test runs and timing probes shared this core at times",
+        notebook="38"),
     "results_implicit_quick_reference.json": Source(
         title="Implicit inference on quick against the converged field-level posterior",
         what="The shipped `quick` configuration, observation seed 0 (the observation of the "
@@ -1298,6 +1328,7 @@ RENDERERS: dict[str, Callable] = {
     "results_cl_hires_patch_random.json": render_cl_maps,
     "results_pk_box.json": render_pk_box,
     "results_efficiency_gaussian_check.json": render_efficiency,
+    "results_efficiency_quick.json": render_efficiency,
     "results_hmc.json": render_hmc,
     "results_hmc_coverage.json": render_coverage,
     "results_samplers_quick.json": render_samplers,

@@ -36,8 +36,8 @@ Likelihood
       distinct |ℓ| per bin it is ``explicit.exact``'s likelihood up to a constant.
       ``cov`` (the analytic Gaussian covariance, its local Gaussian approximation at the
       fiducial) only sets NUTS's initial mass matrix (``fisher``).
-  S is the unbiased sample covariance (ddof = 1). Both distributions are built from a Cholesky
-  factor only (numpyro >= 0.15 accepts exactly one of covariance / precision / scale_tril).
+  S is the unbiased sample covariance (ddof = 1). The Gaussian and Student-t are built from a
+  Cholesky factor only (numpyro >= 0.15 accepts exactly one of covariance / precision / scale_tril).
 
 Sampling
   ``ClLikelihood.model(data)`` is a numpyro model (θ from ``prior.sample_sites()``, the cosmology
@@ -409,23 +409,30 @@ def wishart_log_prob(blocks: _WishartBlocks, mean, data) -> jax.Array:
     return jnp.sum(jnp.where(p > 0, per_bin, 0.0), axis=-1)
 
 
-def _wishart_distribution(mean, blocks: _WishartBlocks):
-    """A numpyro distribution over the kept entries given their mean: ``wishart_log_prob``, and
-    draws of ν Gaussian vectors of covariance M_b per ℓ bin averaged into Ĉ_b."""
+@functools.cache
+def _band_power_wishart():
+    """The numpyro distribution class of the "wishart" likelihood, made once (numpyro registers
+    every Distribution subclass as a pytree node; importing numpyro is left to first use)."""
     import numpyro.distributions as dist
 
     class BandPowerWishart(dist.Distribution):
+        """The kept data entries given their mean ``loc`` (..., n_data): ``wishart_log_prob``,
+        and draws of ν Gaussian vectors of covariance M_b per ℓ bin averaged into Ĉ_b."""
+
         support = dist.constraints.real_vector
         pytree_data_fields = ("loc",)
+        pytree_aux_fields = ("blocks",)
 
-        def __init__(self, mean):
-            self.loc = jnp.asarray(mean, jnp.float64)
+        def __init__(self, loc, blocks: _WishartBlocks):
+            self.loc = jnp.asarray(loc, jnp.float64)
+            self.blocks = blocks
             super().__init__(batch_shape=self.loc.shape[:-1], event_shape=self.loc.shape[-1:])
 
         def log_prob(self, value):
-            return wishart_log_prob(blocks, self.loc, value)
+            return wishart_log_prob(self.blocks, self.loc, value)
 
         def sample(self, key, sample_shape=()):
+            blocks = self.blocks
             shape = sample_shape + self.batch_shape
             chol = jnp.linalg.cholesky(_block_matrices(blocks, self.loc))
             rows, cols = jnp.asarray(blocks.row), jnp.asarray(blocks.col)
@@ -439,7 +446,7 @@ def _wishart_distribution(mean, blocks: _WishartBlocks):
                 out = jnp.where(jnp.asarray(blocks.ell_bin == e), chat[..., rows, cols], out)
             return out
 
-    return BandPowerWishart(mean)
+    return BandPowerWishart
 
 
 def _static_array(x) -> np.ndarray:
@@ -635,7 +642,7 @@ class ClLikelihood:
         import numpyro.distributions as dist
 
         if self.kind == "wishart":
-            return _wishart_distribution(mean, self.wishart)
+            return _band_power_wishart()(mean, self.wishart)
         if self.kind == "gaussian":
             return dist.MultivariateNormal(loc=mean, scale_tril=self.scale_tril)
         return dist.MultivariateStudentT(df=self.df, loc=mean, scale_tril=self.scale_tril)
@@ -664,8 +671,9 @@ class ClLikelihood:
         """(d, d) Fisher matrix Jᵀ P J at θ, J = d mean / dθ by central differences of ``mean``
         (steps rel_step x prior std; reuses the compiled theory), P the precision the likelihood
         uses ((L Lᵀ)⁻¹ of ``scale_tril``: the Hartlap one for "gaussian", the t scale matrix's
-        inverse for "sellentin_heavens", the analytic covariance's, which is the Wishart's own
-        Fisher information at the fiducial, for "wishart")."""
+        inverse for "sellentin_heavens", the analytic covariance's for "wishart": its Fisher
+        information at the fiducial when the spectra are constant inside each ℓ bin, close
+        enough otherwise for what this is used for, NUTS's initial mass matrix)."""
         theta = np.asarray(theta, np.float64)
         steps = rel_step * np.asarray(self.prior.std, np.float64)
         cols = []

@@ -4,8 +4,9 @@ For each training-set size n in ``[compare] efficiency`` and each NPE method of
 ``[compare] methods`` (NPE on compressed summaries, on the C_ℓ data vector, on the maps), the
 method is trained again on the first n training rows of the compare run's training set (its
 compressor too, online or not) and sampled on the observation. Each point is compared with the
-reference posterior of the same run: the exact one when ``exact`` is among the methods, else the
-field-level HMC chain (a result only when that chain is converged; the curve says which).
+reference posterior: ``compare.reference`` (a samples file of the same observation) when given,
+else the run's exact one when ``exact`` is among the methods, else its field-level HMC chain (a
+result only when that chain is converged; the curve says which).
 
 Per point: C2ST against the reference (``estimators.metrics.c2st``), FoM(Ω_c, σ_8) and its ratio
 to the reference's, and the simulations spent: n, plus every fresh draw of an online compressor.

@@ -529,27 +529,30 @@ def read_samples(path) -> Samples:
                    info=info, config_toml=attrs.get("config_toml", ""))
 
 
-# What defines an observation's maps: these configuration sections, less the simulation's
-# execution keys (gradient method and device grid give the same maps).
-_OBSERVATION_SECTIONS = ("seed", "cosmology", "simulation", "lightcone", "shells", "maps",
-                         "sources", "prior")
-_EXECUTION_KEYS = {"gradient", "pdims", "halo"}
+# What defines a posterior's target besides [prior]: the maps' model and scales. The device
+# layout (pdims, halo) and the gradient mode give the same posterior and are left out. Shared by
+# the HMC run's provenance digest (``pipeline._hmc_provenance``) and ``observation_mismatch``.
+MODEL_SECTIONS = ("cosmology", "simulation", "lightcone", "shells", "maps", "sources", "scales")
+LAYOUT_KEYS = ("pdims", "halo", "gradient")
 
 
 def observation_mismatch(samples: Samples, cfg) -> str | None:
-    """The first configuration section (``_OBSERVATION_SECTIONS``) in which the configuration a
-    posterior samples file was drawn with differs from ``cfg``, i.e. why it is a posterior for
-    another observation; None when they give the same maps and prior. A file without its
-    configuration gives "config_toml"."""
+    """The first configuration key in which the configuration a posterior samples file was drawn
+    with differs from ``cfg`` (the observation's seed and file, ``MODEL_SECTIONS`` less
+    ``LAYOUT_KEYS``, [prior]), i.e. why it is a posterior of another target; None when they
+    agree. A file without its configuration gives "config_toml". An observation read from a
+    file (``compare.observation``) is matched by its path: the check cannot see inside it."""
     from .config import load_config_text
 
     if not samples.config_toml:
         return "config_toml"
     theirs = load_config_text(samples.config_toml)
-    for key in _OBSERVATION_SECTIONS:
+    if theirs.compare.observation != cfg.compare.observation:
+        return "compare.observation"
+    for key in ("seed", *MODEL_SECTIONS, "prior"):
         a, b = getattr(theirs, key, None), getattr(cfg, key, None)
         if key == "simulation":
-            a, b = a.model_dump(exclude=_EXECUTION_KEYS), b.model_dump(exclude=_EXECUTION_KEYS)
+            a, b = a.model_dump(exclude=set(LAYOUT_KEYS)), b.model_dump(exclude=set(LAYOUT_KEYS))
         if a != b:
             return key
     return None

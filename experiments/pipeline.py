@@ -34,6 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from .files import save_npz, write_json, write_text
+# What defines the field-level posterior besides [prior] and [hmc]: a run resumed or extended
+# with any of these changed would mix chains of two posteriors.
+from .io import LAYOUT_KEYS as _LAYOUT_KEYS, MODEL_SECTIONS as _MODEL_SECTIONS
 
 SUMMARIES = ("compressor", "cl", "maps")
 # nflows (inside sbi) calls a torch function deprecated in torch 2.x on every MAF/NSF inverse
@@ -459,7 +462,7 @@ def cl_data_path(samples_path) -> Path:
 
 
 def run_cl_baseline(config, maps_path, out, *, progress: bool = True):
-    """The analytic C_ℓ baseline: Gaussian (or Sellentin–Heavens) likelihood of the observed
+    """The analytic C_ℓ baseline: Gaussian, Sellentin–Heavens or Wishart likelihood of the observed
     noisy maps' binned tomographic C_ℓ, covariance from ``cl_baseline.n_cov`` simulations of the
     configuration's map model at its [cosmology], NUTS over its [prior] -> samples file.
     The covariance's data vectors are cached next to ``out`` (``<out>.cov.npz``) and reused when
@@ -656,11 +659,6 @@ def run_hmc(config, maps_path, out, *, samples_out=None, resume: bool = True,
     return samples
 
 
-# What defines the field-level posterior besides [prior] and [hmc]: a run resumed or extended
-# with any of these changed would mix chains of two posteriors. The device layout (pdims, halo)
-# and the gradient mode give the same posterior and are left out.
-_MODEL_SECTIONS = ("cosmology", "simulation", "lightcone", "shells", "maps", "sources", "scales")
-_LAYOUT_KEYS = ("pdims", "halo", "gradient")
 
 
 def _hmc_provenance(cfg, obs) -> dict[str, str]:

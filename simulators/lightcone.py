@@ -317,9 +317,11 @@ class BornParams:
 
 
 def _wrap(x: Array, box: Array) -> Array:
-    """x modulo box, in [0, box]: ``jnp.mod``'s value (both can round to box itself) through
-    floor, not XLA's CPU remainder, which calls fmod per element (~27 ns each, 60x the floor's
-    cost: it was most of a reduced lsst_y10 gradient's ray-sample transform)."""
+    """x modulo box, in [0, box], through floor, not XLA's CPU remainder, which calls fmod per
+    element (~27 ns each, 60x the floor's cost: it was most of a reduced lsst_y10 gradient's
+    ray-sample transform). ``jnp.mod``'s value bit for bit where ⌊x / box⌋ box is exact (box
+    lengths that are integers, as every shipped configuration's); otherwise within an ulp, or
+    its periodic image, which the periodic reads treat alike."""
     y = x - jnp.floor(x / box) * box
     # x / box rounded up to an integer leaves y just below 0
     return jnp.where(y < 0, y + box, y)

@@ -188,3 +188,27 @@ def test_simulation_rate_after_a_resumed_generate(tmp_path):
 def test_bad_efficiency_settings(changes, message):
     with pytest.raises(ConfigError, match=message):
         load_config("gaussian_check").with_(**{**TINY, **changes})
+
+
+def test_observation_mismatch_names_what_differs(tmp_path):
+    """A posterior's target: the observation (seed, or an observed file's path), the model
+    sections and scales, and the prior; the device layout and gradient mode are not part of it."""
+    from experiments.io import Samples, observation_mismatch
+
+    cfg = load_config("quick")
+
+    def drawn_with(other):
+        return Samples(np.zeros((3, 2)), ("Omega_c", "sigma8"), "hmc", config_toml=other.to_toml())
+
+    assert observation_mismatch(drawn_with(cfg), cfg) is None
+    assert observation_mismatch(drawn_with(cfg.with_(**{"simulation.gradient": "adjoint"})),
+                                cfg) is None
+    assert observation_mismatch(drawn_with(cfg.with_(seed=3)), cfg) == "seed"
+    assert observation_mismatch(drawn_with(cfg.with_(**{"scales.cut": False})), cfg) == "scales"
+    assert observation_mismatch(drawn_with(cfg.with_(**{"maps.npix": 16})), cfg) == "maps"
+    obs = tmp_path / "obs.h5"
+    obs.write_bytes(b"")
+    assert observation_mismatch(drawn_with(cfg), cfg.with_(**{"compare.observation": str(obs)})
+                                ) == "compare.observation"
+    assert observation_mismatch(Samples(np.zeros((3, 2)), ("Omega_c", "sigma8"), "hmc"),
+                                cfg) == "config_toml"

@@ -227,7 +227,8 @@ def test_steps_thicker_than_the_radial_window_are_caught():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_wrap_is_mod(dtype):
     """The ray samples' periodic wrap (floor-based: XLA's CPU remainder is an fmod call per
-    element) equals ``jnp.mod`` bit for bit on 3M random points, and on points at and one ulp
+    element) equals ``jnp.mod`` bit for bit on 3M random points for integer box lengths, within
+    4 ulps of x (the error of x - ⌊x/L⌋L) or one period for others, and on points at and one ulp
     either side of multiples of the box it gives jnp.mod's value or the same point one period
     away (0 for box), always inside [0, box]."""
     from simulators.lightcone import _wrap
@@ -235,6 +236,13 @@ def test_wrap_is_mod(dtype):
     box = jnp.asarray([400.0, 400.0, 4000.0], dtype)
     x = jax.random.uniform(jax.random.key(0), (1 << 20, 3), dtype, -30000.0, 30000.0)
     np.testing.assert_array_equal(np.asarray(_wrap(x, box)), np.asarray(jnp.mod(x, box)))
+    # a box that is no integer: within a few ulps of x, or one period away
+    odd = jnp.asarray([333.3, 333.3, 1234.567], dtype)
+    ours, ref = _wrap(x, odd), jnp.mod(x, odd)
+    d = jnp.abs(ours - ref)
+    tol = 4 * jnp.finfo(dtype).eps * jnp.abs(x)
+    assert bool(jnp.all((d <= tol) | (jnp.abs(d - odd) <= tol)))
+    assert bool(jnp.all((ours >= 0) & (ours <= odd)))
     k = jnp.arange(-50, 50, dtype=dtype)[:, None] * box
     edge = jnp.concatenate([k, jnp.nextafter(k, k + 1), jnp.nextafter(k, k - 1)])
     ours, ref = _wrap(edge, box), jnp.mod(edge, box)

@@ -1027,8 +1027,10 @@ def render_cl_vs_exact(data: Mapping, source: Source | None) -> list[str]:
     in exact σ, C2ST, the chain's ESS and split R̂, flagged), then each variant's means."""
     rows, names = [], ""
     for r in data.get("rows", []):
-        ess, rh = r.get("ess") or {}, r.get("r_hat") or {}
-        names = ", ".join(param(p) for p in r.get("names", ess))
+        order = list(r.get("names") or r.get("ess") or {})  # the header's order, in every cell
+        ess = {k: (r.get("ess") or {}).get(k) for k in order}
+        rh = {k: (r.get("r_hat") or {})[k] for k in order if k in (r.get("r_hat") or {})}
+        names = ", ".join(param(p) for p in order)
         rows.append([r["variant"], str(r["seed"]), num(r["fom"]), num(r["fom_exact"]),
                      num(r["fom_ratio"]), pair(r["mean_offset_sigma"], signed),
                      pair(r["std_ratio"]), num(r["c2st"]),

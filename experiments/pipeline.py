@@ -461,38 +461,24 @@ def cl_data_path(samples_path) -> Path:
     return samples_path.with_name(samples_path.name + ".data.npz")
 
 
-def run_cl_baseline(config, maps_path, out, *, progress: bool = True):
-    """The analytic C_ℓ baseline: Gaussian, Sellentin–Heavens or Wishart likelihood of the observed
-    noisy maps' binned tomographic C_ℓ, covariance from ``cl_baseline.n_cov`` simulations of the
-    configuration's map model at its [cosmology], NUTS over its [prior] -> samples file.
-    The covariance's data vectors are cached next to ``out`` (``<out>.cov.npz``) and reused when
-    the configuration matches."""
-    import jax.numpy as jnp
-
-    from estimators.cl_baseline import (ClLikelihood, analytic_covariance, cl_data_vector,
-                                        estimate_covariance, fiducial_data_vectors,
-                                        sample_cl_posterior, scale_cut_keep)
+def cl_likelihood(cfg, cache: Path | None = None):
+    """The configuration's analytic C_ℓ likelihood (``[cl_baseline]``, ``[cl]``, ``[scales]``):
+    returns (``ClLikelihood``, covariance (k, k), seconds spent on the covariance). A simulated
+    covariance's data vectors are cached in ``cache`` (an .npz) and reused when the configuration
+    matches; an analytic one is computed."""
+    from estimators.cl_baseline import (ClLikelihood, analytic_covariance, estimate_covariance,
+                                        fiducial_data_vectors, scale_cut_keep)
     from simulators.lensing import mesh_power_window, noise_sigma
 
-    from .io import Samples, write_samples
-
-    cfg = _config(config)
     if cfg.maps.sky != "flat":
         raise ValueError("the C_ell baseline needs flat-sky maps (maps.sky = 'flat')")
-    obs = read_observation(cfg, maps_path)
     model = cfg.build_model()
     cb = cfg.cl_baseline
     simulated = cb.covariance == "simulated"
-    obs_seed = int(obs.attrs["seed"])
-    if simulated and cb.seed <= obs_seed < cb.seed + cb.n_cov:
-        raise ValueError(f"the observation's seed {obs_seed} is one of the covariance simulations' "
-                         f"seeds [{cb.seed}, {cb.seed + cb.n_cov}): change cl_baseline.seed")
     edges = np.asarray(cfg.ell_edges())
     sigma_n = noise_sigma(model.bins, model.sky)
     window = (mesh_power_window(cfg.simulation.sim_config(sharded=False).cell_size)
               if model.cfg is not None else None)
-    out = Path(out)
-    cache = out.with_name(out.name + ".cov.npz")
     # the covariance depends on the maps' model and the ell binning only
     shaping = ("cosmology", "simulation", "lightcone", "shells", "maps", "sources", "cl")
     key = json.dumps({**{k: v for k, v in cfg.to_dict().items() if k in shaping},
@@ -502,7 +488,7 @@ def run_cl_baseline(config, maps_path, out, *, progress: bool = True):
     if not simulated:
         cov = analytic_covariance(model.bins, cfg.cosmology(), cfg.maps.field_deg, cfg.maps.npix,
                                   edges, sigma_n, power_filter=window, n_chi=cb.n_chi)
-    elif cache.is_file():
+    elif cache is not None and cache.is_file():
         with np.load(cache) as z:
             if str(z["key"]) == key:
                 dvs = z["data_vectors"]
@@ -511,16 +497,45 @@ def run_cl_baseline(config, maps_path, out, *, progress: bool = True):
              f"(seeds {cb.seed}..{cb.seed + cb.n_cov - 1})")
         dvs = fiducial_data_vectors(model, cfg.cosmology(), sigma_n, cfg.maps.field_deg, edges,
                                     cb.n_cov, seed=cb.seed, batch=8)
-        save_npz(cache, key=key, data_vectors=dvs)
+        if cache is not None:
+            save_npz(cache, key=key, data_vectors=dvs)
     if simulated:
         cov = estimate_covariance(dvs).cov
-    cov_time = time.perf_counter() - t0
-    n_cov = cb.n_cov if simulated else None
     like = ClLikelihood(bins=model.bins, field_deg=cfg.maps.field_deg, npix=cfg.maps.npix,
-                        ell_edges=edges, sigma_n=sigma_n, cov=cov, n_cov=n_cov,
+                        ell_edges=edges, sigma_n=sigma_n, cov=cov,
+                        n_cov=cb.n_cov if simulated else None,
                         prior=cfg.prior(), base=cfg.cosmology(), kind=cb.likelihood,
                         power_filter=window, n_chi=cb.n_chi,
                         keep=scale_cut_keep(model.bins.n_bins, edges, cfg.scale_cuts()))
+    return like, cov, time.perf_counter() - t0
+
+
+def run_cl_baseline(config, maps_path, out, *, progress: bool = True):
+    """The analytic C_ℓ baseline: Gaussian, Sellentin–Heavens or Wishart likelihood of the observed
+    noisy maps' binned tomographic C_ℓ, covariance from ``cl_baseline.n_cov`` simulations of the
+    configuration's map model at its [cosmology], NUTS over its [prior] -> samples file.
+    The covariance's data vectors are cached next to ``out`` (``<out>.cov.npz``) and reused when
+    the configuration matches."""
+    import jax.numpy as jnp
+
+    from estimators.cl_baseline import cl_data_vector, sample_cl_posterior
+
+    from .io import Samples, write_samples
+
+    cfg = _config(config)
+    if cfg.maps.sky != "flat":
+        raise ValueError("the C_ell baseline needs flat-sky maps (maps.sky = 'flat')")
+    obs = read_observation(cfg, maps_path)
+    cb = cfg.cl_baseline
+    simulated = cb.covariance == "simulated"
+    obs_seed = int(obs.attrs["seed"])
+    if simulated and cb.seed <= obs_seed < cb.seed + cb.n_cov:
+        raise ValueError(f"the observation's seed {obs_seed} is one of the covariance simulations' "
+                         f"seeds [{cb.seed}, {cb.seed + cb.n_cov}): change cl_baseline.seed")
+    out = Path(out)
+    like, cov, cov_time = cl_likelihood(cfg, out.with_name(out.name + ".cov.npz"))
+    edges = np.asarray(like.ell_edges)
+    n_cov = like.n_cov
     data = np.asarray(cl_data_vector(jnp.asarray(obs.kappa_noisy), cfg.maps.field_deg, edges))
     theta, info = sample_cl_posterior(like, data, num_warmup=cb.num_warmup,
                                       num_samples=cb.num_samples, num_chains=cb.num_chains,
@@ -549,6 +564,54 @@ def run_cl_baseline(config, maps_path, out, *, progress: bool = True):
           + ", ".join(f"{k} {v:.0f}" for k, v in info["ess"].items()))
     _report_samples(samples, path)
     return samples
+
+
+def calibrate_cl_baseline(config, sims_path, out, *, n_grid: int | None = None,
+                          progress: bool = False) -> dict:
+    """SBC and TARP of the analytic C_ℓ likelihood on the held-out simulations of a training set
+    (the last ``training_set.n_calibration``, with shape noise drawn as ``fit-posterior``'s
+    calibration draws it): whether the likelihood's model (theory, covariance, distribution)
+    describes the maps, which its NUTS diagnostics cannot say. Each posterior is tabulated on one
+    grid of n_grid cells per parameter (``cl_baseline.ClGridPosterior``; None: sized by the
+    Fisher matrix) and drawn ``npe.calibration_samples`` times. Writes calibration.json, sbc_ranks.png and tarp.png to
+    ``out`` and returns the calibration dict (``estimators.calibration.calibrate``'s) with
+    "likelihood" and "grid" entries added."""
+    from estimators.calibration import calibrate, write_calibration
+    from estimators.cl_baseline import ClGridPosterior
+
+    from .files import check_output_dir
+
+    cfg = _config(config)
+    out = check_output_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sims = _read_sims(sims_path)
+    _check_sims_match(sims, cfg)
+    split = split_sims(sims, cfg.training_set.n_calibration)
+    if not len(split.held_out):
+        raise ValueError("training_set.n_calibration = 0: no held-out simulations to calibrate on")
+    t0 = time.perf_counter()
+    like, _, _ = cl_likelihood(cfg, out / "cov.npz")
+    _, held = _noisy(sims.kappa[split.held_out], sims.theta[split.held_out], sims.sigma_n, 1,
+                     cfg.npe.seed + 1)
+    data = summarise("cl", held, field_deg=cfg.maps.field_deg, ell_edges=like.ell_edges)
+    grid = ClGridPosterior(like, n_grid=n_grid)
+    _log(f"C_ell likelihood ({like.kind}) on a {grid.n_grid}^{cfg.prior().dim} grid; calibrating "
+         f"on {len(data)} held-out simulations")
+    widths = [grid.posterior(x).diagnostics["cells_per_std"] for x in data]
+    cal = calibrate(grid, sims.theta[split.held_out], data,
+                    n_posterior_samples=cfg.npe.calibration_samples, names=cfg.prior().names,
+                    seed=cfg.npe.seed, progress=progress)
+    cal["likelihood"] = {"kind": like.kind, "n_cov": like.n_cov, "n_data": like.n_data,
+                         "covariance": cfg.cl_baseline.covariance}
+    cal["grid"] = {"n_grid": grid.n_grid, "min_cells_per_std": float(min(widths)),
+                   "ranges": [[float(a[0]), float(a[-1])] for a in grid.axes]}
+    cal["time_s"] = time.perf_counter() - t0
+    write_calibration(cal, out)
+    ks = ", ".join(f"{k} {v:.2f}" for k, v in cal["sbc"]["ks_pvals"].items())
+    print(f"C_ell likelihood ({like.kind}) on {cal['n_test']} held-out simulations: TARP ATC "
+          f"{cal['tarp']['atc']:+.3f} (KS p {cal['tarp']['ks_pval']:.2f}); SBC rank KS p: {ks}; "
+          f"wrote {out}")
+    return cal
 
 
 # ---- explicit inference (HMC) ---------------------------------------------------------------------

@@ -720,6 +720,49 @@ def grid_posterior_from_loglike(loglike: Callable[[Array], Array], names: Sequen
                          None if log_prior is None else prior_run, evaluate)
 
 
+def tabulated_posterior(names: Sequence[str], axes: Sequence[np.ndarray], log_like: np.ndarray,
+                        log_prior: np.ndarray,
+                        log_prior_fn: Callable[[np.ndarray], np.ndarray] | None = None
+                        ) -> GridPosterior:
+    """A ``GridPosterior`` from ln L and ln π already tabulated at the centres of a regular grid
+    of cells (``axes``: d increasing, evenly spaced arrays; ``log_like``, ``log_prior``: arrays of
+    shape (m_1, ..., m_d)), without refinement or interpolation: for many data sets sharing one
+    grid (e.g. calibration over simulations), whose cells the caller makes much narrower than
+    the posteriors (``diagnostics["cells_per_std"]`` says by how much). ln L = -inf is allowed
+    (zero likelihood); NaN inside the prior support is an error, as in ``grid_posterior``."""
+    names = tuple(names)
+    axes = tuple(np.asarray(a, np.float64) for a in axes)
+    ll = np.asarray(log_like, np.float64)
+    lp = np.asarray(log_prior, np.float64)
+    shape = tuple(len(a) for a in axes)
+    if len(axes) != len(names) or ll.shape != shape or lp.shape != shape:
+        raise ValueError(f"need one axis per name ({len(names)}) and tables of shape {shape}, "
+                         f"got {len(axes)} axes, {ll.shape} and {lp.shape}")
+    widths = np.array([a[1] - a[0] for a in axes])
+    if not all(np.allclose(np.diff(a), h, rtol=1e-9, atol=0) for a, h in zip(axes, widths)) \
+            or not np.all(widths > 0):
+        raise ValueError("axes must be evenly spaced and increasing")
+    logp = _log_post(ll.reshape(-1), lp.reshape(-1), _mesh(axes)).reshape(shape)
+    top = np.max(logp)
+    if not np.isfinite(top):
+        raise ValueError("the posterior vanishes everywhere on the grid")
+    vol = float(np.prod(widths))
+    mass = np.exp(logp - top)
+    z = mass.sum()
+    density = mass / (z * vol)
+    mean, cov = _moments(density, axes, vol)
+    boundary = np.zeros(shape, bool)
+    for a in range(len(shape)):
+        for k in (0, -1):
+            boundary[(slice(None),) * a + (k,)] = True
+    diag = {"edge_drop": float(np.max(logp[boundary]) - top), "n_evals": float(ll.size),
+            "cells_per_std": float(np.min(np.sqrt(np.diag(cov)) / widths))}
+    for a in (widths, density, mean, cov, ll, lp, *axes):
+        a.setflags(write=False)
+    return GridPosterior(names, axes, widths, density, mean, cov, float(top + np.log(z * vol)),
+                         axes, ll, lp, diag, log_prior_fn, None)
+
+
 def grid_posterior(model: GaussianLensing, data, sigma_n, names: Sequence[str],
                    log_prior: Callable[[Array], Array] | None = None,
                    base: Cosmology | None = None, ranges=None, scales=None,
@@ -756,4 +799,5 @@ def grid_posterior(model: GaussianLensing, data, sigma_n, names: Sequence[str],
 
 
 __all__ = ["GridPosterior", "active_bins", "gaussian_field_loglike", "grid_posterior",
-           "grid_posterior_from_loglike", "mode_groups", "mode_power", "theta_loglike"]
+           "grid_posterior_from_loglike", "mode_groups", "mode_power", "tabulated_posterior",
+           "theta_loglike"]

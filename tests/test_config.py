@@ -193,7 +193,7 @@ CASES = [
     (dict(cl={"ell_edges": [100.0, 50.0, 200.0], "n_ell_bins": None, "spacing": None}),
      "cl.ell_edges: must be >= 2 increasing values"),
     (dict(cl={"spacing": "cubic"}), "cl.spacing: must be one of 'log', 'linear'"),
-    (dict(cl_baseline={"likelihood": "wishart"}),
+    (dict(cl_baseline={"covariance": "simulated", "likelihood": "wishart"}),
      "cl_baseline.likelihood: 'wishart' is the band powers' distribution for Gaussian maps"),
     (dict(cl_baseline={"covariance": "gaussian", "likelihood": "sellentin_heavens"}),
      "cl_baseline.likelihood: 'sellentin_heavens' marginalises"),

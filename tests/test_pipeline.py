@@ -301,3 +301,22 @@ def test_chain_processes_get_their_own_cores():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout
     assert out.split() == [f"[{mine[-1]}]"]
+
+
+def test_cl_baseline_calibration(work):
+    """``calibrate_cl_baseline`` on the tiny problem's 12 held-out simulations: the noise of
+    ``fit-posterior``'s calibration, one grid posterior per simulation, SBC/TARP files written,
+    the likelihood recorded. Plumbing only: 12 simulations cannot judge calibration (that is
+    test_cl_baseline's grid test)."""
+    from experiments.pipeline import calibrate_cl_baseline
+
+    cfg = load_config(work / "tiny.toml").with_(**{"cl_baseline.covariance": "gaussian",
+                                                  "cl_baseline.likelihood": "wishart"})
+    cal = calibrate_cl_baseline(cfg, work / "sims.h5", work / "clcal")  # n_grid from the Fisher
+    assert cal["n_test"] == 12 and cal["n_posterior_samples"] == 20
+    assert cal["likelihood"] == {"kind": "wishart", "n_cov": None, "n_data": 9,
+                                 "covariance": "gaussian"}
+    assert cal["grid"]["min_cells_per_std"] >= 3
+    assert np.asarray(cal["sbc"]["ranks"]).shape == (12, 2)
+    for name in ("calibration.json", "sbc_ranks.png", "tarp.png"):
+        assert (work / "clcal" / name).is_file()

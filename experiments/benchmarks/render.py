@@ -312,17 +312,27 @@ SOURCES: dict[str, Source] = {
                 "cp runs/sq43/mclmc_fourier_integratormclachlan_energy_variance2e-5_num_warmup2000_"
                 "num_samples8000_segment500_processes2/samples.h5 \\\n"
                 "    experiments/benchmarks/reference_quick_field_level_mclachlan.h5\n"
-                "# the two files' rows, in this order, are results_samplers_quick.json",
-        recorded="2026-12-07, " + VM + ", both cores (two chains per process). Velocity Verlet: "
+                "python -m experiments.benchmarks.samplers --config quick --chains 4 "
+                "--work runs/s46/qnuts \\\n"
+                "    --reference experiments/benchmarks/reference_quick_field_level_mclachlan.h5 "
+                "\\\n"
+                "    --variant nuts+fourier:num_warmup=150,num_samples=150,max_tree_depth=6,"
+                "segment=25,processes=1 --out quick_nuts.json\n"
+                "# the three files' rows, in this order, are results_samplers_quick.json",
+        recorded="2026-12-07/08, " + VM + ". NUTS (2026-12-08): one core (`taskset -c 1`), 3750 s "
+                 "for the four chains one after another, beside C_ℓ calibration runs and tests "
+                 "on the other core. MCLMC: both cores (two chains per process). Velocity Verlet: "
                  "47 min 23 s from the start field to the samples file, run as 10,000 draws per "
                  "chain and then extended to 20,000 (the same draws), beside a niced test run "
                  "and a `make venv` for a few minutes; its `wall_s` is the benchmark's resume of "
                  "the finished run. McLachlan: 2101 s (35 min) for the whole benchmark run, start "
                  "field and compilation included, with a few compile-only memory probes on one "
                  "core beside it for ~2 minutes",
-        notebook="28 (velocity Verlet) and 29 (McLachlan)",
+        notebook="28 (velocity Verlet), 29 (McLachlan) and 41 (NUTS)",
         caveat="The velocity-Verlet row's sampler is not certified unbiased (previous section); "
-               "the McLachlan row's meets the issue's rule on `gaussian_check`."),
+               "the McLachlan row's meets the issue's rule on `gaussian_check`. The NUTS row "
+               "(unbiased, the same preconditioner, 70,048 gradients in all against McLachlan's "
+               "80,020) is far from converged: the comparison at a like budget (NOTEBOOK 41)."),
     "results_gaussian_check.json": Source(
         title="Every method against the exact posterior: full-size `gaussian_check`",
         what="`lensbench compare` on the shipped `gaussian_check` (Gaussian-field maps, 2 bins of "
@@ -587,6 +597,42 @@ SOURCES: dict[str, Source] = {
         recorded="2026-11-26, " + VM,
         notebook="6",
         superseded_by="results_implicit_losses.json"),
+    "results_cl_calibration_quick.json": Source(
+        title="The C_ℓ likelihood on quick: calibration on held-out PM maps, and its information "
+              "against the field level",
+        what="Three C_ℓ likelihoods of quick's band powers (its 10 log ℓ bins, the [scales] cut: "
+             "22 data): `gaussian_sim200` (the Gaussian likelihood with the Hartlap-corrected "
+             "covariance of 200 simulations, quick's default until this section), "
+             "`gaussian_analytic` (the analytic Gaussian covariance at [cosmology]) and "
+             "`wishart` (the band powers' distribution for Gaussian maps, covariance following "
+             "θ; quick's default since). Each is calibrated as NPE is "
+             "(`pipeline.calibrate_cl_baseline`): on the last 200 of 20,200 training "
+             "simulations (shape noise drawn as `fit-posterior`'s calibration draws it), its "
+             "exact posterior tabulated on a grid (`cl_baseline.ClGridPosterior`, ≥ 5 cells per "
+             "posterior σ), 500 draws each, SBC ranks and TARP; the rank quantile of the truth "
+             "(mean 0.5 unbiased) and the share of truths in the central 68 %. Then its grid "
+             "posterior of the observation (seed 0) against the converged field-level reference "
+             "(`reference_quick_field_level_mclachlan.h5`, FoM 136; C2ST 2000 draws a side).",
+        command="python -m experiments.benchmarks.implicit --config quick --work runs/q45 "
+                "--n-train 20000 ... --set training_set.n_calibration=200   # sims.h5, obs.h5 "
+                "(NOTEBOOK 36)\n"
+                "python -m experiments.benchmarks.cl_calibration --config quick "
+                "--sims runs/q45/sims.h5 \\\n"
+                "    --set training_set.n_calibration=200 --maps runs/q45/obs.h5 \\\n"
+                "    --reference experiments/benchmarks/reference_quick_field_level_mclachlan.h5 "
+                "\\\n"
+                "    --variant gaussian_sim200:covariance=simulated,likelihood=gaussian \\\n"
+                "    --variant gaussian_analytic:covariance=gaussian,likelihood=gaussian \\\n"
+                "    --variant wishart:covariance=gaussian,likelihood=wishart \\\n"
+                "    --work runs/clcal --out experiments/benchmarks/"
+                "results_cl_calibration_quick.json\n"
+                "# run with quick's earlier defaults (simulated covariance, Gaussian likelihood), "
+                "so the first two variants' keys are explicit here; the rank quantiles and "
+                "coverages added from runs/clcal/<variant>/calibration.json (the script records "
+                "them since)",
+        recorded="2026-12-08, " + VM + ", one core (`taskset -c 0`), beside a field-level "
+                 "chain on the other and test runs on the same core; 2.5–3.2 minutes per variant",
+        notebook="40"),
 }
 
 ORDER = ("results_pm.json", "results_scaling.json", "results_lensing.json",
@@ -599,7 +645,9 @@ ORDER = ("results_pm.json", "results_scaling.json", "results_lensing.json",
          "results_implicit_quick_reference.json", "results_implicit_quick_deep.json",
          "results_implicit_losses.json",
          "results_implicit_scan.json", "results_implicit.json",
-         "results_implicit_gaussian_optimum.json", "results_gaussian_check_methods.json")
+         "results_implicit_gaussian_optimum.json", "results_gaussian_check_methods.json",
+         "results_cl_gaussian_check_likelihoods.json", "results_efficiency_quick.json",
+         "results_cl_calibration_quick.json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1057,6 +1105,37 @@ def render_cl_vs_exact(data: Mapping, source: Source | None) -> list[str]:
     return out
 
 
+def render_cl_calibration(data: Mapping, source: Source | None) -> list[str]:
+    """``experiments.benchmarks.cl_calibration``: per C_ℓ likelihood variant, its calibration on
+    held-out simulations (TARP, SBC, the truths' mean rank quantile and central-68 % coverage,
+    flagged by the NPE rule) and, when a reference was given, its grid posterior of the
+    observation against it."""
+    rows = []
+    has_ref = any("fom" in r for r in data.get("rows", []))
+    names = ""
+    for r in data.get("rows", []):
+        order = list(r["sbc_ks_pvals"])
+        names = ", ".join(param(p) for p in order)
+        lk = r["likelihood"]
+        cov = ("analytic" if lk["n_cov"] is None else f"{lk['n_cov']} simulations")
+        cells = [r["variant"], lk["kind"], cov, str(lk["n_data"]), signed(r["tarp_atc"], 3),
+                 pair((r["sbc_ks_pvals"][p] for p in order), pval),
+                 pair(r["rank_quantile_mean"][p] for p in order),
+                 pair(r["central_68_coverage"][p] for p in order), str(r["n_test"])]
+        if has_ref:
+            cells += [num(r.get("fom")), num(r.get("fom_ratio")), num(r.get("c2st")),
+                      pair(r.get("mean_offset_sigma") or [], signed),
+                      pair(r.get("std_ratio") or [])]
+        cells.append(status(calibration_flag({"sbc_ks_pvals": r["sbc_ks_pvals"]}), "calibrated"))
+        rows.append(cells)
+    header = ["variant", "likelihood", "covariance", "data", "TARP ATC", f"SBC KS p {names}",
+              f"mean rank quantile {names}", f"central 68 % coverage {names}", "held out"]
+    if has_ref:
+        header += ["FoM", "FoM / reference", "C2ST vs reference", "mean offsets [ref σ]",
+                   "std ratios"]
+    return [table(header + ["status"], rows)]
+
+
 def coverage_command(data: Mapping) -> str:
     """The hmc_coverage command line, rebuilt from the config and overrides the file records."""
     parts = ["python -m experiments.benchmarks.hmc_coverage"]
@@ -1346,6 +1425,7 @@ RENDERERS: dict[str, Callable] = {
     "results_samplers_quick.json": render_samplers,
     "results_samplers_gaussian_check.json": render_samplers,
     "results_cl_gaussian_check_likelihoods.json": render_cl_vs_exact,
+    "results_cl_calibration_quick.json": render_cl_calibration,
 }
 
 

@@ -1,10 +1,11 @@
 """``lensbench compare``: every method on one simulator and one observation, cached stage by stage.
 
-    observation ─┬─► cl_analytic                         (C_ℓ Gaussian likelihood, NUTS)
+    observation ─┬─► cl_analytic                         (C_ℓ likelihood, NUTS)
                  ├─► hmc                                 (explicit field-level inference)
                  ├─► exact                               (grid posterior; Gaussian-field maps)
     sims ────────┼─► compressor_<loss> ─► npe_<loss>     (two-stage implicit inference)
-                 └─► npe_cl, npe_maps                    (NPE on C_ℓ, one-stage NPE)
+                 ├─► npe_cl, npe_maps                    (NPE on C_ℓ, one-stage NPE)
+                 └─► cl_calibration                      (SBC/TARP of the C_ℓ likelihood)
     all methods ─► metrics (metrics.json) ─► report (figures, report.md)
 
 Output directory layout::
@@ -62,6 +63,8 @@ _MAPS = ("cosmology", "simulation", "lightcone", "shells", "maps", "sources")
 MAPS_PNG = "figures/maps.png"
 CONTOURS_PNG = "figures/contours.png"
 CL_DATA_PNG = "figures/cl_data.png"
+# SBC/TARP of the C_ℓ likelihood, where the report looks for every method's calibration
+CL_CALIBRATION = "posteriors/cl_analytic/calibration"
 
 
 class StageError(ValueError):
@@ -133,6 +136,12 @@ def plan(cfg) -> list[Stage]:
         stages.append(Stage(m, sections, needs,
                             lambda out, m=m, summary=summary: _npe(cfg, out, m, summary),
                             (f"posteriors/{m}", f"samples/{m}.h5")))
+    if "cl_analytic" in methods and npe:
+        # the C_ℓ likelihood certified as NPE is: SBC and TARP on the same held-out simulations
+        stages.append(Stage("cl_calibration", ("prior", "cl", "cl_baseline", "scales", "npe"),
+                            ("sims",), lambda out: (pipeline.calibrate_cl_baseline(
+                                cfg, out / "sims.h5", out / CL_CALIBRATION), {})[1],
+                            (CL_CALIBRATION,)))
     if "hmc" in methods:
         stages.append(Stage("hmc", ("prior", "hmc", "scales"), ("observation",),
                             lambda out: _meta(pipeline.run_hmc(cfg, obs(out), out / "hmc",
@@ -156,7 +165,8 @@ def plan(cfg) -> list[Stage]:
                                            "scales"),
                             needs, lambda out: (run_efficiency(cfg, out), {})[1],
                             ("efficiency.json",)))
-    stages.append(Stage("metrics", ("compare",), tuple(methods),
+    stages.append(Stage("metrics", ("compare",), tuple(methods) + tuple(
+                            s.name for s in stages if s.name == "cl_calibration"),
                         lambda out: _metrics(cfg, out), ("metrics.json",)))
     stages.append(Stage("report", (), ("metrics",) + (("efficiency",) if cfg.compare.efficiency
                                                       else ()),
@@ -254,6 +264,9 @@ def _metrics(cfg, out: Path) -> dict:
     for m, s in samples.items():
         # like-for-like cost: every stage the method needed (simulations, training, sampling)
         s.info.update(wall_time_s=budget[m]["wall_s"], n_simulations=budget[m]["n_simulations"])
+        cal = out / "posteriors" / m / "calibration" / "calibration.json"
+        if s.info.get("calibration") is None and cal.is_file():  # calibrated by its own stage
+            s.info["calibration"] = str(cal)
     metrics = compare_metrics(samples, base=base, truth=truth, max_samples=cfg.compare.c2st_samples,
                               seed=cfg.compare.seed, ess_min=cfg.compare.ess_min,
                               r_hat_max=cfg.compare.r_hat_max)

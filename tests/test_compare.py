@@ -173,6 +173,20 @@ def test_metrics_match_independent_computations(results):
                                   / metrics["methods"][ref]["fom"]["Omega_c,sigma8"], rel=1e-9)
 
 
+def test_the_cl_likelihood_is_calibrated_on_the_held_out_simulations(results):
+    """With training simulations in the run, the C_ℓ likelihood gets NPE's certificate: SBC and
+    TARP on the same 12 held-out simulations (the ``cl_calibration`` stage), carried into
+    metrics.json and the report's calibration table."""
+    _, _, out, _ = results
+    cal = json.loads((out / "posteriors/cl_analytic/calibration/calibration.json").read_text())
+    assert cal["n_test"] == 12 and cal["likelihood"]["kind"] == "wishart"
+    got = json.loads((out / "metrics.json").read_text())["methods"]["cl_analytic"]["calibration"]
+    assert got["n_test"] == 12 and set(got["sbc_ks_pvals"]) == {"Omega_c", "sigma8"}
+    assert got["tarp_atc"] == pytest.approx(cal["tarp"]["atc"], abs=1e-12)
+    table = (out / "report.md").read_text().split("## Calibration")[1].split("\n## ")[0]
+    assert "C_ℓ" in table or "cl_analytic" in table, table
+
+
 def test_a_stage_resumed_after_a_kill_counts_its_earlier_time(tmp_path):
     """A stage's marker times only the invocation that finished it; HMC chains keep their own
     sampling clock across resumes (wall_time_s), and the budget takes the larger: an HMC stage

@@ -501,13 +501,14 @@ def cl_likelihood(cfg, cache: Path | None = None):
             save_npz(cache, key=key, data_vectors=dvs)
     if simulated:
         cov = estimate_covariance(dvs).cov
+    cov_time = time.perf_counter() - t0
     like = ClLikelihood(bins=model.bins, field_deg=cfg.maps.field_deg, npix=cfg.maps.npix,
                         ell_edges=edges, sigma_n=sigma_n, cov=cov,
                         n_cov=cb.n_cov if simulated else None,
                         prior=cfg.prior(), base=cfg.cosmology(), kind=cb.likelihood,
                         power_filter=window, n_chi=cb.n_chi,
                         keep=scale_cut_keep(model.bins.n_bins, edges, cfg.scale_cuts()))
-    return like, cov, time.perf_counter() - t0
+    return like, cov, cov_time
 
 
 def run_cl_baseline(config, maps_path, out, *, progress: bool = True):
@@ -593,7 +594,10 @@ def calibrate_cl_baseline(config, sims_path, out, *, n_grid: int | None = None,
     like, _, _ = cl_likelihood(cfg, out / "cov.npz")
     _, held = _noisy(sims.kappa[split.held_out], sims.theta[split.held_out], sims.sigma_n, 1,
                      cfg.npe.seed + 1)
-    data = summarise("cl", held, field_deg=cfg.maps.field_deg, ell_edges=like.ell_edges)
+    # in float32, as ``calibrate`` hands them to the posterior: the width check below then
+    # tabulates the very posteriors that are sampled (the grid keeps them), not near-copies
+    data = summarise("cl", held, field_deg=cfg.maps.field_deg,
+                     ell_edges=like.ell_edges).astype(np.float32).astype(np.float64)
     grid = ClGridPosterior(like, n_grid=n_grid)
     _log(f"C_ell likelihood ({like.kind}) on a {grid.n_grid}^{cfg.prior().dim} grid; calibrating "
          f"on {len(data)} held-out simulations")
